@@ -1,0 +1,47 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import auth, errors, limits, vram
+from .api import bp
+from .config import load_settings
+from .model import holder_for
+
+log = logging.getLogger("glmvision")
+
+
+def _configure_logging(level: str) -> None:
+    log.setLevel(level.upper())
+    # Under gunicorn nothing configures the root logger: give ours a handler of its own.
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
+        log.addHandler(handler)
+
+
+def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: settings from defaults, then `GLMVISION_*` environment, then `overrides`."""
+    settings = load_settings(overrides)
+    _configure_logging(settings["GLMVISION_LOG_LEVEL"])
+    app = Flask(__name__)
+    app.config.update(settings)
+    app.config["GLMVISION_STARTED"] = time.time()
+    app.config["MAX_CONTENT_LENGTH"] = int(settings["GLMVISION_MAX_BODY_MB"] * 1024 * 1024)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["glmvision.model"] = holder_for(settings)
+    errors.init_app(app)
+    auth.init_app(app)  # before the limiter, so unauthenticated calls never count against a key
+    app.extensions["glmvision.limiter"] = limits.init_app(app)
+    vram.init_app(app)
+    app.register_blueprint(bp)
+    return app

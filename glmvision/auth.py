@@ -1,0 +1,74 @@
+"""API-key authentication: keys from settings, compared in constant time, never logged."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+
+from flask import Flask, current_app, request
+
+from .config import read_api_keys
+from .errors import APIError
+
+log = logging.getLogger("glmvision")
+
+# Endpoints anyone may call: liveness and readiness probes.
+PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz"})
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def presented_key() -> str | None:
+    """Return the key the client sent as `Authorization: Bearer` or `X-API-Key`, if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = request.headers.get("X-API-Key", "").strip()
+    return key or None
+
+
+class ApiKeyAuth:
+    """Holds digests of the accepted keys; checks every one so timing reveals nothing."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [_digest(key) for key in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def accepts(self, key: str) -> bool:
+        """Return True if `key` is one of the configured keys."""
+        candidate = _digest(key)
+        found = False
+        for digest in self._digests:
+            found |= hmac.compare_digest(candidate, digest)
+        return found
+
+
+def _require_key() -> None:
+    auth: ApiKeyAuth = current_app.extensions["glmvision.auth"]
+    if not auth.enabled or request.endpoint in PUBLIC_ENDPOINTS:
+        return
+    key = presented_key()
+    if key is None:
+        raise _unauthorized("missing_api_key", "An API key is required (Authorization: Bearer <key>).")
+    if not auth.accepts(key):
+        raise _unauthorized("invalid_api_key", "The API key is not valid.")
+
+
+def _unauthorized(code: str, message: str) -> APIError:
+    return APIError(401, code, message, headers={"WWW-Authenticate": 'Bearer realm="glmvision"'})
+
+
+def init_app(app: Flask) -> None:
+    """Install the key check in front of every endpoint but the health probes."""
+    auth = ApiKeyAuth(read_api_keys(app.config))
+    app.extensions["glmvision.auth"] = auth
+    if not auth.enabled:
+        log.warning("no API keys configured (GLMVISION_API_KEYS): authentication is OFF")
+    app.before_request(_require_key)

@@ -1,0 +1,113 @@
+"""API errors as data: one exception type, one JSON shape, one place that renders them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from flask.wrappers import Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("glmvision")
+
+# Error `type` per HTTP status, in the spirit of OpenAI's error types.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+# Stable codes for errors that werkzeug or flask-limiter raise rather than us.
+_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+}
+
+
+class APIError(HTTPException):
+    """A client-visible error with a stable machine-readable code and the offending field."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(description=message)
+        self.code = status
+        self.error_code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
+
+
+def bad_request(code: str, message: str, param: str | None = None) -> APIError:
+    """Return a 400 error for a client mistake in `param`."""
+    return APIError(400, code, message, param)
+
+
+def unavailable(code: str, message: str, retry_after: int) -> APIError:
+    """Return a 503 error that tells the client when to come back."""
+    return APIError(503, code, message, retry_after=retry_after)
+
+
+def error_body(status: int, code: str, message: str, param: str | None) -> dict[str, Any]:
+    """Return the JSON body every error response carries."""
+    return {
+        "success": False,
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "code": code,
+            "param": param,
+        },
+    }
+
+
+def _render_http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    headers: dict[str, str] = {}
+    if isinstance(exc, APIError):
+        code, message, param, headers = exc.error_code, exc.description, exc.param, exc.headers
+    else:
+        code = _CODES.get(status, f"http_{status}")
+        message, param = exc.description or exc.name, None
+        if status == 413:
+            message = "The request body is larger than the server accepts."
+        elif status == 429:
+            message = f"Rate limit exceeded ({exc.description}). Retry later."
+    response = jsonify(error_body(status, code, message or "", param))
+    response.status_code = status
+    response.headers.update(headers)
+    if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def _render_unexpected(exc: Exception) -> Response:
+    # Log the trace for operators; the client only learns that something failed on our side.
+    log.exception("unhandled error while serving a request")
+    response = jsonify(error_body(500, "internal_error", "The server failed to process the request.", None))
+    response.status_code = 500
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Render every error, ours or the framework's, as the JSON error shape."""
+    app.register_error_handler(HTTPException, _render_http_error)
+    app.register_error_handler(Exception, _render_unexpected)

@@ -1,0 +1,97 @@
+"""Pure decisions about where and in which precision the model runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .config import ConfigError
+
+# Weights are not all the GPU needs: activations, the KV cache and image features come on top.
+HEADROOM = 1.2
+GIB = 1024**3
+
+
+def resolve_device(requested: str, cuda_available: bool, cuda_count: int) -> str:
+    """Map GLMVISION_DEVICE (auto|cpu|cuda|cuda:N) to a concrete torch device string."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        return "cuda:0" if cuda_available and cuda_count > 0 else "cpu"
+    if not cuda_available or cuda_count == 0:
+        raise ConfigError(f"GLMVISION_DEVICE={requested} but no CUDA device is available")
+    index = 0 if requested == "cuda" else int(requested.split(":", 1)[1])
+    if index >= cuda_count:
+        raise ConfigError(f"GLMVISION_DEVICE={requested} but only {cuda_count} CUDA device(s) exist")
+    return f"cuda:{index}"
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The precision picked and the reason, for the startup log."""
+
+    dtype: str
+    reason: str
+
+
+def choose_dtype(
+    requested: str,
+    *,
+    device: str,
+    bf16_supported: bool = False,
+    free_vram_bytes: int | None = None,
+    bf16_weight_bytes: int | None = None,
+    int8_available: bool = False,
+) -> DtypeChoice:
+    """Pick the weights' dtype: bf16 if supported, else fp16; fp32 on CPU; int8 if 16-bit won't fit."""
+    if requested != "auto":
+        if requested in {"bfloat16", "float16", "int8"} and device == "cpu":
+            if requested == "bfloat16":
+                return DtypeChoice("bfloat16", "requested (bfloat16 on CPU is slow)")
+            raise ConfigError(f"GLMVISION_DTYPE={requested} needs a CUDA device")
+        if requested == "int8" and not int8_available:
+            raise ConfigError("GLMVISION_DTYPE=int8 needs the bitsandbytes package")
+        return DtypeChoice(requested, "requested")
+    if device == "cpu":
+        return DtypeChoice("float32", "CPU")
+    half = "bfloat16" if bf16_supported else "float16"
+    why = "GPU supports bfloat16" if bf16_supported else "GPU lacks bfloat16"
+    if free_vram_bytes is None or bf16_weight_bytes is None:
+        return DtypeChoice(half, why)
+    needed = bf16_weight_bytes * HEADROOM
+    if free_vram_bytes >= needed:
+        return DtypeChoice(half, f"{why}; {_gib(needed)} needed, {_gib(free_vram_bytes)} free")
+    if int8_available:
+        return DtypeChoice(
+            "int8", f"{_gib(needed)} needed for 16-bit weights but {_gib(free_vram_bytes)} free"
+        )
+    return DtypeChoice(
+        half,
+        f"{_gib(needed)} needed but {_gib(free_vram_bytes)} free and no bitsandbytes: may run out of memory",
+    )
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB"
+
+
+def weight_bytes_16bit(model_dir: str) -> int | None:
+    """Estimate the size of a local checkpoint's weights in 16-bit precision, or None if unknown."""
+    if not os.path.isdir(model_dir):
+        return None
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                total = json.load(handle).get("metadata", {}).get("total_size")
+            if isinstance(total, int) and total > 0:
+                return total
+        except (OSError, ValueError):
+            pass
+    total = sum(
+        os.path.getsize(os.path.join(model_dir, name))
+        for name in os.listdir(model_dir)
+        if name.endswith((".safetensors", ".bin"))
+    )
+    return total or None

@@ -1,0 +1,143 @@
+"""Turn a client's base64 image into a safe, bounded RGB PIL image."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import APIError, bad_request
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# The GLM-V image processor refuses images whose sides differ by more than this factor.
+MAX_ASPECT_RATIO = 200
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.I)
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image ready for the processor, with the sizes the client should hear about."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+    @property
+    def resized_to(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def decode_base64(data: str, param: str = "image") -> bytes:
+    """Decode strict base64, optionally wrapped in a `data:image/...;base64,` URL."""
+    match = _DATA_URL.match(data)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise bad_request("unsupported_image_format", f"Data URL type {mime!r} is not an image.", param)
+        data = data[match.end() :]
+    elif data.startswith("data:"):
+        raise bad_request("invalid_base64", "Data URLs must be base64 encoded (';base64,').", param)
+    # Line breaks are common in pasted base64 (e.g. `base64` wraps at 76 columns); anything else is not.
+    data = _WHITESPACE.sub("", data)
+    if not data:
+        raise bad_request("invalid_base64", "The image is empty.", param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("invalid_base64", "The image is not valid base64.", param) from None
+
+
+def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Return (w, h) with the longest side at most max_side, keeping the aspect ratio."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    orientation = image.getexif().get(0x0112, 1)
+    width, height = image.size
+    # EXIF orientations 5-8 swap the axes.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def open_image(raw: bytes, *, max_side: int, max_pixels: int, param: str = "image") -> DecodedImage:
+    """Decode image bytes: size checks before decoding, EXIF orientation, RGB on white, resize."""
+    try:
+        with warnings.catch_warnings():
+            # We check the pixel count ourselves right below, against our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=FORMATS)
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(None, max_pixels, param) from None
+    except UnidentifiedImageError:
+        raise bad_request(
+            "unsupported_image_format",
+            f"The image could not be identified; supported formats are {', '.join(FORMATS)}.",
+            param,
+        ) from None
+    except Exception:  # noqa: BLE001 - any parser failure on client bytes is a bad image
+        raise bad_request("invalid_image", "The image could not be decoded.", param) from None
+
+    # Header only so far: refuse bombs and degenerate shapes before any pixel is decoded.
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise bad_request("invalid_image", "The image has no pixels.", param)
+    if width * height > max_pixels:
+        raise _too_many_pixels(width * height, max_pixels, param)
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise bad_request(
+            "unsupported_aspect_ratio",
+            f"The image is {width}x{height}; the longer side may be at most {MAX_ASPECT_RATIO}x the shorter.",
+            param,
+        )
+
+    try:
+        width, height = _oriented_size(image)
+        goal = target_size(width, height, max_side)
+        if image.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
+            oriented_goal = goal if _oriented_size(image) == image.size else goal[::-1]
+            image.draft("RGB", oriented_goal)
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        if image.size != goal:
+            image = image.resize(goal, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(None, max_pixels, param) from None
+    except Exception:  # noqa: BLE001 - any decoder failure on client bytes is a bad image
+        raise bad_request("invalid_image", "The image data is corrupt or truncated.", param) from None
+    return DecodedImage(image=image, width=width, height=height)
+
+
+def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIError:
+    size = f" has {pixels:,} pixels;" if pixels else " is too large;"
+    return APIError(413, "image_too_large", f"The image{size} at most {max_pixels:,} are accepted.", param)
+
+
+def decode_image(data: str, *, max_side: int, max_pixels: int, param: str = "image") -> DecodedImage:
+    """Decode a base64 or data-URL image string into a bounded RGB image."""
+    return open_image(decode_base64(data, param), max_side=max_side, max_pixels=max_pixels, param=param)

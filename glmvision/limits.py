@@ -1,0 +1,45 @@
+"""Rate limits with flask-limiter, keyed by API key (hashed) or else the client's address."""
+
+from __future__ import annotations
+
+import hashlib
+
+from flask import Flask, request
+from flask_limiter import Limiter
+from limits import parse_many
+
+from .auth import PUBLIC_ENDPOINTS, presented_key
+from .config import ConfigError
+
+
+def rate_limit_key() -> str:
+    """Return the bucket for this request; the key itself never reaches the storage."""
+    key = presented_key()
+    if key:
+        return "key:" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+    return "ip:" + (request.remote_addr or "unknown")
+
+
+def init_app(app: Flask) -> Limiter | None:
+    """Apply GLMVISION_RATE_LIMIT to every endpoint but the health probes; None when unset."""
+    rate = app.config["GLMVISION_RATE_LIMIT"].strip()
+    if not rate:
+        return None
+    try:
+        parse_many(rate)
+    except ValueError:
+        raise ConfigError(f"GLMVISION_RATE_LIMIT: cannot parse {rate!r} (e.g. 60/minute)") from None
+    limiter = Limiter(
+        key_func=rate_limit_key,
+        default_limits=[rate],
+        storage_uri=app.config["GLMVISION_RATELIMIT_STORAGE_URI"],
+        strategy="moving-window",
+        headers_enabled=True,
+        # A storage outage should not take the API down: fall back to per-process counters.
+        swallow_errors=True,
+        in_memory_fallback_enabled=True,
+        key_prefix="glmvision",
+    )
+    limiter.request_filter(lambda: request.endpoint in PUBLIC_ENDPOINTS)
+    limiter.init_app(app)
+    return limiter

@@ -1,0 +1,339 @@
+"""The model: loaded once per worker process, on first use or by warm-up, and run under a lock."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from .errors import APIError, bad_request, unavailable
+
+log = logging.getLogger("glmvision")
+
+DEMO_MODEL_ID = "glm-4.6v-flash-demo"
+# Markers the model writes that are not part of an answer.
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_MARKERS = (_THINK_OPEN, _THINK_CLOSE, "<|begin_of_box|>", "<|end_of_box|>")
+_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample one answer."""
+
+    max_new_tokens: int
+    temperature: float = 0.7
+    top_p: float | None = None
+    seed: int | None = None
+    enable_thinking: bool = False
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer with its token accounting."""
+
+    text: str
+    reasoning: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
+    """Split decoded output into (reasoning, answer); reasoning never leaks into the answer."""
+    reasoning: str | None = None
+    answer = text
+    if _THINK_CLOSE in text:
+        head, answer = text.split(_THINK_CLOSE, 1)
+        reasoning = head.replace(_THINK_OPEN, "", 1)
+    elif text.lstrip().startswith(_THINK_OPEN):
+        # Ran out of tokens while still thinking: everything so far is reasoning.
+        reasoning, answer = text.lstrip()[len(_THINK_OPEN) :], ""
+    for marker in _MARKERS:
+        answer = answer.replace(marker, "")
+    if not thinking:
+        return None, answer.strip()
+    return (reasoning or "").strip(), answer.strip()
+
+
+def model_id_for(source: str, configured: str, demo: bool) -> str:
+    """Return the model name clients see."""
+    if configured:
+        return configured
+    if demo:
+        return DEMO_MODEL_ID
+    return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+
+
+@dataclass
+class LoadedModel:
+    """A processor + model pair on one device, safe to share between a worker's threads."""
+
+    processor: Any
+    model: Any
+    model_id: str
+    device: str
+    dtype: str
+    demo: bool
+    load_seconds: float
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        for token in _STOP_TOKENS:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+                ids.append(token_id)
+        self.stop_ids: list[int] = ids
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
+        self._noise = [t for t in tokenizer.all_special_tokens if t]
+
+    def info(self) -> dict[str, Any]:
+        """Describe the loaded model for /v1/models."""
+        return {"id": self.model_id, "demo": self.demo, "device": self.device, "dtype": self.dtype}
+
+    def prepare(self, images: list[Image.Image], prompt: str, enable_thinking: bool) -> Any:
+        """Build the model inputs for one user turn (runs outside the generation lock)."""
+        content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        try:
+            return self.processor.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                sanitize_control_tokens=True,
+                enable_thinking=enable_thinking,
+            )
+        except ValueError:
+            # The processor validates the image (e.g. aspect ratio); that is the client's input.
+            log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
+            raise bad_request(
+                "image_rejected", "The model's processor refused this image.", "image"
+            ) from None
+
+    def generate(self, inputs: Any, params: GenerationParams) -> Generation:
+        """Run generate() on prepared inputs and decode the answer."""
+        import torch
+
+        inputs = inputs.to(self.device)
+        if self.model.dtype.is_floating_point and "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            sampling["temperature"] = params.temperature
+            if params.top_p is not None:
+                sampling["top_p"] = params.top_p
+        else:
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        try:
+            with self._lock, torch.inference_mode():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=params.max_new_tokens,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.pad_id,
+                    **sampling,
+                )
+        except torch.OutOfMemoryError:
+            release_cuda_cache()
+            log.warning("out of GPU memory during generation; cache emptied")
+            raise unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5) from None
+        return self._decode(output[0, prompt_tokens:].tolist(), prompt_tokens, params.enable_thinking)
+
+    def _decode(self, new_ids: list[int], prompt_tokens: int, thinking: bool) -> Generation:
+        finish_reason = "length"
+        for position, token_id in enumerate(new_ids):
+            if token_id in self.stop_ids:
+                new_ids, finish_reason = new_ids[: position + 1], "stop"
+                break
+        body = new_ids[:-1] if finish_reason == "stop" else new_ids
+        text = self.processor.tokenizer.decode(body, skip_special_tokens=False)
+        for token in self._noise:
+            text = text.replace(token, "")
+        reasoning, answer = split_reasoning(text, thinking)
+        return Generation(answer, reasoning, prompt_tokens, len(new_ids), finish_reason)
+
+
+def release_cuda_cache() -> None:
+    """Return cached CUDA blocks to the driver, if CUDA is in use."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def load_model(settings: Mapping[str, Any]) -> LoadedModel:
+    """Load processor and model as configured: real weights, or the demo model when none are set."""
+    import torch
+    import transformers
+
+    from .demo import DEMO_MARKER, ensure_demo_model
+    from .hardware import choose_dtype, resolve_device, weight_bytes_16bit
+
+    started = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
+    source = settings["GLMVISION_MODEL"]
+    if not source:
+        cache = settings["GLMVISION_DEMO_CACHE"] or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glmvision"
+        )
+        source = str(ensure_demo_model(cache))
+    demo = os.path.exists(os.path.join(source, DEMO_MARKER))
+    if demo:
+        log.warning(
+            "SERVING THE DEMO MODEL (%s): random weights, answers are meaningless. "
+            "Set GLMVISION_MODEL to real GLM-4.6V-Flash weights.",
+            source,
+        )
+    cuda = torch.cuda.is_available()
+    device = resolve_device(settings["GLMVISION_DEVICE"], cuda, torch.cuda.device_count() if cuda else 0)
+    free_vram = bf16_ok = None
+    if device.startswith("cuda"):
+        free_vram, _ = torch.cuda.mem_get_info(torch.device(device))
+        bf16_ok = torch.cuda.is_bf16_supported()
+    choice = choose_dtype(
+        settings["GLMVISION_DTYPE"],
+        device=device,
+        bf16_supported=bool(bf16_ok),
+        free_vram_bytes=free_vram,
+        bf16_weight_bytes=weight_bytes_16bit(source),
+        int8_available=_has_bitsandbytes(),
+    )
+    kwargs: dict[str, Any] = {}
+    if choice.dtype == "int8":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16
+    else:
+        kwargs["dtype"] = getattr(torch, choice.dtype)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise RuntimeError(f"cannot load model from {source!r}: {exc}") from exc
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+    model_id = model_id_for(source, settings["GLMVISION_MODEL_ID"], demo)
+    loaded = LoadedModel(
+        processor=processor,
+        model=model,
+        model_id=model_id,
+        device=device,
+        dtype=choice.dtype,
+        demo=demo,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "model loaded: id=%s device=%s dtype=%s (%s) in %.2fs pid=%d",
+        model_id,
+        device,
+        choice.dtype,
+        choice.reason,
+        loaded.load_seconds,
+        os.getpid(),
+    )
+    return loaded
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+class ModelHolder:
+    """Lazily loads one model per process; threads wait for a load in progress, up to a timeout."""
+
+    RETRY_AFTER_FAILURE = 30.0
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self._settings = dict(settings)
+        self._lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._failed_at: float | None = None
+        self.error: str | None = None
+        self.loading = False
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
+    def get(self, timeout: float | None = None) -> LoadedModel:
+        """Return the model, loading it now if needed; 503 if it cannot be had in time."""
+        if self._loaded is not None:
+            return self._loaded
+        wait = self._settings["GLMVISION_LOAD_TIMEOUT"] if timeout is None else timeout
+        if not self._lock.acquire(timeout=wait):
+            raise unavailable("model_loading", "The model is still loading; retry shortly.", 10)
+        try:
+            if self._loaded is not None:
+                return self._loaded
+            if self._failed_at and time.monotonic() - self._failed_at < self.RETRY_AFTER_FAILURE:
+                raise unavailable("model_unavailable", "The model failed to load; see the server log.", 30)
+            self.loading = True
+            try:
+                self._loaded = load_model(self._settings)
+                self.error = None
+            except APIError:
+                raise
+            except Exception as exc:  # reported as 503, logged in full
+                self._failed_at = time.monotonic()
+                self.error = type(exc).__name__
+                log.exception("model failed to load")
+                raise unavailable(
+                    "model_unavailable", "The model failed to load; see the server log.", 30
+                ) from None
+            finally:
+                self.loading = False
+            return self._loaded
+        finally:
+            self._lock.release()
+
+    def warm_up(self) -> threading.Thread:
+        """Start loading in a background thread (gunicorn calls this in each new worker)."""
+
+        def run() -> None:
+            try:
+                self.get(timeout=0)
+            except APIError:
+                pass  # already logged; requests will see 503 and the next one retries
+
+        thread = threading.Thread(target=run, name="glmvision-warmup", daemon=True)
+        thread.start()
+        return thread
+
+
+_holders: dict[tuple[Any, ...], ModelHolder] = {}
+_holders_lock = threading.Lock()
+
+
+def holder_for(settings: Mapping[str, Any]) -> ModelHolder:
+    """Return this process's holder for the configured model (one model per process and config)."""
+    key = (
+        os.getpid(),
+        settings["GLMVISION_MODEL"],
+        settings["GLMVISION_MODEL_ID"],
+        settings["GLMVISION_DEMO_CACHE"],
+        settings["GLMVISION_DEVICE"],
+        settings["GLMVISION_DTYPE"],
+    )
+    with _holders_lock:
+        holder = _holders.get(key)
+        if holder is None:
+            holder = _holders[key] = ModelHolder(settings)
+        return holder
