@@ -94,7 +94,8 @@ class LoadedModel:
                 ids.append(token_id)
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
-        self._noise = [t for t in tokenizer.all_special_tokens if t]
+        # Control tokens to drop from answers; the think markers are kept until the split.
+        self._noise = [t for t in tokenizer.all_special_tokens if t and t not in _MARKERS]
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""

@@ -1,0 +1,117 @@
+"""Test helpers: images, request bodies and a real gunicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", **save: Any) -> bytes:
+    """Encode a patterned RGB image (not flat, so codecs have real work)."""
+    image = Image.new("RGB", (width, height), (30, 120, 200))
+    for x in range(0, width, max(1, width // 8)):
+        for y in range(height):
+            image.putpixel((x, y), (250, 250, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def image_b64(width: int = 64, height: int = 48, fmt: str = "PNG", **save: Any) -> str:
+    """A base64 image for request bodies."""
+    return b64(image_bytes(width, height, fmt, **save))
+
+
+def vision_body(**fields: Any) -> dict[str, Any]:
+    """A valid /v1/chat/vision body, cheap to run on the demo model, with overrides."""
+    body: dict[str, Any] = {"image": image_b64(), "prompt": "What is in this picture?", "max_new_tokens": 4}
+    body.update(fields)
+    return body
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A running gunicorn serving glmvision."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def worker_pids(self) -> set[int]:
+        """PIDs of the master's live worker children."""
+        result = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return {int(pid) for pid in result.stdout.split()}
+
+
+@contextmanager
+def live_server(
+    tmp_path: Path, env: dict[str, str], ready_path: str = "/healthz", timeout: float = 90.0
+) -> Iterator[LiveServer]:
+    """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free loopback port; stop it after."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
+    full_env.update({"GLMVISION_BIND": f"127.0.0.1:{port}", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    full_env.update(env)
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\\n{server.log()}")
+            try:
+                if requests.get(server.url + ready_path, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn not ready after {timeout}s:\\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
