@@ -25,6 +25,8 @@ limit_request_line = 8190
 limit_request_fields = 100
 accesslog = "-"
 errorlog = "-"
+# glmvision needs no runtime control socket; several servers on one host must not share one.
+control_socket_disable = True
 # Method, path, status, size, milliseconds and the worker's pid: never bodies, never keys.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms pid=%(p)s'
 

@@ -31,7 +31,7 @@ def init_app(app: Flask) -> Limiter | None:
         raise ConfigError(f"GLMVISION_RATE_LIMIT: cannot parse {rate!r} (e.g. 60/minute)") from None
     limiter = Limiter(
         key_func=rate_limit_key,
-        default_limits=[rate],
+        application_limits=[rate],  # one budget per key across all endpoints
         storage_uri=app.config["GLMVISION_RATELIMIT_STORAGE_URI"],
         strategy="moving-window",
         headers_enabled=True,
