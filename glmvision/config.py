@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class Setting:
 
 
 def _positive(value: float) -> bool:
-    return value > 0
+    # Not infinite either: an infinite timeout or body size overflows where it is used.
+    return 0 < value < math.inf
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -163,7 +165,7 @@ def load_settings(
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
-        value: Any = setting.default
+        value: Any = list(setting.default) if isinstance(setting.default, list) else setting.default
         source = "default"
         if setting.env in environ:
             value, source = environ[setting.env], "environment"

@@ -87,11 +87,10 @@ def weight_bytes_16bit(model_dir: str) -> int | None:
                 total = json.load(handle).get("metadata", {}).get("total_size")
             if isinstance(total, int) and total > 0:
                 return total
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: JSON that is not an index
             pass
-    total = sum(
-        os.path.getsize(os.path.join(model_dir, name))
-        for name in os.listdir(model_dir)
-        if name.endswith((".safetensors", ".bin"))
-    )
+    names = os.listdir(model_dir)
+    # Checkpoints often ship both formats; transformers loads the safetensors, so count only those.
+    weights = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
+    total = sum(os.path.getsize(os.path.join(model_dir, name)) for name in weights)
     return total or None

@@ -71,10 +71,14 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    # A tRNS colour key (PNG) makes that colour transparent in P, L and RGB images alike.
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")
     if image.mode == "RGB":
         return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit greyscale PNG: scale to 8 bits, or convert() clips almost every pixel to white.
+        image = image.point(lambda value: value * (1 / 256))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -117,7 +121,10 @@ def open_image(raw: bytes, *, max_side: int, max_pixels: int, param: str = "imag
     try:
         width, height = _oriented_size(image)
         goal = target_size(width, height, max_side)
-        if image.format == "JPEG":
+        # Rounding the short side down must not push an accepted shape past the processor's limit.
+        shortest = -(-max(goal) // MAX_ASPECT_RATIO)
+        goal = (max(goal[0], shortest), max(goal[1], shortest))
+        if image.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG from cameras
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
             oriented_goal = goal if _oriented_size(image) == image.size else goal[::-1]
             image.draft("RGB", oriented_goal)
@@ -135,7 +142,9 @@ def open_image(raw: bytes, *, max_side: int, max_pixels: int, param: str = "imag
 
 def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIError:
     size = f" has {pixels:,} pixels;" if pixels else " is too large;"
-    return APIError(413, "image_too_large", f"The image{size} at most {max_pixels:,} are accepted.", param)
+    return APIError(
+        413, "image_too_large", f"The image{size} at most {max_pixels:,} pixels are accepted.", param
+    )
 
 
 def decode_image(data: str, *, max_side: int, max_pixels: int, param: str = "image") -> DecodedImage:

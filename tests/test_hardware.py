@@ -1,0 +1,261 @@
+"""Device and dtype decisions, and the checkpoint size estimate they rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glmvision.config import ConfigError
+from glmvision.hardware import GIB, DtypeChoice, choose_dtype, resolve_device, weight_bytes_16bit
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_available", "cuda_count", "expected"),
+    [
+        ("auto", True, 1, "cuda:0"),
+        ("auto", True, 4, "cuda:0"),
+        ("auto", True, 0, "cpu"),
+        ("auto", False, 0, "cpu"),
+        ("cpu", True, 2, "cpu"),
+        ("cpu", False, 0, "cpu"),
+        ("cuda", True, 1, "cuda:0"),
+        ("cuda:0", True, 1, "cuda:0"),
+        ("cuda:1", True, 2, "cuda:1"),
+        ("cuda:3", True, 4, "cuda:3"),
+    ],
+)
+def test_resolve_device(requested: str, cuda_available: bool, cuda_count: int, expected: str) -> None:
+    """auto prefers the first GPU; explicit devices are kept when they exist."""
+    assert resolve_device(requested, cuda_available, cuda_count) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_available", "cuda_count", "message"),
+    [
+        ("cuda", False, 0, "no CUDA device"),
+        ("cuda:0", False, 0, "no CUDA device"),
+        ("cuda", True, 0, "no CUDA device"),
+        ("cuda:1", True, 1, "only 1 CUDA device"),
+        ("cuda:2", True, 2, "only 2 CUDA device"),
+    ],
+)
+def test_resolve_device_errors(requested: str, cuda_available: bool, cuda_count: int, message: str) -> None:
+    """Asking for a GPU that is not there is a configuration error naming the setting."""
+    with pytest.raises(ConfigError, match=message) as info:
+        resolve_device(requested, cuda_available, cuda_count)
+    assert f"GLMVISION_DEVICE={requested}" in str(info.value)
+
+
+GPU = "cuda:0"
+WEIGHTS = 20 * GIB
+
+
+@pytest.mark.parametrize(
+    ("requested", "kwargs", "dtype", "reason_part"),
+    [
+        # auto on CPU is always float32.
+        ("auto", {"device": "cpu"}, "float32", "CPU"),
+        ("auto", {"device": "cpu", "bf16_supported": True, "int8_available": True}, "float32", "CPU"),
+        # auto on GPU: bf16 when supported, fp16 otherwise; unknown sizes stay 16-bit.
+        ("auto", {"device": GPU, "bf16_supported": True}, "bfloat16", "supports bfloat16"),
+        ("auto", {"device": GPU, "bf16_supported": False}, "float16", "lacks bfloat16"),
+        ("auto", {"device": GPU, "bf16_supported": True, "free_vram_bytes": GIB}, "bfloat16", ""),
+        (
+            "auto",
+            {"device": GPU, "bf16_supported": True, "bf16_weight_bytes": WEIGHTS, "int8_available": True},
+            "bfloat16",
+            "",
+        ),
+        # Enough memory for 16-bit weights plus headroom.
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": True,
+                "free_vram_bytes": 80 * GIB,
+                "bf16_weight_bytes": WEIGHTS,
+            },
+            "bfloat16",
+            "24.0 GiB needed, 80.0 GiB free",
+        ),
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": False,
+                "free_vram_bytes": 80 * GIB,
+                "bf16_weight_bytes": WEIGHTS,
+            },
+            "float16",
+            "lacks bfloat16",
+        ),
+        # Exactly 1.2x fits; one byte less does not.
+        (
+            "auto",
+            {"device": GPU, "bf16_supported": True, "free_vram_bytes": 6 * GIB, "bf16_weight_bytes": 5 * GIB},
+            "bfloat16",
+            "",
+        ),
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": True,
+                "free_vram_bytes": 6 * GIB - 1,
+                "bf16_weight_bytes": 5 * GIB,
+                "int8_available": True,
+            },
+            "int8",
+            "needed for 16-bit weights",
+        ),
+        # Weights fit but not with headroom: int8 with bitsandbytes, else 16-bit with a warning.
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": True,
+                "free_vram_bytes": 22 * GIB,
+                "bf16_weight_bytes": WEIGHTS,
+                "int8_available": True,
+            },
+            "int8",
+            "24.0 GiB needed for 16-bit weights but 22.0 GiB free",
+        ),
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": True,
+                "free_vram_bytes": 22 * GIB,
+                "bf16_weight_bytes": WEIGHTS,
+            },
+            "bfloat16",
+            "may run out of memory",
+        ),
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": False,
+                "free_vram_bytes": 8 * GIB,
+                "bf16_weight_bytes": WEIGHTS,
+            },
+            "float16",
+            "no bitsandbytes",
+        ),
+        (
+            "auto",
+            {
+                "device": GPU,
+                "bf16_supported": False,
+                "free_vram_bytes": 0,
+                "bf16_weight_bytes": WEIGHTS,
+                "int8_available": True,
+            },
+            "int8",
+            "0.0 GiB free",
+        ),
+        # Explicit requests are honoured, even where auto would choose otherwise.
+        ("float32", {"device": GPU, "bf16_supported": True}, "float32", "requested"),
+        ("float32", {"device": "cpu"}, "float32", "requested"),
+        ("float16", {"device": GPU, "bf16_supported": True}, "float16", "requested"),
+        ("bfloat16", {"device": GPU, "bf16_supported": False}, "bfloat16", "requested"),
+        (
+            "bfloat16",
+            {
+                "device": GPU,
+                "bf16_supported": True,
+                "free_vram_bytes": GIB,
+                "bf16_weight_bytes": WEIGHTS,
+                "int8_available": True,
+            },
+            "bfloat16",
+            "requested",
+        ),
+        ("int8", {"device": GPU, "int8_available": True}, "int8", "requested"),
+        (
+            "int8",
+            {"device": "cuda:1", "int8_available": True, "free_vram_bytes": 80 * GIB},
+            "int8",
+            "requested",
+        ),
+        ("bfloat16", {"device": "cpu"}, "bfloat16", "slow"),
+    ],
+)
+def test_choose_dtype(requested: str, kwargs: dict[str, Any], dtype: str, reason_part: str) -> None:
+    """The dtype follows device, bf16 support, free VRAM and bitsandbytes, with a reason."""
+    choice = choose_dtype(requested, **kwargs)
+    assert isinstance(choice, DtypeChoice)
+    assert choice.dtype == dtype
+    assert reason_part in choice.reason
+    assert choice.reason
+
+
+@pytest.mark.parametrize(
+    ("requested", "kwargs", "message"),
+    [
+        ("int8", {"device": "cpu", "int8_available": True}, "GLMVISION_DTYPE=int8 needs a CUDA device"),
+        ("float16", {"device": "cpu"}, "GLMVISION_DTYPE=float16 needs a CUDA device"),
+        ("int8", {"device": GPU, "int8_available": False}, "GLMVISION_DTYPE=int8 needs the bitsandbytes"),
+        ("int8", {"device": GPU}, "bitsandbytes"),
+    ],
+)
+def test_choose_dtype_errors(requested: str, kwargs: dict[str, Any], message: str) -> None:
+    """Requests the hardware cannot honour are configuration errors."""
+    with pytest.raises(ConfigError, match=message):
+        choose_dtype(requested, **kwargs)
+
+
+def _write(directory: Path, files: dict[str, int | str]) -> None:
+    """Create files: an int is a size in bytes, a str is the content."""
+    for name, content in files.items():
+        path = directory / name
+        if isinstance(content, int):
+            path.write_bytes(b"\0" * content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({INDEX: json.dumps({"metadata": {"total_size": 123_456}}), "a.safetensors": 10}, 123_456),
+        ({INDEX: json.dumps({"metadata": {}}), "a.safetensors": 100, "b.safetensors": 250}, 350),
+        ({INDEX: json.dumps({"weight_map": {}}), "a.safetensors": 100}, 100),
+        ({INDEX: json.dumps({"metadata": {"total_size": 0}}), "a.safetensors": 7}, 7),
+        ({INDEX: json.dumps({"metadata": {"total_size": "big"}}), "a.safetensors": 7}, 7),
+        ({INDEX: "{not json", "a.safetensors": 9}, 9),
+        ({INDEX: json.dumps([1, 2]), "a.safetensors": 9}, 9),
+        ({INDEX: json.dumps({"metadata": None}), "a.safetensors": 9}, 9),
+        ({"model.safetensors": 300, "config.json": "{}", "tokenizer.json": 5000}, 300),
+        ({"model-1.safetensors": 300, "model-2.safetensors": 200, "README.md": 40}, 500),
+        ({"pytorch_model.bin": 80}, 80),
+        # Repos that ship both formats: transformers loads the safetensors, so only they count.
+        ({"model.safetensors": 300, "pytorch_model.bin": 600}, 300),
+        ({"config.json": "{}"}, None),
+        ({}, None),
+    ],
+)
+def test_weight_bytes_16bit(tmp_path: Path, files: dict[str, int | str], expected: int | None) -> None:
+    """The index's total_size wins; else the weight files' sizes; None when there are none."""
+    _write(tmp_path, files)
+    assert weight_bytes_16bit(str(tmp_path)) == expected
+
+
+@pytest.mark.parametrize("name", ["missing", "zai-org/GLM-4.6V-Flash"])
+def test_weight_bytes_16bit_without_a_local_directory(tmp_path: Path, name: str) -> None:
+    """A missing directory (or a hub id) has no known size."""
+    assert weight_bytes_16bit(str(tmp_path / name)) is None
+
+
+def test_weight_bytes_16bit_of_a_file_is_unknown(tmp_path: Path) -> None:
+    """A path to a single file is not a checkpoint directory."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 10)
+    assert weight_bytes_16bit(str(path)) is None
