@@ -93,8 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
         50_000_000,
         int,
         "Largest image (width x height) accepted, checked before decoding.",
-        _positive,
-        "> 0",
+        # Pillow refuses anything over 2x its own 89.5 MP bomb limit before we could look.
+        lambda v: 0 < v <= 178_956_970,
+        "1..178956970",
     ),
     Setting("MAX_PROMPT_CHARS", 16_000, int, "Longest prompt accepted, in characters.", _positive, "> 0"),
     Setting("MAX_NEW_TOKENS", 2048, int, "Largest max_new_tokens a request may ask for.", _positive, "> 0"),

@@ -119,6 +119,7 @@ INVALID = [
     ("DEVICE", "cuda:x"),
     ("DEVICE", "CPU"),
     ("DTYPE", "fp8"),
+    ("MAX_IMAGE_PIXELS", "200000000"),
     ("EMPTY_CACHE_FRACTION", "1.5"),
     ("EMPTY_CACHE_FRACTION", "0"),
     ("EMPTY_CACHE_FRACTION", "nan"),
