@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.wrappers import Response
 
-from .model import ModelHolder, model_id_for
+from .model import ModelHolder, is_demo, model_id_for
 from .pipeline import ChatInput, check_prompt, generation_params, load_images, new_request_id, run, usage
 from .schemas import VisionRequest, parse_body
 
@@ -43,8 +43,8 @@ def list_models() -> Response:
         card: dict[str, Any] = {**loaded.info(), "ready": True}
     else:
         source = current_app.config["GLMVISION_MODEL"]
-        model_id = model_id_for(source, current_app.config["GLMVISION_MODEL_ID"], demo=not source)
-        card = {"id": model_id, "demo": not source, "device": None, "dtype": None, "ready": False}
+        model_id = model_id_for(source, current_app.config["GLMVISION_MODEL_ID"])
+        card = {"id": model_id, "demo": is_demo(source), "device": None, "dtype": None, "ready": False}
     card.update(object="model", created=int(current_app.config["GLMVISION_STARTED"]), owned_by="glmvision")
     return jsonify({"object": "list", "data": [card]})
 

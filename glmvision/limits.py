@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from flask import Flask, request
+from flask.wrappers import Response
 from flask_limiter import Limiter
 from limits import parse_many
 
@@ -41,5 +42,14 @@ def init_app(app: Flask) -> Limiter | None:
         key_prefix="glmvision",
     )
     limiter.request_filter(lambda: request.endpoint in PUBLIC_ENDPOINTS)
+    # Registered first so it runs after the limiter's header hook (Flask runs them in reverse).
+    app.after_request(_retry_after_only_on_refusals)
     limiter.init_app(app)
     return limiter
+
+
+def _retry_after_only_on_refusals(response: Response) -> Response:
+    # flask-limiter adds Retry-After to every response; on a success it would tell clients to wait.
+    if response.status_code < 400:
+        response.headers.pop("Retry-After", None)
+    return response

@@ -62,11 +62,18 @@ def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
     return (reasoning or "").strip(), answer.strip()
 
 
-def model_id_for(source: str, configured: str, demo: bool) -> str:
-    """Return the model name clients see."""
+def is_demo(source: str) -> bool:
+    """True for the built-in demo model: no source configured, or a directory the builder wrote."""
+    from .demo import DEMO_MARKER
+
+    return not source or os.path.exists(os.path.join(source, DEMO_MARKER))
+
+
+def model_id_for(source: str, configured: str) -> str:
+    """Return the model name clients see, the same before and after loading."""
     if configured:
         return configured
-    if demo:
+    if is_demo(source):
         return DEMO_MODEL_ID
     return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
 
@@ -182,7 +189,7 @@ def load_model(settings: Mapping[str, Any]) -> LoadedModel:
     import torch
     import transformers
 
-    from .demo import DEMO_MARKER, ensure_demo_model
+    from .demo import ensure_demo_model
     from .hardware import choose_dtype, resolve_device, weight_bytes_16bit
 
     started = time.perf_counter()
@@ -193,7 +200,7 @@ def load_model(settings: Mapping[str, Any]) -> LoadedModel:
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glmvision"
         )
         source = str(ensure_demo_model(cache))
-    demo = os.path.exists(os.path.join(source, DEMO_MARKER))
+    demo = is_demo(source)
     if demo:
         log.warning(
             "SERVING THE DEMO MODEL (%s): random weights, answers are meaningless. "
@@ -229,7 +236,7 @@ def load_model(settings: Mapping[str, Any]) -> LoadedModel:
         raise RuntimeError(f"cannot load model from {source!r}: {exc}") from exc
     model.eval()
     processor.tokenizer.padding_side = "left"
-    model_id = model_id_for(source, settings["GLMVISION_MODEL_ID"], demo)
+    model_id = model_id_for(source, settings["GLMVISION_MODEL_ID"])
     loaded = LoadedModel(
         processor=processor,
         model=model,

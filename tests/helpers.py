@@ -98,14 +98,14 @@ def live_server(
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\\n{server.log()}")
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
             try:
                 if requests.get(server.url + ready_path, timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn not ready after {timeout}s:\\n{server.log()}")
+                raise RuntimeError(f"gunicorn not ready after {timeout}s:\n{server.log()}")
             time.sleep(0.2)
         yield server
     finally:

@@ -324,7 +324,10 @@ class TestRateLimit:
 
     def test_third_call_is_429_with_retry_after(self, client: FlaskClient) -> None:
         alpha = {"X-API-Key": "alpha"}
-        assert client.get("/v1/models", headers=alpha).status_code == 200
+        first = client.get("/v1/models", headers=alpha)
+        assert first.status_code == 200
+        assert first.headers["X-RateLimit-Remaining"] == "1"
+        assert "Retry-After" not in first.headers  # only refusals tell the client to wait
         assert client.post("/v1/chat/vision", json=vision_body(), headers=alpha).status_code == 200
         response = client.get("/v1/models", headers=alpha)
         error = assert_error(response, 429, "rate_limit_exceeded")
