@@ -1,4 +1,4 @@
-"""HTTP endpoints: health probes, the model list and POST /v1/chat/vision."""
+"""Native HTTP endpoints: health probes, the model list, /v1/chat/vision and /v1/chat."""
 
 from __future__ import annotations
 
@@ -8,15 +8,34 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.wrappers import Response
 
+from .errors import APIError, bad_request
 from .model import ModelHolder, is_demo, model_id_for
-from .pipeline import ChatInput, check_prompt, generation_params, load_images, new_request_id, run, usage
-from .schemas import VisionRequest, parse_body
+from .pipeline import (
+    ChatInput,
+    ImageRef,
+    Turn,
+    check_prompt,
+    generation_params,
+    load_turns,
+    new_request_id,
+    start,
+    usage,
+)
+from .schemas import SamplingFields, SeedChatRequest, VisionRequest, parse_body
 
 bp = Blueprint("api", __name__)
 
 
-def _holder() -> ModelHolder:
+def holder() -> ModelHolder:
+    """This app's model holder."""
     return current_app.extensions["glmvision.model"]
+
+
+def served_model_names() -> tuple[str, ...]:
+    """Names a client may ask for: the served id, then the configured aliases."""
+    config = current_app.config
+    served = model_id_for(config["GLMVISION_MODEL"], config["GLMVISION_MODEL_ID"])
+    return (served, *config["GLMVISION_MODEL_ALIASES"])
 
 
 @bp.get("/healthz")
@@ -28,33 +47,29 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded, 503 before."""
-    holder = _holder()
-    if holder.loaded is not None:
-        return jsonify({"ready": True, "status": "ready", "model": holder.loaded.info()})
-    status = "loading" if holder.loading else ("failed" if holder.error else "not_loaded")
+    model_holder = holder()
+    if model_holder.loaded is not None:
+        return jsonify({"ready": True, "status": "ready", "model": model_holder.loaded.info()})
+    status = "loading" if model_holder.loading else ("failed" if model_holder.error else "not_loaded")
     return jsonify({"ready": False, "status": status}), 503, {"Retry-After": "5"}
 
 
 @bp.get("/v1/models")
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
-    loaded = _holder().loaded
+    loaded = holder().loaded
     if loaded is not None:
         card: dict[str, Any] = {**loaded.info(), "ready": True}
     else:
         source = current_app.config["GLMVISION_MODEL"]
-        model_id = model_id_for(source, current_app.config["GLMVISION_MODEL_ID"])
-        card = {"id": model_id, "demo": is_demo(source), "device": None, "dtype": None, "ready": False}
+        card = {"id": served_model_names()[0], "demo": is_demo(source), "device": None, "dtype": None}
+        card["ready"] = False
     card.update(object="model", created=int(current_app.config["GLMVISION_STARTED"]), owned_by="glmvision")
     return jsonify({"object": "list", "data": [card]})
 
 
-@bp.post("/v1/chat/vision")
-def chat_vision() -> Response:
-    """Answer one question about one image."""
+def _single_image_chat(image: ImageRef, prompt: str, body: SamplingFields) -> ChatInput:
     settings = current_app.config
-    body = parse_body(request, VisionRequest)
-    prompt = check_prompt(body.prompt, settings)
     params = generation_params(
         settings,
         max_new_tokens=body.max_new_tokens,
@@ -63,19 +78,53 @@ def chat_vision() -> Response:
         seed=body.seed,
         enable_thinking=body.enable_thinking,
     )
-    images = load_images([("image", body.image)], settings)
-    generation = run(_holder(), ChatInput(images, prompt, params), settings)
-    image = images[0]
+    turns = [Turn("user", [image, check_prompt(prompt, settings)])]
+    turns = load_turns(turns, settings, current_app.extensions["glmvision.fetch_policy"])
+    return ChatInput(turns, params)
+
+
+@bp.post("/v1/chat/vision")
+def chat_vision() -> Response:
+    """Answer one question about one image."""
+    body = parse_body(request, VisionRequest)
+    if body.image is not None and body.image_url is not None:
+        raise bad_request("invalid_value", "Send either 'image' or 'image_url', not both.", "image_url")
+    if body.image is None and body.image_url is None:
+        raise APIError(400, "missing_field", "Field 'image' is required.", "image")
+    image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
+    chat = _single_image_chat(image, body.prompt, body)
+    generation = start(holder(), chat, current_app.config)
+    result = generation.finish(current_app.config)
+    decoded = chat.images[0]
     payload: dict[str, Any] = {
-        "result": generation.text,
-        "model": _holder().get().model_id,
+        "result": result.text,
+        "model": generation.model_id,
         "success": True,
         "id": new_request_id("vision"),
         "created": int(time.time()),
-        "finish_reason": generation.finish_reason,
-        "usage": usage(generation),
-        "image": {"width": image.width, "height": image.height, "resized_to": list(image.resized_to)},
+        "finish_reason": result.finish_reason,
+        "usage": usage(result),
+        "image": {"width": decoded.width, "height": decoded.height, "resized_to": list(decoded.resized_to)},
     }
     if body.enable_thinking:
-        payload["reasoning"] = generation.reasoning or ""
+        payload["reasoning"] = result.reasoning or ""
+    return jsonify(payload)
+
+
+@bp.post("/v1/chat")
+def chat_seed() -> Response:
+    """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
+    body = parse_body(request, SeedChatRequest)
+    chat = _single_image_chat(ImageRef(body.image_url, "image_url"), body.prompt, body)
+    generation = start(holder(), chat, current_app.config)
+    result = generation.finish(current_app.config)
+    payload: dict[str, Any] = {
+        "response": result.text,
+        "id": new_request_id("chat"),
+        "model": generation.model_id,
+        "finish_reason": result.finish_reason,
+        "usage": usage(result),
+    }
+    if body.enable_thinking:
+        payload["reasoning"] = result.reasoning or ""
     return jsonify(payload)

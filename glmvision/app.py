@@ -11,9 +11,11 @@ from typing import Any
 from flask import Flask
 
 from . import auth, errors, limits, vram
-from .api import bp
-from .config import load_settings
+from .api import bp as api_bp
+from .config import ConfigError, load_settings
 from .model import holder_for
+from .openai_api import bp as openai_bp
+from .urlfetch import FetchPolicy
 
 log = logging.getLogger("glmvision")
 
@@ -39,9 +41,14 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(settings["GLMVISION_MAX_BODY_MB"] * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["glmvision.model"] = holder_for(settings)
+    try:
+        app.extensions["glmvision.fetch_policy"] = FetchPolicy.from_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}") from None
     errors.init_app(app)
     auth.init_app(app)  # before the limiter, so unauthenticated calls never count against a key
     app.extensions["glmvision.limiter"] = limits.init_app(app)
     vram.init_app(app)
-    app.register_blueprint(bp)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(openai_bp)
     return app

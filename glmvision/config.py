@@ -108,6 +108,35 @@ SETTINGS: tuple[Setting, ...] = (
         "> 0",
     ),
     Setting("MAX_BODY_MB", 20.0, float, "Largest request body in MiB (413 above it).", _positive, "> 0"),
+    Setting(
+        "MAX_IMAGES", 8, int, "Most images one request may carry (all turns together).", _positive, "> 0"
+    ),
+    Setting("MODEL_ALIASES", [], _parse_list, "Other model names clients may ask for (comma-separated)."),
+    Setting(
+        "IMAGE_URL_DOMAINS",
+        [],
+        _parse_list,
+        "Hosts whose http(s) image URLs may be fetched (e.g. cdn.example.com, *.example.org, * for any); "
+        "empty refuses URLs.",
+    ),
+    Setting(
+        "IMAGE_URL_ALLOW_PRIVATE",
+        False,
+        _parse_bool,
+        "Allow image URLs that resolve to loopback/private/link-local/CGNAT addresses.",
+    ),
+    Setting("IMAGE_URL_MAX_MB", 10.0, float, "Largest image download in MiB.", _positive, "> 0"),
+    Setting(
+        "IMAGE_URL_TIMEOUT", 10.0, float, "Seconds one image download may take in all.", _positive, "> 0"
+    ),
+    Setting(
+        "IMAGE_URL_MAX_REDIRECTS",
+        3,
+        int,
+        "Redirects followed per image URL.",
+        lambda v: 0 <= v <= 10,
+        "0..10",
+    ),
     Setting("API_KEYS", [], _parse_list, "Comma-separated API keys; with none (and no file) auth is off."),
     Setting("API_KEYS_FILE", "", str, "File with one API key per line (# comments allowed)."),
     Setting("RATE_LIMIT", "", str, "Per key (else per client IP) limit, e.g. 60/minute; empty is no limit."),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, has_request_context, jsonify, request
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("glmvision")
+
+# Endpoints that follow OpenAI's API, errors included.
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 # Error `type` per HTTP status, in the spirit of OpenAI's error types.
 _TYPES = {
@@ -66,17 +69,21 @@ def unavailable(code: str, message: str, retry_after: int) -> APIError:
     return APIError(503, code, message, retry_after=retry_after)
 
 
-def error_body(status: int, code: str, message: str, param: str | None) -> dict[str, Any]:
-    """Return the JSON body every error response carries."""
+def error_object(status: int, code: str, message: str, param: str | None) -> dict[str, Any]:
+    """Return the error itself: {message, type, code, param}."""
     return {
-        "success": False,
-        "error": {
-            "message": message,
-            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-            "code": code,
-            "param": param,
-        },
+        "message": message,
+        "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+        "code": code,
+        "param": param,
     }
+
+
+def _envelope(error: dict[str, Any]) -> dict[str, Any]:
+    # OpenAI-style endpoints answer {"error": ...}; the native ones also say "success": false.
+    if has_request_context() and request.path.startswith(OPENAI_PATHS):
+        return {"error": error}
+    return {"success": False, "error": error}
 
 
 def _render_http_error(exc: HTTPException) -> Response:
@@ -91,7 +98,7 @@ def _render_http_error(exc: HTTPException) -> Response:
             message = "The request body is larger than the server accepts."
         elif status == 429:
             message = f"Rate limit exceeded ({exc.description}). Retry later."
-    response = jsonify(error_body(status, code, message or "", param))
+    response = jsonify(_envelope(error_object(status, code, message or "", param)))
     response.status_code = status
     response.headers.update(headers)
     if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
@@ -102,7 +109,9 @@ def _render_http_error(exc: HTTPException) -> Response:
 def _render_unexpected(exc: Exception) -> Response:
     # Log the trace for operators; the client only learns that something failed on our side.
     log.exception("unhandled error while serving a request")
-    response = jsonify(error_body(500, "internal_error", "The server failed to process the request.", None))
+    response = jsonify(
+        _envelope(error_object(500, "internal_error", "The server failed to process the request.", None))
+    )
     response.status_code = 500
     return response
 

@@ -7,59 +7,18 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from .errors import APIError, bad_request, unavailable
+from .generation import Generation, GenerationParams, GenerationStream
+from .output import MARKERS
 
 log = logging.getLogger("glmvision")
 
 DEMO_MODEL_ID = "glm-4.6v-flash-demo"
-# Markers the model writes that are not part of an answer.
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_MARKERS = (_THINK_OPEN, _THINK_CLOSE, "<|begin_of_box|>", "<|end_of_box|>")
 _STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """How to sample one answer."""
-
-    max_new_tokens: int
-    temperature: float = 0.7
-    top_p: float | None = None
-    seed: int | None = None
-    enable_thinking: bool = False
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One answer with its token accounting."""
-
-    text: str
-    reasoning: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
-def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
-    """Split decoded output into (reasoning, answer); reasoning never leaks into the answer."""
-    reasoning: str | None = None
-    answer = text
-    if _THINK_CLOSE in text:
-        head, answer = text.split(_THINK_CLOSE, 1)
-        reasoning = head.replace(_THINK_OPEN, "", 1)
-    elif text.lstrip().startswith(_THINK_OPEN):
-        # Ran out of tokens while still thinking: everything so far is reasoning.
-        reasoning, answer = text.lstrip()[len(_THINK_OPEN) :], ""
-    for marker in _MARKERS:
-        answer = answer.replace(marker, "")
-    if not thinking:
-        return None, answer.strip()
-    return (reasoning or "").strip(), answer.strip()
 
 
 def is_demo(source: str) -> bool:
@@ -101,18 +60,15 @@ class LoadedModel:
                 ids.append(token_id)
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
-        # Control tokens to drop from answers; the think markers are kept until the split.
-        self._noise = [t for t in tokenizer.all_special_tokens if t and t not in _MARKERS]
+        # Control tokens to drop from answers; the think/box markers are handled by glmvision.output.
+        self._noise = [t for t in tokenizer.all_special_tokens if t and t not in MARKERS]
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""
         return {"id": self.model_id, "demo": self.demo, "device": self.device, "dtype": self.dtype}
 
-    def prepare(self, images: list[Image.Image], prompt: str, enable_thinking: bool) -> Any:
-        """Build the model inputs for one user turn (runs outside the generation lock)."""
-        content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "user", "content": content}]
+    def prepare(self, messages: list[dict[str, Any]], enable_thinking: bool, param: str = "image") -> Any:
+        """Build model inputs from chat messages holding PIL images (runs outside the generation lock)."""
         try:
             return self.processor.apply_chat_template(
                 messages,
@@ -124,19 +80,37 @@ class LoadedModel:
                 enable_thinking=enable_thinking,
             )
         except ValueError:
-            # The processor validates the image (e.g. aspect ratio); that is the client's input.
+            # The processor validates images (e.g. aspect ratio); that is the client's input.
             log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
-            raise bad_request(
-                "image_rejected", "The model's processor refused this image.", "image"
-            ) from None
+            raise bad_request("image_rejected", "The model's processor refused an image.", param) from None
 
-    def generate(self, inputs: Any, params: GenerationParams) -> Generation:
-        """Run generate() on prepared inputs and decode the answer."""
-        import torch
+    def decode(self, token_ids: list[int]) -> str:
+        """Decode generated ids to text, dropping control tokens but keeping think/box markers."""
+        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=False)
+        for token in self._noise:
+            text = text.replace(token, "")
+        return text
 
+    def stream(self, inputs: Any, params: GenerationParams) -> GenerationStream:
+        """Start generating in a background thread; iterate the result for deltas."""
         inputs = inputs.to(self.device)
         if self.model.dtype.is_floating_point and "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        stream = GenerationStream(self, int(inputs["input_ids"].shape[1]), params)
+        stream.start(lambda streamer, stopping: self._generate(inputs, params, streamer, stopping))
+        return stream
+
+    def generate(self, inputs: Any, params: GenerationParams) -> Generation:
+        """Generate a whole answer."""
+        stream = self.stream(inputs, params)
+        with closing(stream):
+            for _ in stream:
+                pass
+        return stream.result
+
+    def _generate(self, inputs: Any, params: GenerationParams, streamer: Any, stopping: Any) -> None:
+        import torch
+
         sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
         if params.temperature > 0:
             sampling["temperature"] = params.temperature
@@ -144,36 +118,25 @@ class LoadedModel:
                 sampling["top_p"] = params.top_p
         else:
             sampling.update(temperature=None, top_p=None, top_k=None)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
+        if params.min_new_tokens:
+            sampling["min_new_tokens"] = min(params.min_new_tokens, params.max_new_tokens)
         try:
             with self._lock, torch.inference_mode():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
-                output = self.model.generate(
+                self.model.generate(
                     **inputs,
                     max_new_tokens=params.max_new_tokens,
                     eos_token_id=self.stop_ids,
                     pad_token_id=self.pad_id,
+                    streamer=streamer,
+                    stopping_criteria=stopping,
                     **sampling,
                 )
         except torch.OutOfMemoryError:
             release_cuda_cache()
             log.warning("out of GPU memory during generation; cache emptied")
             raise unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5) from None
-        return self._decode(output[0, prompt_tokens:].tolist(), prompt_tokens, params.enable_thinking)
-
-    def _decode(self, new_ids: list[int], prompt_tokens: int, thinking: bool) -> Generation:
-        finish_reason = "length"
-        for position, token_id in enumerate(new_ids):
-            if token_id in self.stop_ids:
-                new_ids, finish_reason = new_ids[: position + 1], "stop"
-                break
-        body = new_ids[:-1] if finish_reason == "stop" else new_ids
-        text = self.processor.tokenizer.decode(body, skip_special_tokens=False)
-        for token in self._noise:
-            text = text.replace(token, "")
-        reasoning, answer = split_reasoning(text, thinking)
-        return Generation(answer, reasoning, prompt_tokens, len(new_ids), finish_reason)
 
 
 def release_cuda_cache() -> None:

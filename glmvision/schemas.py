@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from flask import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -13,18 +13,95 @@ from .errors import APIError, bad_request
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class VisionRequest(BaseModel):
-    """Body of POST /v1/chat/vision."""
+class SamplingFields(BaseModel):
+    """Sampling settings shared by the native endpoints."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    image: str = Field(min_length=1)
-    prompt: str
     max_new_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     enable_thinking: bool = False
+
+
+class VisionRequest(SamplingFields):
+    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt."""
+
+    image: str | None = Field(default=None, min_length=1)
+    image_url: str | None = Field(default=None, min_length=1)
+    prompt: str
+
+
+class SeedChatRequest(SamplingFields):
+    """Body of POST /v1/chat: `image_url` (http(s) URL, base64 or data URL) and a prompt."""
+
+    image_url: str = Field(min_length=1)
+    prompt: str
+
+
+class ImageURL(BaseModel):
+    """OpenAI's image_url object."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(BaseModel):
+    """A text part of a message."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image part of a message."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat completion request."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of POST /v1/chat/completions, following OpenAI's Chat Completions contract."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: at least this many tokens
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 def _error_code(error_type: str) -> str:

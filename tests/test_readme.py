@@ -89,3 +89,13 @@ def test_demo_model_info_is_reported(demo_server) -> None:
     assert card["demo"] is True and card["ready"] is True
     assert "SERVING THE DEMO MODEL" in demo_server.log()
     assert Path(demo_server.log_path).exists()
+
+
+def test_openai_client_example_runs_verbatim(demo_server) -> None:
+    script = readme_example("openai").replace("http://127.0.0.1:8080", demo_server.url)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    # One usage from the plain completion, one from the stream's usage chunk.
+    assert result.stdout.count("CompletionUsage(") == 2

@@ -1,0 +1,173 @@
+"""One generation: generate() runs in a thread, its tokens come back as answer/reasoning deltas."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .output import Rendered, render
+
+log = logging.getLogger("glmvision")
+_END = object()
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample one answer."""
+
+    max_new_tokens: int
+    temperature: float = 0.7
+    top_p: float | None = None
+    seed: int | None = None
+    enable_thinking: bool = False
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One whole answer with its token accounting."""
+
+    text: str
+    reasoning: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text since the previous delta."""
+
+    reasoning: str = ""
+    content: str = ""
+
+
+class Decoder(Protocol):
+    """What a stream needs from the model: its stop ids and a decoder of generated ids."""
+
+    stop_ids: list[int]
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class _QueueStreamer:
+    """A transformers streamer that forwards each step's new token ids to a queue."""
+
+    def __init__(self, sink: queue.SimpleQueue[Any]) -> None:
+        self._sink = sink
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        self._sink.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def _stopping_criteria(cancelled: threading.Event) -> Any:
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+    return StoppingCriteriaList([Cancelled()])
+
+
+class GenerationStream:
+    """Iterate for deltas as tokens arrive; `result` holds the whole answer once iteration ends."""
+
+    def __init__(self, decoder: Decoder, prompt_tokens: int, params: GenerationParams) -> None:
+        self._decoder = decoder
+        self._params = params
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._ids: list[int] = []
+        self._ended_by_token = False
+        self._sent = Rendered("", "")
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason: str | None = None
+        self.result: Generation | None = None
+
+    def start(self, run: Callable[[Any, Any], None]) -> None:
+        """Run `run(streamer, stopping_criteria)` (which calls generate) in a background thread."""
+
+        def target() -> None:
+            try:
+                run(_QueueStreamer(self._queue), _stopping_criteria(self._cancelled))
+            except Exception as exc:  # noqa: BLE001 - the consuming thread raises it
+                self._queue.put(exc)
+            finally:
+                self._queue.put(_END)
+
+        threading.Thread(target=target, name="glmvision-generate", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop generating (e.g. the client went away); the model is free again within a step."""
+        if self.result is None and not self._cancelled.is_set():
+            self._cancelled.set()
+            log.info("generation cancelled after %d tokens", len(self._ids))
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            yield from self._deltas()
+        finally:
+            self.close()
+
+    def _deltas(self) -> Iterator[Delta]:
+        while (item := self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            if self.finish_reason is not None:
+                continue  # generate() is winding down after a stop: its last tokens are not ours
+            rendered = self._feed(item)
+            if rendered.stopped:
+                self.finish_reason = "stop"
+                self._cancelled.set()
+            if delta := self._delta(rendered):
+                yield delta
+        self.finish_reason = self.finish_reason or "length"
+        final = render(self._text(), self._params.enable_thinking, self._params.stop, final=True)
+        if delta := self._delta(final):
+            yield delta
+        thinking = self._params.enable_thinking
+        self.result = Generation(
+            final.answer,
+            final.reasoning if thinking else None,
+            self.prompt_tokens,
+            len(self._ids),
+            self.finish_reason,
+        )
+
+    def _feed(self, token_ids: list[int]) -> Rendered:
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            if token_id in self._decoder.stop_ids:
+                self._ended_by_token, self.finish_reason = True, "stop"
+                break
+        done = self.finish_reason is not None
+        return render(self._text(), self._params.enable_thinking, self._params.stop, final=done)
+
+    def _text(self) -> str:
+        return self._decoder.decode(self._ids[:-1] if self._ended_by_token else self._ids)
+
+    def _delta(self, rendered: Rendered) -> Delta | None:
+        # Partial renders only ever grow; guard anyway so a surprise cannot duplicate text.
+        reasoning = content = ""
+        sent_reasoning, sent_answer = self._sent.reasoning, self._sent.answer
+        if rendered.reasoning.startswith(sent_reasoning):
+            reasoning, sent_reasoning = rendered.reasoning[len(sent_reasoning) :], rendered.reasoning
+        if rendered.answer.startswith(sent_answer):
+            content, sent_answer = rendered.answer[len(sent_answer) :], rendered.answer
+        self._sent = Rendered(sent_reasoning, sent_answer)
+        return Delta(reasoning, content) if reasoning or content else None

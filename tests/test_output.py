@@ -1,0 +1,111 @@
+"""Rendering generated text: streamed pieces always add up to the whole answer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from glmvision.output import render, split_reasoning
+
+PIECES = [
+    "<think>",
+    "</think>",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<",
+    "</",
+    "thi",
+    "nk>",
+    "<|beg",
+    " ",
+    "\n",
+    "Hello",
+    " world",
+    "STOP",
+    "ST",
+    "OP",
+    "END",
+    "\ufffd",
+    "é",
+    "<|",
+    "box",
+    "answer",
+]
+
+
+def stream_pieces(pieces: list[str], thinking: bool, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Feed text piece by piece, collecting what a streaming client would receive."""
+    sent_reasoning = sent_answer = ""
+    text = ""
+    for piece in pieces:
+        text += piece
+        partial = render(text, thinking, stops, final=False)
+        assert partial.reasoning.startswith(sent_reasoning), (text, partial)
+        assert partial.answer.startswith(sent_answer), (text, partial)
+        sent_reasoning, sent_answer = partial.reasoning, partial.answer
+        if partial.stopped:
+            break
+    return sent_reasoning, sent_answer, partial.stopped
+
+
+@pytest.mark.parametrize("seed", range(400))
+def test_streamed_text_adds_up_to_the_final_answer(seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = [rng.choice(PIECES) for _ in range(rng.randint(1, 14))]
+    thinking = rng.random() < 0.5
+    stops = tuple(rng.sample(["STOP", "END", "box"], rng.randint(0, 2)))
+    reasoning, answer, stopped = stream_pieces(pieces, thinking, stops)
+    final = render("".join(pieces), thinking, stops, final=True)
+    # What was streamed is a prefix of the final answer; the final render sends the rest.
+    assert final.answer.startswith(answer) and final.reasoning.startswith(reasoning)
+    if stopped:
+        assert (final.answer, final.reasoning) == (answer, reasoning)
+    for stop in stops:
+        assert stop not in final.answer
+    for marker in ("<think>", "</think>", "<|begin_of_box|>", "<|end_of_box|>"):
+        assert marker not in final.answer
+    if not thinking:
+        assert final.reasoning == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "stops", "answer", "stopped"),
+    [
+        ("Hello STOP world", ("STOP",), "Hello", True),
+        ("Hello world", ("STOP",), "Hello world", False),
+        ("a END b STOP c", ("STOP", "END"), "a", True),
+        ("  spaced  ", (), "spaced", False),
+    ],
+)
+def test_stop_strings_cut_the_answer(text: str, stops: tuple[str, ...], answer: str, stopped: bool) -> None:
+    rendered = render(text, False, stops)
+    assert (rendered.answer, rendered.stopped) == (answer, stopped)
+
+
+@pytest.mark.parametrize(
+    ("text", "held"),
+    [
+        ("Hello <|beg", "Hello"),  # could become a box marker
+        ("Hello ST", "Hello"),  # could become the stop string
+        ("<thi", ""),  # could become <think>
+        ("caf\ufffd", "caf"),  # half a UTF-8 character
+        ("Hello   ", "Hello"),  # trailing space waits for more text
+    ],
+)
+def test_partial_renders_hold_back_undecided_text(text: str, held: str) -> None:
+    assert render(text, False, ("STOP",), final=False).answer == held
+
+
+@pytest.mark.parametrize(
+    ("text", "thinking", "reasoning", "answer"),
+    [
+        ("<think>look at it</think>A cat.", True, "look at it", "A cat."),
+        ("<think>look at it</think>A cat.", False, None, "A cat."),
+        ("<think>still thinking", True, "still thinking", ""),
+        ("Plain answer", True, "", "Plain answer"),
+        ("\n<think></think>\n<|begin_of_box|>42<|end_of_box|>", False, None, "42"),
+    ],
+)
+def test_split_reasoning(text: str, thinking: bool, reasoning: str | None, answer: str) -> None:
+    assert split_reasoning(text, thinking) == (reasoning, answer)
