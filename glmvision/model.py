@@ -7,12 +7,11 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import APIError, bad_request, unavailable
-from .generation import Generation, GenerationParams, GenerationStream
+from .generation import GenerationParams, GenerationStream
 from .output import MARKERS
 
 log = logging.getLogger("glmvision")
@@ -99,14 +98,6 @@ class LoadedModel:
         stream = GenerationStream(self, int(inputs["input_ids"].shape[1]), params)
         stream.start(lambda streamer, stopping: self._generate(inputs, params, streamer, stopping))
         return stream
-
-    def generate(self, inputs: Any, params: GenerationParams) -> Generation:
-        """Generate a whole answer."""
-        stream = self.stream(inputs, params)
-        with closing(stream):
-            for _ in stream:
-                pass
-        return stream.result
 
     def _generate(self, inputs: Any, params: GenerationParams, streamer: Any, stopping: Any) -> None:
         import torch
