@@ -2,13 +2,27 @@
 
 Read by the gunicorn master, which never imports torch: each worker builds the app and loads its
 own model (CUDA cannot be re-initialised in a forked child, so nothing is preloaded).
+
+With several GPUs visible, each worker gets one of its own (GLMVISION_WORKERS = number of GPUs gives
+one model copy per GPU): the master keeps the assignment on its worker objects, and a worker that
+replaces a dead one takes over the dead one's GPU.
 """
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 from glmvision.config import load_settings
+from glmvision.gpus import pick_gpu, visible_gpu_count, worker_device
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 _settings = load_settings()
+# Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
+_gpu_count = visible_gpu_count()
 
 bind = _settings["GLMVISION_BIND"]
 workers = _settings["GLMVISION_WORKERS"]
@@ -36,3 +50,20 @@ def post_worker_init(worker):  # gunicorn passes the worker
     app = worker.wsgi
     if app.config["GLMVISION_WARMUP"]:
         app.extensions["glmvision.model"].warm_up()
+
+
+def pre_fork(server: Arbiter, worker: Worker) -> None:
+    """In the master, before the fork: give the new worker the GPU the live workers use least."""
+    # gunicorn reaps a dead worker (drops it from WORKERS) before it forks the replacement, so the
+    # dead worker's GPU is free again here and is the one picked.
+    assigned = (getattr(live, "glmvision_gpu", None) for live in server.WORKERS.values())
+    in_use = [gpu for gpu in assigned if gpu is not None]
+    worker.glmvision_gpu = pick_gpu(in_use, _gpu_count)
+
+
+def post_fork(server: Arbiter, worker: Worker) -> None:
+    """In the new worker, before gunicorn imports wsgi:app: point its model at its own GPU."""
+    device = worker_device(getattr(worker, "glmvision_gpu", None), _settings["GLMVISION_DEVICE"])
+    if device is not None:
+        os.environ["GLMVISION_DEVICE"] = device
+        server.log.info("worker pid=%s uses %s", worker.pid, device)

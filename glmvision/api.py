@@ -11,14 +11,14 @@ from flask.wrappers import Response
 from .errors import APIError, bad_request
 from .model import ModelHolder, is_demo, model_id_for
 from .pipeline import (
+    Answer,
     ChatInput,
     ImageRef,
     Turn,
+    answer,
     check_prompt,
     generation_params,
-    load_turns,
     new_request_id,
-    start,
     usage,
 )
 from .schemas import SamplingFields, SeedChatRequest, VisionRequest, parse_body
@@ -49,7 +49,9 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded, 503 before."""
     model_holder = holder()
     if model_holder.loaded is not None:
-        return jsonify({"ready": True, "status": "ready", "model": model_holder.loaded.info()})
+        loaded = model_holder.loaded
+        engine = {"queued": loaded.engine.queued(), **loaded.engine.stats.as_dict()} if loaded.engine else {}
+        return jsonify({"ready": True, "status": "ready", "model": loaded.info(), "engine": engine})
     status = "loading" if model_holder.loading else ("failed" if model_holder.error else "not_loaded")
     return jsonify({"ready": False, "status": status}), 503, {"Retry-After": "5"}
 
@@ -68,7 +70,7 @@ def list_models() -> Response:
     return jsonify({"object": "list", "data": [card]})
 
 
-def _single_image_chat(image: ImageRef, prompt: str, body: SamplingFields) -> ChatInput:
+def _answer_one_image(image: ImageRef, prompt: str, body: SamplingFields) -> tuple[ChatInput, Answer]:
     settings = current_app.config
     params = generation_params(
         settings,
@@ -79,8 +81,7 @@ def _single_image_chat(image: ImageRef, prompt: str, body: SamplingFields) -> Ch
         enable_thinking=body.enable_thinking,
     )
     turns = [Turn("user", [image, check_prompt(prompt, settings)])]
-    turns = load_turns(turns, settings, current_app.extensions["glmvision.fetch_policy"])
-    return ChatInput(turns, params)
+    return answer(holder(), turns, params, settings, current_app.extensions["glmvision.fetch_policy"])
 
 
 @bp.post("/v1/chat/vision")
@@ -92,8 +93,7 @@ def chat_vision() -> Response:
     if body.image is None and body.image_url is None:
         raise APIError(400, "missing_field", "Field 'image' is required.", "image")
     image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
-    chat = _single_image_chat(image, body.prompt, body)
-    generation = start(holder(), chat, current_app.config)
+    chat, generation = _answer_one_image(image, body.prompt, body)
     result = generation.finish(current_app.config)
     decoded = chat.images[0]
     payload: dict[str, Any] = {
@@ -115,8 +115,7 @@ def chat_vision() -> Response:
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     body = parse_body(request, SeedChatRequest)
-    chat = _single_image_chat(ImageRef(body.image_url, "image_url"), body.prompt, body)
-    generation = start(holder(), chat, current_app.config)
+    _, generation = _answer_one_image(ImageRef(body.image_url, "image_url"), body.prompt, body)
     result = generation.finish(current_app.config)
     payload: dict[str, Any] = {
         "response": result.text,

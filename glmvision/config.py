@@ -108,6 +108,42 @@ SETTINGS: tuple[Setting, ...] = (
         "> 0",
     ),
     Setting("MAX_BODY_MB", 20.0, float, "Largest request body in MiB (413 above it).", _positive, "> 0"),
+    Setting("MAX_BATCH_SIZE", 8, int, "Most requests one generate() call serves together.", _positive, "> 0"),
+    Setting(
+        "BATCH_WAIT_MS",
+        5.0,
+        float,
+        "Under load, how long a batch may wait for requests still being preprocessed (never when idle).",
+        lambda v: 0 <= v <= 1000,
+        "0..1000",
+    ),
+    Setting(
+        "MAX_BATCH_TOKENS",
+        16384,
+        int,
+        "Token budget of one batch: prompt tokens (images included) plus max_new_tokens, summed over rows.",
+        _positive,
+        "> 0",
+    ),
+    Setting(
+        "MAX_QUEUE",
+        64,
+        int,
+        "Requests that may wait for the model; beyond that 503 overloaded.",
+        _positive,
+        "> 0",
+    ),
+    Setting(
+        "QUEUE_TIMEOUT", 30.0, float, "Seconds a request may wait for the model before 503.", _positive, "> 0"
+    ),
+    Setting(
+        "REQUEST_TIMEOUT",
+        300.0,
+        float,
+        "Seconds from arrival after which generation for a request stops (finish_reason length, or 504).",
+        _positive,
+        "> 0",
+    ),
     Setting(
         "MAX_IMAGES", 8, int, "Most images one request may carry (all turns together).", _positive, "> 0"
     ),
@@ -162,7 +198,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("BIND", "127.0.0.1:8080", str, "gunicorn: address to listen on."),
     Setting("WORKERS", 1, int, "gunicorn: worker processes (each holds one model copy).", _positive, "> 0"),
-    Setting("THREADS", 4, int, "gunicorn: threads per worker.", _positive, "> 0"),
+    Setting(
+        "THREADS", 16, int, "gunicorn: threads per worker (each waiting request holds one).", _positive, "> 0"
+    ),
     Setting(
         "TIMEOUT",
         300,

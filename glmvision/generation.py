@@ -1,11 +1,11 @@
-"""One generation: generate() runs in a thread, its tokens come back as answer/reasoning deltas."""
+"""One generation as its request sees it: tokens arrive from the engine and become answer deltas."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,35 +55,6 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
-class _QueueStreamer:
-    """A transformers streamer that forwards each step's new token ids to a queue."""
-
-    def __init__(self, sink: queue.SimpleQueue[Any]) -> None:
-        self._sink = sink
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt itself
-            self._prompt_seen = True
-            return
-        self._sink.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-def _stopping_criteria(cancelled: threading.Event) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            import torch
-
-            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
-
-    return StoppingCriteriaList([Cancelled()])
-
-
 class GenerationStream:
     """Iterate for deltas as tokens arrive; `result` holds the whole answer once iteration ends."""
 
@@ -99,18 +70,31 @@ class GenerationStream:
         self.finish_reason: str | None = None
         self.result: Generation | None = None
 
-    def start(self, run: Callable[[Any, Any], None]) -> None:
-        """Run `run(streamer, stopping_criteria)` (which calls generate) in a background thread."""
+    # The producer side, called by the engine's model thread.
 
-        def target() -> None:
-            try:
-                run(_QueueStreamer(self._queue), _stopping_criteria(self._cancelled))
-            except Exception as exc:  # noqa: BLE001 - the consuming thread raises it
-                self._queue.put(exc)
-            finally:
-                self._queue.put(_END)
+    def put(self, token_ids: list[int]) -> None:
+        """Hand over newly generated token ids."""
+        self._queue.put(token_ids)
 
-        threading.Thread(target=target, name="glmvision-generate", daemon=True).start()
+    def fail(self, error: Exception) -> None:
+        """End the stream with an error the consumer raises (e.g. out of memory, timeout)."""
+        self._queue.put(error)
+
+    def end(self) -> None:
+        """No more tokens will come."""
+        self._queue.put(_END)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the consumer no longer wants tokens (client gone, stop string seen)."""
+        return self._cancelled.is_set()
+
+    # The consumer side, in the request's thread.
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids generated for this request so far (its stop token included)."""
+        return list(self._ids)
 
     def close(self) -> None:
         """Stop generating (e.g. the client went away); the model is free again within a step."""

@@ -6,10 +6,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from .engine import Engine
 from .errors import APIError, bad_request, unavailable
 from .generation import GenerationParams, GenerationStream
 from .output import MARKERS
@@ -47,7 +49,7 @@ class LoadedModel:
     dtype: str
     demo: bool
     load_seconds: float
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    engine: Engine | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -90,44 +92,10 @@ class LoadedModel:
             text = text.replace(token, "")
         return text
 
-    def stream(self, inputs: Any, params: GenerationParams) -> GenerationStream:
-        """Start generating in a background thread; iterate the result for deltas."""
-        inputs = inputs.to(self.device)
-        if self.model.dtype.is_floating_point and "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        stream = GenerationStream(self, int(inputs["input_ids"].shape[1]), params)
-        stream.start(lambda streamer, stopping: self._generate(inputs, params, streamer, stopping))
-        return stream
-
-    def _generate(self, inputs: Any, params: GenerationParams, streamer: Any, stopping: Any) -> None:
-        import torch
-
-        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
-        if params.temperature > 0:
-            sampling["temperature"] = params.temperature
-            if params.top_p is not None:
-                sampling["top_p"] = params.top_p
-        else:
-            sampling.update(temperature=None, top_p=None, top_k=None)
-        if params.min_new_tokens:
-            sampling["min_new_tokens"] = min(params.min_new_tokens, params.max_new_tokens)
-        try:
-            with self._lock, torch.inference_mode():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                self.model.generate(
-                    **inputs,
-                    max_new_tokens=params.max_new_tokens,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                    streamer=streamer,
-                    stopping_criteria=stopping,
-                    **sampling,
-                )
-        except torch.OutOfMemoryError:
-            release_cuda_cache()
-            log.warning("out of GPU memory during generation; cache emptied")
-            raise unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5) from None
+    def stream(self, inputs: Any, params: GenerationParams, arrived: float) -> GenerationStream:
+        """Queue prepared inputs with the engine; iterate the stream for deltas."""
+        assert self.engine is not None, "the holder attaches the engine after loading"
+        return self.engine.submit(inputs, params, arrived)
 
 
 def release_cuda_cache() -> None:
@@ -230,10 +198,25 @@ class ModelHolder:
         self._failed_at: float | None = None
         self.error: str | None = None
         self.loading = False
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
 
     @property
     def loaded(self) -> LoadedModel | None:
         return self._loaded
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as being preprocessed, so the engine can wait a moment to batch it."""
+        if self._loaded is not None and self._loaded.engine is not None:
+            self._loaded.engine.check_capacity()  # full: refuse before decoding anything
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def get(self, timeout: float | None = None) -> LoadedModel:
         """Return the model, loading it now if needed; 503 if it cannot be had in time."""
@@ -249,8 +232,9 @@ class ModelHolder:
                 raise unavailable("model_unavailable", "The model failed to load; see the server log.", 30)
             self.loading = True
             try:
-                self._loaded = load_model(self._settings)
-                self.error = None
+                loaded = load_model(self._settings)
+                loaded.engine = Engine(loaded, self._settings, arriving=lambda: self._arriving)
+                self._loaded, self.error = loaded, None
             except APIError:
                 raise
             except Exception as exc:  # reported as 503, logged in full

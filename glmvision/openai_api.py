@@ -11,19 +11,11 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from flask.wrappers import Response
 
+from . import pipeline
 from .api import holder, served_model_names
 from .errors import APIError, bad_request, error_object
-from .pipeline import (
-    Answer,
-    ChatInput,
-    ImageRef,
-    Turn,
-    generation_params,
-    load_turns,
-    new_request_id,
-    start,
-    usage,
-)
+from .generation import GenerationParams
+from .pipeline import Answer, ImageRef, Turn, generation_params, new_request_id, usage
 from .schemas import ChatCompletionRequest, ChatMessage, parse_body
 
 log = logging.getLogger("glmvision")
@@ -74,7 +66,9 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_chat(body: ChatCompletionRequest, settings: Mapping[str, Any]) -> ChatInput:
+def parse_chat(
+    body: ChatCompletionRequest, settings: Mapping[str, Any]
+) -> tuple[list[Turn], GenerationParams]:
     """Translate a chat completion request into the shared pipeline's input."""
     if body.n != 1:
         raise bad_request("invalid_value", "Only n=1 is supported.", "n")
@@ -97,8 +91,7 @@ def parse_chat(body: ChatCompletionRequest, settings: Mapping[str, Any]) -> Chat
         min_new_tokens=body.min_tokens,
         param=limit_param,
     )
-    turns = _turns(body.messages, settings)
-    return ChatInput(load_turns(turns, settings, current_app.extensions["glmvision.fetch_policy"]), params)
+    return _turns(body.messages, settings), params
 
 
 @bp.post("/v1/chat/completions")
@@ -106,8 +99,10 @@ def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
     settings = current_app.config
     body = parse_body(request, ChatCompletionRequest)
-    chat = parse_chat(body, settings)
-    answer = start(holder(), chat, settings)
+    turns, params = parse_chat(body, settings)
+    _, answer = pipeline.answer(
+        holder(), turns, params, settings, current_app.extensions["glmvision.fetch_policy"]
+    )
     meta = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),

@@ -156,15 +156,24 @@ class Answer:
         return self.stream.result
 
 
-def start(holder: ModelHolder, chat: ChatInput, settings: Mapping[str, Any]) -> Answer:
-    """Load the model if needed, prepare the inputs and start generating."""
-    model = holder.get()
-    if settings["GLMVISION_LOG_CONTENT"]:
-        texts = [(turn.role, part) for turn in chat.turns for part in turn.parts if isinstance(part, str)]
-        log.info("prompt=%r", texts)
-    started = time.perf_counter()
-    inputs = model.prepare(to_messages(chat.turns), chat.params.enable_thinking)
-    return Answer(model.model_id, model.stream(inputs, chat.params), started)
+def answer(
+    holder: ModelHolder,
+    turns: list[Turn],
+    params: GenerationParams,
+    settings: Mapping[str, Any],
+    policy: FetchPolicy,
+) -> tuple[ChatInput, Answer]:
+    """Decode the images, load the model if needed, prepare the inputs and queue the generation."""
+    arrived = time.monotonic()
+    with holder.arriving():
+        chat = ChatInput(load_turns(turns, settings, policy), params)
+        model = holder.get()
+        if settings["GLMVISION_LOG_CONTENT"]:
+            texts = [(turn.role, part) for turn in chat.turns for part in turn.parts if isinstance(part, str)]
+            log.info("prompt=%r", texts)
+        inputs = model.prepare(to_messages(chat.turns), params.enable_thinking)
+        stream = model.stream(inputs, params, arrived)
+    return chat, Answer(model.model_id, stream, time.perf_counter())
 
 
 def _log_generation(generation: Generation, elapsed: float, settings: Mapping[str, Any]) -> None:

@@ -368,13 +368,9 @@ def test_thinking_split_survives_the_real_tokenizer(client: FlaskClient) -> None
 
     def replay(token_ids: list[int], thinking: bool) -> GenerationStream:
         stream = GenerationStream(model, 10, GenerationParams(max_new_tokens=50, enable_thinking=thinking))
-
-        def run(streamer: Any, stopping: Any) -> None:
-            streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is skipped
-            for token_id in token_ids:
-                streamer.put(torch.tensor([token_id]))
-
-        stream.start(run)
+        for token_id in token_ids:
+            stream.put([token_id])
+        stream.end()
         list(stream)
         return stream
 

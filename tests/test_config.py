@@ -46,7 +46,7 @@ def test_process_environment_is_the_default_source(monkeypatch: pytest.MonkeyPat
     """Without an explicit environ, os.environ is read."""
     monkeypatch.setenv("GLMVISION_THREADS", "9")
     assert load_settings()["GLMVISION_THREADS"] == 9
-    assert load_settings(None, {})["GLMVISION_THREADS"] == 4
+    assert load_settings(None, {})["GLMVISION_THREADS"] == 16
 
 
 @pytest.mark.parametrize(

@@ -227,11 +227,15 @@ def test_warm_up_makes_the_worker_ready_without_a_request(
             assert ready.headers["Retry-After"] == "5"
             time.sleep(0.25)
         assert ready is not None and ready.status_code == 200, server.log()
-        assert ready.json() == {
+        body = ready.json()
+        engine = body.pop("engine")
+        assert body == {
             "ready": True,
             "status": "ready",
             "model": {"id": DEMO_ID, "demo": True, "device": "cpu", "dtype": "float32"},
         }
+        # Warm-up loads the model but serves nothing: the engine's counters are still at zero.
+        assert engine["queued"] == 0 and engine["batches"] == 0 and engine["completed"] == 0
         assert requests.get(server.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
         assert not [a for a in access_lines(server) if a.method == "POST"]
         assert loaded_pids(server) == Counter(dict.fromkeys(server.worker_pids(), 1))

@@ -1,0 +1,335 @@
+"""The batching engine: one model thread per worker runs padded generate() calls over waiting requests.
+
+Requests are prepared (images decoded, processor run) in their own threads, then queued here. The
+model thread takes what is waiting, groups rows that can share sampling settings, and runs one
+left-padded generate(); each row's tokens go straight to its request, and a row that is done (its
+own max_new_tokens, a stop token or string, its deadline, a client that left) stops receiving
+tokens and is answered at once while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import APIError, unavailable
+from .generation import GenerationParams, GenerationStream
+
+log = logging.getLogger("glmvision")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for, or inside, a batch."""
+
+    inputs: Any
+    params: GenerationParams
+    stream: GenerationStream
+    prompt_tokens: int
+    arrived: float
+    deadline: float
+    generated: int = 0
+    finished: bool = False
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        """Rows with equal groups can share one generate() call."""
+        p = self.params
+        if p.seed is not None and p.temperature > 0:
+            return ("seeded", id(self))  # a reproducible sample needs the RNG to itself
+        sampling = (p.temperature, p.top_p) if p.temperature > 0 else ()
+        return (p.temperature > 0, *sampling, p.min_new_tokens)
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine keeps about itself (served under /readyz)."""
+
+    batches: int = 0
+    rows: int = 0
+    largest_batch: int = 0
+    completed: int = 0
+    rejected_full: int = 0
+    queue_timeouts: int = 0
+    deadline_stops: int = 0
+    oom_splits: int = 0
+    drain_rate: float = 0.0  # requests per second, smoothed
+    _last_done: float = field(default=0.0, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(self).items() if k[0] != "_"}
+
+
+def collate(features: list[Any], pad_id: int) -> dict[str, Any]:
+    """Left-pad single-conversation processor outputs into one batch; image tensors concatenate."""
+    import torch
+
+    length = max(int(f["input_ids"].shape[1]) for f in features)
+    batch: dict[str, Any] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key not in features[0]:
+            continue
+        rows = []
+        for f in features:
+            row = f[key]
+            pad = torch.full((1, length - row.shape[1]), fill, dtype=row.dtype)
+            rows.append(torch.cat([pad, row], dim=1))
+        batch[key] = torch.cat(rows, dim=0)
+    for key in ("pixel_values", "image_grid_thw"):
+        parts = [f[key] for f in features if key in f]
+        if parts:
+            batch[key] = torch.cat(parts, dim=0)
+    return batch
+
+
+class _RowStreamer:
+    """Receives each step's tokens for the whole batch and routes them to the rows still running."""
+
+    def __init__(self, jobs: list[Job], stop_ids: set[int]) -> None:
+        self._jobs = jobs
+        self._stop_ids = stop_ids
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompts themselves
+            self._prompt_seen = True
+            return
+        for job, token_id in zip(self._jobs, value.reshape(-1).tolist(), strict=True):
+            if job.finished:
+                continue  # padding after this row's end: not its tokens
+            job.generated += 1
+            job.stream.put([token_id])
+            if token_id in self._stop_ids or job.generated >= job.params.max_new_tokens:
+                _finish(job)
+
+    def end(self) -> None:
+        pass
+
+
+def _finish(job: Job) -> None:
+    if not job.finished:
+        job.finished = True
+        job.stream.end()
+
+
+def _rows_done_criteria(jobs: list[Job], stats: EngineStats) -> Any:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowsDone(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            now = time.monotonic()
+            for job in jobs:
+                if not job.finished and (job.stream.cancelled or now >= job.deadline):
+                    if not job.stream.cancelled:
+                        stats.deadline_stops += 1
+                        log.info("request deadline reached after %d tokens", job.generated)
+                    _finish(job)
+            return torch.tensor([job.finished for job in jobs], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([RowsDone()])
+
+
+class Engine:
+    """A bounded queue in front of one model thread that batches compatible requests."""
+
+    def __init__(
+        self, model: Any, settings: Mapping[str, Any], arriving: Callable[[], int] = lambda: 0
+    ) -> None:
+        self._model = model
+        self._arriving = arriving
+        self.max_batch = settings["GLMVISION_MAX_BATCH_SIZE"]
+        self.max_tokens = settings["GLMVISION_MAX_BATCH_TOKENS"]
+        self.max_queue = settings["GLMVISION_MAX_QUEUE"]
+        self.batch_wait = settings["GLMVISION_BATCH_WAIT_MS"] / 1000
+        self.queue_timeout = settings["GLMVISION_QUEUE_TIMEOUT"]
+        self.request_timeout = settings["GLMVISION_REQUEST_TIMEOUT"]
+        self.stats = EngineStats()
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # Request side.
+
+    def check_capacity(self) -> None:
+        """Refuse at once (503 overloaded) when the queue is full, before any preprocessing."""
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                self.stats.rejected_full += 1
+                raise unavailable(
+                    "overloaded", "The server is at capacity; retry shortly.", self._retry_after()
+                )
+
+    def submit(self, inputs: Any, params: GenerationParams, arrived: float) -> GenerationStream:
+        """Queue prepared inputs; the returned stream yields the answer as it is generated."""
+        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params)
+        job = Job(inputs, params, stream, stream.prompt_tokens, arrived, arrived + self.request_timeout)
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                self.stats.rejected_full += 1
+                raise unavailable(
+                    "overloaded", "The server is at capacity; retry shortly.", self._retry_after()
+                )
+            self._queue.append(job)
+            self._ensure_thread()
+            self._cond.notify()
+        return stream
+
+    def queued(self) -> int:
+        """Requests waiting for the model right now."""
+        return len(self._queue)
+
+    def _retry_after(self) -> int:
+        rate = self.stats.drain_rate
+        if rate <= 0:
+            return 5
+        return max(1, min(60, math.ceil((len(self._queue) + 1) / rate)))
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="glmvision-engine", daemon=True)
+            self._thread.start()
+
+    # Model thread.
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch:
+                try:
+                    self._run(batch)
+                except Exception:  # the engine must outlive any one batch
+                    log.exception("batch failed")
+                    for job in batch:
+                        if not job.finished:
+                            job.stream.fail(APIError(500, "internal_error", "Generation failed."))
+                            _finish(job)
+
+    def _next_batch(self) -> list[Job]:
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            # Requests still being preprocessed get a moment to join; a lone request never waits.
+            deadline = time.monotonic() + self.batch_wait
+            while len(self._queue) < self.max_batch and self._arriving() > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.001))
+            return self._take()
+
+    def _take(self) -> list[Job]:
+        now = time.monotonic()
+        batch: list[Job] = []
+        group: tuple[Any, ...] | None = None
+        longest_prompt = longest_new = 0
+        kept: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.stream.cancelled:
+                _finish(job)
+                continue
+            if now >= job.deadline:
+                self.stats.deadline_stops += 1
+                job.stream.fail(
+                    APIError(504, "request_timeout", "The request ran out of time before any output.")
+                )
+                _finish(job)
+                continue
+            if now - job.arrived > self.queue_timeout:
+                self.stats.queue_timeouts += 1
+                job.stream.fail(
+                    unavailable("queue_timeout", "Waited too long for the model.", self._retry_after())
+                )
+                _finish(job)
+                continue
+            prompt = max(longest_prompt, job.prompt_tokens)
+            new = max(longest_new, job.params.max_new_tokens)
+            fits = (len(batch) + 1) * (prompt + new) <= self.max_tokens
+            if batch and (len(batch) >= self.max_batch or job.group != group or not fits):
+                kept.append(job)
+                continue
+            batch.append(job)
+            group, longest_prompt, longest_new = job.group, prompt, new
+        self._queue.extendleft(reversed(kept))
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        import torch
+
+        try:
+            self._generate(batch)
+        except torch.OutOfMemoryError:
+            from .model import release_cuda_cache
+
+            release_cuda_cache()
+            fresh = [job for job in batch if job.generated == 0 and not job.finished]
+            if len(batch) > 1 and len(fresh) == len(batch):
+                self.stats.oom_splits += 1
+                log.warning("out of GPU memory on a batch of %d: retrying in halves", len(batch))
+                half = len(batch) // 2
+                self._run(batch[:half])
+                self._run(batch[half:])
+                return
+            log.warning("out of GPU memory on a batch of %d; cache emptied", len(batch))
+            for job in batch:
+                if not job.finished:
+                    job.stream.fail(
+                        unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
+                    )
+                    _finish(job)
+            return
+        self._record(batch)
+
+    def _generate(self, batch: list[Job]) -> None:
+        import torch
+
+        model = self._model
+        inputs = collate([job.inputs for job in batch], model.pad_id)
+        inputs = {key: value.to(model.device) for key, value in inputs.items()}
+        if model.model.dtype.is_floating_point and "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.model.dtype)
+        params = batch[0].params
+        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            sampling["temperature"] = params.temperature
+            if params.top_p is not None:
+                sampling["top_p"] = params.top_p
+        else:
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        longest = max(job.params.max_new_tokens for job in batch)
+        if params.min_new_tokens:
+            sampling["min_new_tokens"] = min(params.min_new_tokens, longest)
+        self.stats.batches += 1
+        self.stats.rows += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        with torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            model.model.generate(
+                **inputs,
+                max_new_tokens=longest,
+                eos_token_id=model.stop_ids,
+                pad_token_id=model.pad_id,
+                streamer=_RowStreamer(batch, set(model.stop_ids)),
+                stopping_criteria=_rows_done_criteria(batch, self.stats),
+                **sampling,
+            )
+        for job in batch:
+            _finish(job)
+
+    def _record(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        stats = self.stats
+        stats.completed += len(batch)
+        if stats._last_done:
+            elapsed = max(now - stats._last_done, 1e-3)
+            rate = len(batch) / elapsed
+            stats.drain_rate = rate if stats.drain_rate == 0 else 0.8 * stats.drain_rate + 0.2 * rate
+        stats._last_done = now
