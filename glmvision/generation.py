@@ -63,6 +63,7 @@ class GenerationStream:
         self._params = params
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._ended = threading.Event()
         self._ids: list[int] = []
         self._ended_by_token = False
         self._sent = Rendered("", "")
@@ -79,10 +80,12 @@ class GenerationStream:
     def fail(self, error: Exception) -> None:
         """End the stream with an error the consumer raises (e.g. out of memory, timeout)."""
         self._queue.put(error)
+        self._ended.set()
 
     def end(self) -> None:
         """No more tokens will come."""
         self._queue.put(_END)
+        self._ended.set()
 
     @property
     def cancelled(self) -> bool:
@@ -104,12 +107,47 @@ class GenerationStream:
 
     def __iter__(self) -> Iterator[Delta]:
         try:
-            yield from self._deltas()
+            yield from self._deltas(patient=False)
         finally:
             self.close()
 
-    def _deltas(self) -> Iterator[Delta]:
-        while (item := self._queue.get()) is not _END:
+    def whole(self) -> Generation:
+        """Wait for and return the whole answer (no deltas)."""
+        try:
+            for _ in self._deltas(patient=not self._params.stop):
+                pass
+        finally:
+            self.close()
+        assert self.result is not None
+        return self.result
+
+    def _batches(self) -> Iterator[Any]:
+        """Queue items, with token lists that are already waiting merged into one."""
+        item = self._queue.get()
+        while item is not _END:
+            if not isinstance(item, list):
+                yield item
+                item = self._queue.get()
+                continue
+            tokens = list(item)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+                if not isinstance(item, list):
+                    break
+                tokens.extend(item)
+            yield tokens
+            if item is None:
+                item = self._queue.get()
+
+    def _deltas(self, patient: bool) -> Iterator[Delta]:
+        if patient:
+            # Nobody reads deltas and no stop string can end the answer early from our side: let
+            # tokens pile up rather than waking this thread (and taking the GIL) once per token.
+            self._ended.wait()
+        for item in self._batches():
             if isinstance(item, BaseException):
                 raise item
             if self.finish_reason is not None:

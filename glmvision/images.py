@@ -7,6 +7,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,12 +27,13 @@ class DecodedImage:
     """An RGB image ready for the processor, with the sizes the client should hear about."""
 
     image: Image.Image
-    width: int
+    width: int  # as a person sees it (after EXIF orientation)
     height: int
+    resized_to: tuple[int, int]  # after the GLMVISION_MAX_IMAGE_SIDE limit
 
-    @property
-    def resized_to(self) -> tuple[int, int]:
-        return self.image.size
+
+# Maps a (width, height) to the size the model's processor would scale it to.
+Fit = Callable[[int, int], tuple[int, int]]
 
 
 def decode_base64(data: str, param: str = "image") -> bytes:
@@ -87,8 +89,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(raw: bytes, *, max_side: int, max_pixels: int, param: str = "image") -> DecodedImage:
-    """Decode image bytes: size checks before decoding, EXIF orientation, RGB on white, resize."""
+def open_image(
+    raw: bytes, *, max_side: int, max_pixels: int, param: str = "image", fit: Fit | None = None
+) -> DecodedImage:
+    """Decode image bytes: size checks before decoding, EXIF orientation, RGB on white, resize.
+
+    With `fit`, an image the processor would shrink anyway is decoded and resized straight to
+    that size: JPEGs decode at reduced scale and the processor has no big resize left to do.
+    """
     try:
         with warnings.catch_warnings():
             # We check the pixel count ourselves right below, against our own limit.
@@ -124,20 +132,25 @@ def open_image(raw: bytes, *, max_side: int, max_pixels: int, param: str = "imag
         # Rounding the short side down must not push an accepted shape past the processor's limit.
         shortest = -(-max(goal) // MAX_ASPECT_RATIO)
         goal = (max(goal[0], shortest), max(goal[1], shortest))
+        final = goal
+        if fit is not None:
+            fitted = fit(*goal)
+            if fitted[0] * fitted[1] < goal[0] * goal[1]:
+                final = fitted
         if image.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG from cameras
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
-            oriented_goal = goal if _oriented_size(image) == image.size else goal[::-1]
-            image.draft("RGB", oriented_goal)
+            oriented_final = final if _oriented_size(image) == image.size else final[::-1]
+            image.draft("RGB", oriented_final)
         image.load()
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
-        if image.size != goal:
-            image = image.resize(goal, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if image.size != final:
+            image = image.resize(final, Image.Resampling.BICUBIC, reducing_gap=3.0)
     except Image.DecompressionBombError:
         raise _too_many_pixels(None, max_pixels, param) from None
     except Exception:  # noqa: BLE001 - any decoder failure on client bytes is a bad image
         raise bad_request("invalid_image", "The image data is corrupt or truncated.", param) from None
-    return DecodedImage(image=image, width=width, height=height)
+    return DecodedImage(image=image, width=width, height=height, resized_to=goal)
 
 
 def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIError:
@@ -147,6 +160,9 @@ def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIErro
     )
 
 
-def decode_image(data: str, *, max_side: int, max_pixels: int, param: str = "image") -> DecodedImage:
+def decode_image(
+    data: str, *, max_side: int, max_pixels: int, param: str = "image", fit: Fit | None = None
+) -> DecodedImage:
     """Decode a base64 or data-URL image string into a bounded RGB image."""
-    return open_image(decode_base64(data, param), max_side=max_side, max_pixels=max_pixels, param=param)
+    raw = decode_base64(data, param)
+    return open_image(raw, max_side=max_side, max_pixels=max_pixels, param=param, fit=fit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -84,6 +85,32 @@ class LoadedModel:
             # The processor validates images (e.g. aspect ratio); that is the client's input.
             log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
             raise bad_request("image_rejected", "The model's processor refused an image.", param) from None
+
+    def fit_image(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) this model's image processor resizes an image of that size to."""
+        processor = self.processor.image_processor
+        smart_resize = getattr(sys.modules[type(processor).__module__], "smart_resize", None)
+        if smart_resize is None:
+            return width, height
+
+        def resize(w: int, h: int) -> tuple[int, int]:
+            new_height, new_width = smart_resize(
+                num_frames=processor.temporal_patch_size,
+                height=h,
+                width=w,
+                temporal_factor=processor.temporal_patch_size,
+                factor=processor.patch_size * processor.merge_size,
+                min_pixels=processor.size["shortest_edge"],
+                max_pixels=processor.size["longest_edge"],
+            )
+            return int(new_width), int(new_height)
+
+        try:
+            fitted = resize(width, height)
+            # Very thin images hit the minimum side and would shrink again: leave those to the processor.
+            return fitted if resize(*fitted) == fitted else (width, height)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return width, height  # the processor will speak for itself
 
     def decode(self, token_ids: list[int]) -> str:
         """Decode generated ids to text, dropping control tokens but keeping think/box markers."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import bad_request
 from .generation import Delta, Generation, GenerationParams, GenerationStream
-from .images import DecodedImage, decode_image, open_image
+from .images import DecodedImage, Fit, decode_image, open_image
 from .model import ModelHolder
 from .urlfetch import FetchPolicy, fetch_image, is_url
 
@@ -84,7 +84,9 @@ def generation_params(
     return GenerationParams(max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens)
 
 
-def load_image(ref: ImageRef, settings: Mapping[str, Any], policy: FetchPolicy) -> DecodedImage:
+def load_image(
+    ref: ImageRef, settings: Mapping[str, Any], policy: FetchPolicy, fit: Fit | None = None
+) -> DecodedImage:
     """Decode one image from base64/data URL, or fetch it from an allowed http(s) URL."""
     limits = {
         "max_side": settings["GLMVISION_MAX_IMAGE_SIDE"],
@@ -92,11 +94,13 @@ def load_image(ref: ImageRef, settings: Mapping[str, Any], policy: FetchPolicy) 
     }
     if is_url(ref.source):
         raw = fetch_image(ref.source, policy, ref.param)
-        return open_image(raw, param=ref.param, **limits)
-    return decode_image(ref.source, param=ref.param, **limits)
+        return open_image(raw, param=ref.param, fit=fit, **limits)
+    return decode_image(ref.source, param=ref.param, fit=fit, **limits)
 
 
-def load_turns(turns: list[Turn], settings: Mapping[str, Any], policy: FetchPolicy) -> list[Turn]:
+def load_turns(
+    turns: list[Turn], settings: Mapping[str, Any], policy: FetchPolicy, fit: Fit | None = None
+) -> list[Turn]:
     """Check the image count, then decode every image in the conversation (in order)."""
     refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
     limit = settings["GLMVISION_MAX_IMAGES"]
@@ -108,7 +112,8 @@ def load_turns(turns: list[Turn], settings: Mapping[str, Any], policy: FetchPoli
         )
     return [
         Turn(
-            turn.role, [load_image(p, settings, policy) if isinstance(p, ImageRef) else p for p in turn.parts]
+            turn.role,
+            [load_image(p, settings, policy, fit) if isinstance(p, ImageRef) else p for p in turn.parts],
         )
         for turn in turns
     ]
@@ -146,9 +151,9 @@ class Answer:
 
     def finish(self, settings: Mapping[str, Any]) -> Generation:
         """Wait for the whole answer."""
-        for _ in self.deltas(settings):
-            pass
-        return self.result
+        result = self.stream.whole()
+        _log_generation(result, time.perf_counter() - self.started, settings)
+        return result
 
     @property
     def result(self) -> Generation:
@@ -166,7 +171,9 @@ def answer(
     """Decode the images, load the model if needed, prepare the inputs and queue the generation."""
     arrived = time.monotonic()
     with holder.arriving():
-        chat = ChatInput(load_turns(turns, settings, policy), params)
+        # Once the model is known, images go straight to the size its processor wants.
+        fit = holder.loaded.fit_image if holder.loaded is not None else None
+        chat = ChatInput(load_turns(turns, settings, policy, fit), params)
         model = holder.get()
         if settings["GLMVISION_LOG_CONTENT"]:
             texts = [(turn.role, part) for turn in chat.turns for part in turn.parts if isinstance(part, str)]

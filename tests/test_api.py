@@ -379,3 +379,27 @@ def test_thinking_split_survives_the_real_tokenizer(client: FlaskClient) -> None
     assert thought.finish_reason == "stop" and thought.completion_tokens == len(ids) + 1
     plain = replay(ids, thinking=False).result
     assert (plain.reasoning, plain.text, plain.finish_reason) == (None, "dogs 1", "length")
+
+
+@pytest.mark.parametrize(
+    "size", [(1024, 1024), (4000, 3000), (640, 480), (20, 20), (3000, 40), (5000, 30), (31, 2000)]
+)
+def test_fit_image_matches_what_the_processor_does(client: FlaskClient, size: tuple[int, int]) -> None:
+    """Pre-shrinking to fit_image's size gives the processor exactly the grid it would have made."""
+    model = _loaded(client)
+    image = Image.new("RGB", size, (10, 200, 30))
+    grid = model.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+    patch = model.processor.image_processor.patch_size
+    fitted = model.fit_image(*size)
+    if fitted != size:  # very thin images are left to the processor (its resize is not idempotent there)
+        assert fitted == (int(grid[2]) * patch, int(grid[1]) * patch)
+    shrunk = model.processor.image_processor(images=[image.resize(fitted)], return_tensors="pt")
+    assert shrunk["image_grid_thw"][0].tolist() == grid.tolist()
+
+
+def test_images_go_straight_to_the_processors_size_once_loaded(client: FlaskClient) -> None:
+    body = vision_body(image=image_b64(1024, 768, "JPEG"))
+    first = client.post("/v1/chat/vision", json=body).get_json()  # may have loaded the model
+    second = client.post("/v1/chat/vision", json=body).get_json()
+    assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
+    assert second["image"] == {"width": 1024, "height": 768, "resized_to": [1024, 768]}
