@@ -108,6 +108,15 @@ SETTINGS: tuple[Setting, ...] = (
         "> 0",
     ),
     Setting("MAX_BODY_MB", 20.0, float, "Largest request body in MiB (413 above it).", _positive, "> 0"),
+    Setting(
+        "TORCH_THREADS",
+        0,
+        int,
+        "CPU threads for torch ops in a worker; 0 = auto: 1 for tiny models (like the demo), where "
+        "threading only adds overhead, else torch's default.",
+        lambda v: v >= 0,
+        ">= 0",
+    ),
     Setting("MAX_BATCH_SIZE", 8, int, "Most requests one generate() call serves together.", _positive, "> 0"),
     Setting(
         "BATCH_WAIT_MS",

@@ -184,6 +184,9 @@ def load_model(settings: Mapping[str, Any]) -> LoadedModel:
     except OSError as exc:
         raise RuntimeError(f"cannot load model from {source!r}: {exc}") from exc
     model.eval()
+    threads = torch_threads(settings["GLMVISION_TORCH_THREADS"], sum(p.numel() for p in model.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
     processor.tokenizer.padding_side = "left"
     model_id = model_id_for(source, settings["GLMVISION_MODEL_ID"])
     loaded = LoadedModel(
@@ -196,15 +199,28 @@ def load_model(settings: Mapping[str, Any]) -> LoadedModel:
         load_seconds=time.perf_counter() - started,
     )
     log.info(
-        "model loaded: id=%s device=%s dtype=%s (%s) in %.2fs pid=%d",
+        "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",
         model_id,
         device,
         choice.dtype,
         choice.reason,
+        torch.get_num_threads(),
         loaded.load_seconds,
         os.getpid(),
     )
     return loaded
+
+
+TINY_MODEL_PARAMETERS = 100_000_000
+
+
+def torch_threads(configured: int, parameters: int) -> int:
+    """Threads to give torch (0: leave its default): tiny models run fastest on one."""
+    if configured:
+        return configured
+    # Intra-op threads only pay off for big matrices; for a tiny model they are synchronisation
+    # overhead that also takes a core from the request threads' preprocessing.
+    return 1 if parameters < TINY_MODEL_PARAMETERS else 0
 
 
 def _has_bitsandbytes() -> bool:

@@ -259,3 +259,13 @@ def test_weight_bytes_16bit_of_a_file_is_unknown(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\0" * 10)
     assert weight_bytes_16bit(str(path)) is None
+
+
+@pytest.mark.parametrize(
+    ("configured", "parameters", "threads"),
+    [(0, 225_000, 1), (0, 10_290_000_000, 0), (4, 225_000, 4), (3, 10_290_000_000, 3)],
+)
+def test_torch_threads(configured: int, parameters: int, threads: int) -> None:
+    from glmvision.model import torch_threads
+
+    assert torch_threads(configured, parameters) == threads
