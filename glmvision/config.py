@@ -120,9 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_BATCH_SIZE", 8, int, "Most requests one generate() call serves together.", _positive, "> 0"),
     Setting(
         "BATCH_WAIT_MS",
-        5.0,
+        25.0,
         float,
-        "Under load, how long a batch may wait for requests still being preprocessed (never when idle).",
+        "Under load, how long a batch may wait to fill up (never when a request finds the model idle).",
         lambda v: 0 <= v <= 1000,
         "0..1000",
     ),
