@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import LiveServer, live_server
+from helpers import LiveServer, live_server, wait_for
 
 from glmvision.gpus import pick_gpu, visible_gpu_count, worker_device
 
@@ -128,16 +126,6 @@ def test_worker_device(gpu: int | None, configured: str, device: str | None) -> 
     assert worker_device(gpu, configured) == device
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    """Poll `predicate` every 0.1 s until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def devices(server: LiveServer) -> dict[int, str]:
     """Map each worker pid that logged its GPU to the device it logged."""
     return {int(m["pid"]): m["device"] for m in USES.finditer(server.log())}
@@ -160,7 +148,7 @@ def test_gunicorn_gives_each_worker_its_own_gpu_and_a_replacement_the_dead_ones(
         "XDG_RUNTIME_DIR": str(tmp_path),
     }
     with live_server(tmp_path, env) as server:
-        assert wait_for(lambda: len(live_devices(server)) == 2), server.log()
+        assert wait_for(lambda: len(live_devices(server)) == 2, timeout=60), server.log()
         first = live_devices(server)
         assert sorted(first.values()) == ["cuda:0", "cuda:1"], server.log()
         # The master counted GPUs without loading torch or CUDA.
@@ -170,9 +158,8 @@ def test_gunicorn_gives_each_worker_its_own_gpu_and_a_replacement_the_dead_ones(
         # Kill the worker on cuda:1: a replacement that just counted forks (round robin) would get cuda:0.
         (victim,) = (pid for pid, device in first.items() if device == "cuda:1")
         os.kill(victim, signal.SIGKILL)
-        assert wait_for(lambda: len(live_devices(server)) == 2 and victim not in live_devices(server)), (
-            server.log()
-        )
+        replaced = lambda: len(live_devices(server)) == 2 and victim not in live_devices(server)  # noqa: E731
+        assert wait_for(replaced, timeout=60), server.log()
         after = live_devices(server)
         (replacement,) = set(after) - set(first)
         assert after[replacement] == first[victim], server.log()

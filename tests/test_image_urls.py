@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_bytes, live_server
+from helpers import LiveServer, image_bytes, live_server, wait_for
 from PIL import Image
 
 from glmvision import create_app
@@ -258,16 +257,6 @@ def _http_session() -> requests.Session:
     return session
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Poll until predicate holds (True) or timeout seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 @dataclass
 class GunicornPool(Service):
     """Real gunicorn servers, one per configuration, started on first use and kept for the module."""
@@ -299,7 +288,7 @@ class GunicornPool(Service):
             server = self.stack.enter_context(
                 live_server(folder, env, ready_path="/readyz" if warm else "/healthz")
             )
-            assert _wait_for(lambda: len(server.worker_pids()) == 1), server.log()
+            assert wait_for(lambda: len(server.worker_pids()) == 1), server.log()
             self.servers[config] = server
             self.workers[config] = server.worker_pids()
         return self.servers[config]

@@ -8,7 +8,6 @@ import secrets
 import shutil
 import string
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import openai
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_b64, live_server
+from helpers import LiveServer, image_b64, live_server, wait_for
 
 DEMO_ID = "glm-4.6v-flash-demo"
 ALIAS = "gpt-4o-mini-alias"
@@ -176,16 +175,6 @@ def generated(server: LiveServer, completion_tokens: int) -> int:
     """How many "generated ..." log lines report exactly `completion_tokens` tokens."""
     pattern = rf"generated prompt_tokens=\d+ completion_tokens={completion_tokens} finish="
     return len(re.findall(pattern, server.log()))
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def settle(served: Served) -> None:
