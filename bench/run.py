@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -547,6 +548,36 @@ def print_table(results: list[LevelResult]) -> None:
         )
 
 
+def median_results(rounds: list[list[LevelResult]]) -> list[LevelResult]:
+    """Per server and concurrency, the median of each figure over the rounds (errors summed)."""
+    groups: dict[tuple[str, int], list[LevelResult]] = collections.defaultdict(list)
+    for this_round in rounds:
+        for r in this_round:
+            groups[(r.server, r.clients)].append(r)
+    merged: list[LevelResult] = []
+    for server in dict.fromkeys(r.server for r in rounds[0]):
+        for clients in sorted({c for (s, c) in groups if s == server}):
+            runs = groups[(server, clients)]
+
+            def median(attribute: str, runs: list[LevelResult] = runs) -> float:
+                return statistics.median(getattr(r, attribute) for r in runs)
+
+            merged.append(
+                replace(
+                    runs[0],
+                    requests=sum(r.requests for r in runs),
+                    errors=sum(r.errors for r in runs),
+                    req_per_s=median("req_per_s"),
+                    tokens_per_s=median("tokens_per_s"),
+                    p50_ms=median("p50_ms"),
+                    p95_ms=median("p95_ms"),
+                    p99_ms=median("p99_ms"),
+                    latencies_ms=[x for r in runs for x in r.latencies_ms],
+                )
+            )
+    return merged
+
+
 def comparisons(results: list[LevelResult]) -> list[str]:
     """glmvision against the best peer at each concurrency, and p50 at one client."""
     lines: list[str] = []
@@ -622,6 +653,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat all servers N times (rotating the order); report medians",
+    )
     parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
     parser.add_argument(
         "--startup-timeout", type=float, default=240.0, help="seconds for a server to be ready"
@@ -805,11 +842,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"machine busy before the run: {idle:.0f}% of {os.cpu_count()} cores", flush=True)
             if idle > 10.0:
                 print("  warning: something else is using the CPU; the numbers will be skewed", flush=True)
-        results: list[LevelResult] = []
+        rounds: list[list[LevelResult]] = []
         reports: dict[str, Any] = {}
-        for name in args.server_list:
-            rows, reports[name] = bench_server(name, model_dir, image_b64, workdir, args)
-            results.extend(rows)
+        for round_no in range(args.rounds):
+            # Each round starts with a different server, so the machine's drift spreads evenly.
+            shift = round_no % len(args.server_list)
+            order = args.server_list[shift:] + args.server_list[:shift]
+            if args.rounds > 1:
+                print(f"\n##### round {round_no + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+            this_round: list[LevelResult] = []
+            for name in order:
+                rows, reports[name] = bench_server(name, model_dir, image_b64, workdir, args)
+                this_round.extend(rows)
+            rounds.append(this_round)
+        results = median_results(rounds) if args.rounds > 1 else rounds[0]
+        if args.rounds > 1:
+            print("\n== each round on its own")
+            for round_no, this_round in enumerate(rounds, 1):
+                for line in comparisons(this_round):
+                    print(f"  round {round_no}: {line}")
         model: dict[str, Any] = {}
         if not args.no_model_time:
             print("\n== model only (model_time.py)", flush=True)
