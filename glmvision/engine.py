@@ -118,6 +118,13 @@ def _finish(job: Job) -> None:
         job.stream.end()
 
 
+def _fail_unfinished(jobs: list[Job], error: APIError) -> None:
+    for job in jobs:
+        if not job.finished:
+            job.stream.fail(error)
+            _finish(job)
+
+
 def _rows_done_criteria(jobs: list[Job], stats: EngineStats) -> Any:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -160,26 +167,24 @@ class Engine:
     def check_capacity(self) -> None:
         """Refuse at once (503 overloaded) when the queue is full, before any preprocessing."""
         with self._cond:
-            if len(self._queue) >= self.max_queue:
-                self.stats.rejected_full += 1
-                raise unavailable(
-                    "overloaded", "The server is at capacity; retry shortly.", self._retry_after()
-                )
+            self._refuse_if_full()
 
     def submit(self, inputs: Any, params: GenerationParams, arrived: float) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated."""
         stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params)
         job = Job(inputs, params, stream, stream.prompt_tokens, arrived, arrived + self.request_timeout)
         with self._cond:
-            if len(self._queue) >= self.max_queue:
-                self.stats.rejected_full += 1
-                raise unavailable(
-                    "overloaded", "The server is at capacity; retry shortly.", self._retry_after()
-                )
+            self._refuse_if_full()
             self._queue.append(job)
             self._ensure_thread()
             self._cond.notify()
         return stream
+
+    def _refuse_if_full(self) -> None:
+        # Called with self._cond held.
+        if len(self._queue) >= self.max_queue:
+            self.stats.rejected_full += 1
+            raise unavailable("overloaded", "The server is at capacity; retry shortly.", self._retry_after())
 
     def queued(self) -> int:
         """Requests waiting for the model right now."""
@@ -206,10 +211,7 @@ class Engine:
                     self._run(batch)
                 except Exception:  # the engine must outlive any one batch
                     log.exception("batch failed")
-                    for job in batch:
-                        if not job.finished:
-                            job.stream.fail(APIError(500, "internal_error", "Generation failed."))
-                            _finish(job)
+                    _fail_unfinished(batch, APIError(500, "internal_error", "Generation failed."))
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
@@ -281,12 +283,9 @@ class Engine:
                 self._run(batch[half:])
                 return
             log.warning("out of GPU memory on a batch of %d; cache emptied", len(batch))
-            for job in batch:
-                if not job.finished:
-                    job.stream.fail(
-                        unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
-                    )
-                    _finish(job)
+            _fail_unfinished(
+                batch, unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
+            )
             return
         self._record(batch)
 
