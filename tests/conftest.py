@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,11 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 def client(app: Flask) -> Iterator[FlaskClient]:
     with app.test_client() as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="module")
+def runtime_dir() -> Iterator[Path]:
+    """A short private XDG_RUNTIME_DIR for a module's gunicorn servers."""
+    path = Path(tempfile.mkdtemp(prefix="gv-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -125,3 +125,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def server_env(model_dir: Path, runtime: Path, **settings: str) -> dict[str, str]:
+    """Environment for live_server: the demo model on CPU, one worker, plus GLMVISION_<NAME> settings."""
+    env = {
+        "GLMVISION_MODEL": str(model_dir),
+        "GLMVISION_DEVICE": "cpu",
+        "GLMVISION_WORKERS": "1",
+        "XDG_RUNTIME_DIR": str(runtime),
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    env.update({f"GLMVISION_{name}": value for name, value in settings.items()})
+    return env

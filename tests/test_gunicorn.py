@@ -8,7 +8,6 @@ import secrets
 import shutil
 import struct
 import subprocess
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import LiveServer, b64, free_port, image_b64, image_bytes, live_server, vision_body
+from helpers import LiveServer, b64, free_port, image_b64, image_bytes, live_server, server_env, vision_body
 
 DEMO_ID = "glm-4.6v-flash-demo"
 VISION = "/v1/chat/vision"
@@ -83,26 +82,6 @@ def await_lines(server: LiveServer, count: int) -> list[Access]:
         f"expected {count} access lines:\n{server.log()}"
     )
     return access_lines(server)
-
-
-@pytest.fixture(scope="module")
-def runtime_dir() -> Iterator[Path]:
-    """A short private XDG_RUNTIME_DIR so each gunicorn's control socket stays out of $HOME."""
-    path = Path(tempfile.mkdtemp(prefix="gv-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def server_env(model_dir: Path, runtime: Path, **settings: str) -> dict[str, str]:
-    """Environment for live_server: the demo model on CPU plus GLMVISION_<NAME> settings."""
-    env = {
-        "GLMVISION_MODEL": str(model_dir),
-        "GLMVISION_DEVICE": "cpu",
-        "XDG_RUNTIME_DIR": str(runtime),
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    env.update({f"GLMVISION_{name}": value for name, value in settings.items()})
-    return env
 
 
 def post_vision(server: LiveServer, **kwargs: Any) -> requests.Response:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import shutil
 import string
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import openai
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_b64, live_server, wait_for
+from helpers import LiveServer, image_b64, live_server, server_env, wait_for
 
 DEMO_ID = "glm-4.6v-flash-demo"
 ALIAS = "gpt-4o-mini-alias"
@@ -66,27 +64,6 @@ class Served:
         return requests.post(
             self.server.url + CHAT, json=body, headers=self.headers(), timeout=HTTP_TIMEOUT, **kwargs
         )
-
-
-@pytest.fixture(scope="module")
-def runtime_dir() -> Iterator[Path]:
-    """A short private XDG_RUNTIME_DIR for the module's servers."""
-    path = Path(tempfile.mkdtemp(prefix="gv-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def server_env(model_dir: Path, runtime: Path, **settings: str) -> dict[str, str]:
-    """Environment for live_server: the demo model on CPU, one worker, plus GLMVISION_<NAME> settings."""
-    env = {
-        "GLMVISION_MODEL": str(model_dir),
-        "GLMVISION_DEVICE": "cpu",
-        "GLMVISION_WORKERS": "1",
-        "XDG_RUNTIME_DIR": str(runtime),
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    env.update({f"GLMVISION_{name}": value for name, value in settings.items()})
-    return env
 
 
 @pytest.fixture(scope="module")
