@@ -172,13 +172,19 @@ class GenerationStream:
         )
 
     def _feed(self, token_ids: list[int]) -> Rendered:
+        thinking, stops = self._params.enable_thinking, self._params.stop
         for token_id in token_ids:
             self._ids.append(token_id)
             if token_id in self._decoder.stop_ids:
                 self._ended_by_token, self.finish_reason = True, "stop"
                 break
+            if stops:
+                # Check after every token, so the count is the same however tokens were grouped.
+                rendered = render(self._text(), thinking, stops, final=False)
+                if rendered.stopped:
+                    return rendered
         done = self.finish_reason is not None
-        return render(self._text(), self._params.enable_thinking, self._params.stop, final=done)
+        return render(self._text(), thinking, stops, final=done)
 
     def _text(self) -> str:
         return self._decoder.decode(self._ids[:-1] if self._ended_by_token else self._ids)

@@ -109,3 +109,25 @@ def test_partial_renders_hold_back_undecided_text(text: str, held: str) -> None:
 )
 def test_split_reasoning(text: str, thinking: bool, reasoning: str | None, answer: str) -> None:
     assert split_reasoning(text, thinking) == (reasoning, answer)
+
+
+def test_stop_string_token_count_does_not_depend_on_grouping() -> None:
+    """Tokens may reach a stream one by one or several at once; the stop lands on the same token."""
+    from glmvision.generation import GenerationParams, GenerationStream
+
+    class Letters:
+        stop_ids = [0]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(96 + i) for i in ids)
+
+    ids = [1, 2, 19, 20, 15, 16, 3, 4, 5]  # "abstopcde": "stop" ends after the 6th token
+    params = GenerationParams(max_new_tokens=20, stop=("stop",))
+    counts = []
+    for groups in ([[i] for i in ids], [ids[:4], ids[4:]], [ids]):
+        stream = GenerationStream(Letters(), 3, params)
+        for group in groups:
+            stream.put(group)
+        stream.end()
+        counts.append(stream.whole())
+    assert [(g.text, g.completion_tokens, g.finish_reason) for g in counts] == [("ab", 6, "stop")] * 3
