@@ -13,25 +13,35 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from glmvision.config import load_settings
-from glmvision.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
+from glmvision.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.local.loading import check_source
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
     from gunicorn.workers.base import Worker
 
-_settings = load_settings()
+try:
+    _settings = load_settings()
+    _server = load_server_settings()
+    # Every admitted request (running + queued) holds a thread while it waits for the model; the
+    # spare threads answer probes and refuse the excess at once instead of queueing it in gunicorn.
+    threads = _server.worker_threads(_settings)
+    check_source(_settings.model)
+except ConfigError as exc:
+    # One clear line, not a traceback: gunicorn prints this and exits.
+    raise SystemExit(f"glmvision: {exc}") from None
+warn_unknown_variables()
 # Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
 _gpu_count = visible_gpu_count()
 
-bind = _settings["GLMVISION_BIND"]
-workers = _settings["GLMVISION_WORKERS"]
-threads = _settings["GLMVISION_THREADS"]
+bind = _server.bind
+workers = _server.workers
 worker_class = "gthread"
 preload_app = False
 # A loading model does not block the worker's heartbeat (it loads in a thread), so this only
 # catches workers that are truly stuck.
-timeout = _settings["GLMVISION_TIMEOUT"]
+timeout = _server.timeout
 graceful_timeout = 30
 keepalive = 5
 # Request lines and headers stay small; bodies are bounded by GLMVISION_MAX_BODY_MB in the app.
@@ -43,13 +53,14 @@ errorlog = "-"
 control_socket_disable = True
 # Method, path, status, size, milliseconds and the worker's pid: never bodies, never keys.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms pid=%(p)s'
+logger_class = "glmvision.server.AccessLogger"
 
 
 def post_worker_init(worker):  # gunicorn passes the worker
     """Start loading this worker's model in the background once the worker is up."""
-    app = worker.wsgi
-    if app.config["GLMVISION_WARMUP"]:
-        app.extensions["glmvision.model"].warm_up()
+    state = worker.wsgi.extensions["glmvision"]
+    if state.settings.warmup:
+        state.backend.warm_up()
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
@@ -63,7 +74,7 @@ def pre_fork(server: Arbiter, worker: Worker) -> None:
 
 def post_fork(server: Arbiter, worker: Worker) -> None:
     """In the new worker, before gunicorn imports wsgi:app: point its model at its own GPU."""
-    device = worker_device(getattr(worker, "glmvision_gpu", None), _settings["GLMVISION_DEVICE"])
+    device = worker_device(getattr(worker, "glmvision_gpu", None), _settings.device)
     if device is not None:
         os.environ["GLMVISION_DEVICE"] = device
         server.log.info("worker pid=%s uses %s", worker.pid, device)

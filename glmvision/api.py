@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
 from .errors import APIError, bad_request
-from .model import ModelHolder, is_demo, model_id_for
+from .generation import Generation
 from .pipeline import (
-    Answer,
     ChatInput,
     ImageRef,
     Turn,
@@ -22,20 +21,9 @@ from .pipeline import (
     usage,
 )
 from .schemas import SamplingFields, SeedChatRequest, VisionRequest, parse_body
+from .service import service
 
 bp = Blueprint("api", __name__)
-
-
-def holder() -> ModelHolder:
-    """This app's model holder."""
-    return current_app.extensions["glmvision.model"]
-
-
-def served_model_names() -> tuple[str, ...]:
-    """Names a client may ask for: the served id, then the configured aliases."""
-    config = current_app.config
-    served = model_id_for(config["GLMVISION_MODEL"], config["GLMVISION_MODEL_ID"])
-    return (served, *config["GLMVISION_MODEL_ALIASES"])
 
 
 @bp.get("/healthz")
@@ -46,42 +34,51 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
-    """Readiness: 200 once this worker's model is loaded, 503 before."""
-    model_holder = holder()
-    if model_holder.loaded is not None:
-        loaded = model_holder.loaded
-        engine = {"queued": loaded.engine.queued(), **loaded.engine.stats.as_dict()} if loaded.engine else {}
-        return jsonify({"ready": True, "status": "ready", "model": loaded.info(), "engine": engine})
-    status = "loading" if model_holder.loading else ("failed" if model_holder.error else "not_loaded")
-    return jsonify({"ready": False, "status": status}), 503, {"Retry-After": "5"}
+    """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
+    ready, details = service().backend.readiness()
+    if ready:
+        return jsonify({"ready": True, **details})
+    return jsonify({"ready": False, **details}), 503, {"Retry-After": "5"}
 
 
 @bp.get("/v1/models")
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
-    loaded = holder().loaded
-    if loaded is not None:
-        card: dict[str, Any] = {**loaded.info(), "ready": True}
-    else:
-        source = current_app.config["GLMVISION_MODEL"]
-        card = {"id": served_model_names()[0], "demo": is_demo(source), "device": None, "dtype": None}
-        card["ready"] = False
-    card.update(object="model", created=int(current_app.config["GLMVISION_STARTED"]), owned_by="glmvision")
+    state = service()
+    card = state.backend.model_card()
+    card.update(object="model", created=int(state.started), owned_by="glmvision")
     return jsonify({"object": "list", "data": [card]})
 
 
-def _answer_one_image(image: ImageRef, prompt: str, body: SamplingFields) -> tuple[ChatInput, Answer]:
-    settings = current_app.config
+def _answer_one_image(
+    image: ImageRef, prompt: str, body: SamplingFields
+) -> tuple[ChatInput, str, Generation]:
+    state = service()
     params = generation_params(
-        settings,
+        state.settings,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
         enable_thinking=body.enable_thinking,
     )
-    turns = [Turn("user", [image, check_prompt(prompt, settings)])]
-    return answer(holder(), turns, params, settings, current_app.extensions["glmvision.fetch_policy"])
+    turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
+    chat, generation = answer(state.backend, turns, params, state.settings, state.fetch_policy, image.param)
+    return chat, generation, generation.finish(state.settings)
+
+
+def _native_tail(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
+    """The fields every native answer ends with."""
+    tail: dict[str, Any] = {
+        "id": new_request_id(prefix),
+        "created": int(time.time()),
+        "model": model_id,
+        "finish_reason": result.finish_reason,
+        "usage": usage(result),
+    }
+    if thinking:
+        tail["reasoning"] = result.reasoning or ""
+    return tail
 
 
 @bp.post("/v1/chat/vision")
@@ -93,21 +90,15 @@ def chat_vision() -> Response:
     if body.image is None and body.image_url is None:
         raise APIError(400, "missing_field", "Field 'image' is required.", "image")
     image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
-    chat, generation = _answer_one_image(image, body.prompt, body)
-    result = generation.finish(current_app.config)
+    chat, generation, result = _answer_one_image(image, body.prompt, body)
     decoded = chat.images[0]
+    sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
     payload: dict[str, Any] = {
         "result": result.text,
-        "model": generation.model_id,
         "success": True,
-        "id": new_request_id("vision"),
-        "created": int(time.time()),
-        "finish_reason": result.finish_reason,
-        "usage": usage(result),
-        "image": {"width": decoded.width, "height": decoded.height, "resized_to": list(decoded.resized_to)},
+        **_native_tail("vision", generation.model_id, result, body.enable_thinking),
+        "image": {"width": decoded.width, "height": decoded.height, "resized_to": list(sent)},
     }
-    if body.enable_thinking:
-        payload["reasoning"] = result.reasoning or ""
     return jsonify(payload)
 
 
@@ -115,15 +106,6 @@ def chat_vision() -> Response:
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     body = parse_body(request, SeedChatRequest)
-    _, generation = _answer_one_image(ImageRef(body.image_url, "image_url"), body.prompt, body)
-    result = generation.finish(current_app.config)
-    payload: dict[str, Any] = {
-        "response": result.text,
-        "id": new_request_id("chat"),
-        "model": generation.model_id,
-        "finish_reason": result.finish_reason,
-        "usage": usage(result),
-    }
-    if body.enable_thinking:
-        payload["reasoning"] = result.reasoning or ""
-    return jsonify(payload)
+    _, generation, result = _answer_one_image(ImageRef(body.image_url, "image_url"), body.prompt, body)
+    tail = _native_tail("chat", generation.model_id, result, body.enable_thinking)
+    return jsonify({"response": result.text, **tail})

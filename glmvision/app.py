@@ -10,18 +10,20 @@ from typing import Any
 
 from flask import Flask
 
-from . import auth, errors, limits, vram
+from . import auth, errors, limits
 from .api import bp as api_bp
-from .config import ConfigError, load_settings
-from .model import holder_for
+from .config import ConfigError, Settings, load_settings, warn_unknown_variables
+from .local.backend import LocalBackend
+from .local.loading import check_source
 from .openai_api import bp as openai_bp
+from .service import Service
 from .urlfetch import FetchPolicy
 
 log = logging.getLogger("glmvision")
 
 
 def _configure_logging(level: str) -> None:
-    log.setLevel(level.upper())
+    log.setLevel(level)
     # Under gunicorn nothing configures the root logger: give ours a handler of its own.
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -31,24 +33,31 @@ def _configure_logging(level: str) -> None:
         log.addHandler(handler)
 
 
+def _fetch_policy(settings: Settings) -> FetchPolicy:
+    try:
+        return FetchPolicy.from_settings(settings)
+    except ValueError as exc:
+        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}") from None
+
+
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: settings from defaults, then `GLMVISION_*` environment, then `overrides`."""
     settings = load_settings(overrides)
-    _configure_logging(settings["GLMVISION_LOG_LEVEL"])
+    _configure_logging(settings.log_level)
+    warn_unknown_variables()
+    check_source(settings.model)
     app = Flask(__name__)
-    app.config.update(settings)
-    app.config["GLMVISION_STARTED"] = time.time()
-    app.config["MAX_CONTENT_LENGTH"] = int(settings["GLMVISION_MAX_BODY_MB"] * 1024 * 1024)
+    app.config.update(
+        {key: value for key, value in (overrides or {}).items() if not key.startswith("GLMVISION_")}
+    )
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["glmvision.model"] = holder_for(settings)
-    try:
-        app.extensions["glmvision.fetch_policy"] = FetchPolicy.from_settings(settings)
-    except ValueError as exc:
-        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}") from None
+    app.extensions["glmvision"] = Service(
+        settings, LocalBackend(settings), _fetch_policy(settings), time.time()
+    )
     errors.init_app(app)
-    auth.init_app(app)  # before the limiter, so unauthenticated calls never count against a key
-    app.extensions["glmvision.limiter"] = limits.init_app(app)
-    vram.init_app(app)
+    auth.init_app(app, settings)  # before the limiter, so unauthenticated calls never count against a key
+    limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
     return app

@@ -8,7 +8,7 @@ import logging
 
 from flask import Flask, current_app, request
 
-from .config import read_api_keys
+from .config import Settings, read_api_keys
 from .errors import APIError
 
 log = logging.getLogger("glmvision")
@@ -17,7 +17,8 @@ log = logging.getLogger("glmvision")
 PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz"})
 
 
-def _digest(key: str) -> bytes:
+def key_digest(key: str) -> bytes:
+    """The SHA-256 of a key: what is kept, compared and (shortened) used as its id; never the key."""
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
@@ -35,7 +36,7 @@ class ApiKeyAuth:
     """Holds digests of the accepted keys; checks every one so timing reveals nothing."""
 
     def __init__(self, keys: list[str]) -> None:
-        self._digests = [_digest(key) for key in keys]
+        self._digests = [key_digest(key) for key in keys]
 
     @property
     def enabled(self) -> bool:
@@ -43,7 +44,7 @@ class ApiKeyAuth:
 
     def accepts(self, key: str) -> bool:
         """Return True if `key` is one of the configured keys."""
-        candidate = _digest(key)
+        candidate = key_digest(key)
         found = False
         for digest in self._digests:
             found |= hmac.compare_digest(candidate, digest)
@@ -65,9 +66,9 @@ def _unauthorized(code: str, message: str) -> APIError:
     return APIError(401, code, message, headers={"WWW-Authenticate": 'Bearer realm="glmvision"'})
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, settings: Settings) -> None:
     """Install the key check in front of every endpoint but the health probes."""
-    auth = ApiKeyAuth(read_api_keys(app.config))
+    auth = ApiKeyAuth(read_api_keys(settings))
     app.extensions["glmvision.auth"] = auth
     if not auth.enabled:
         log.warning("no API keys configured (GLMVISION_API_KEYS): authentication is OFF")

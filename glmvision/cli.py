@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo-model":
-        from .demo import build_demo_model
+        from .local.demo import build_demo_model
 
         started = time.perf_counter()
         path = build_demo_model(args.directory, seed=args.seed)

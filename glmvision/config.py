@@ -1,267 +1,287 @@
-"""Settings: defaults, overridden by `GLMVISION_*` environment variables, then by a mapping."""
+"""Settings: typed, from `GLMVISION_*` environment variables, overridden by a mapping.
+
+`Settings` is the app's; `ServerSettings` holds what only gunicorn reads (bind address, workers,
+threads). Both are pydantic-settings models, so a value is parsed and range-checked once, at
+start-up, and the rest of the code reads typed attributes.
+"""
 
 from __future__ import annotations
 
-import math
+import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "GLMVISION_"
+log = logging.getLogger("glmvision")
 
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
 
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
+CommaList = Annotated[list[str], NoDecode]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
 
 
-def _parse_list(raw: str) -> list[str]:
-    return [item.strip() for item in raw.split(",") if item.strip()]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One `GLMVISION_*` variable: its type, default and what it does."""
-
-    name: str
-    default: Any
-    parse: Callable[[str], Any]
-    doc: str
-    check: Callable[[Any], bool] = lambda value: True
-    rule: str = ""
-
-    @property
-    def env(self) -> str:
-        return PREFIX + self.name
-
-
-def _positive(value: float) -> bool:
-    # Not infinite either: an infinite timeout or body size overflows where it is used.
-    return 0 < value < math.inf
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("MODEL", "", str, "Local directory or hub id of GLM-4.6V-Flash; empty serves the demo model."),
-    Setting("MODEL_ID", "", str, "Model name reported to clients; empty derives it from GLMVISION_MODEL."),
-    Setting("DEMO_CACHE", "", str, "Where the demo model is built; empty means ~/.cache/glmvision."),
-    Setting(
-        "DEVICE",
-        "auto",
-        str,
-        "auto, cpu, cuda or cuda:N (auto picks CUDA when available).",
-        lambda v: v in {"auto", "cpu", "cuda"} or (v.startswith("cuda:") and v[5:].isdigit()),
-        "auto, cpu, cuda or cuda:N",
-    ),
-    Setting(
-        "DTYPE",
-        "auto",
-        str,
-        "auto, bfloat16, float16, float32 or int8 (bitsandbytes).",
-        lambda v: v in {"auto", "bfloat16", "float16", "float32", "int8"},
-        "auto, bfloat16, float16, float32 or int8",
-    ),
-    Setting(
-        "WARMUP", True, _parse_bool, "Load the model when a gunicorn worker starts, not on the first request."
-    ),
-    Setting(
-        "LOAD_TIMEOUT",
-        60.0,
-        float,
-        "Seconds a request waits for a model that is still loading before 503.",
-        _positive,
-        "> 0",
-    ),
-    Setting(
-        "MAX_IMAGE_SIDE",
-        2048,
-        int,
-        "Longest image side after resizing (aspect ratio kept).",
-        lambda v: 28 <= v <= 16384,
-        "28..16384",
-    ),
-    Setting(
-        "MAX_IMAGE_PIXELS",
-        50_000_000,
-        int,
-        "Largest image (width x height) accepted, checked before decoding.",
-        # Pillow refuses anything over 2x its own 89.5 MP bomb limit before we could look.
-        lambda v: 0 < v <= 178_956_970,
-        "1..178956970",
-    ),
-    Setting("MAX_PROMPT_CHARS", 16_000, int, "Longest prompt accepted, in characters.", _positive, "> 0"),
-    Setting("MAX_NEW_TOKENS", 2048, int, "Largest max_new_tokens a request may ask for.", _positive, "> 0"),
-    Setting(
-        "DEFAULT_MAX_NEW_TOKENS",
-        512,
-        int,
-        "max_new_tokens when a request gives none (capped by the above).",
-        _positive,
-        "> 0",
-    ),
-    Setting("MAX_BODY_MB", 20.0, float, "Largest request body in MiB (413 above it).", _positive, "> 0"),
-    Setting(
-        "TORCH_THREADS",
-        0,
-        int,
-        "CPU threads for torch ops in a worker; 0 = auto: 1 for tiny models (like the demo), where "
-        "threading only adds overhead, else torch's default.",
-        lambda v: v >= 0,
-        ">= 0",
-    ),
-    Setting("MAX_BATCH_SIZE", 8, int, "Most requests one generate() call serves together.", _positive, "> 0"),
-    Setting(
-        "BATCH_WAIT_MS",
-        25.0,
-        float,
-        "Under load, how long a batch may wait to fill up (never when a request finds the model idle).",
-        lambda v: 0 <= v <= 1000,
-        "0..1000",
-    ),
-    Setting(
-        "MAX_BATCH_TOKENS",
-        16384,
-        int,
-        "Token budget of one batch: prompt tokens (images included) plus max_new_tokens, summed over rows.",
-        _positive,
-        "> 0",
-    ),
-    Setting(
-        "MAX_QUEUE",
-        64,
-        int,
-        "Requests that may wait for the model; beyond that 503 overloaded.",
-        _positive,
-        "> 0",
-    ),
-    Setting(
-        "QUEUE_TIMEOUT", 30.0, float, "Seconds a request may wait for the model before 503.", _positive, "> 0"
-    ),
-    Setting(
-        "REQUEST_TIMEOUT",
-        300.0,
-        float,
-        "Seconds from arrival after which generation for a request stops (finish_reason length, or 504).",
-        _positive,
-        "> 0",
-    ),
-    Setting(
-        "MAX_IMAGES", 8, int, "Most images one request may carry (all turns together).", _positive, "> 0"
-    ),
-    Setting("MODEL_ALIASES", [], _parse_list, "Other model names clients may ask for (comma-separated)."),
-    Setting(
-        "IMAGE_URL_DOMAINS",
-        [],
-        _parse_list,
-        "Hosts whose http(s) image URLs may be fetched (e.g. cdn.example.com, *.example.org, * for any); "
-        "empty refuses URLs.",
-    ),
-    Setting(
-        "IMAGE_URL_ALLOW_PRIVATE",
-        False,
-        _parse_bool,
-        "Allow image URLs that resolve to loopback/private/link-local/CGNAT addresses.",
-    ),
-    Setting("IMAGE_URL_MAX_MB", 10.0, float, "Largest image download in MiB.", _positive, "> 0"),
-    Setting(
-        "IMAGE_URL_TIMEOUT", 10.0, float, "Seconds one image download may take in all.", _positive, "> 0"
-    ),
-    Setting(
-        "IMAGE_URL_MAX_REDIRECTS",
-        3,
-        int,
-        "Redirects followed per image URL.",
-        lambda v: 0 <= v <= 10,
-        "0..10",
-    ),
-    Setting("API_KEYS", [], _parse_list, "Comma-separated API keys; with none (and no file) auth is off."),
-    Setting("API_KEYS_FILE", "", str, "File with one API key per line (# comments allowed)."),
-    Setting("RATE_LIMIT", "", str, "Per key (else per client IP) limit, e.g. 60/minute; empty is no limit."),
-    Setting(
-        "RATELIMIT_STORAGE_URI", "memory://", str, "Rate-limit counters: memory:// or redis://host:port."
-    ),
-    Setting(
-        "EMPTY_CACHE_FRACTION",
-        0.92,
-        float,
-        "Empty the CUDA cache after a request when reserved memory exceeds this share of the GPU.",
-        lambda v: 0 < v <= 1,
-        "0 < x <= 1",
-    ),
-    Setting("LOG_CONTENT", False, _parse_bool, "Log prompts and answers (off: only sizes and timings)."),
-    Setting(
-        "LOG_LEVEL",
-        "INFO",
-        str,
-        "Python log level for glmvision's own logger.",
-        lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
-        "DEBUG, INFO, WARNING or ERROR",
-    ),
-    Setting("BIND", "127.0.0.1:8080", str, "gunicorn: address to listen on."),
-    Setting("WORKERS", 1, int, "gunicorn: worker processes (each holds one model copy).", _positive, "> 0"),
-    Setting(
-        "THREADS", 16, int, "gunicorn: threads per worker (each waiting request holds one).", _positive, "> 0"
-    ),
-    Setting(
-        "TIMEOUT",
-        300,
-        int,
-        "gunicorn: seconds a silent worker may run before it is restarted.",
-        _positive,
-        "> 0",
-    ),
-)
-
-SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
-
-
-def _coerce(setting: Setting, value: Any) -> Any:
-    if isinstance(value, str) and setting.parse is not str:
-        value = setting.parse(value)
-    elif setting.parse is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
     return value
 
 
-def load_settings(
-    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Return every setting keyed by its `GLMVISION_*` name: default < environment < overrides."""
-    environ = os.environ if environ is None else environ
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, extra="forbid", frozen=True, validate_default=True, str_strip_whitespace=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        # Environment values often carry stray spaces (" 28 ", "a, b"): they never mean anything.
+        return value.strip() if isinstance(value, str) else value
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable of a field: `max_queue` -> `GLMVISION_MAX_QUEUE`."""
+        return PREFIX + field.upper()
+
+
+class Settings(_Base):
+    """The app's settings (everything but gunicorn's own)."""
+
+    model: str = Field(
+        "", description="Local directory or hub id of GLM-4.6V-Flash; empty serves the demo model."
+    )
+    model_id: str = Field(
+        "", description="Model name reported to clients; empty derives it from GLMVISION_MODEL."
+    )
+    demo_cache: str = Field("", description="Where the demo model is built; empty means ~/.cache/glmvision.")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N (auto picks CUDA when available).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32", "int8"] = Field(
+        "auto", description="auto, bfloat16, float16, float32 or int8 (bitsandbytes)."
+    )
+    warmup: bool = Field(
+        True, description="Load the model when a gunicorn worker starts, not on the first request."
+    )
+    load_timeout: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds a request waits for a model that is still loading.",
+    )
+    max_image_side: int = Field(
+        2048, ge=28, le=16384, description="Longest image side after resizing (aspect ratio kept)."
+    )
+    # Pillow refuses anything over 2x its own 89.5 MP bomb limit before we could look.
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        le=178_956_970,
+        description="Largest image (width x height) accepted, checked before decoding.",
+    )
+    max_prompt_chars: int = Field(16_000, gt=0, description="Longest prompt accepted, in characters.")
+    max_new_tokens: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
+    default_max_new_tokens: int = Field(
+        512, gt=0, description="max_new_tokens when a request gives none (capped by the above)."
+    )
+    max_body_mb: float = Field(
+        20.0, gt=0, allow_inf_nan=False, description="Largest request body in MiB (413 above it)."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for torch ops in a worker; 0 = auto: 1 for tiny models (like the "
+        "demo), where "
+        "threading only adds overhead, else torch's default.",
+    )
+    max_batch_size: int = Field(8, gt=0, description="Most requests one generate() call serves together.")
+    batch_wait_ms: float = Field(
+        25.0,
+        ge=0,
+        le=1000,
+        description="Under load, how long a batch may wait to fill up (never when a request finds "
+        "the model idle).",
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        gt=0,
+        description="Token budget of one batch: prompt tokens (images included) plus max_new_tokens, "
+        "summed over rows.",
+    )
+    max_queue: int = Field(
+        64,
+        gt=0,
+        description="Requests that may wait for the model beyond a running batch; the next one gets "
+        "503 overloaded.",
+    )
+    queue_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="Seconds a request may wait for the model before 503."
+    )
+    request_timeout: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds from arrival after which generation for a request stops (finish_reason "
+        "length, or 504).",
+    )
+    max_images: int = Field(8, gt=0, description="Most images one request may carry (all turns together).")
+    model_aliases: CommaList = Field(
+        [], description="Other model names clients may ask for (comma-separated)."
+    )
+    image_url_domains: CommaList = Field(
+        [],
+        description="Hosts whose http(s) image URLs may be fetched (e.g. cdn.example.com, "
+        "*.example.org, * for any); "
+        "empty refuses URLs.",
+    )
+    image_url_allow_private: bool = Field(
+        False, description="Allow image URLs that resolve to loopback/private/link-local/CGNAT addresses."
+    )
+    image_url_max_mb: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Largest image download in MiB."
+    )
+    image_url_timeout: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Seconds one image download may take in all."
+    )
+    image_url_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed per image URL.")
+    api_keys: CommaList = Field(
+        [], description="Comma-separated API keys; with none (and no file) auth is off."
+    )
+    api_keys_file: str = Field("", description="File with one API key per line (# comments allowed).")
+    rate_limit: str = Field(
+        "", description="Per key (else per client IP) limit, e.g. 60/minute; empty is no limit."
+    )
+    ratelimit_storage_uri: str = Field(
+        "memory://", description="Rate-limit counters: memory:// or redis://host:port."
+    )
+    empty_cache_fraction: float = Field(
+        0.92,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Between batches, empty the CUDA cache when reserved memory exceeds this share "
+        "of the GPU.",
+    )
+    log_content: bool = Field(False, description="Log prompts and answers (off: only sizes and timings).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Python log level for glmvision's own logger."
+    )
+
+    _split = field_validator("model_aliases", "image_url_domains", "api_keys", mode="before")(_split_commas)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def admission_capacity(self) -> int:
+        """Requests one worker holds at once (running + queued); the next is refused with 503."""
+        return self.max_batch_size + self.max_queue
+
+
+# Threads beyond the admitted requests: they answer probes and refusals while the model is busy.
+SPARE_THREADS = 16
+
+
+class ServerSettings(_Base):
+    """What only gunicorn reads (deploy/gunicorn.conf.py)."""
+
+    bind: str = Field("127.0.0.1:8080", description="gunicorn: address to listen on.")
+    workers: int = Field(1, gt=0, description="gunicorn: worker processes (each holds one model copy).")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="gunicorn: threads per worker; 0 = auto: GLMVISION_MAX_BATCH_SIZE + "
+        "GLMVISION_MAX_QUEUE + 16 "
+        "spare, so every admitted request has a thread and probes and refusals never wait.",
+    )
+    timeout: int = Field(
+        300, gt=0, description="gunicorn: seconds a silent worker may run before it is restarted."
+    )
+
+    def worker_threads(self, app: Settings) -> int:
+        """gunicorn's thread count: derived from the app's admission capacity, or checked against it."""
+        needed = app.admission_capacity + 1
+        if self.threads == 0:
+            return app.admission_capacity + SPARE_THREADS
+        if self.threads < needed:
+            raise ConfigError(
+                f"GLMVISION_THREADS={self.threads} is too few: "
+                f"GLMVISION_MAX_BATCH_SIZE={app.max_batch_size} + "
+                f"GLMVISION_MAX_QUEUE={app.max_queue} requests are admitted, each holding a "
+                f"thread, so at least "
+                f"{needed} are needed (0 derives {app.admission_capacity + SPARE_THREADS}); or "
+                f"lower GLMVISION_MAX_QUEUE"
+            )
+        return self.threads
+
+
+def _source(field: str, overrides: Mapping[str, Any]) -> str:
+    env = PREFIX + field.upper()
+    if env in overrides:
+        return "overrides"
+    return "environment" if env in os.environ else "default"
+
+
+def _load(model: type[_Base], overrides: Mapping[str, Any]) -> Any:
+    mine = {name[len(PREFIX) :].lower(): value for name, value in overrides.items() if _is_field(model, name)}
+    try:
+        return model(**mine)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        message = first["msg"]
+        raise ConfigError(
+            f"{PREFIX}{field.upper()} ({_source(field, overrides)}): {message}, got {first.get('input')!r}"
+        ) from None
+
+
+def _is_field(model: type[_Base], name: str) -> bool:
+    return name.startswith(PREFIX) and name[len(PREFIX) :].lower() in model.model_fields
+
+
+def known_variables() -> set[str]:
+    """Every `GLMVISION_*` variable the app or gunicorn reads."""
+    return {PREFIX + name.upper() for model in (Settings, ServerSettings) for name in model.model_fields}
+
+
+def unknown_variables(names: Iterable[str]) -> list[str]:
+    """The `GLMVISION_*` names among `names` that no setting reads (typos, say)."""
+    known = known_variables()
+    return sorted(name for name in names if name.startswith(PREFIX) and name not in known)
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The app's settings: defaults < `GLMVISION_*` environment < `overrides` (same names)."""
     overrides = dict(overrides or {})
-    unknown = sorted(k for k in overrides if k.startswith(PREFIX) and k not in SETTINGS_BY_ENV)
+    unknown = sorted(name for name in unknown_variables(overrides) if not _is_field(ServerSettings, name))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        value: Any = list(setting.default) if isinstance(setting.default, list) else setting.default
-        source = "default"
-        if setting.env in environ:
-            value, source = environ[setting.env], "environment"
-        if setting.env in overrides:
-            value, source = overrides[setting.env], "overrides"
-        try:
-            value = _coerce(setting, value)
-        except ValueError as exc:
-            raise ConfigError(f"{setting.env} ({source}): {exc}") from None
-        if not setting.check(value):
-            raise ConfigError(f"{setting.env} ({source}) must be {setting.rule}, got {value!r}")
-        values[setting.env] = value
-    return values
+    return _load(Settings, overrides)
 
 
-def read_api_keys(settings: Mapping[str, Any]) -> list[str]:
+def load_server_settings(overrides: Mapping[str, Any] | None = None) -> ServerSettings:
+    """gunicorn's settings, from the same sources."""
+    return _load(ServerSettings, dict(overrides or {}))
+
+
+def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Log a warning for each `GLMVISION_*` variable that nothing reads; return them."""
+    unknown = unknown_variables(os.environ if environ is None else environ)
+    for name in unknown:
+        log.warning("%s is not a glmvision setting and is ignored (a typo?)", name)
+    return unknown
+
+
+def read_api_keys(settings: Settings) -> list[str]:
     """Return the configured API keys from GLMVISION_API_KEYS and GLMVISION_API_KEYS_FILE."""
-    keys = list(settings["GLMVISION_API_KEYS"])
-    path = settings["GLMVISION_API_KEYS_FILE"]
+    keys = list(settings.api_keys)
+    path = settings.api_keys_file
     if path:
         try:
             with open(path, encoding="utf-8") as handle:
@@ -270,3 +290,12 @@ def read_api_keys(settings: Mapping[str, Any]) -> list[str]:
             raise ConfigError(f"GLMVISION_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
         keys.extend(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     return keys
+
+
+def settings_table() -> list[tuple[str, Any, str]]:
+    """(variable, default, meaning) for every setting, app first, then gunicorn's: the README's table."""
+    return [
+        (PREFIX + name.upper(), field.default, field.description or "")
+        for model in (Settings, ServerSettings)
+        for name, field in model.model_fields.items()
+    ]

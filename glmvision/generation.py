@@ -13,6 +13,8 @@ from .output import Rendered, render
 
 log = logging.getLogger("glmvision")
 _END = object()
+# Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
+DEFAULT_TEMPERATURE = 0.7
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class GenerationParams:
     """How to sample one answer."""
 
     max_new_tokens: int
-    temperature: float = 0.7
+    temperature: float = DEFAULT_TEMPERATURE
     top_p: float | None = None
     seed: int | None = None
     enable_thinking: bool = False

@@ -29,7 +29,7 @@ class DecodedImage:
     image: Image.Image
     width: int  # as a person sees it (after EXIF orientation)
     height: int
-    resized_to: tuple[int, int]  # after the GLMVISION_MAX_IMAGE_SIDE limit
+    resized_to: tuple[int, int]  # the size handed to the model's processor
 
 
 # Maps a (width, height) to the size the model's processor would scale it to.
@@ -156,7 +156,7 @@ def open_image(
         raise _too_many_pixels(None, max_pixels, param) from None
     except Exception:  # noqa: BLE001 - any decoder failure on client bytes is a bad image
         raise bad_request("invalid_image", "The image data is corrupt or truncated.", param) from None
-    return DecodedImage(image=image, width=width, height=height, resized_to=goal)
+    return DecodedImage(image=image, width=width, height=height, resized_to=image.size)
 
 
 def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIError:

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from flask import Flask, request
 from flask.wrappers import Response
 from flask_limiter import Limiter
 from limits import parse_many
 
-from .auth import PUBLIC_ENDPOINTS, presented_key
-from .config import ConfigError
+from .auth import PUBLIC_ENDPOINTS, key_digest, presented_key
+from .config import ConfigError, Settings
 
 
 def rate_limit_key() -> str:
     """Return the bucket for this request; the key itself never reaches the storage."""
     key = presented_key()
     if key:
-        return "key:" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+        return "key:" + key_digest(key).hex()[:32]
     return "ip:" + (request.remote_addr or "unknown")
 
 
-def init_app(app: Flask) -> Limiter | None:
+def init_app(app: Flask, settings: Settings) -> Limiter | None:
     """Apply GLMVISION_RATE_LIMIT to every endpoint but the health probes; None when unset."""
-    rate = app.config["GLMVISION_RATE_LIMIT"].strip()
+    rate = settings.rate_limit
+    app.extensions["glmvision.limiter"] = None
     if not rate:
         return None
     try:
@@ -33,7 +32,7 @@ def init_app(app: Flask) -> Limiter | None:
     limiter = Limiter(
         key_func=rate_limit_key,
         application_limits=[rate],  # one budget per key across all endpoints
-        storage_uri=app.config["GLMVISION_RATELIMIT_STORAGE_URI"],
+        storage_uri=settings.ratelimit_storage_uri,
         strategy="moving-window",
         headers_enabled=True,
         # A storage outage should not take the API down: fall back to per-process counters.
@@ -45,6 +44,7 @@ def init_app(app: Flask) -> Limiter | None:
     # Registered first so it runs after the limiter's header hook (Flask runs them in reverse).
     app.after_request(_retry_after_only_on_refusals)
     limiter.init_app(app)
+    app.extensions["glmvision.limiter"] = limiter
     return limiter
 
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
 from . import pipeline
-from .api import holder, served_model_names
+from .config import Settings
 from .errors import APIError, bad_request, error_object
 from .generation import GenerationParams
-from .pipeline import Answer, ImageRef, Turn, generation_params, new_request_id, usage
+from .pipeline import Answer, ImageRef, Turn, check_prompt_length, generation_params, new_request_id, usage
 from .schemas import ChatCompletionRequest, ChatMessage, parse_body
+from .service import service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
@@ -24,7 +25,7 @@ bp = Blueprint("openai", __name__)
 MAX_STOP_STRINGS = 8
 
 
-def _turns(messages: list[ChatMessage], settings: Mapping[str, Any]) -> list[Turn]:
+def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
     turns: list[Turn] = []
     characters = 0
     for index, message in enumerate(messages):
@@ -51,11 +52,7 @@ def _turns(messages: list[ChatMessage], settings: Mapping[str, Any]) -> list[Tur
         raise bad_request(
             "invalid_value", "The last user message is empty.", f"messages.{len(turns) - 1}.content"
         )
-    limit = settings["GLMVISION_MAX_PROMPT_CHARS"]
-    if characters > limit:
-        raise bad_request(
-            "prompt_too_long", f"The messages hold {characters} characters; at most {limit}.", "messages"
-        )
+    check_prompt_length(characters, settings, "messages")
     return turns
 
 
@@ -67,12 +64,12 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def parse_chat(
-    body: ChatCompletionRequest, settings: Mapping[str, Any]
+    body: ChatCompletionRequest, settings: Settings, model_names: tuple[str, ...]
 ) -> tuple[list[Turn], GenerationParams]:
     """Translate a chat completion request into the shared pipeline's input."""
     if body.n != 1:
         raise bad_request("invalid_value", "Only n=1 is supported.", "n")
-    if body.model is not None and body.model not in served_model_names():
+    if body.model is not None and body.model not in model_names:
         raise APIError(404, "model_not_found", f"The model {body.model!r} does not exist.", "model")
     thinking = (body.chat_template_kwargs or {}).get("enable_thinking", False)
     if not isinstance(thinking, bool):
@@ -97,12 +94,11 @@ def parse_chat(
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
-    settings = current_app.config
+    state = service()
+    settings = state.settings
     body = parse_body(request, ChatCompletionRequest)
-    turns, params = parse_chat(body, settings)
-    _, answer = pipeline.answer(
-        holder(), turns, params, settings, current_app.extensions["glmvision.fetch_policy"]
-    )
+    turns, params = parse_chat(body, settings, state.backend.model_names())
+    _, answer = pipeline.answer(state.backend, turns, params, settings, state.fetch_policy, "messages")
     meta = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),
@@ -125,9 +121,7 @@ def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _events(
-    answer: Answer, meta: dict[str, Any], include_usage: bool, settings: Mapping[str, Any]
-) -> Iterator[str]:
+def _events(answer: Answer, meta: dict[str, Any], include_usage: bool, settings: Settings) -> Iterator[str]:
     """Chunks as tokens arrive: role first, then deltas, the finish reason, usage if asked, [DONE]."""
     base = {**meta, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}

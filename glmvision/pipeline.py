@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend import Backend
+from .config import Settings
 from .errors import bad_request
-from .generation import Delta, Generation, GenerationParams, GenerationStream
+from .generation import DEFAULT_TEMPERATURE, Delta, Generation, GenerationParams, GenerationStream
 from .images import DecodedImage, Fit, decode_image, open_image
-from .model import ModelHolder
 from .urlfetch import FetchPolicy, fetch_image, is_url
 
 log = logging.getLogger("glmvision")
@@ -50,20 +51,25 @@ class ChatInput:
         return [part for turn in self.turns for part in turn.parts if isinstance(part, DecodedImage)]
 
 
-def check_prompt(prompt: str, settings: Mapping[str, Any], param: str = "prompt") -> str:
+def check_prompt_length(characters: int, settings: Settings, param: str) -> None:
+    """Refuse prompts (all text of a request together) over GLMVISION_MAX_PROMPT_CHARS."""
+    limit = settings.max_prompt_chars
+    if characters > limit:
+        raise bad_request(
+            "prompt_too_long", f"Field {param!r} holds {characters} characters; at most {limit}.", param
+        )
+
+
+def check_prompt(prompt: str, settings: Settings, param: str = "prompt") -> str:
     """Refuse empty or over-long prompts."""
     if not prompt.strip():
         raise bad_request("invalid_value", f"Field {param!r} must not be empty.", param)
-    limit = settings["GLMVISION_MAX_PROMPT_CHARS"]
-    if len(prompt) > limit:
-        raise bad_request(
-            "prompt_too_long", f"Field {param!r} has {len(prompt)} characters; at most {limit}.", param
-        )
+    check_prompt_length(len(prompt), settings, param)
     return prompt
 
 
 def generation_params(
-    settings: Mapping[str, Any],
+    settings: Settings,
     *,
     max_new_tokens: int | None,
     temperature: float | None,
@@ -75,23 +81,20 @@ def generation_params(
     param: str = "max_new_tokens",
 ) -> GenerationParams:
     """Apply the server's token cap and defaults to a request's sampling settings."""
-    cap = settings["GLMVISION_MAX_NEW_TOKENS"]
+    cap = settings.max_new_tokens
     if max_new_tokens is None:
-        max_new_tokens = min(settings["GLMVISION_DEFAULT_MAX_NEW_TOKENS"], cap)
+        max_new_tokens = min(settings.default_max_new_tokens, cap)
     elif max_new_tokens > cap:
         raise bad_request("invalid_value", f"Field {param!r} may be at most {cap}.", param)
-    temperature = 0.7 if temperature is None else temperature
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
     return GenerationParams(max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens)
 
 
 def load_image(
-    ref: ImageRef, settings: Mapping[str, Any], policy: FetchPolicy, fit: Fit | None = None
+    ref: ImageRef, settings: Settings, policy: FetchPolicy, fit: Fit | None = None
 ) -> DecodedImage:
     """Decode one image from base64/data URL, or fetch it from an allowed http(s) URL."""
-    limits = {
-        "max_side": settings["GLMVISION_MAX_IMAGE_SIDE"],
-        "max_pixels": settings["GLMVISION_MAX_IMAGE_PIXELS"],
-    }
+    limits = {"max_side": settings.max_image_side, "max_pixels": settings.max_image_pixels}
     if is_url(ref.source):
         raw = fetch_image(ref.source, policy, ref.param)
         return open_image(raw, param=ref.param, fit=fit, **limits)
@@ -99,11 +102,11 @@ def load_image(
 
 
 def load_turns(
-    turns: list[Turn], settings: Mapping[str, Any], policy: FetchPolicy, fit: Fit | None = None
+    turns: list[Turn], settings: Settings, policy: FetchPolicy, fit: Fit | None = None
 ) -> list[Turn]:
     """Check the image count, then decode every image in the conversation (in order)."""
     refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
-    limit = settings["GLMVISION_MAX_IMAGES"]
+    limit = settings.max_images
     if len(refs) > limit:
         raise bad_request(
             "too_many_images",
@@ -143,13 +146,14 @@ class Answer:
     model_id: str
     stream: GenerationStream
     started: float
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # as the model sees them
 
-    def deltas(self, settings: Mapping[str, Any]) -> Iterator[Delta]:
+    def deltas(self, settings: Settings) -> Iterator[Delta]:
         """Yield deltas as they are generated; log the outcome once done."""
         yield from self.stream
         _log_generation(self.result, time.perf_counter() - self.started, settings)
 
-    def finish(self, settings: Mapping[str, Any]) -> Generation:
+    def finish(self, settings: Settings) -> Generation:
         """Wait for the whole answer."""
         result = self.stream.whole()
         _log_generation(result, time.perf_counter() - self.started, settings)
@@ -162,29 +166,31 @@ class Answer:
 
 
 def answer(
-    holder: ModelHolder,
+    backend: Backend,
     turns: list[Turn],
     params: GenerationParams,
-    settings: Mapping[str, Any],
+    settings: Settings,
     policy: FetchPolicy,
+    image_param: str = "image",
 ) -> tuple[ChatInput, Answer]:
-    """Decode the images, load the model if needed, prepare the inputs and queue the generation."""
-    arrived = time.monotonic()
-    with holder.arriving():
+    """Take a place (or 503 at once), decode the images, prepare the inputs and queue the generation."""
+    ticket = backend.admit()
+    try:
         # Once the model is known, images go straight to the size its processor wants.
-        fit = holder.loaded.fit_image if holder.loaded is not None else None
-        chat = ChatInput(load_turns(turns, settings, policy, fit), params)
-        model = holder.get()
-        if settings["GLMVISION_LOG_CONTENT"]:
+        chat = ChatInput(load_turns(turns, settings, policy, backend.image_fit()), params)
+        if settings.log_content:
             texts = [(turn.role, part) for turn in chat.turns for part in turn.parts if isinstance(part, str)]
             log.info("prompt=%r", texts)
-        inputs = model.prepare(to_messages(chat.turns), params.enable_thinking)
-        stream = model.stream(inputs, params, arrived)
-    return chat, Answer(model.model_id, stream, time.perf_counter())
+        prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
+        stream = backend.submit(prepared, params, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+    return chat, Answer(prepared.model_id, stream, time.perf_counter(), prepared.image_sizes)
 
 
-def _log_generation(generation: Generation, elapsed: float, settings: Mapping[str, Any]) -> None:
-    if settings["GLMVISION_LOG_CONTENT"]:
+def _log_generation(generation: Generation, elapsed: float, settings: Settings) -> None:
+    if settings.log_content:
         log.info("answer=%r reasoning=%r", generation.text, generation.reasoning)
     log.info(
         "generated prompt_tokens=%d completion_tokens=%d finish=%s in %.3fs",

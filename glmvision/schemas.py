@@ -19,7 +19,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     max_new_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     enable_thinking: bool = False

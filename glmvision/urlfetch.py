@@ -19,12 +19,13 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
+from .config import Settings
 from .errors import APIError, bad_request
 
 log = logging.getLogger("glmvision")
@@ -226,14 +227,14 @@ class FetchPolicy:
             raise ValueError("max_redirects must not be negative")
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> FetchPolicy:
+    def from_settings(cls, settings: Settings) -> FetchPolicy:
         """Build the policy from the GLMVISION_IMAGE_URL_* settings."""
         return cls(
-            domains=tuple(settings.get("GLMVISION_IMAGE_URL_DOMAINS", ())),
-            allow_private=bool(settings.get("GLMVISION_IMAGE_URL_ALLOW_PRIVATE", False)),
-            max_bytes=int(float(settings.get("GLMVISION_IMAGE_URL_MAX_MB", 10.0)) * 1024 * 1024),
-            timeout=float(settings.get("GLMVISION_IMAGE_URL_TIMEOUT", 10.0)),
-            max_redirects=int(settings.get("GLMVISION_IMAGE_URL_MAX_REDIRECTS", 3)),
+            domains=tuple(settings.image_url_domains),
+            allow_private=settings.image_url_allow_private,
+            max_bytes=int(settings.image_url_max_mb * 1024 * 1024),
+            timeout=settings.image_url_timeout,
+            max_redirects=settings.image_url_max_redirects,
         )
 
     def host_allowed(self, host: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import signal
@@ -138,3 +139,24 @@ def server_env(model_dir: Path, runtime: Path, **settings: str) -> dict[str, str
     }
     env.update({f"GLMVISION_{name}": value for name, value in settings.items()})
     return env
+
+
+@functools.cache
+def _demo_image_processor() -> Any:
+    """The demo model's image processor (every demo model is built alike, so one is built here)."""
+    import tempfile
+
+    from transformers import AutoProcessor
+
+    from glmvision.local.demo import build_demo_model
+
+    return AutoProcessor.from_pretrained(
+        build_demo_model(tempfile.mkdtemp(prefix="gv-sizes-"))
+    ).image_processor
+
+
+def model_sees(width: int, height: int) -> list[int]:
+    """[width, height] the demo model's processor turns an image of this size into (`resized_to`)."""
+    processor = _demo_image_processor()
+    grid = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"][0]
+    return [int(grid[2]) * processor.patch_size, int(grid[1]) * processor.patch_size]

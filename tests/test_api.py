@@ -11,11 +11,12 @@ import pytest
 import torch
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import image_b64, image_bytes, vision_body
+from helpers import image_b64, image_bytes, model_sees, vision_body
 from PIL import Image
 
-import glmvision.model
+import glmvision.local.engine
 from glmvision.generation import GenerationParams, GenerationStream
+from glmvision.local.runtime import LoadedModel
 
 
 def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
@@ -47,8 +48,25 @@ def test_answers_with_the_documented_shape(client: FlaskClient) -> None:
     assert 1 <= usage["completion_tokens"] <= 6
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert body["finish_reason"] in {"stop", "length"}
-    assert body["image"] == {"width": 64, "height": 48, "resized_to": [64, 48]}
+    # The demo processor's minimum is 112x112 pixels: it scales a 64x48 image up, by multiples of 28.
+    assert body["image"] == {"width": 64, "height": 48, "resized_to": [112, 84]}
+    assert model_sees(64, 48) == [112, 84]
     assert "reasoning" not in body
+
+
+@pytest.mark.parametrize("size", [(64, 48), (300, 200), (1000, 40), (2500, 1800)])
+def test_resized_to_is_the_size_the_processor_actually_used(
+    client: FlaskClient, size: tuple[int, int]
+) -> None:
+    """`resized_to` matches the image grid the model's processor produced for the same upload."""
+    body = client.post("/v1/chat/vision", json=vision_body(image=image_b64(*size))).get_json()
+    model = _loaded(client)
+    processor = model.processor.image_processor
+    from PIL import Image
+
+    grid = processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0].tolist()
+    width, height = body["image"]["resized_to"]
+    assert [height, width] == [grid[1] * processor.patch_size, grid[2] * processor.patch_size]
 
 
 def test_model_name_is_configurable(make_app: Callable[..., Flask]) -> None:
@@ -83,13 +101,17 @@ def test_large_image_is_resized_to_the_longest_side_limit(client: FlaskClient) -
     body = vision_body(image=image_b64(4000, 3000, "JPEG", quality=80))
     response = client.post("/v1/chat/vision", json=body)
     assert response.status_code == 200
-    assert response.get_json()["image"] == {"width": 4000, "height": 3000, "resized_to": [2048, 1536]}
+    assert response.get_json()["image"] == {
+        "width": 4000,
+        "height": 3000,
+        "resized_to": model_sees(2048, 1536),
+    }
 
 
 def test_longest_side_limit_is_configurable(make_app: Callable[..., Flask]) -> None:
     client = make_app(max_image_side=300).test_client()
     body = client.post("/v1/chat/vision", json=vision_body(image=image_b64(900, 600))).get_json()
-    assert body["image"]["resized_to"] == [300, 200]
+    assert body["image"]["resized_to"] == model_sees(300, 200)
 
 
 def test_exif_orientation_is_applied_before_reporting_sizes(client: FlaskClient) -> None:
@@ -97,7 +119,7 @@ def test_exif_orientation_is_applied_before_reporting_sizes(client: FlaskClient)
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     raw = image_bytes(80, 40, "JPEG", exif=exif.tobytes())
     body = client.post("/v1/chat/vision", json=vision_body(image=base64.b64encode(raw).decode())).get_json()
-    assert body["image"] == {"width": 40, "height": 80, "resized_to": [40, 80]}
+    assert body["image"] == {"width": 40, "height": 80, "resized_to": model_sees(40, 80)}
 
 
 def test_data_url_images_are_accepted(client: FlaskClient) -> None:
@@ -184,7 +206,8 @@ def test_demo_model_is_flagged(make_app: Callable[..., Flask], tmp_path: Any) ->
 
 
 def test_a_model_that_cannot_load_gives_503_not_500(make_app: Callable[..., Flask], tmp_path: Any) -> None:
-    client = make_app(model=str(tmp_path / "no-such-model")).test_client()
+    (tmp_path / "not-a-model").mkdir()  # a directory, so start-up accepts it; loading then fails
+    client = make_app(model=str(tmp_path / "not-a-model")).test_client()
     response = client.post("/v1/chat/vision", json=vision_body())
     error = assert_error(response, 503, "model_unavailable")
     assert str(tmp_path) not in error["message"]
@@ -194,9 +217,9 @@ def test_a_model_that_cannot_load_gives_503_not_500(make_app: Callable[..., Flas
     assert_error(client.post("/v1/chat/vision", json=vision_body(image="!!")), 400, "invalid_base64", "image")
 
 
-def _loaded(client: FlaskClient) -> glmvision.model.LoadedModel:
+def _loaded(client: FlaskClient) -> LoadedModel:
     app = client.application
-    return app.extensions["glmvision.model"].get()
+    return app.extensions["glmvision"].backend.holder.get(timeout=60)
 
 
 def test_out_of_memory_is_a_503_and_the_worker_recovers(
@@ -204,7 +227,7 @@ def test_out_of_memory_is_a_503_and_the_worker_recovers(
 ) -> None:
     model = _loaded(client)
     released: list[bool] = []
-    monkeypatch.setattr(glmvision.model, "release_cuda_cache", lambda: released.append(True))
+    monkeypatch.setattr(glmvision.local.engine, "release_cuda_cache", lambda: released.append(True))
 
     def out_of_memory(**kwargs: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -355,7 +378,7 @@ def test_gif_first_frame_and_transparent_png(client: FlaskClient) -> None:
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     gif = base64.b64encode(buffer.getvalue()).decode()
     body = client.post("/v1/chat/vision", json=vision_body(image=gif)).get_json()
-    assert body["image"]["resized_to"] == [40, 40]
+    assert body["image"]["resized_to"] == model_sees(40, 40)
 
 
 def test_thinking_split_survives_the_real_tokenizer(client: FlaskClient) -> None:
@@ -402,4 +425,4 @@ def test_images_go_straight_to_the_processors_size_once_loaded(client: FlaskClie
     first = client.post("/v1/chat/vision", json=body).get_json()  # may have loaded the model
     second = client.post("/v1/chat/vision", json=body).get_json()
     assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
-    assert second["image"] == {"width": 1024, "height": 768, "resized_to": [1024, 768]}
+    assert second["image"] == {"width": 1024, "height": 768, "resized_to": model_sees(1024, 768)}

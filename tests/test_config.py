@@ -8,13 +8,38 @@ from typing import Any
 import pytest
 
 from glmvision import create_app
-from glmvision.config import SETTINGS, ConfigError, load_settings, read_api_keys
+from glmvision.config import (
+    SPARE_THREADS,
+    ConfigError,
+    ServerSettings,
+    Settings,
+    load_server_settings,
+    read_api_keys,
+    settings_table,
+    unknown_variables,
+    warn_unknown_variables,
+)
+from glmvision.config import load_settings as _load_settings
+
+SERVER_FIELDS = set(ServerSettings.model_fields)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Any:
+    """Load with `environ` added to the environment, app and gunicorn settings merged by variable name."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (environ or {}).items():
+            patch.setenv(name, value)
+        app = _load_settings(overrides)
+        server = load_server_settings(overrides)
+    merged = {Settings.env_name(k): v for k, v in app.model_dump().items()}
+    merged.update({ServerSettings.env_name(k): v for k, v in server.model_dump().items()})
+    return merged
 
 
 def test_defaults_cover_every_setting() -> None:
     """With nothing set, every setting has its default and nothing else is returned."""
     settings = load_settings({}, {})
-    assert settings == {setting.env: setting.default for setting in SETTINGS}
+    assert settings == {name: default for name, default, _ in settings_table()}
     assert settings["GLMVISION_MAX_IMAGE_SIDE"] == 2048
     assert settings["GLMVISION_DEVICE"] == "auto"
     assert settings["GLMVISION_WARMUP"] is True
@@ -43,10 +68,11 @@ def test_invalid_environment_is_ignored_when_overridden() -> None:
 
 
 def test_process_environment_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without an explicit environ, os.environ is read."""
-    monkeypatch.setenv("GLMVISION_THREADS", "9")
-    assert load_settings()["GLMVISION_THREADS"] == 9
-    assert load_settings(None, {})["GLMVISION_THREADS"] == 16
+    """os.environ is read."""
+    monkeypatch.setenv("GLMVISION_THREADS", "90")
+    assert load_settings()["GLMVISION_THREADS"] == 90
+    monkeypatch.delenv("GLMVISION_THREADS")
+    assert load_settings(None, {})["GLMVISION_THREADS"] == 0
 
 
 @pytest.mark.parametrize(
@@ -78,7 +104,7 @@ def test_process_environment_is_the_default_source(monkeypatch: pytest.MonkeyPat
         ("DEVICE", "cuda:1", "cuda:1"),
         ("DEVICE", "cpu", "cpu"),
         ("DTYPE", "int8", "int8"),
-        ("LOG_LEVEL", "debug", "debug"),
+        ("LOG_LEVEL", "debug", "DEBUG"),
         ("RATE_LIMIT", "60/minute", "60/minute"),
         ("MODEL", "/models/glm", "/models/glm"),
     ],
@@ -195,21 +221,22 @@ def test_read_api_keys(
         path = tmp_path / "keys.txt"
         path.write_text(file_text, encoding="utf-8")
         overrides["GLMVISION_API_KEYS_FILE"] = str(path)
-    assert read_api_keys(load_settings(overrides, {})) == expected
+    assert read_api_keys(_load_settings(overrides)) == expected
 
 
-def test_read_api_keys_from_environment(tmp_path: Path) -> None:
+def test_read_api_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both key sources work straight from environment strings."""
     path = tmp_path / "keys"
     path.write_text("file-key\n", encoding="utf-8")
-    environ = {"GLMVISION_API_KEYS": " env-a ,env-b", "GLMVISION_API_KEYS_FILE": str(path)}
-    assert read_api_keys(load_settings({}, environ)) == ["env-a", "env-b", "file-key"]
+    monkeypatch.setenv("GLMVISION_API_KEYS", " env-a ,env-b")
+    monkeypatch.setenv("GLMVISION_API_KEYS_FILE", str(path))
+    assert read_api_keys(_load_settings({})) == ["env-a", "env-b", "file-key"]
 
 
 def test_read_api_keys_missing_file(tmp_path: Path) -> None:
     """A keys file that cannot be read is a ConfigError naming the setting and the path."""
     missing = tmp_path / "nope.txt"
-    settings = load_settings({"GLMVISION_API_KEYS_FILE": str(missing)}, {})
+    settings = _load_settings({"GLMVISION_API_KEYS_FILE": str(missing)})
     with pytest.raises(ConfigError, match="GLMVISION_API_KEYS_FILE") as info:
         read_api_keys(settings)
     assert str(missing) in str(info.value)
@@ -217,6 +244,7 @@ def test_read_api_keys_missing_file(tmp_path: Path) -> None:
 
 def _app_settings(tmp_path: Path, **extra: Any) -> dict[str, Any]:
     """Overrides for create_app that never load a model."""
+    (tmp_path / "model").mkdir(exist_ok=True)
     settings = {"GLMVISION_MODEL": str(tmp_path / "model"), "GLMVISION_DEVICE": "cpu"}
     settings.update({f"GLMVISION_{key.upper()}": value for key, value in extra.items()})
     return settings
@@ -233,7 +261,7 @@ def test_create_app_rejects_a_bad_rate_limit(tmp_path: Path, rate: str) -> None:
 def test_create_app_accepts_good_rate_limits(tmp_path: Path, rate: str) -> None:
     """Valid limits, or none, build an app with the setting in its config."""
     app = create_app(_app_settings(tmp_path, rate_limit=rate))
-    assert app.config["GLMVISION_RATE_LIMIT"] == rate
+    assert app.extensions["glmvision"].settings.rate_limit == rate
     assert (app.extensions["glmvision.limiter"] is None) == (rate == "")
 
 
@@ -242,7 +270,7 @@ def test_create_app_reads_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("GLMVISION_MAX_BODY_MB", "2")
     monkeypatch.setenv("GLMVISION_MAX_IMAGE_SIDE", "1000")
     app = create_app(_app_settings(tmp_path, max_image_side=700))
-    assert app.config["GLMVISION_MAX_IMAGE_SIDE"] == 700
+    assert app.extensions["glmvision"].settings.max_image_side == 700
     assert app.config["MAX_CONTENT_LENGTH"] == 2 * 1024 * 1024
 
 
@@ -254,3 +282,47 @@ def test_create_app_rejects_bad_environment(
     monkeypatch.setenv(f"GLMVISION_{name}", raw)
     with pytest.raises(ConfigError, match=f"GLMVISION_{name}"):
         create_app(_app_settings(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("threads", "batch", "queue", "expected"),
+    [(0, 8, 64, 8 + 64 + SPARE_THREADS), (0, 2, 3, 5 + SPARE_THREADS), (73, 8, 64, 73), (200, 8, 64, 200)],
+)
+def test_gunicorn_threads_cover_every_admitted_request(
+    threads: int, batch: int, queue: int, expected: int
+) -> None:
+    """0 derives the pool from batch + queue + spare; an explicit count at least that large is kept."""
+    app = _load_settings({"GLMVISION_MAX_BATCH_SIZE": batch, "GLMVISION_MAX_QUEUE": queue})
+    assert app.admission_capacity == batch + queue
+    assert load_server_settings({"GLMVISION_THREADS": threads}).worker_threads(app) == expected
+
+
+@pytest.mark.parametrize(("threads", "batch", "queue"), [(16, 8, 64), (72, 8, 64), (1, 1, 1)])
+def test_too_few_gunicorn_threads_are_refused_naming_the_settings(
+    threads: int, batch: int, queue: int
+) -> None:
+    """A pool that could not hold every admitted request would queue requests inside gunicorn."""
+    app = _load_settings({"GLMVISION_MAX_BATCH_SIZE": batch, "GLMVISION_MAX_QUEUE": queue})
+    with pytest.raises(ConfigError) as info:
+        load_server_settings({"GLMVISION_THREADS": threads}).worker_threads(app)
+    message = str(info.value)
+    for name in ("GLMVISION_THREADS", "GLMVISION_MAX_BATCH_SIZE", "GLMVISION_MAX_QUEUE"):
+        assert name in message
+    assert f"at least {batch + queue + 1}" in message
+
+
+def test_unknown_variables_are_found_and_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """A typo such as GLMVISION_WORKER is reported; real settings and other variables are not."""
+    environ = {"GLMVISION_WORKER": "2", "GLMVISION_WORKERS": "2", "GLMVISION_MAX_QUEUE": "3", "HOME": "/"}
+    assert unknown_variables(environ) == ["GLMVISION_WORKER"]
+    with caplog.at_level("WARNING", logger="glmvision"):
+        assert warn_unknown_variables(environ) == ["GLMVISION_WORKER"]
+    assert "GLMVISION_WORKER is not a glmvision setting" in caplog.text
+    assert "GLMVISION_WORKERS " not in caplog.text
+
+
+def test_gunicorn_settings_are_kept_apart_from_the_app() -> None:
+    """The app's settings hold no gunicorn-only field, and the two sets do not overlap."""
+    assert SERVER_FIELDS == {"bind", "workers", "threads", "timeout"}
+    assert not SERVER_FIELDS & set(Settings.model_fields)
+    assert not hasattr(_load_settings({}), "workers")

@@ -14,11 +14,13 @@ import torch
 from helpers import image_b64, live_server
 from PIL import Image
 
+from glmvision.backend import Admission, Ticket
 from glmvision.config import load_settings
-from glmvision.engine import Engine, Job, _RowStreamer
 from glmvision.errors import APIError
 from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.model import LoadedModel, load_model
+from glmvision.local.engine import Engine, Job, _RowStreamer
+from glmvision.local.loading import load_model
+from glmvision.local.runtime import LoadedModel
 
 GREEDY = {"temperature": 0.0}
 
@@ -36,7 +38,18 @@ class Harness:
         settings = load_settings({f"GLMVISION_{k.upper()}": v for k, v in overrides.items()})
         self.pending = 0
         self.engine = Engine(model, settings, arriving=lambda: self.pending)
+        self.admission = Admission(settings.admission_capacity, settings.request_timeout, lambda: 0.0)
         self.model = model
+
+    def ticket(self, age: float = 0.0) -> Ticket:
+        """An admitted request that arrived `age` seconds ago."""
+        ticket = self.admission.admit()
+        ticket.arrived -= age
+        ticket.deadline -= age
+        return ticket
+
+    def submit(self, inputs: Any, params: GenerationParams, age: float = 0.0) -> GenerationStream:
+        return self.engine.submit(inputs, params, self.ticket(age))
 
     def inputs(self, size: tuple[int, int] = (64, 48), prompt: str = "What is this?") -> Any:
         image = Image.new("RGB", size, (size[0] % 256, 90, size[1] % 256))
@@ -50,7 +63,7 @@ class Harness:
         self.pending = len(jobs)
         streams = []
         for inputs, params in jobs:
-            streams.append(self.engine.submit(inputs, params, time.monotonic()))
+            streams.append(self.submit(inputs, params))
             self.pending -= 1
         return streams
 
@@ -91,7 +104,7 @@ VARIED = [
 def test_batched_greedy_equals_one_by_one_token_for_token(model: LoadedModel) -> None:
     params = GenerationParams(max_new_tokens=12, min_new_tokens=12, **GREEDY)
     alone = Harness(model, max_batch_size=1)
-    solo = [finish(alone.engine.submit(alone.inputs(*v), params, time.monotonic())) for v in VARIED]
+    solo = [finish(alone.submit(alone.inputs(*v), params)) for v in VARIED]
     assert alone.engine.stats.largest_batch == 1
 
     together = Harness(model, max_batch_size=8, batch_wait_ms=1000)
@@ -172,7 +185,7 @@ def test_the_token_budget_bounds_a_batch(model: LoadedModel) -> None:
 def test_the_deadline_returns_what_was_generated(model: LoadedModel) -> None:
     harness = Harness(model, request_timeout=0.5)
     params = GenerationParams(max_new_tokens=100_000, min_new_tokens=100_000, **GREEDY)
-    stream = finish(harness.engine.submit(harness.inputs(), params, time.monotonic()))
+    stream = finish(harness.submit(harness.inputs(), params))
     assert stream.result.finish_reason == "length"
     assert 0 < stream.result.completion_tokens < 100_000
     assert harness.engine.stats.deadline_stops == 1
@@ -180,7 +193,7 @@ def test_the_deadline_returns_what_was_generated(model: LoadedModel) -> None:
 
 def test_a_request_out_of_time_before_any_output_is_504(model: LoadedModel) -> None:
     harness = Harness(model, request_timeout=1)
-    stream = harness.engine.submit(harness.inputs(), GenerationParams(max_new_tokens=4), time.monotonic() - 5)
+    stream = harness.submit(harness.inputs(), GenerationParams(max_new_tokens=4), age=5)
     with pytest.raises(APIError) as caught:
         finish(stream)
     assert (caught.value.code, caught.value.error_code) == (504, "request_timeout")
@@ -189,9 +202,9 @@ def test_a_request_out_of_time_before_any_output_is_504(model: LoadedModel) -> N
 @pytest.fixture
 def busy(model: LoadedModel) -> Iterator[tuple[Harness, GenerationStream]]:
     """An engine whose model thread is held by one long generation; cancelled afterwards."""
-    harness = Harness(model, max_queue=2)
+    harness = Harness(model, max_queue=2, max_batch_size=1)
     long = GenerationParams(max_new_tokens=100_000, min_new_tokens=100_000, **GREEDY)
-    running = harness.engine.submit(harness.inputs(), long, time.monotonic())
+    running = harness.submit(harness.inputs(), long)
     deadline = time.monotonic() + 30
     while harness.engine.stats.batches == 0 and time.monotonic() < deadline:
         time.sleep(0.01)  # wait until the model thread has taken it
@@ -199,21 +212,30 @@ def busy(model: LoadedModel) -> Iterator[tuple[Harness, GenerationStream]]:
     running.close()
 
 
-def test_a_full_queue_is_refused_at_once_with_retry_after(busy: tuple[Harness, GenerationStream]) -> None:
+def test_a_full_worker_is_refused_at_once_with_retry_after(busy: tuple[Harness, GenerationStream]) -> None:
+    """Admission counts the running request and the queued ones; the one too many gets 503 at once."""
     harness, running = busy
     params = GenerationParams(max_new_tokens=2, min_new_tokens=2, **GREEDY)
-    waiting = [harness.engine.submit(harness.inputs(), params, time.monotonic()) for _ in range(2)]
-    for refuse in (
-        harness.engine.check_capacity,
-        lambda: harness.engine.submit(harness.inputs(), params, time.monotonic()),
-    ):
-        with pytest.raises(APIError) as caught:
-            refuse()
-        assert (caught.value.code, caught.value.error_code) == (503, "overloaded")
-        assert 1 <= int(caught.value.headers["Retry-After"]) <= 60
-    assert harness.engine.stats.rejected_full == 2
-    running.close()  # the long one leaves; the queued ones are served
+    capacity = harness.admission.capacity
+    waiting = [harness.submit(harness.inputs(), params) for _ in range(capacity - 1)]
+    assert harness.admission.active == capacity
+    with pytest.raises(APIError) as caught:
+        harness.admission.admit()
+    assert (caught.value.code, caught.value.error_code) == (503, "overloaded")
+    assert 1 <= int(caught.value.headers["Retry-After"]) <= 60
+    assert harness.admission.refused == 1
+    running.close()  # the long one leaves; the queued ones are served and their places given back
     assert all(finish(s).result.completion_tokens == 2 for s in waiting)
+    assert wait_until(lambda: harness.admission.active == 0)
+
+
+def wait_until(predicate: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_a_departed_client_frees_its_row_and_the_rest_go_on(model: LoadedModel) -> None:
@@ -256,7 +278,8 @@ def test_row_streamer_stops_feeding_a_row_at_its_end() -> None:
             return "".join(chr(65 + i % 26) for i in ids)
 
     streams = [GenerationStream(Decoder(), 5, GenerationParams(max_new_tokens=n)) for n in (2, 4)]
-    jobs = [Job(None, s._params, s, 5, 0.0, 1e9) for s in streams]
+    admission = Admission(2, 1e9, lambda: 0.0)
+    jobs = [Job(None, s._params, s, 5, admission.admit()) for s in streams]
     streamer = _RowStreamer(jobs, {0})
     streamer.put(torch.tensor([[9, 9, 9], [9, 9, 9]]))  # the prompts
     for step in ([1, 1], [2, 0], [3, 5], [4, 6]):
@@ -312,4 +335,4 @@ def test_overload_over_http_is_503_and_the_server_stays_healthy(tmp_path: Path, 
         small = {**long, "max_tokens": 3, "min_tokens": 0}
         assert requests.post(server.url + "/v1/chat/completions", json=small, timeout=60).status_code == 200
         engine = requests.get(server.url + "/readyz", timeout=10).json()["engine"]
-        assert engine["rejected_full"] >= 1 and engine["largest_batch"] == 1
+        assert engine["refused"] >= 1 and engine["largest_batch"] == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import LiveServer, live_server, wait_for
 
-from glmvision.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.local.gpus import pick_gpu, visible_gpu_count, worker_device
 
 USES = re.compile(r"worker pid=(?P<pid>\d+) uses (?P<device>\S+)")
 
@@ -140,6 +140,7 @@ def live_devices(server: LiveServer) -> dict[int, str]:
 def test_gunicorn_gives_each_worker_its_own_gpu_and_a_replacement_the_dead_ones(tmp_path: Path) -> None:
     # No GPU needed: CUDA_VISIBLE_DEVICES is how the master counts GPUs, and with warm-up off and no
     # inference request no worker loads a model, so nothing ever touches CUDA.
+    (tmp_path / "never-loaded").mkdir()
     env = {
         "CUDA_VISIBLE_DEVICES": "0,1",
         "GLMVISION_WORKERS": "2",

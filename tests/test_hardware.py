@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from glmvision.config import ConfigError
-from glmvision.hardware import GIB, DtypeChoice, choose_dtype, resolve_device, weight_bytes_16bit
+from glmvision.local.hardware import GIB, DtypeChoice, choose_dtype, resolve_device, weight_bytes_16bit
 
 
 @pytest.mark.parametrize(
@@ -266,6 +266,6 @@ def test_weight_bytes_16bit_of_a_file_is_unknown(tmp_path: Path) -> None:
     [(0, 225_000, 1), (0, 10_290_000_000, 0), (4, 225_000, 4), (3, 10_290_000_000, 3)],
 )
 def test_torch_threads(configured: int, parameters: int, threads: int) -> None:
-    from glmvision.model import torch_threads
+    from glmvision.local.loading import torch_threads
 
     assert torch_threads(configured, parameters) == threads

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_bytes, live_server, wait_for
+from helpers import LiveServer, image_bytes, live_server, model_sees, wait_for
 from PIL import Image
 
 from glmvision import create_app
@@ -343,8 +343,8 @@ def check_usage(usage: Any) -> None:
 
 
 def check_seed_reply(body: Any) -> None:
-    """The /v1/chat answer: {"response": str, "id", "model", "finish_reason", "usage"}."""
-    assert set(body) == {"response", "id", "model", "finish_reason", "usage"}, body
+    """The /v1/chat answer: {"response": str, "id", "created", "model", "finish_reason", "usage"}."""
+    assert set(body) == {"response", "id", "created", "model", "finish_reason", "usage"}, body
     assert isinstance(body["response"], str)
     assert isinstance(body["id"], str) and body["id"].startswith("chat-")
     assert isinstance(body["model"], str) and body["model"]
@@ -369,7 +369,7 @@ def test_vision_fetches_an_allowed_url(
     assert reply.status == 200, reply.body
     assert reply.body["success"] is True and isinstance(reply.body["result"], str)
     check_usage(reply.body["usage"])
-    assert reply.body["image"] == {"width": width, "height": height, "resized_to": [width, height]}
+    assert reply.body["image"] == {"width": width, "height": height, "resized_to": model_sees(width, height)}
     assert site.main.hits(token) == [path]
 
 
@@ -407,7 +407,7 @@ def test_a_redirect_within_the_allowed_host_is_followed(service: Service, site: 
     token = new_token()
     reply = service.post("open", "/v1/chat/vision", request_body("vision", site.url("/redirect", token)))
     assert reply.status == 200, reply.body
-    assert reply.body["image"] == {"width": 300, "height": 200, "resized_to": [300, 200]}
+    assert reply.body["image"] == {"width": 300, "height": 200, "resized_to": model_sees(300, 200)}
     assert site.main.hits(token) == ["/redirect", "/photo.png"]
 
 
@@ -546,7 +546,7 @@ def test_gunicorn_workers_survive_the_table(gunicorn: GunicornPool, site: ImageS
     token = new_token()
     reply = gunicorn.post("open", "/v1/chat/vision", request_body("vision", site.url("/photo.png", token)))
     assert reply.status == 200, reply.body
-    assert reply.body["image"] == {"width": 300, "height": 200, "resized_to": [300, 200]}
+    assert reply.body["image"] == {"width": 300, "height": 200, "resized_to": model_sees(300, 200)}
     for config, started in gunicorn.workers.items():
         running = gunicorn.servers[config]
         assert running.worker_pids() == started, running.log()

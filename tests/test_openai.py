@@ -75,7 +75,6 @@ def shared(
     env = server_env(
         demo_model_dir,
         runtime_dir,
-        THREADS="2",
         API_KEYS=key,
         MODEL_ALIASES=ALIAS,
         MAX_IMAGES=str(MAX_IMAGES),
@@ -96,7 +95,7 @@ def single_thread(
     tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, runtime_dir: Path
 ) -> Iterator[Served]:
     """A one-thread server (requests one after another, each logged before the next); long answers allowed."""
-    env = server_env(demo_model_dir, runtime_dir, THREADS="1", MAX_NEW_TOKENS=str(RUNAWAY))
+    env = server_env(demo_model_dir, runtime_dir, MAX_NEW_TOKENS=str(RUNAWAY))
     with live_server(tmp_path_factory.mktemp("one-thread"), env, ready_path="/readyz") as server:
         yield Served(server)
 
@@ -489,7 +488,7 @@ def test_unknown_fields_are_ignored(oai: openai.OpenAI) -> None:
 
 def test_rate_limit_is_a_rate_limit_error(tmp_path: Path, demo_model_dir: Path, runtime_dir: Path) -> None:
     """With 2/minute the third call raises RateLimitError (the client does not retry)."""
-    env = server_env(demo_model_dir, runtime_dir, THREADS="2", WARMUP="0", RATE_LIMIT="2/minute")
+    env = server_env(demo_model_dir, runtime_dir, WARMUP="0", RATE_LIMIT="2/minute")
     with live_server(tmp_path, env) as server, Served(server).client() as client:
         assert [model.id for model in client.models.list()] == [DEMO_ID]
         assert [model.id for model in client.models.list()] == [DEMO_ID]
@@ -536,7 +535,7 @@ def sse_text(chunks: list[bytes]) -> list[dict[str, Any]]:
 def test_stop_string_cuts_exactly_in_process(make_app: Callable[..., Flask]) -> None:
     """A stop string cut from a greedy answer ends the same answer right before it, streamed or not."""
     app = make_app()
-    app.extensions["glmvision.model"].get()
+    app.extensions["glmvision"].backend.holder.get(timeout=60)
     with app.test_client() as flask_client:
 
         def post(body: dict[str, Any]) -> dict[str, Any]:

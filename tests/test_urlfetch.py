@@ -304,8 +304,7 @@ def test_from_settings() -> None:
             "GLMVISION_IMAGE_URL_MAX_MB": 0.5,
             "GLMVISION_IMAGE_URL_TIMEOUT": 2,
             "GLMVISION_IMAGE_URL_MAX_REDIRECTS": 0,
-        },
-        environ={},
+        }
     )
     policy = FetchPolicy.from_settings(settings)
     assert policy == FetchPolicy(
@@ -315,7 +314,7 @@ def test_from_settings() -> None:
         timeout=2.0,
         max_redirects=0,
     )
-    assert FetchPolicy.from_settings(load_settings(environ={})).domains == ()
+    assert FetchPolicy.from_settings(load_settings()).domains == ()
 
 
 # (address, allowed by default, allowed with allow_private)

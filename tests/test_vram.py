@@ -1,18 +1,22 @@
-"""VRAM hygiene: the cache-emptying rule and the after-request hook that applies it."""
+"""VRAM hygiene: the cache-emptying rule, and the engine's model thread that applies it between batches."""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from flask import Flask
+from helpers import vision_body, wait_for
 
-import glmvision.vram
-from glmvision import create_app
-from glmvision.vram import maybe_empty_cache
+import glmvision.local.engine
+from glmvision.config import load_settings
+from glmvision.local.engine import Engine
+from glmvision.local.vram import maybe_empty_cache
 
 
 class FakeCuda:
@@ -77,109 +81,80 @@ def test_maybe_empty_cache_never_touches_cuda_off_gpu(device: str) -> None:
     assert cuda.devices == []
 
 
-def _app(tmp_path: Path, fraction: float) -> Flask:
-    """A real app (the model is never loaded: the hook only looks at the holder)."""
-    app = create_app(
-        {
-            "GLMVISION_MODEL": str(tmp_path / "model"),
-            "GLMVISION_DEVICE": "cpu",
-            "GLMVISION_WARMUP": False,
-            "GLMVISION_EMPTY_CACHE_FRACTION": fraction,
-        }
-    )
-    app.config["TESTING"] = True
-    return app
+def _engine(device: str, fraction: float) -> Engine:
+    """An engine over a stand-in model that only says which device it is on."""
+    settings = load_settings({"GLMVISION_EMPTY_CACHE_FRACTION": fraction})
+    return Engine(SimpleNamespace(device=device), settings)
 
 
-def _pretend_loaded(app: Flask, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
-    """Make the app's model holder look loaded on `device`."""
-    monkeypatch.setattr(app.extensions["glmvision.model"], "_loaded", SimpleNamespace(device=device))
-
-
-def _install(monkeypatch: pytest.MonkeyPatch, cuda: FakeCuda) -> list[int]:
-    """Route the hook's `torch.cuda` to `cuda`; return a list that counts the lookups."""
-    lookups: list[int] = []
+def _install(monkeypatch: pytest.MonkeyPatch, cuda: FakeCuda) -> list[str]:
+    """Route the engine's `torch.cuda` to `cuda`; return the names of the threads that looked it up."""
+    lookups: list[str] = []
 
     def fake_module() -> FakeCuda:
-        lookups.append(1)
+        lookups.append(threading.current_thread().name)
         return cuda
 
-    monkeypatch.setattr(glmvision.vram, "cuda_module", fake_module)
+    monkeypatch.setattr(glmvision.local.engine, "cuda_module", fake_module)
     return lookups
 
 
-@pytest.mark.parametrize(
-    ("reserved", "emptied"),
-    [(0, 0), (400, 0), (500, 0), (501, 1), (1000, 1)],
-)
-@pytest.mark.parametrize("path", ["/healthz", "/no-such-endpoint"])
-def test_after_request_hook_empties_above_the_fraction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reserved: int, emptied: int, path: str
+@pytest.mark.parametrize(("reserved", "emptied"), [(0, 0), (400, 0), (500, 0), (501, 1), (1000, 1)])
+def test_tidy_memory_empties_above_the_fraction(
+    monkeypatch: pytest.MonkeyPatch, reserved: int, emptied: int
 ) -> None:
-    """After any request, a model on cuda:0 with reserved > 0.5 x total gets its cache emptied."""
-    app = _app(tmp_path, 0.5)
-    _pretend_loaded(app, monkeypatch, "cuda:0")
+    """Between batches the engine empties the cache of its own GPU when over the fraction."""
     cuda = FakeCuda(reserved, 1000)
-    lookups = _install(monkeypatch, cuda)
-    response = app.test_client().get(path)
-    assert response.status_code == (200 if path == "/healthz" else 404)
-    assert cuda.emptied == emptied
-    assert len(lookups) == 1
-    assert "cuda:0" in cuda.devices
-
-
-def test_after_request_hook_runs_once_per_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three requests, three checks."""
-    app = _app(tmp_path, 0.5)
-    _pretend_loaded(app, monkeypatch, "cuda:0")
-    cuda = FakeCuda(900, 1000)
     _install(monkeypatch, cuda)
-    client = app.test_client()
-    for _ in range(3):
-        assert client.get("/healthz").status_code == 200
-    assert cuda.emptied == 3
+    engine = _engine("cuda:1", 0.5)
+    engine._tidy_memory()
+    assert cuda.emptied == emptied
+    assert engine.stats.cache_empties == emptied
+    assert cuda.devices and set(cuda.devices) == {"cuda:1"}
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])
-def test_after_request_hook_ignores_models_off_gpu(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str | None
-) -> None:
-    """No model, or a CPU model: torch.cuda is never even looked up."""
-    app = _app(tmp_path, 0.5)
-    if device is not None:
-        _pretend_loaded(app, monkeypatch, device)
+def test_tidy_memory_never_touches_cuda_off_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda(1000, 1000)
     lookups = _install(monkeypatch, cuda)
-    assert app.test_client().get("/healthz").status_code == 200
-    assert lookups == []
-    assert cuda.emptied == 0
+    _engine("cpu", 0.5)._tidy_memory()
+    assert lookups == [] and cuda.emptied == 0
 
 
-def test_after_request_hook_failure_does_not_fail_the_request(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_failing_check_is_logged_and_the_engine_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A CUDA error in the check is logged and the finished response still goes out."""
-    app = _app(tmp_path, 0.5)
-    _pretend_loaded(app, monkeypatch, "cuda:0")
-    cuda = FakeCuda(1000, 1000, fail=True)
-    _install(monkeypatch, cuda)
+    _install(monkeypatch, FakeCuda(1000, 1000, fail=True))
+    engine = _engine("cuda:0", 0.5)
     with caplog.at_level(logging.ERROR, logger="glmvision"):
-        response = app.test_client().get("/healthz")
-    assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
-    assert cuda.emptied == 0
+        engine._tidy_memory()
     assert "VRAM check failed" in caplog.text
+    assert engine.stats.cache_empties == 0
 
 
-def test_after_request_hook_survives_a_missing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Even failing to get torch.cuda at all leaves the response alone."""
-    app = _app(tmp_path, 0.5)
-    _pretend_loaded(app, monkeypatch, "cuda:0")
+def test_the_check_runs_on_the_model_thread_after_each_batch_never_per_request(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Health probes and requests never call CUDA; the model thread checks once per batch."""
+    app = make_app()
+    client = app.test_client()
+    checks: list[str] = []
+    real = Engine._tidy_memory
 
-    def broken() -> Any:
-        raise ImportError("no torch here")
+    def recording(self: Engine) -> None:
+        checks.append(threading.current_thread().name)
+        real(self)
 
-    monkeypatch.setattr(glmvision.vram, "cuda_module", broken)
-    response = app.test_client().get("/healthz")
-    assert response.status_code == 200
-    assert response.get_json() == {"status": "ok"}
+    monkeypatch.setattr(Engine, "_tidy_memory", recording)
+    lookups = _install(monkeypatch, FakeCuda(1000, 1000))
+    for _ in range(5):
+        assert client.get("/healthz").get_json() == {"status": "ok"}
+    assert checks == []
+    for _ in range(2):
+        assert client.post("/v1/chat/vision", json=vision_body()).get_json()["success"] is True
+    engine = app.extensions["glmvision"].backend.engine
+    assert engine is not None
+    # The check follows each batch on the model thread, which may still be at it when the answer is out.
+    assert wait_for(lambda: len(checks) == 2)
+    assert engine.stats.batches == 2
+    assert set(checks) == {"glmvision-engine"}
+    assert lookups == []  # the demo model runs on the CPU: CUDA is never asked

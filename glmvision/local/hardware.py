@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # Weights are not all the GPU needs: activations, the KV cache and image features come on top.
 HEADROOM = 1.2
@@ -94,3 +94,29 @@ def weight_bytes_16bit(model_dir: str) -> int | None:
     weights = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
     total = sum(os.path.getsize(os.path.join(model_dir, name)) for name in weights)
     return total or None
+
+
+def bf16_native(capability: tuple[int, int]) -> bool:
+    """True when a GPU of this compute capability computes bf16 natively (Ampere, 8.0, and later)."""
+    # torch.cuda.is_bf16_supported() also says yes on older GPUs, where bf16 is emulated and slow,
+    # and it asks about the current device, not the one the model goes to.
+    return tuple(capability) >= (8, 0)
+
+
+@dataclass(frozen=True)
+class CudaFacts:
+    """What the dtype decision needs to know about the chosen device."""
+
+    bf16_native: bool = False
+    free_bytes: int | None = None
+
+
+def cuda_facts(device: str) -> CudaFacts:
+    """Read the chosen CUDA device's bf16 support and free memory; nothing for the CPU."""
+    if not device.startswith("cuda"):
+        return CudaFacts()
+    import torch
+
+    index = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(index)
+    return CudaFacts(bf16_native(torch.cuda.get_device_capability(index)), int(free))

@@ -1,12 +1,13 @@
-"""VRAM hygiene: give cached CUDA memory back when a worker holds too much of the GPU."""
+"""VRAM hygiene: give cached CUDA memory back when a worker holds too much of the GPU.
+
+The engine's model thread calls this between batches, never a request thread: the check costs a
+CUDA call, and emptying the cache while a batch runs would only make it allocate again.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any, Protocol
-
-from flask import Flask
-from flask.wrappers import Response
 
 log = logging.getLogger("glmvision")
 
@@ -41,17 +42,9 @@ def cuda_module() -> CudaMemory:
     return torch.cuda
 
 
-def init_app(app: Flask) -> None:
-    """After each request, empty the CUDA cache when the worker's GPU is nearly full."""
-    fraction = app.config["GLMVISION_EMPTY_CACHE_FRACTION"]
+def release_cuda_cache() -> None:
+    """Return cached CUDA blocks to the driver, if CUDA is in use."""
+    import torch
 
-    def after(response: Response) -> Response:
-        loaded = app.extensions["glmvision.model"].loaded
-        if loaded is not None and loaded.device.startswith("cuda"):
-            try:
-                maybe_empty_cache(cuda_module(), loaded.device, fraction)
-            except Exception:  # hygiene must never fail a finished request
-                log.exception("VRAM check failed")
-        return response
-
-    app.after_request(after)
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -14,12 +14,15 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import APIError, unavailable
-from .generation import GenerationParams, GenerationStream
+from ..backend import Ticket
+from ..config import Settings
+from ..errors import APIError, unavailable
+from ..generation import GenerationParams, GenerationStream
+from .vram import cuda_module, maybe_empty_cache, release_cuda_cache
 
 log = logging.getLogger("glmvision")
 
@@ -32,10 +35,17 @@ class Job:
     params: GenerationParams
     stream: GenerationStream
     prompt_tokens: int
-    arrived: float
-    deadline: float
+    ticket: Ticket
     generated: int = 0
     finished: bool = False
+
+    @property
+    def arrived(self) -> float:
+        return self.ticket.arrived
+
+    @property
+    def deadline(self) -> float:
+        return self.ticket.deadline
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -55,10 +65,10 @@ class EngineStats:
     rows: int = 0
     largest_batch: int = 0
     completed: int = 0
-    rejected_full: int = 0
     queue_timeouts: int = 0
     deadline_stops: int = 0
     oom_splits: int = 0
+    cache_empties: int = 0
     drain_rate: float = 0.0  # requests per second, smoothed
     _last_done: float = field(default=0.0, repr=False)
 
@@ -116,6 +126,7 @@ def _finish(job: Job) -> None:
     if not job.finished:
         job.finished = True
         job.stream.end()
+        job.ticket.release()
 
 
 def _fail_unfinished(jobs: list[Job], error: APIError) -> None:
@@ -146,17 +157,14 @@ def _rows_done_criteria(jobs: list[Job], stats: EngineStats) -> Any:
 class Engine:
     """A bounded queue in front of one model thread that batches compatible requests."""
 
-    def __init__(
-        self, model: Any, settings: Mapping[str, Any], arriving: Callable[[], int] = lambda: 0
-    ) -> None:
+    def __init__(self, model: Any, settings: Settings, arriving: Callable[[], int] = lambda: 0) -> None:
         self._model = model
         self._arriving = arriving
-        self.max_batch = settings["GLMVISION_MAX_BATCH_SIZE"]
-        self.max_tokens = settings["GLMVISION_MAX_BATCH_TOKENS"]
-        self.max_queue = settings["GLMVISION_MAX_QUEUE"]
-        self.batch_wait = settings["GLMVISION_BATCH_WAIT_MS"] / 1000
-        self.queue_timeout = settings["GLMVISION_QUEUE_TIMEOUT"]
-        self.request_timeout = settings["GLMVISION_REQUEST_TIMEOUT"]
+        self.max_batch = settings.max_batch_size
+        self.max_tokens = settings.max_batch_tokens
+        self.batch_wait = settings.batch_wait_ms / 1000
+        self.queue_timeout = settings.queue_timeout
+        self.empty_cache_fraction = settings.empty_cache_fraction
         self.stats = EngineStats()
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -164,33 +172,22 @@ class Engine:
 
     # Request side.
 
-    def check_capacity(self) -> None:
-        """Refuse at once (503 overloaded) when the queue is full, before any preprocessing."""
-        with self._cond:
-            self._refuse_if_full()
-
-    def submit(self, inputs: Any, params: GenerationParams, arrived: float) -> GenerationStream:
+    def submit(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated."""
         stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params)
-        job = Job(inputs, params, stream, stream.prompt_tokens, arrived, arrived + self.request_timeout)
+        job = Job(inputs, params, stream, stream.prompt_tokens, ticket)
         with self._cond:
-            self._refuse_if_full()
             self._queue.append(job)
             self._ensure_thread()
             self._cond.notify()
         return stream
 
-    def _refuse_if_full(self) -> None:
-        # Called with self._cond held.
-        if len(self._queue) >= self.max_queue:
-            self.stats.rejected_full += 1
-            raise unavailable("overloaded", "The server is at capacity; retry shortly.", self._retry_after())
-
     def queued(self) -> int:
         """Requests waiting for the model right now."""
         return len(self._queue)
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained (1..60; 5 before any is measured)."""
         rate = self.stats.drain_rate
         if rate <= 0:
             return 5
@@ -212,6 +209,17 @@ class Engine:
                 except Exception:  # the engine must outlive any one batch
                     log.exception("batch failed")
                     _fail_unfinished(batch, APIError(500, "internal_error", "Generation failed."))
+                self._tidy_memory()
+
+    def _tidy_memory(self) -> None:
+        """Between batches: give cached GPU memory back when the worker holds too much of the GPU."""
+        device = str(self._model.device)
+        if device.startswith("cuda"):
+            try:
+                if maybe_empty_cache(cuda_module(), device, self.empty_cache_fraction):
+                    self.stats.cache_empties += 1
+            except Exception:  # hygiene must never stop the engine
+                log.exception("VRAM check failed")
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
@@ -250,7 +258,7 @@ class Engine:
             if now - job.arrived > self.queue_timeout:
                 self.stats.queue_timeouts += 1
                 job.stream.fail(
-                    unavailable("queue_timeout", "Waited too long for the model.", self._retry_after())
+                    unavailable("queue_timeout", "Waited too long for the model.", self.retry_after())
                 )
                 _finish(job)
                 continue
@@ -271,8 +279,6 @@ class Engine:
         try:
             self._generate(batch)
         except torch.OutOfMemoryError:
-            from .model import release_cuda_cache
-
             release_cuda_cache()
             fresh = [job for job in batch if job.generated == 0 and not job.finished]
             if len(batch) > 1 and len(fresh) == len(batch):

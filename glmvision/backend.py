@@ -1,0 +1,134 @@
+"""The seam between the HTTP side and whatever generates answers (the in-process model, or later
+an upstream engine): admission, preparing inputs, submitting them, and describing the model."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import unavailable
+from .generation import GenerationParams, GenerationStream
+from .images import Fit
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request: when it arrived, its deadline, and its place until released."""
+
+    arrived: float
+    deadline: float
+    _on_release: Callable[[Ticket], None] = field(repr=False)
+    _submitted: bool = False
+    _released: bool = False
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def release(self) -> None:
+        """Give the place back (idempotent): the request is answered, failed or abandoned."""
+        self._on_release(self)
+
+
+class Admission:
+    """Counts the requests a worker holds (preparing, queued, running) and refuses the one too many."""
+
+    def __init__(self, capacity: int, request_timeout: float, drain_rate: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.request_timeout = request_timeout
+        self._drain_rate = drain_rate
+        self._lock = threading.Lock()
+        self.active = 0
+        self.preparing = 0
+        self.refused = 0
+
+    def admit(self) -> Ticket:
+        """A ticket for a new request, or 503 `overloaded` at once when the worker is full."""
+        now = time.monotonic()
+        with self._lock:
+            if self.active >= self.capacity:
+                self.refused += 1
+                raise unavailable(
+                    "overloaded", "The server is at capacity; retry shortly.", self.retry_after()
+                )
+            self.active += 1
+            self.preparing += 1
+        return Ticket(now, now + self.request_timeout, self._release)
+
+    def submitted(self, ticket: Ticket) -> None:
+        """The request's inputs are prepared and queued: it no longer counts as arriving."""
+        with self._lock:
+            if not ticket._submitted and not ticket._released:
+                ticket._submitted = True
+                self.preparing -= 1
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket._released:
+                return
+            ticket._released = True
+            self.active -= 1
+            if not ticket._submitted:
+                self.preparing -= 1
+
+    def retry_after(self) -> int:
+        """Seconds until the requests held now have likely drained (1..60; 5 before any is measured)."""
+        rate = self._drain_rate()
+        if rate <= 0:
+            return 5
+        return max(1, min(60, math.ceil((self.active + 1) / rate)))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"capacity": self.capacity, "active": self.active, "refused": self.refused}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Inputs ready for `Backend.submit`, and the name of the model that will answer."""
+
+    model_id: str
+    inputs: Any
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
+
+
+class Backend(Protocol):
+    """What the pipeline needs from whatever generates answers."""
+
+    def model_names(self) -> tuple[str, ...]:
+        """The served model id first, then the aliases clients may use."""
+        ...
+
+    def model_card(self) -> dict[str, Any]:
+        """The model as /v1/models lists it (id, demo, device, dtype, ready)."""
+        ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details) for /readyz; never waits."""
+        ...
+
+    def warm_up(self) -> None:
+        """Start loading or connecting in the background."""
+        ...
+
+    def admit(self) -> Ticket:
+        """Take a place for a new request or raise 503 `overloaded`; never waits."""
+        ...
+
+    def image_fit(self) -> Fit | None:
+        """The size the model resizes images to, once known, so they are decoded to it directly."""
+        ...
+
+    def prepare(
+        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
+    ) -> Prepared:
+        """Turn chat messages (images as PIL images) into model inputs, waiting at most until the deadline;
+        `param` names the request field an image the model refuses came from."""
+        ...
+
+    def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
+        """Queue prepared inputs; the stream yields the answer, and the ticket is released when it ends."""
+        ...

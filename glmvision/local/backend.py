@@ -1,0 +1,83 @@
+"""The in-process backend: the model loaded in this worker, fed by the batching engine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..backend import Admission, Prepared, Ticket
+from ..config import Settings
+from ..errors import APIError
+from ..generation import GenerationParams, GenerationStream
+from ..images import Fit
+from .engine import Engine
+from .holder import ModelHolder
+from .loading import is_demo, load_model, model_id_for
+from .runtime import LoadedModel
+
+log = logging.getLogger("glmvision")
+
+
+class LocalBackend:
+    """GLM-4.6V-Flash in this process: lazily loaded, one engine thread, admission in front."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.holder = ModelHolder(settings, self._load)
+        self.admission = Admission(settings.admission_capacity, settings.request_timeout, self._drain_rate)
+
+    def _load(self, settings: Settings) -> LoadedModel:
+        loaded = load_model(settings)
+        self.engine = Engine(loaded, settings, arriving=lambda: self.admission.preparing)
+        return loaded
+
+    def _drain_rate(self) -> float:
+        return self.engine.stats.drain_rate if self.engine is not None else 0.0
+
+    def model_names(self) -> tuple[str, ...]:
+        served = model_id_for(self.settings.model, self.settings.model_id)
+        return (served, *self.settings.model_aliases)
+
+    def model_card(self) -> dict[str, Any]:
+        loaded = self.holder.loaded
+        if loaded is not None:
+            return {**loaded.info(), "ready": True}
+        return {
+            "id": self.model_names()[0],
+            "demo": is_demo(self.settings.model),
+            "device": None,
+            "dtype": None,
+            "ready": False,
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        loaded, holder = self.holder.loaded, self.holder
+        if loaded is None or self.engine is None:
+            status = "loading" if holder.loading else ("failed" if holder.error else "not_loaded")
+            return False, {"status": status}
+        engine = {"queued": self.engine.queued(), **self.engine.stats.as_dict(), **self.admission.as_dict()}
+        return True, {"status": "ready", "model": loaded.info(), "engine": engine}
+
+    def warm_up(self) -> None:
+        self.holder.warm_up()
+
+    def admit(self) -> Ticket:
+        return self.admission.admit()
+
+    def image_fit(self) -> Fit | None:
+        loaded = self.holder.loaded
+        return loaded.fit_image if loaded is not None else None
+
+    def prepare(
+        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
+    ) -> Prepared:
+        loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
+        inputs = loaded.prepare(messages, params.enable_thinking, param)
+        return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs))
+
+    def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
+        if self.engine is None:
+            raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
+        self.admission.submitted(ticket)
+        return self.engine.submit(prepared.inputs, params, ticket)

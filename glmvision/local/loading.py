@@ -1,0 +1,137 @@
+"""Loading the model: where it comes from, its name, and which device and dtype it runs in."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ..config import ConfigError, Settings
+from .demo import DEMO_MARKER, ensure_demo_model
+from .runtime import LoadedModel
+
+log = logging.getLogger("glmvision")
+
+DEMO_MODEL_ID = "glm-4.6v-flash-demo"
+TINY_MODEL_PARAMETERS = 100_000_000
+
+
+def is_demo(source: str) -> bool:
+    """True for the built-in demo model: no source configured, or a directory the builder wrote."""
+    return not source or os.path.exists(os.path.join(source, DEMO_MARKER))
+
+
+def looks_like_path(source: str) -> bool:
+    """True when GLMVISION_MODEL names a directory rather than a hub id (`org/name`)."""
+    return source.startswith(("/", "./", "../", "~")) or os.sep + os.sep in source or source.count("/") > 1
+
+
+def check_source(source: str) -> None:
+    """Refuse at start-up a model path that does not exist (a hub id is checked when it loads)."""
+    if source and looks_like_path(source) and not os.path.isdir(os.path.expanduser(source)):
+        raise ConfigError(f"GLMVISION_MODEL={source}: directory not found")
+
+
+def model_id_for(source: str, configured: str) -> str:
+    """Return the model name clients see, the same before and after loading."""
+    if configured:
+        return configured
+    if is_demo(source):
+        return DEMO_MODEL_ID
+    return os.path.basename(os.path.normpath(source)) if os.path.isdir(source) else source
+
+
+def demo_cache_dir(settings: Settings) -> str:
+    """Where the demo model is built when no weights are configured."""
+    if settings.demo_cache:
+        return settings.demo_cache
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "glmvision")
+
+
+def torch_threads(configured: int, parameters: int) -> int:
+    """Threads to give torch (0: leave its default): tiny models run fastest on one."""
+    if configured:
+        return configured
+    # Intra-op threads only pay off for big matrices; for a tiny model they are synchronisation
+    # overhead that also takes a core from the request threads' preprocessing.
+    return 1 if parameters < TINY_MODEL_PARAMETERS else 0
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load processor and model as configured: real weights, or the demo model when none are set."""
+    import torch
+    import transformers
+
+    from .hardware import choose_dtype, cuda_facts, resolve_device, weight_bytes_16bit
+
+    started = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
+    source = (
+        os.path.expanduser(settings.model)
+        if settings.model
+        else str(ensure_demo_model(demo_cache_dir(settings)))
+    )
+    demo = is_demo(source)
+    if demo:
+        log.warning(
+            "SERVING THE DEMO MODEL (%s): random weights, answers are meaningless. "
+            "Set GLMVISION_MODEL to real GLM-4.6V-Flash weights.",
+            source,
+        )
+    cuda = torch.cuda.is_available()
+    device = resolve_device(settings.device, cuda, torch.cuda.device_count() if cuda else 0)
+    facts = cuda_facts(device)
+    choice = choose_dtype(
+        settings.dtype,
+        device=device,
+        bf16_supported=facts.bf16_native,
+        free_vram_bytes=facts.free_bytes,
+        bf16_weight_bytes=weight_bytes_16bit(source),
+        int8_available=_has_bitsandbytes(),
+    )
+    kwargs: dict[str, Any] = {}
+    if choice.dtype == "int8":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16
+    else:
+        kwargs["dtype"] = getattr(torch, choice.dtype)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise RuntimeError(f"cannot load model from {source!r}: {exc}") from exc
+    model.eval()
+    threads = torch_threads(settings.torch_threads, sum(p.numel() for p in model.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
+    processor.tokenizer.padding_side = "left"
+    model_id = model_id_for(source, settings.model_id)
+    loaded = LoadedModel(
+        processor=processor,
+        model=model,
+        model_id=model_id,
+        device=device,
+        dtype=choice.dtype,
+        demo=demo,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",
+        model_id,
+        device,
+        choice.dtype,
+        choice.reason,
+        torch.get_num_threads(),
+        loaded.load_seconds,
+        os.getpid(),
+    )
+    return loaded
