@@ -1,8 +1,10 @@
+#!/usr/bin/env python3
 """Load benchmark (issue 4): glmvision as deployed vs a naive seed wrapper vs `transformers serve`.
 
-`python bench/run.py [--servers glmvision,seed,hf,hf-cb] [--clients 1,4,8,16] [--duration 10]`
-builds the demo model once, starts each server on a free loopback port, drives it with closed-loop
-clients, stops it, times model.generate() alone, prints a table and writes the raw results as JSON.
+`.venv/bin/python bench/run.py [--servers glmvision,seed,hf,hf-cb] [--clients 1,4,8,16] [--duration 10]`
+(or `bench/run.py ...` with .venv activated) builds the demo model once, starts each server on a free
+loopback port, drives it with closed-loop clients, stops it, times model.generate() alone, prints a
+table and writes the raw results as JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import importlib.util
 import io
 import json
 import math
@@ -31,7 +34,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import requests
+try:
+    import requests
+except ImportError:  # launched by a Python without the bench's requirements (e.g. the system's python3)
+    raise SystemExit(
+        "bench/run.py needs the repository's .venv: .venv/bin/pip install -r requirements-bench.txt, "
+        "then .venv/bin/python bench/run.py ..."
+    ) from None
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -155,7 +164,7 @@ def transformers_cli() -> str:
         return str(beside)
     found = shutil.which("transformers")
     if found is None:
-        raise RuntimeError("no `transformers` command found (pip install -r requirements-bench.txt)")
+        raise RuntimeError("no `transformers` command (.venv/bin/pip install -r requirements-bench.txt)")
     return found
 
 
@@ -822,9 +831,27 @@ def _probe_summary(probe_report: dict[str, Any]) -> str:
     )
 
 
+def missing_modules(server_list: list[str]) -> list[str]:
+    """Modules this interpreter lacks for the chosen servers (they all run with sys.executable)."""
+    needed = {"numpy", "PIL", "torch", "transformers"}
+    if {"glmvision", "seed"} & set(server_list):
+        needed |= {"flask", "gunicorn"}
+    if {"hf", "hf-cb"} & set(server_list):
+        needed |= {"fastapi", "uvicorn"}
+    return sorted(name for name in needed if importlib.util.find_spec(name) is None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark once; exit 1 if a server failed to start or any request failed."""
     args = parse_args(argv)
+    missing = missing_modules(args.server_list)
+    if missing:
+        print(
+            f"{sys.executable} lacks {', '.join(missing)}: run the bench with the repository's .venv, "
+            "after .venv/bin/pip install -r requirements-bench.txt: .venv/bin/python bench/run.py ...",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="glmvision-bench-"))
     model_dir, image_path = workdir / "demo-model", workdir / "request.jpg"
