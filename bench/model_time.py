@@ -1,7 +1,8 @@
+#!/usr/bin/env python3
 """Model-only timing: the benchmark's request through model.generate() directly, with no HTTP.
 
 Run by bench/run.py in a subprocess after the servers are stopped; prints one `RESULT {json}` line.
-`python bench/model_time.py --model DIR --image IMAGE.jpg [--batch 8] [--runs 7]`
+`.venv/bin/python bench/model_time.py --model DIR --image IMAGE.jpg [--batch 8] [--runs 7]`
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
+#!/usr/bin/env python3
 """Load benchmark (issue 4): glmvision as deployed vs a naive seed wrapper vs `transformers serve`.
 
-`python bench/run.py [--servers glmvision,seed,hf,hf-cb] [--clients 1,4,8,16] [--duration 10]`
-builds the demo model once, starts each server on a free loopback port, drives it with closed-loop
-clients, stops it, times model.generate() alone, prints a table and writes the raw results as JSON.
+`.venv/bin/python bench/run.py [--servers glmvision,seed,hf,hf-cb] [--clients 1,4,8,16] [--duration 10]`
+(or `bench/run.py ...` with .venv activated) builds the demo model once, starts each server on a free
+loopback port, drives it with closed-loop clients, stops it, times model.generate() alone, prints a
+table and writes the raw results as JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import importlib.util
 import io
 import json
 import math
@@ -31,7 +34,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import requests
+try:
+    import requests
+except ImportError:  # launched by a Python without the bench's requirements (e.g. the system's python3)
+    raise SystemExit(
+        "bench/run.py needs the repository's .venv: .venv/bin/pip install -r requirements-bench.txt, "
+        "then .venv/bin/python bench/run.py ..."
+    ) from None
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -155,7 +164,7 @@ def transformers_cli() -> str:
         return str(beside)
     found = shutil.which("transformers")
     if found is None:
-        raise RuntimeError("no `transformers` command found (pip install -r requirements-bench.txt)")
+        raise RuntimeError("no `transformers` command (.venv/bin/pip install -r requirements-bench.txt)")
     return found
 
 
@@ -353,6 +362,7 @@ class LevelResult:
     warmup_requests: int
     late_requests: int
     error_kinds: dict[str, int]
+    warmup_s: float = 0.0  # the warm-up this level took: --warmup, or longer until every client had an answer
     cpu_pct: dict[str, float] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)  # counted requests, in order of completion
 
@@ -367,14 +377,21 @@ def run_level(
     timeout: float,
     meter: CpuMeter | None = None,
 ) -> LevelResult:
-    """Closed loop: each client sends its next request when the previous answer arrives."""
+    """Closed loop: each client sends its next request when the previous answer arrives.
+
+    The measured window opens after `warmup` seconds, and not before every client has had its first
+    answer (or `timeout` more seconds passed): with many clients or long answers the first round
+    trip takes longer than the warm-up, and a window opened during it would count the ramp (the
+    first answers, which queued behind fewer others) instead of the steady state.
+    """
     cpu_before = meter.snapshot() if meter else None
     samples: list[Sample] = []
+    answered: set[int] = set()
     lock = threading.Lock()
     begin = time.monotonic() + 0.2
-    window_start, window_end = begin + warmup, begin + warmup + duration
+    window_end = math.inf  # clients read it on every loop; set once the warm-up is over
 
-    def client() -> None:
+    def client(index: int) -> None:
         with requests.Session() as session:
             while time.monotonic() < begin:
                 time.sleep(0.01)
@@ -383,12 +400,25 @@ def run_level(
                 sample = Sample(start, time.monotonic(), ok, tokens, error)
                 with lock:
                     samples.append(sample)
+                    answered.add(index)
                 if not ok:
                     time.sleep(ERROR_PAUSE_S)
 
-    threads = [threading.Thread(target=client, daemon=True, name=f"client-{i}") for i in range(clients)]
+    threads = [
+        threading.Thread(target=client, args=(i,), daemon=True, name=f"client-{i}") for i in range(clients)
+    ]
     for thread in threads:
         thread.start()
+    warm_until, give_up = begin + warmup, begin + warmup + timeout + 5.0
+    while True:
+        now = time.monotonic()
+        with lock:
+            everyone = len(answered) == clients
+        if now >= warm_until and (everyone or now >= give_up):
+            break
+        time.sleep(0.05)
+    window_start = now
+    window_end = window_start + duration
     join_deadline = window_end + timeout + 10.0
     for thread in threads:
         thread.join(timeout=max(0.0, join_deadline - time.monotonic()))
@@ -414,6 +444,7 @@ def run_level(
         p99_ms=percentile(latencies, 0.99),
         mean_tokens=tokens / len(good) if good else math.nan,
         warmup_requests=sum(1 for s in taken if s.end < window_start),
+        warmup_s=round(window_start - begin, 2),
         late_requests=sum(1 for s in taken if s.end >= window_end),
         error_kinds=dict(kinds.most_common(MAX_ERROR_KINDS)),
         cpu_pct=cpu,
@@ -501,12 +532,14 @@ def model_only(model_dir: Path, image_path: Path, args: argparse.Namespace, log_
         "--prompt", PROMPT, "--max-new-tokens", str(args.max_new_tokens), "--batch", str(args.batch),
         "--runs", str(args.model_runs),
     ]  # fmt: skip
+    # (warm-up + timed runs) x (one request + one batch): allow for long answers (--max-new-tokens 256).
+    limit = 300.0 * max(1.0, args.max_new_tokens / 64)
     try:
         done = subprocess.run(
-            command, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=300, check=False
+            command, cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=limit, check=False
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"model_time.py took over 300 s; log: {log_path}"}
+        return {"error": f"model_time.py took over {limit:.0f} s; log: {log_path}"}
     log_path.write_text(done.stdout + done.stderr)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -572,6 +605,7 @@ def median_results(rounds: list[list[LevelResult]]) -> list[LevelResult]:
                     p50_ms=median("p50_ms"),
                     p95_ms=median("p95_ms"),
                     p99_ms=median("p99_ms"),
+                    warmup_s=median("warmup_s"),
                     latencies_ms=[x for r in runs for x in r.latencies_ms],
                 )
             )
@@ -651,7 +685,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS))
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="unmeasured seconds before each level (longer, until every client has had an answer)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument(
         "--rounds",
@@ -659,7 +698,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="repeat all servers N times (rotating the order); report medians",
     )
-    parser.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds per request (the servers' own limit: 64 clients waiting on 256-token answers "
+        "from a sequential server queue for tens of seconds each)",
+    )
     parser.add_argument(
         "--startup-timeout", type=float, default=240.0, help="seconds for a server to be ready"
     )
@@ -685,6 +730,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--clients takes 1 to 256 clients per level")
     if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 120:
         parser.error("--duration must be in (0, 600] and --warmup in [0, 120]")
+    if args.request_timeout <= 0 or args.max_new_tokens < 1:
+        parser.error("--request-timeout must be positive and --max-new-tokens at least 1")
     env: dict[str, str] = {}
     for item in args.glmvision_env:
         key, sep, value = item.partition("=")
@@ -795,7 +842,7 @@ def bench_server(
                 counters = after
                 print(
                     f"   {clients:>3} clients: {row.req_per_s:7.2f} req/s  p50 {fmt(row.p50_ms):>7} ms  "
-                    f"errors {row.errors}{batching}",
+                    f"errors {row.errors}{batching}  (warm-up {row.warmup_s:.1f} s, {row.requests} counted)",
                     flush=True,
                 )
     except ServerFailed as error:
@@ -822,9 +869,27 @@ def _probe_summary(probe_report: dict[str, Any]) -> str:
     )
 
 
+def missing_modules(server_list: list[str]) -> list[str]:
+    """Modules this interpreter lacks for the chosen servers (they all run with sys.executable)."""
+    needed = {"numpy", "PIL", "torch", "transformers"}
+    if {"glmvision", "seed"} & set(server_list):
+        needed |= {"flask", "gunicorn"}
+    if {"hf", "hf-cb"} & set(server_list):
+        needed |= {"fastapi", "uvicorn"}
+    return sorted(name for name in needed if importlib.util.find_spec(name) is None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark once; exit 1 if a server failed to start or any request failed."""
     args = parse_args(argv)
+    missing = missing_modules(args.server_list)
+    if missing:
+        print(
+            f"{sys.executable} lacks {', '.join(missing)}: run the bench with the repository's .venv, "
+            "after .venv/bin/pip install -r requirements-bench.txt: .venv/bin/python bench/run.py ...",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="glmvision-bench-"))
     model_dir, image_path = workdir / "demo-model", workdir / "request.jpg"
@@ -899,7 +964,8 @@ def _report(
 ) -> None:
     """Print the table, the comparisons, what each server did, and the model-only timing."""
     print(
-        f"\n== results: closed loop, {args.duration:.0f} s per level after {args.warmup:.0f} s warm-up, "
+        f"\n== results: closed loop, {args.duration:.0f} s per level after a warm-up (at least "
+        f"{args.warmup:.0f} s, and until every client had an answer), "
         f"{IMAGE_SIDE}x{IMAGE_SIDE} JPEG, max {args.max_new_tokens} new tokens, greedy\n"
     )
     print_table(results)
@@ -930,6 +996,8 @@ def _report(
                 errors.update(r.error_kinds)
         for kind, count in errors.most_common(5):
             print(f"    error x{count}: {kind}")
+        for line in level_notes([r for r in results if r.server == name], args):
+            print(f"    {line}")
         for line in report.get("log_highlights", [])[:6]:
             print(f"    log: {line}")
         if errors or "failed" in report:
@@ -938,6 +1006,24 @@ def _report(
         print("\n== model.generate() alone (no HTTP, one process)")
         for line in model_lines(model, results):
             print("  " + line)
+
+
+def level_notes(rows: list[LevelResult], args: argparse.Namespace) -> list[str]:
+    """Levels whose figures need care: a warm-up stretched past --warmup, or a thin window."""
+    notes: list[str] = []
+    for r in rows:
+        if r.warmup_s > args.warmup + 1.0:
+            notes.append(
+                f"{r.clients} clients: warm-up took {r.warmup_s:.1f} s (until every client had an answer)"
+            )
+        # Fewer answers than clients (per round): most clients never finished a request inside the
+        # window, so req/s and the percentiles rest on a few samples.
+        if 0 < r.requests < r.clients * args.rounds:
+            notes.append(
+                f"{r.clients} clients: only {r.requests} answers counted, fewer than clients: "
+                f"a longer --duration (above the {fmt(r.p50_ms / 1000.0)} s p50) gives steadier figures"
+            )
+    return notes
 
 
 def _no_nan(row: dict[str, Any]) -> dict[str, Any]:

@@ -3,5 +3,7 @@
 # GLMVISION_MODEL points at real weights. Extra arguments go to gunicorn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh requirements.txt
+# requirements-examples.txt: the runtime plus requests and openai, so the README's Python examples
+# run with .venv/bin/python as they are written.
+bash scripts/bootstrap.sh requirements-examples.txt
 exec .venv/bin/python -m gunicorn -c deploy/gunicorn.conf.py "$@" wsgi:app

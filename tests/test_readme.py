@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -75,11 +77,63 @@ def test_curl_example_returns_200_json(demo_server) -> None:
     assert body["image"]["resized_to"] == model_sees(480, 270)
 
 
-def test_python_example_runs(demo_server) -> None:
-    script = readme_example("python").replace("http://127.0.0.1:8080", demo_server.url)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+def run_python_example(
+    name: str, url: str, tmp_path: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a README Python example the way the README says: saved as a file, with its run command."""
+    example = tmp_path / "example.py"
+    example.write_text(readme_example(name).replace("http://127.0.0.1:8080", url), encoding="utf-8")
+    command = readme_example("run-python").strip()
+    assert command == ".venv/bin/python /tmp/example.py"
+    assert (ROOT / ".venv/bin/python").exists(), "the README runs the examples with .venv/bin/python"
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", command.replace("/tmp/example.py", str(example))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def _requirement_names(path: Path) -> set[str]:
+    """Distribution names a requirements file installs, following `-r` includes."""
+    names: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= _requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(re.split(r"[\[=<>!~;\s]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def _third_party_imports(code: str) -> set[str]:
+    """Top-level modules a code block imports, the standard library left out."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("script", ["serve.sh", "test.sh"])
+def test_each_set_up_command_installs_what_the_python_examples_import(script: str) -> None:
+    """After either set-up command, .venv has the examples' packages (the newcomer's ModuleNotFoundError)."""
+    files = re.findall(r"bootstrap\.sh (\S+)", (ROOT / "scripts" / script).read_text(encoding="utf-8"))
+    assert files, f"scripts/{script} installs no requirements file"
+    installed = set().union(*(_requirement_names(ROOT / name) for name in files))
+    modules = _third_party_imports(readme_example("python")) | _third_party_imports(readme_example("openai"))
+    assert {"requests", "openai"} <= modules
+    distributions = packages_distributions()
+    for module in modules:
+        wanted = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
+        assert wanted & installed, f"scripts/{script} does not install {module!r}, which the README imports"
+
+
+def test_python_example_runs(demo_server, tmp_path: Path) -> None:
+    result = run_python_example("python", demo_server.url, tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "'total_tokens'" in result.stdout
 
@@ -93,11 +147,8 @@ def test_demo_model_info_is_reported(demo_server) -> None:
     assert Path(demo_server.log_path).exists()
 
 
-def test_openai_client_example_runs_verbatim(demo_server) -> None:
-    script = readme_example("openai").replace("http://127.0.0.1:8080", demo_server.url)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+def test_openai_client_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
+    result = run_python_example("openai", demo_server.url, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     # One usage from the plain completion, one from the stream's usage chunk.
     assert result.stdout.count("CompletionUsage(") == 2
