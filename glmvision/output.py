@@ -56,8 +56,10 @@ def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool =
         return Rendered("", "")  # could still become "<think>"
     else:
         answer = text
-    for marker in MARKERS:
-        answer = answer.replace(marker, "")
+    # Until none is left: taking one marker out can join the pieces of another around it.
+    while any(marker in answer for marker in MARKERS):
+        for marker in MARKERS:
+            answer = answer.replace(marker, "")
     stopped = False
     for stop in stops:
         at = answer.find(stop)

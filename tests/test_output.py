@@ -131,3 +131,8 @@ def test_stop_string_token_count_does_not_depend_on_grouping() -> None:
         stream.end()
         counts.append(stream.whole())
     assert [(g.text, g.completion_tokens, g.finish_reason) for g in counts] == [("ab", 6, "stop")] * 3
+
+
+def test_removing_a_marker_cannot_leave_another_one_behind() -> None:
+    assert render("<thi<|end_of_box|>nk>A cat.", False).answer == "A cat."
+    assert render("x <|begin<|end_of_box|>_of_box|>y", False).answer == "x y"
