@@ -80,10 +80,18 @@ def test_greedy_answers_repeat_exactly(client: FlaskClient) -> None:
 
 
 def test_same_seed_same_sample(client: FlaskClient) -> None:
-    body = vision_body(temperature=1.5, top_p=0.95, seed=1234, max_new_tokens=8)
-    first = client.post("/v1/chat/vision", json=body).get_json()
-    second = client.post("/v1/chat/vision", json=body).get_json()
-    assert first["result"] == second["result"]
+    """A seed fixes the sample, and it is a sample: other seeds give other answers."""
+
+    def sample(seed: int) -> str:
+        body = vision_body(temperature=1.5, top_p=0.95, seed=seed, max_new_tokens=8)
+        return assert_answer(client.post("/v1/chat/vision", json=body))["result"]
+
+    first = sample(1234)
+    assert sample(1234) == first
+    # Were sampling (or the seed) ignored, every seed would give the same answer.
+    others = {sample(seed) for seed in (1, 2, 3, 4)}
+    assert others - {first}, others
+    assert len(others) > 1, others
 
 
 def test_thinking_is_returned_apart_from_the_answer(client: FlaskClient) -> None:
