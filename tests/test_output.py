@@ -195,3 +195,14 @@ def test_streamed_deltas_add_up_to_the_final_answer_for_random_splits() -> None:
         assert final.reasoning.startswith(received["reasoning"]), (pieces, stops, final)
         assert not any(stop in final.answer for stop in stops), (pieces, stops, final)
         assert not any(marker in final.answer for marker in MARKERS), (pieces, final)
+
+
+@pytest.mark.parametrize("stop", ["<", "<t", "<thin"])
+def test_a_stop_string_that_starts_think_does_not_end_a_reasoning_output(stop: str) -> None:
+    """Until "<think>" is complete or ruled out, a stop string cannot match its first letters."""
+    pieces = ["<", "th", "ink>", "look", "</think>", "A cat."]
+    reasoning, answer, stopped = stream_pieces(pieces, True, (stop,))
+    assert not stopped
+    final = render("".join(pieces), True, (stop,))
+    assert (final.reasoning, final.answer, final.stopped) == ("look", "A cat.", False)
+    assert final.answer.startswith(answer) and final.reasoning.startswith(reasoning)
