@@ -113,12 +113,19 @@ def test_longest_side_limit_is_configurable(make_app: Callable[..., Flask]) -> N
     assert body["image"]["resized_to"] == [300, 200]
 
 
-def test_exif_orientation_is_applied_before_reporting_sizes(client: FlaskClient) -> None:
+@pytest.mark.parametrize(
+    ("orientation", "upright"),
+    # 5 to 8 turn the picture a quarter (5 and 7 also mirror it); 2 to 4 keep its sides.
+    [(1, (80, 40)), (2, (80, 40)), (3, (80, 40)), (5, (40, 80)), (6, (40, 80)), (7, (40, 80)), (8, (40, 80))],
+)
+def test_exif_orientation_is_applied_before_reporting_sizes(
+    client: FlaskClient, orientation: int, upright: tuple[int, int]
+) -> None:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    exif[0x0112] = orientation
     raw = image_bytes(80, 40, "JPEG", exif=exif.tobytes())
     body = client.post("/v1/chat/vision", json=vision_body(image=base64.b64encode(raw).decode())).get_json()
-    assert body["image"] == {"width": 40, "height": 80, "resized_to": [40, 80]}
+    assert body["image"] == {"width": upright[0], "height": upright[1], "resized_to": list(upright)}
 
 
 def test_data_url_images_are_accepted(client: FlaskClient) -> None:
