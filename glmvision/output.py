@@ -36,9 +36,12 @@ def _partial_suffix(text: str, needles: tuple[str, ...]) -> int:
 def _hold(text: str, needles: tuple[str, ...], final: bool) -> str:
     if final:
         return text.strip()
-    text = text[: len(text) - _partial_suffix(text, needles)] if needles else text
+    # A held start of a marker may yet complete and vanish, joining the text before it to what
+    # follows: so what is left must not end with the start of a needle either.
+    while held := _partial_suffix(text, needles):
+        text = text[:-held]
     # Whitespace at either end is dropped from final answers: send it only once text follows.
-    return text.lstrip().rstrip()
+    return text.strip()
 
 
 def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool = True) -> Rendered:
@@ -56,8 +59,10 @@ def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool =
         return Rendered("", "")  # could still become "<think>"
     else:
         answer = text
-    for marker in MARKERS:
-        answer = answer.replace(marker, "")
+    # Until none is left: taking one marker out can join the pieces of another around it.
+    while any(marker in answer for marker in MARKERS):
+        for marker in MARKERS:
+            answer = answer.replace(marker, "")
     stopped = False
     for stop in stops:
         at = answer.find(stop)

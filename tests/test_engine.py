@@ -336,3 +336,62 @@ def test_overload_over_http_is_503_and_the_server_stays_healthy(tmp_path: Path, 
         assert requests.post(server.url + "/v1/chat/completions", json=small, timeout=60).status_code == 200
         engine = requests.get(server.url + "/readyz", timeout=10).json()["engine"]
         assert engine["refused"] >= 1 and engine["largest_batch"] == 1
+
+
+class _NoDecoder:
+    """Enough of a model for a GenerationStream that never receives tokens."""
+
+    stop_ids: list[int] = []
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def _queued_job(**params: Any) -> Job:
+    generation = GenerationParams(max_new_tokens=4, **params)
+    stream = GenerationStream(_NoDecoder(), 10, generation)
+    ticket = Admission(1, 60, lambda: 0.0).admit()
+    return Job({"input_ids": torch.zeros((1, 10), dtype=torch.long)}, generation, stream, 10, ticket)
+
+
+def _batches_taken(jobs: list[Job]) -> list[list[int]]:
+    """Queue `jobs` on an engine without a model thread; return the batches _take forms, by index."""
+    engine = Engine(None, load_settings({"GLMVISION_MAX_BATCH_SIZE": 8}))
+    engine._queue.extend(jobs)
+    batches = []
+    while engine.queued():
+        batches.append([jobs.index(job) for job in engine._take()])
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("settings", "batches"),
+    [
+        # Equal settings share a batch (so the cases below are not separate for another reason).
+        ([{"temperature": 0.9, "top_p": 0.9}] * 3, [[0, 1, 2]]),
+        ([{"temperature": 0.3, "top_p": 0.9}, {"temperature": 1.5, "top_p": 0.9}], [[0], [1]]),
+        ([{"temperature": 0.3}, {"temperature": 1.5}, {"temperature": 0.3}], [[0, 2], [1]]),
+        ([{"temperature": 0.9, "top_p": 0.5}, {"temperature": 0.9, "top_p": 0.95}], [[0], [1]]),
+        ([{"temperature": 0.9, "top_p": 0.5}, {"temperature": 0.9}], [[0], [1]]),
+        ([{"temperature": 0.9}, {"temperature": 0.0}, {"temperature": 0.0, "top_p": 0.5}], [[0], [1, 2]]),
+        ([{"temperature": 0.0, "min_new_tokens": 2}, {"temperature": 0.0}], [[0], [1]]),
+        # A seeded sample needs the RNG to itself; a seeded greedy row does not.
+        ([{"temperature": 0.9, "seed": 1}, {"temperature": 0.9, "seed": 1}], [[0], [1]]),
+        ([{"temperature": 0.0, "seed": 1}, {"temperature": 0.0, "seed": 2}], [[0, 1]]),
+    ],
+)
+def test_only_rows_with_equal_sampling_settings_share_a_batch(
+    settings: list[dict[str, Any]], batches: list[list[int]]
+) -> None:
+    """The first batch's settings run every row in it: a row must never borrow another's."""
+    assert _batches_taken([_queued_job(**params) for params in settings]) == batches
+
+
+def test_sampled_rows_at_different_temperatures_run_apart_on_the_model(model: LoadedModel) -> None:
+    harness = Harness(model, batch_wait_ms=1000)
+    cool = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=0.3, top_p=0.9)
+    hot = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=1.5, top_p=0.9)
+    streams = finish_all(harness.submit_together([(harness.inputs(), cool), (harness.inputs(), hot)]))
+    assert [s.result.completion_tokens for s in streams] == [2, 2]
+    stats = harness.engine.stats
+    assert (stats.batches, stats.rows, stats.largest_batch) == (2, 2, 1)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from glmvision.output import render, split_reasoning
+from glmvision.output import MARKERS, render, split_reasoning
 
 PIECES = [
     "<think>",
@@ -131,3 +131,78 @@ def test_stop_string_token_count_does_not_depend_on_grouping() -> None:
         stream.end()
         counts.append(stream.whole())
     assert [(g.text, g.completion_tokens, g.finish_reason) for g in counts] == [("ab", 6, "stop")] * 3
+
+
+def test_a_partial_stop_string_after_a_space_is_held_back_with_the_space() -> None:
+    """Issue 7's example: "Hello STO" may still become "Hello STOP", so only "Hello" is sent."""
+    assert render("Hello STO", False, ("STOP",), final=False) == render("Hello", False, (), final=True)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "answer"),
+    [
+        # "ST" before a half marker: the marker completes, vanishes, and "ST" + "OP" is the stop.
+        (["Hello ST", "<|beg", "in_of_box|>", "OP and more"], ("STOP",), "Hello"),
+        # A half marker before a half marker: "</" + "think>" is a marker once the box one goes.
+        (["Yes </", "<|beg", "in_of_box|>", "think> no"], (), "Yes  no"),
+        # A stop string with a space in it, its start before a half marker.
+        (["Hello lo", "<|beg", "in_of_box|>", " World"], ("lo W",), "Hello"),
+    ],
+)
+def test_text_before_a_held_marker_is_held_too(
+    pieces: list[str], stops: tuple[str, ...], answer: str
+) -> None:
+    _, streamed, _ = stream_pieces(pieces, False, stops)
+    assert render("".join(pieces), False, stops).answer == answer
+    assert answer.startswith(streamed)
+
+
+def test_removing_a_marker_cannot_leave_another_one_behind() -> None:
+    assert render("<thi<|end_of_box|>nk>A cat.", False).answer == "A cat."
+    assert render("x <|begin<|end_of_box|>_of_box|>y", False).answer == "x y"
+
+
+# Pieces that cut stop strings (some with spaces in them) and markers at every point.
+SPLIT_PIECES = [
+    *["Hello", " ", "  ", "\n", "lo", " W", "W", "orld", "a", " b", "b", "\ufffd", "é"],
+    *["S", "ST", "TO", "OP", "P", "STOP", " STOP", "END", "E", "ND"],
+    *["<", "</", "<|", "<|beg", "in_of_box|>", "<|begin_of_box|>", "<|end_of_box|>"],
+    *["<thi", "nk>", "<think>", "</think>", "think>"],
+]
+SPLIT_STOPS = ["STOP", " STOP", "lo W", "a b", "\n\n", "END", "o W"]
+
+
+def test_streamed_deltas_add_up_to_the_final_answer_for_random_splits() -> None:
+    """Over many random token splits, what a client receives is exactly the final answer."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        pieces = [rng.choice(SPLIT_PIECES) for _ in range(rng.randint(1, 12))]
+        thinking = rng.random() < 0.5
+        stops = tuple(rng.sample(SPLIT_STOPS, rng.randint(0, 2)))
+        received = {"reasoning": "", "answer": ""}
+        text = ""
+        for piece in pieces:
+            text += piece
+            partial = render(text, thinking, stops, final=False)
+            for part in received:
+                now = getattr(partial, part)
+                assert now.startswith(received[part]), (pieces, stops, text, partial)
+                received[part] = now
+            if partial.stopped:
+                break  # generation ends here: the final render sees no more text
+        final = render(text, thinking, stops, final=True)
+        assert final.answer.startswith(received["answer"]), (pieces, stops, final)
+        assert final.reasoning.startswith(received["reasoning"]), (pieces, stops, final)
+        assert not any(stop in final.answer for stop in stops), (pieces, stops, final)
+        assert not any(marker in final.answer for marker in MARKERS), (pieces, final)
+
+
+@pytest.mark.parametrize("stop", ["<", "<t", "<thin"])
+def test_a_stop_string_that_starts_think_does_not_end_a_reasoning_output(stop: str) -> None:
+    """Until "<think>" is complete or ruled out, a stop string cannot match its first letters."""
+    pieces = ["<", "th", "ink>", "look", "</think>", "A cat."]
+    reasoning, answer, stopped = stream_pieces(pieces, True, (stop,))
+    assert not stopped
+    final = render("".join(pieces), True, (stop,))
+    assert (final.reasoning, final.answer, final.stopped) == ("look", "A cat.", False)
+    assert final.answer.startswith(answer) and final.reasoning.startswith(reasoning)
