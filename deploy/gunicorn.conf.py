@@ -11,6 +11,7 @@ replaces a dead one takes over the dead one's GPU.
 from __future__ import annotations
 
 import os
+import signal
 from typing import TYPE_CHECKING
 
 from glmvision.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
@@ -57,8 +58,11 @@ logger_class = "glmvision.server.AccessLogger"
 
 
 def post_worker_init(worker):  # gunicorn passes the worker
-    """Start loading this worker's model in the background once the worker is up."""
+    """Start loading this worker's model in the background; exit the worker if its model thread fails."""
     state = worker.wsgi.extensions["glmvision"]
+    # A failed model thread has answered its requests already; a graceful exit lets gunicorn
+    # start a fresh worker instead of one that fails every request from then on.
+    state.backend.on_fatal = lambda: os.kill(os.getpid(), signal.SIGTERM)
     if state.settings.warmup:
         state.backend.warm_up()
 

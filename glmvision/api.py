@@ -16,6 +16,7 @@ from .pipeline import (
     Turn,
     answer,
     check_prompt,
+    client_gone_check,
     generation_params,
     new_request_id,
     usage,
@@ -64,7 +65,7 @@ def _answer_one_image(
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
     chat, generation = answer(state.backend, turns, params, state.settings, state.fetch_policy, image.param)
-    return chat, generation, generation.finish(state.settings)
+    return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
 
 
 def _native_tail(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:

@@ -37,10 +37,17 @@ class Ticket:
 class Admission:
     """Counts the requests a worker holds (preparing, queued, running) and refuses the one too many."""
 
-    def __init__(self, capacity: int, request_timeout: float, drain_rate: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        request_timeout: float,
+        drain_rate: Callable[[], float],
+        on_abandoned: Callable[[], None] = lambda: None,
+    ) -> None:
         self.capacity = capacity
         self.request_timeout = request_timeout
         self._drain_rate = drain_rate
+        self._on_abandoned = on_abandoned
         self._lock = threading.Lock()
         self.active = 0
         self.preparing = 0
@@ -72,8 +79,11 @@ class Admission:
                 return
             ticket._released = True
             self.active -= 1
-            if not ticket._submitted:
+            abandoned = not ticket._submitted
+            if abandoned:
                 self.preparing -= 1
+        if abandoned:
+            self._on_abandoned()
 
     def retry_after(self) -> int:
         """Seconds until the requests held now have likely drained (1..60; 5 before any is measured)."""
@@ -97,6 +107,9 @@ class Prepared:
 
 class Backend(Protocol):
     """What the pipeline needs from whatever generates answers."""
+
+    # Called when the backend can no longer serve (its model thread died); gunicorn exits the worker.
+    on_fatal: Callable[[], None]
 
     def model_names(self) -> tuple[str, ...]:
         """The served model id first, then the aliases clients may use."""

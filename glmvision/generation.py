@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import APIError
 from .output import Rendered, render
 
 log = logging.getLogger("glmvision")
@@ -57,12 +60,23 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
+# How long past its deadline a request thread still waits for the engine to end its row (a stuck
+# model thread must not hold request threads forever).
+DEADLINE_GRACE = 10.0
+# How often a request thread waiting for a whole answer checks that its client is still there.
+CLIENT_CHECK_INTERVAL = 0.25
+
+
 class GenerationStream:
     """Iterate for deltas as tokens arrive; `result` holds the whole answer once iteration ends."""
 
-    def __init__(self, decoder: Decoder, prompt_tokens: int, params: GenerationParams) -> None:
+    def __init__(
+        self, decoder: Decoder, prompt_tokens: int, params: GenerationParams, deadline: float = math.inf
+    ) -> None:
         self._decoder = decoder
         self._params = params
+        self._give_up_at = deadline + DEADLINE_GRACE
+        self._client_gone: Callable[[], bool] = lambda: False
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._ended = threading.Event()
@@ -113,8 +127,9 @@ class GenerationStream:
         finally:
             self.close()
 
-    def whole(self) -> Generation:
-        """Wait for and return the whole answer (no deltas)."""
+    def whole(self, client_gone: Callable[[], bool] = lambda: False) -> Generation:
+        """Wait for and return the whole answer (no deltas); stop generating if the client leaves."""
+        self._client_gone = client_gone
         try:
             for _ in self._deltas(patient=not self._params.stop):
                 pass
@@ -123,13 +138,30 @@ class GenerationStream:
         assert self.result is not None
         return self.result
 
+    def _get(self) -> Any:
+        """The next queue item, waiting at most until the deadline's grace runs out."""
+        while True:
+            remaining = self._give_up_at - time.monotonic()
+            try:
+                return self._queue.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_INTERVAL)))
+            except queue.Empty:
+                pass
+            if self._client_gone():
+                self.close()  # the engine drops the row within a step and ends the stream
+            if time.monotonic() >= self._give_up_at:
+                self._cancelled.set()
+                log.error("no word from the engine %.0fs past the deadline: giving up", DEADLINE_GRACE)
+                if self._ids:
+                    return _END  # what was generated is the answer, cut for length
+                return APIError(504, "request_timeout", "The request ran out of time before any output.")
+
     def _batches(self) -> Iterator[Any]:
         """Queue items, with token lists that are already waiting merged into one."""
-        item = self._queue.get()
+        item = self._get()
         while item is not _END:
             if not isinstance(item, list):
                 yield item
-                item = self._queue.get()
+                item = self._get()
                 continue
             tokens = list(item)
             while True:
@@ -142,13 +174,18 @@ class GenerationStream:
                 tokens.extend(item)
             yield tokens
             if item is None:
-                item = self._queue.get()
+                item = self._get()
 
     def _deltas(self, patient: bool) -> Iterator[Delta]:
         if patient:
             # Nobody reads deltas and no stop string can end the answer early from our side: let
             # tokens pile up rather than waking this thread (and taking the GIL) once per token.
-            self._ended.wait()
+            while not self._ended.wait(CLIENT_CHECK_INTERVAL):
+                if self._client_gone():
+                    self.close()  # the engine drops the row within a step and ends the stream
+                    break
+                if time.monotonic() > self._give_up_at:
+                    break  # _get() below reports it
         for item in self._batches():
             if isinstance(item, BaseException):
                 raise item

@@ -109,7 +109,7 @@ def chat_completions() -> Response:
         events = _events(answer, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
-    result = answer.finish(settings)
+    result = answer.finish(settings, pipeline.client_gone_check(request.environ))
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if result.reasoning is not None:
         message["reasoning_content"] = result.reasoning

@@ -7,9 +7,11 @@ prompts and limits, image handling and generation all live here.
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,9 +155,9 @@ class Answer:
         yield from self.stream
         _log_generation(self.result, time.perf_counter() - self.started, settings)
 
-    def finish(self, settings: Settings) -> Generation:
-        """Wait for the whole answer."""
-        result = self.stream.whole()
+    def finish(self, settings: Settings, client_gone: Callable[[], bool] = lambda: False) -> Generation:
+        """Wait for the whole answer; generation stops early if `client_gone()` turns true."""
+        result = self.stream.whole(client_gone)
         _log_generation(result, time.perf_counter() - self.started, settings)
         return result
 
@@ -213,3 +215,22 @@ def usage(generation: Generation) -> dict[str, int]:
         "completion_tokens": generation.completion_tokens,
         "total_tokens": generation.prompt_tokens + generation.completion_tokens,
     }
+
+
+def client_gone_check(environ: dict[str, Any]) -> Callable[[], bool]:
+    """A check that the client of this WSGI request hung up (gunicorn exposes its socket)."""
+    sock = environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return lambda: False  # another server (or Flask's test client): cannot tell
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # The body was read already: a readable socket with nothing to read is a closed one.
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone

@@ -279,19 +279,31 @@ def test_out_of_memory_is_a_503_and_the_worker_recovers(
     assert_answer(client.post("/v1/chat/vision", json=vision_body()))
 
 
-def test_unexpected_model_errors_hide_their_details(
+def test_a_failed_model_thread_answers_everyone_and_asks_for_a_new_worker(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Anything the model raises (not only OOM): 503 for all it held, unhealthy, no more work, one exit call."""
     model = _loaded(client)
+    backend = client.application.extensions["glmvision"].backend
+    exits: list[bool] = []
+    backend.on_fatal = lambda: exits.append(True)
 
     def broken(**kwargs: Any) -> None:
         raise RuntimeError("secret internal detail /opt/weights")
 
     monkeypatch.setattr(model.model, "generate", broken)
     response = client.post("/v1/chat/vision", json=vision_body())
-    error = assert_error(response, 500, "internal_error")
+    error = assert_error(response, 503, "engine_failed")
     assert "secret" not in response.get_data(as_text=True)
-    assert error["type"] == "server_error"
+    assert error["type"] == "service_unavailable" and int(response.headers["Retry-After"]) > 0
+    assert exits == [True]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["status"] == "unhealthy"
+    assert ready.get_json()["engine"]["error"] == "RuntimeError"
+    # Nothing more is taken on: the next request is refused before its image is even decoded.
+    again = client.post("/v1/chat/vision", json=vision_body(image="!!not base64!!"))
+    assert_error(again, 503, "engine_failed")
+    assert client.get("/healthz").status_code == 200  # the process itself still answers
 
 
 def test_processor_refusal_is_the_clients_image(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:

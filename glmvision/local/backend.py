@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..backend import Admission, Prepared, Ticket
@@ -10,7 +11,7 @@ from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
 from ..images import Fit
-from .engine import Engine
+from .engine import Engine, engine_failed
 from .holder import ModelHolder
 from .loading import is_demo, load_model, model_id_for
 from .runtime import LoadedModel
@@ -25,12 +26,22 @@ class LocalBackend:
         self.settings = settings
         self.engine: Engine | None = None
         self.holder = ModelHolder(settings, self._load)
-        self.admission = Admission(settings.admission_capacity, settings.request_timeout, self._drain_rate)
+        self.admission = Admission(
+            settings.admission_capacity, settings.request_timeout, self._drain_rate, self._abandoned
+        )
+        # What to do when the model thread fails: gunicorn's post_worker_init sets "exit this worker".
+        self.on_fatal: Callable[[], None] = lambda: None
 
     def _load(self, settings: Settings) -> LoadedModel:
         loaded = load_model(settings)
-        self.engine = Engine(loaded, settings, arriving=lambda: self.admission.preparing)
+        self.engine = Engine(
+            loaded, settings, arriving=lambda: self.admission.preparing, on_fatal=lambda: self.on_fatal()
+        )
         return loaded
+
+    def _abandoned(self) -> None:
+        if self.engine is not None:
+            self.engine.nudge()  # a batch waiting for this request need not wait any longer
 
     def _drain_rate(self) -> float:
         return self.engine.stats.drain_rate if self.engine is not None else 0.0
@@ -57,12 +68,17 @@ class LocalBackend:
             status = "loading" if holder.loading else ("failed" if holder.error else "not_loaded")
             return False, {"status": status}
         engine = {"queued": self.engine.queued(), **self.engine.stats.as_dict(), **self.admission.as_dict()}
+        if self.engine.failed is not None:
+            engine["error"] = self.engine.failed
+            return False, {"status": "unhealthy", "model": loaded.info(), "engine": engine}
         return True, {"status": "ready", "model": loaded.info(), "engine": engine}
 
     def warm_up(self) -> None:
         self.holder.warm_up()
 
     def admit(self) -> Ticket:
+        if self.engine is not None and self.engine.failed is not None:
+            raise engine_failed()
         return self.admission.admit()
 
     def image_fit(self) -> Fit | None:

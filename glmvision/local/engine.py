@@ -129,6 +129,11 @@ def _finish(job: Job) -> None:
         job.ticket.release()
 
 
+def engine_failed() -> APIError:
+    """The 503 for requests held by, or arriving at, an engine whose model thread failed."""
+    return unavailable("engine_failed", "The model failed on this worker; it is being replaced. Retry.", 5)
+
+
 def _fail_unfinished(jobs: list[Job], error: APIError) -> None:
     for job in jobs:
         if not job.finished:
@@ -136,12 +141,13 @@ def _fail_unfinished(jobs: list[Job], error: APIError) -> None:
             _finish(job)
 
 
-def _rows_done_criteria(jobs: list[Job], stats: EngineStats) -> Any:
+def _rows_done_criteria(jobs: list[Job], stats: EngineStats, each_step: Callable[[], None]) -> Any:
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class RowsDone(StoppingCriteria):
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            each_step()
             now = time.monotonic()
             for job in jobs:
                 if not job.finished and (job.stream.cancelled or now >= job.deadline):
@@ -157,9 +163,17 @@ def _rows_done_criteria(jobs: list[Job], stats: EngineStats) -> Any:
 class Engine:
     """A bounded queue in front of one model thread that batches compatible requests."""
 
-    def __init__(self, model: Any, settings: Settings, arriving: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        settings: Settings,
+        arriving: Callable[[], int] = lambda: 0,
+        on_fatal: Callable[[], None] = lambda: None,
+    ) -> None:
         self._model = model
         self._arriving = arriving
+        self._on_fatal = on_fatal
+        self.failed: str | None = None  # why the model thread stopped; it is never restarted
         self.max_batch = settings.max_batch_size
         self.max_tokens = settings.max_batch_tokens
         self.batch_wait = settings.batch_wait_ms / 1000
@@ -174,13 +188,20 @@ class Engine:
 
     def submit(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated."""
-        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params)
+        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
         job = Job(inputs, params, stream, stream.prompt_tokens, ticket)
         with self._cond:
+            if self.failed is not None:
+                raise engine_failed()
             self._queue.append(job)
             self._ensure_thread()
             self._cond.notify()
         return stream
+
+    def nudge(self) -> None:
+        """Wake the model thread: a request it may be waiting for will not come (it failed early)."""
+        with self._cond:
+            self._cond.notify()
 
     def queued(self) -> int:
         """Requests waiting for the model right now."""
@@ -194,22 +215,37 @@ class Engine:
         return max(1, min(60, math.ceil((len(self._queue) + 1) / rate)))
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        # Called with self._cond held. Started once: a dead model thread means a sick worker, which
+        # gunicorn replaces (see _fail_everything), rather than one quietly restarted.
+        if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="glmvision-engine", daemon=True)
             self._thread.start()
 
     # Model thread.
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch:
-                try:
+        batch: list[Job] = []
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch:
                     self._run(batch)
-                except Exception:  # the engine must outlive any one batch
-                    log.exception("batch failed")
-                    _fail_unfinished(batch, APIError(500, "internal_error", "Generation failed."))
-                self._tidy_memory()
+                    self._tidy_memory()
+        except BaseException as exc:  # anything but OOM (handled in _run) leaves the model in doubt
+            log.exception("the model thread failed; failing its requests and replacing this worker")
+            self._fail_everything(batch, f"{type(exc).__name__}")
+
+    def _fail_everything(self, batch: list[Job], reason: str) -> None:
+        """Answer every held request with 503, refuse new ones, and ask for this worker's replacement."""
+        with self._cond:
+            self.failed = reason
+            held = [*batch, *self._queue]
+            self._queue.clear()
+        _fail_unfinished(held, engine_failed())
+        try:
+            self._on_fatal()
+        except Exception:  # the requests are answered; a failing exit hook must not hide that
+            log.exception("could not ask for this worker's replacement")
 
     def _tidy_memory(self) -> None:
         """Between batches: give cached GPU memory back when the worker holds too much of the GPU."""
@@ -234,8 +270,44 @@ class Engine:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(min(remaining, 0.001))
+                self._cond.wait(remaining)  # submit() and nudge() notify
             return self._take()
+
+    def expire_waiting(self) -> None:
+        """Answer queued requests past their queue timeout or deadline now, even while a batch runs."""
+        now = time.monotonic()
+        with self._cond:
+            expired = [job for job in self._queue if self._expiry(job, now) is not None]
+            for job in expired:
+                self._queue.remove(job)
+        for job in expired:
+            self._expire(job, now)
+
+    def _expiry(self, job: Job, now: float) -> str | None:
+        if job.stream.cancelled:
+            return "cancelled"
+        if now >= job.deadline:
+            return "deadline"
+        if now - job.arrived > self.queue_timeout:
+            return "queue_timeout"
+        return None
+
+    def _expire(self, job: Job, now: float) -> bool:
+        """Answer a queued job that can no longer run; False if it still can."""
+        why = self._expiry(job, now)
+        if why == "deadline":
+            self.stats.deadline_stops += 1
+            job.stream.fail(
+                APIError(504, "request_timeout", "The request ran out of time before any output.")
+            )
+        elif why == "queue_timeout":
+            self.stats.queue_timeouts += 1
+            job.stream.fail(
+                unavailable("queue_timeout", "Waited too long for the model.", self.retry_after())
+            )
+        if why is not None:
+            _finish(job)
+        return why is not None
 
     def _take(self) -> list[Job]:
         now = time.monotonic()
@@ -245,22 +317,7 @@ class Engine:
         kept: deque[Job] = deque()
         while self._queue:
             job = self._queue.popleft()
-            if job.stream.cancelled:
-                _finish(job)
-                continue
-            if now >= job.deadline:
-                self.stats.deadline_stops += 1
-                job.stream.fail(
-                    APIError(504, "request_timeout", "The request ran out of time before any output.")
-                )
-                _finish(job)
-                continue
-            if now - job.arrived > self.queue_timeout:
-                self.stats.queue_timeouts += 1
-                job.stream.fail(
-                    unavailable("queue_timeout", "Waited too long for the model.", self.retry_after())
-                )
-                _finish(job)
+            if self._expire(job, now):
                 continue
             prompt = max(longest_prompt, job.prompt_tokens)
             new = max(longest_new, job.params.max_new_tokens)
@@ -326,7 +383,7 @@ class Engine:
                 eos_token_id=model.stop_ids,
                 pad_token_id=model.pad_id,
                 streamer=_RowStreamer(batch, set(model.stop_ids)),
-                stopping_criteria=_rows_done_criteria(batch, self.stats),
+                stopping_criteria=_rows_done_criteria(batch, self.stats, self.expire_waiting),
                 **sampling,
             )
         for job in batch:
