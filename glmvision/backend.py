@@ -4,13 +4,15 @@ an upstream engine): admission, preparing inputs, submitting them, and describin
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import unavailable
+from .errors import APIError, unavailable
 from .generation import GenerationParams, GenerationStream
 from .images import Fit
 
@@ -22,6 +24,7 @@ class Ticket:
     arrived: float
     deadline: float
     _on_release: Callable[[Ticket], None] = field(repr=False)
+    _slots: threading.Semaphore = field(repr=False, default_factory=lambda: threading.Semaphore(1))
     _submitted: bool = False
     _released: bool = False
 
@@ -33,6 +36,18 @@ class Ticket:
         """Give the place back (idempotent): the request is answered, failed or abandoned."""
         self._on_release(self)
 
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Hold one of the worker's preparation slots (decoding, preprocessing), waiting until the deadline."""
+        # More threads decoding images than there are cores only adds GIL contention: health probes
+        # and refusals would wait behind it, and no request would be ready sooner.
+        if not self._slots.acquire(timeout=self.remaining()):
+            raise APIError(504, "request_timeout", "The request ran out of time before any output.")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
 
 class Admission:
     """Counts the requests a worker holds (preparing, queued, running) and refuses the one too many."""
@@ -43,8 +58,10 @@ class Admission:
         request_timeout: float,
         drain_rate: Callable[[], float],
         on_abandoned: Callable[[], None] = lambda: None,
+        preparing_at_once: int = 0,
     ) -> None:
         self.capacity = capacity
+        self._slots = threading.Semaphore(preparing_at_once or max(2, os.cpu_count() or 1))
         self.request_timeout = request_timeout
         self._drain_rate = drain_rate
         self._on_abandoned = on_abandoned
@@ -64,7 +81,7 @@ class Admission:
                 )
             self.active += 1
             self.preparing += 1
-        return Ticket(now, now + self.request_timeout, self._release)
+        return Ticket(now, now + self.request_timeout, self._release, self._slots)
 
     def submitted(self, ticket: Ticket) -> None:
         """The request's inputs are prepared and queued: it no longer counts as arriving."""
