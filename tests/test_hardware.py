@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from glmvision.config import ConfigError
-from glmvision.local.hardware import GIB, DtypeChoice, choose_dtype, resolve_device, weight_bytes_16bit
+from glmvision.local.hardware import (
+    GIB,
+    CudaFacts,
+    DtypeChoice,
+    bf16_native,
+    choose_dtype,
+    cuda_facts,
+    device_index,
+    resolve_device,
+    weight_bytes_16bit,
+)
 
 
 @pytest.mark.parametrize(
@@ -269,3 +279,73 @@ def test_torch_threads(configured: int, parameters: int, threads: int) -> None:
     from glmvision.local.loading import torch_threads
 
     assert torch_threads(configured, parameters) == threads
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"),
+    [
+        ((6, 1), False),
+        ((7, 0), False),
+        ((7, 5), False),
+        ((8, 0), True),
+        ((8, 6), True),
+        ((9, 0), True),
+        ((12, 0), True),
+    ],
+)
+def test_bf16_native(capability: tuple[int, int], native: bool) -> None:
+    """Only Ampere (8.0) and later compute bf16 natively; Turing (7.5) and Pascal (6.1) emulate it."""
+    assert bf16_native(capability) is native
+
+
+@pytest.mark.parametrize(("device", "index"), [("cpu", None), ("cuda", 0), ("cuda:0", 0), ("cuda:3", 3)])
+def test_device_index(device: str, index: int | None) -> None:
+    assert device_index(device) == index
+
+
+class _RecordingCuda:
+    """Stand-ins for torch.cuda's per-device queries that record which device was asked."""
+
+    def __init__(self, capabilities: dict[int, tuple[int, int]], free: dict[int, int]) -> None:
+        self.capabilities = capabilities
+        self.free = free
+        self.asked: list[tuple[str, object]] = []
+
+    def get_device_capability(self, device: object = None) -> tuple[int, int]:
+        self.asked.append(("capability", device))
+        return self.capabilities[device]  # type: ignore[index]
+
+    def mem_get_info(self, device: object = None) -> tuple[int, int]:
+        self.asked.append(("mem_get_info", device))
+        return self.free[device], 80 * GIB  # type: ignore[index]
+
+    def current_device(self) -> int:
+        raise AssertionError("cuda_facts must not fall back to the current device")
+
+
+@pytest.mark.parametrize(
+    ("device", "index", "native", "free"), [("cuda:0", 0, False, 10), ("cuda:2", 2, True, 30)]
+)
+def test_cuda_facts_ask_about_the_chosen_device(
+    monkeypatch: pytest.MonkeyPatch, device: str, index: int, native: bool, free: int
+) -> None:
+    """cuda:N's capability and free memory come from device N, never from the current device (0)."""
+    import torch
+
+    # Device 0 (the current device) is a Turing card with 10 GiB free, device 2 a Hopper with 30 GiB.
+    fake = _RecordingCuda({0: (7, 5), 1: (7, 5), 2: (9, 0)}, {0: 10 * GIB, 1: 20 * GIB, 2: 30 * GIB})
+    for name in ("get_device_capability", "mem_get_info", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    facts = cuda_facts(device)
+    assert facts == CudaFacts(bf16_native=native, free_bytes=free * GIB)
+    assert sorted(fake.asked) == [("capability", index), ("mem_get_info", index)]
+
+
+def test_cuda_facts_on_cpu_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    fake = _RecordingCuda({}, {})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake.mem_get_info)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
+    assert cuda_facts("cpu") == CudaFacts()
+    assert fake.asked == []

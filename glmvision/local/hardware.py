@@ -111,12 +111,23 @@ class CudaFacts:
     free_bytes: int | None = None
 
 
+def device_index(device: str) -> int | None:
+    """Return the CUDA index of a torch device string (0 for a bare "cuda"), None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    # A bare "cuda" would mean torch's current device; resolve_device never returns it, but if it
+    # came through anyway it must name a fixed GPU, the one auto picks.
+    _, _, number = device.partition(":")
+    return int(number) if number else 0
+
+
 def cuda_facts(device: str) -> CudaFacts:
     """Read the chosen CUDA device's bf16 support and free memory; nothing for the CPU."""
-    if not device.startswith("cuda"):
+    index = device_index(device)
+    if index is None:
         return CudaFacts()
     import torch
 
-    index = torch.device(device)
+    # Both calls get the index explicitly: without one they ask about the current device (cuda:0).
     free, _ = torch.cuda.mem_get_info(index)
     return CudaFacts(bf16_native(torch.cuda.get_device_capability(index)), int(free))
