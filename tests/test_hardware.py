@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from glmvision.local.hardware import (
     bf16_native,
     choose_dtype,
     cuda_facts,
+    cuda_uuid,
     device_index,
     parameter_count,
     resolve_device,
@@ -450,3 +452,22 @@ def test_cuda_facts_on_cpu_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
     assert cuda_facts("cpu") == CudaFacts()
     assert fake.asked == []
+
+
+def test_cuda_uuid_asks_about_the_chosen_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is named by the UUID of cuda:N itself; a device torch cannot describe has none."""
+    import torch
+
+    asked: list[object] = []
+
+    def properties(device: object) -> SimpleNamespace:
+        asked.append(device)
+        if device == 9:
+            raise RuntimeError("invalid device ordinal")
+        return SimpleNamespace(uuid=f"uuid-of-{device}")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert cuda_uuid(3) == "uuid-of-3"
+    assert cuda_uuid(9) is None
+    assert cuda_uuid(None) is None
+    assert asked == [3, 9]

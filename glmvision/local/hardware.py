@@ -196,3 +196,15 @@ def cuda_facts(device: str) -> CudaFacts:
     # Both calls get the index explicitly: without one they ask about the current device (cuda:0).
     free, _ = torch.cuda.mem_get_info(index)
     return CudaFacts(bf16_native(torch.cuda.get_device_capability(index)), int(free))
+
+
+def cuda_uuid(index: int | None) -> str | None:
+    """The UUID of CUDA device `index`, which names the same GPU in every process; None if unknown."""
+    if index is None:
+        return None
+    import torch
+
+    try:
+        return str(torch.cuda.get_device_properties(index).uuid) or None
+    except (AttributeError, RuntimeError, AssertionError):  # old torch, or no such device
+        return None
