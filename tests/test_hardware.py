@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import ROOT
 
 from glmvision.config import ConfigError
-from glmvision.local.hardware import GIB, DtypeChoice, choose_dtype, resolve_device, weight_bytes_16bit
+from glmvision.local.hardware import (
+    GIB,
+    CudaFacts,
+    DtypeChoice,
+    bf16_native,
+    choose_dtype,
+    cuda_facts,
+    cuda_uuid,
+    device_index,
+    parameter_count,
+    resolve_device,
+    weight_bytes_16bit,
+)
 
 
 @pytest.mark.parametrize(
@@ -239,6 +256,8 @@ INDEX = "model.safetensors.index.json"
         # Repos that ship both formats: transformers loads the safetensors, so only they count.
         ({"model.safetensors": 300, "pytorch_model.bin": 600}, 300),
         ({"config.json": "{}"}, None),
+        # A config.json of a model that is not image-text-to-text cannot be counted either.
+        ({"config.json": json.dumps({"model_type": "bert"})}, None),
         ({}, None),
     ],
 )
@@ -250,8 +269,102 @@ def test_weight_bytes_16bit(tmp_path: Path, files: dict[str, int | str], expecte
 
 @pytest.mark.parametrize("name", ["missing", "zai-org/GLM-4.6V-Flash"])
 def test_weight_bytes_16bit_without_a_local_directory(tmp_path: Path, name: str) -> None:
-    """A missing directory (or a hub id) has no known size."""
+    """A missing directory has no known size, even when its path ends like a hub id."""
     assert weight_bytes_16bit(str(tmp_path / name)) is None
+
+
+REPO = "zai-org/GLM-4.6V-Flash"
+# GLM-4.6V-Flash: 10.29 B parameters in bf16.
+REAL_16BIT = 19.2 * GIB
+
+
+@pytest.fixture(scope="module")
+def glm_config_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """config.json as transformers writes it for Glm4vConfig(), whose defaults are GLM-4.6V-Flash's."""
+    from transformers import Glm4vConfig
+
+    directory = tmp_path_factory.mktemp("glm4v-config")
+    Glm4vConfig().save_pretrained(directory)
+    return (directory / "config.json").read_text(encoding="utf-8")
+
+
+def _hub_snapshot(cache: Path, repo_id: str, files: dict[str, int | str], revision: str = "0" * 40) -> None:
+    """Lay files out as huggingface_hub caches them: blobs, a snapshot of symlinks, refs/main."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / revision
+    for directory in (blobs, snapshot, repo / "refs"):
+        directory.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision, encoding="utf-8")
+    for number, (name, content) in enumerate(files.items()):
+        _write(blobs, {f"blob{number}": content})
+        (snapshot / name).symlink_to(blobs / f"blob{number}")
+
+
+SHARD = "model-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({INDEX: json.dumps({"metadata": {"total_size": 123_456}}), SHARD: 10}, 123_456),
+        ({INDEX: json.dumps({"metadata": {"total_size": 123_456}}), "config.json": "{}"}, 123_456),
+        ({"model.safetensors": 300, "config.json": "{}"}, 300),
+        # Shards without a total may be an interrupted download: their sizes would undercount.
+        ({INDEX: json.dumps({"weight_map": {}}), SHARD: 100}, None),
+        ({"tokenizer.json": 5000}, None),
+    ],
+)
+def test_weight_bytes_16bit_of_a_cached_hub_id(
+    tmp_path: Path, files: dict[str, int | str], expected: int | None
+) -> None:
+    """A hub id's size comes from its cached index's total_size, else its cached single weights file."""
+    _hub_snapshot(tmp_path, REPO, files)
+    assert weight_bytes_16bit(REPO, cache_dir=str(tmp_path)) == expected
+
+
+def test_weight_bytes_16bit_of_a_hub_id_not_cached(tmp_path: Path) -> None:
+    """Another repo's snapshot, or an empty cache, says nothing about this one (and nothing is fetched)."""
+    assert weight_bytes_16bit(REPO, cache_dir=str(tmp_path)) is None
+    _hub_snapshot(tmp_path, "zai-org/GLM-4.5V", {INDEX: json.dumps({"metadata": {"total_size": 5}})})
+    assert weight_bytes_16bit(REPO, cache_dir=str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("where", ["hub cache", "local directory"])
+def test_weight_bytes_16bit_from_the_config_alone(tmp_path: Path, glm_config_json: str, where: str) -> None:
+    """With no weights to measure, the config's parameter count x 2 bytes is the real model's size."""
+    if where == "hub cache":
+        _hub_snapshot(tmp_path, REPO, {"config.json": glm_config_json, SHARD: 100})
+        estimate = weight_bytes_16bit(REPO, cache_dir=str(tmp_path))
+    else:
+        _write(tmp_path, {"config.json": glm_config_json})
+        estimate = weight_bytes_16bit(str(tmp_path))
+    assert estimate is not None
+    assert abs(estimate - REAL_16BIT) < 0.05 * REAL_16BIT
+
+
+def test_parameter_count_of_the_default_config(tmp_path: Path, glm_config_json: str) -> None:
+    """Glm4vConfig() describes GLM-4.6V-Flash: about 10.29 B parameters."""
+    _write(tmp_path, {"config.json": glm_config_json})
+    count = parameter_count(str(tmp_path))
+    assert count is not None
+    assert 10.2e9 < count < 10.4e9
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_weight_bytes_16bit_looks_where_huggingface_hub_caches(tmp_path: Path, variable: str) -> None:
+    """Without cache_dir, huggingface_hub's own cache is searched, so its environment variables count."""
+    cache = tmp_path if variable == "HF_HUB_CACHE" else tmp_path / "hub"
+    _hub_snapshot(cache, REPO, {INDEX: json.dumps({"metadata": {"total_size": 987_654}})})
+    code = f"from glmvision.local.hardware import weight_bytes_16bit; print(weight_bytes_16bit({REPO!r}))"
+    # huggingface_hub reads its cache location once, at import: hence a fresh interpreter.
+    env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_CACHE", "HF_HOME"}}
+    env[variable] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "987654"
 
 
 def test_weight_bytes_16bit_of_a_file_is_unknown(tmp_path: Path) -> None:
@@ -269,3 +382,92 @@ def test_torch_threads(configured: int, parameters: int, threads: int) -> None:
     from glmvision.local.loading import torch_threads
 
     assert torch_threads(configured, parameters) == threads
+
+
+@pytest.mark.parametrize(
+    ("capability", "native"),
+    [
+        ((6, 1), False),
+        ((7, 0), False),
+        ((7, 5), False),
+        ((8, 0), True),
+        ((8, 6), True),
+        ((9, 0), True),
+        ((12, 0), True),
+    ],
+)
+def test_bf16_native(capability: tuple[int, int], native: bool) -> None:
+    """Only Ampere (8.0) and later compute bf16 natively; Turing (7.5) and Pascal (6.1) emulate it."""
+    assert bf16_native(capability) is native
+
+
+@pytest.mark.parametrize(("device", "index"), [("cpu", None), ("cuda", 0), ("cuda:0", 0), ("cuda:3", 3)])
+def test_device_index(device: str, index: int | None) -> None:
+    assert device_index(device) == index
+
+
+class _RecordingCuda:
+    """Stand-ins for torch.cuda's per-device queries that record which device was asked."""
+
+    def __init__(self, capabilities: dict[int, tuple[int, int]], free: dict[int, int]) -> None:
+        self.capabilities = capabilities
+        self.free = free
+        self.asked: list[tuple[str, object]] = []
+
+    def get_device_capability(self, device: object = None) -> tuple[int, int]:
+        self.asked.append(("capability", device))
+        return self.capabilities[device]  # type: ignore[index]
+
+    def mem_get_info(self, device: object = None) -> tuple[int, int]:
+        self.asked.append(("mem_get_info", device))
+        return self.free[device], 80 * GIB  # type: ignore[index]
+
+    def current_device(self) -> int:
+        raise AssertionError("cuda_facts must not fall back to the current device")
+
+
+@pytest.mark.parametrize(
+    ("device", "index", "native", "free"), [("cuda:0", 0, False, 10), ("cuda:2", 2, True, 30)]
+)
+def test_cuda_facts_ask_about_the_chosen_device(
+    monkeypatch: pytest.MonkeyPatch, device: str, index: int, native: bool, free: int
+) -> None:
+    """cuda:N's capability and free memory come from device N, never from the current device (0)."""
+    import torch
+
+    # Device 0 (the current device) is a Turing card with 10 GiB free, device 2 a Hopper with 30 GiB.
+    fake = _RecordingCuda({0: (7, 5), 1: (7, 5), 2: (9, 0)}, {0: 10 * GIB, 1: 20 * GIB, 2: 30 * GIB})
+    for name in ("get_device_capability", "mem_get_info", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    facts = cuda_facts(device)
+    assert facts == CudaFacts(bf16_native=native, free_bytes=free * GIB)
+    assert sorted(fake.asked) == [("capability", index), ("mem_get_info", index)]
+
+
+def test_cuda_facts_on_cpu_ask_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    fake = _RecordingCuda({}, {})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake.mem_get_info)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake.get_device_capability)
+    assert cuda_facts("cpu") == CudaFacts()
+    assert fake.asked == []
+
+
+def test_cuda_uuid_asks_about_the_chosen_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock is named by the UUID of cuda:N itself; a device torch cannot describe has none."""
+    import torch
+
+    asked: list[object] = []
+
+    def properties(device: object) -> SimpleNamespace:
+        asked.append(device)
+        if device == 9:
+            raise RuntimeError("invalid device ordinal")
+        return SimpleNamespace(uuid=f"uuid-of-{device}")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert cuda_uuid(3) == "uuid-of-3"
+    assert cuda_uuid(9) is None
+    assert cuda_uuid(None) is None
+    assert asked == [3, 9]

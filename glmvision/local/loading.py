@@ -64,12 +64,36 @@ def _has_bitsandbytes() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def _load_kwargs(dtype: str, device: str) -> dict[str, Any]:
+    """from_pretrained's arguments for the chosen dtype and device."""
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = {}
+    if dtype == "int8":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = torch.float16
+    else:
+        kwargs["dtype"] = getattr(torch, dtype)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load processor and model as configured: real weights, or the demo model when none are set."""
     import torch
     import transformers
 
-    from .hardware import choose_dtype, cuda_facts, resolve_device, weight_bytes_16bit
+    from .gpulock import gpu_load_lock
+    from .hardware import (
+        choose_dtype,
+        cuda_facts,
+        cuda_uuid,
+        device_index,
+        resolve_device,
+        weight_bytes_16bit,
+    )
 
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()
@@ -87,26 +111,26 @@ def load_model(settings: Settings) -> LoadedModel:
         )
     cuda = torch.cuda.is_available()
     device = resolve_device(settings.device, cuda, torch.cuda.device_count() if cuda else 0)
-    facts = cuda_facts(device)
-    choice = choose_dtype(
-        settings.dtype,
-        device=device,
-        bf16_supported=facts.bf16_native,
-        free_vram_bytes=facts.free_bytes,
-        bf16_weight_bytes=weight_bytes_16bit(source),
-        int8_available=_has_bitsandbytes(),
-    )
-    kwargs: dict[str, Any] = {}
-    if choice.dtype == "int8":
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["dtype"] = torch.float16
-    else:
-        kwargs["dtype"] = getattr(torch, choice.dtype)
-    if device != "cpu":
-        kwargs["device_map"] = {"": device}
+    index = device_index(device)
+    # Only auto on a GPU uses the size; it is worked out before the lock since it may take a second.
+    weight_bytes = weight_bytes_16bit(source) if index is not None and settings.dtype == "auto" else None
     try:
+        # From the free-memory reading until the weights are on the GPU, no other worker may read
+        # that GPU's free memory: it would count on memory this worker is about to take.
+        with gpu_load_lock(index, cuda_uuid(index)):
+            facts = cuda_facts(device)
+            choice = choose_dtype(
+                settings.dtype,
+                device=device,
+                bf16_supported=facts.bf16_native,
+                free_vram_bytes=facts.free_bytes,
+                bf16_weight_bytes=weight_bytes,
+                int8_available=_has_bitsandbytes(),
+            )
+            model = transformers.AutoModelForImageTextToText.from_pretrained(
+                source, **_load_kwargs(choice.dtype, device)
+            )
         processor = transformers.AutoProcessor.from_pretrained(source)
-        model = transformers.AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise RuntimeError(f"cannot load model from {source!r}: {exc}") from exc
     model.eval()
