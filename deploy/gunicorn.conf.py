@@ -38,7 +38,8 @@ _gpu_count = visible_gpu_count()
 
 bind = _server.bind
 workers = _server.workers
-worker_class = "gthread"
+# gthread, plus a lane of its own for /healthz and /readyz so probes never queue behind model work.
+worker_class = "glmvision.server.ProbeFirstWorker"
 preload_app = False
 # A loading model does not block the worker's heartbeat (it loads in a thread), so this only
 # catches workers that are truly stuck.

@@ -38,7 +38,7 @@ class Ticket:
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
-        """Hold one of the worker's preparation slots (decoding, preprocessing), waiting until the deadline."""
+        """Hold one of the worker's preparation slots (decode, preprocess), waiting until the deadline."""
         # More threads decoding images than there are cores only adds GIL contention: health probes
         # and refusals would wait behind it, and no request would be ready sooner.
         if not self._slots.acquire(timeout=self.remaining()):
