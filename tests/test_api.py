@@ -30,7 +30,9 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
     error = body["error"]
     assert error["code"] == code
     assert error["param"] == param
-    assert set(error) == {"message", "type", "code", "param"}
+    assert set(error) == {"message", "type", "code", "param", "errors"}
+    # The first of every problem found is the one at the top level.
+    assert error["errors"][0] == {"code": code, "param": param, "message": error["message"]}
     assert "Traceback" not in response.get_data(as_text=True)
     return error
 
