@@ -8,7 +8,6 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
-from .errors import APIError, bad_request
 from .generation import Generation
 from .pipeline import (
     ChatInput,
@@ -21,6 +20,7 @@ from .pipeline import (
     new_request_id,
     usage,
 )
+from .responses import Health, ImageSize, ModelCard, ModelList, Readiness, SeedChatResponse, VisionResponse
 from .schemas import SamplingFields, SeedChatRequest, VisionRequest, parse_body
 from .service import service
 
@@ -30,25 +30,25 @@ bp = Blueprint("api", __name__)
 @bp.get("/healthz")
 def healthz() -> Response:
     """Liveness: the process answers."""
-    return jsonify({"status": "ok"})
+    return jsonify(Health().to_json())
 
 
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
     ready, details = service().backend.readiness()
+    body = Readiness(ready=ready, **details).to_json()
     if ready:
-        return jsonify({"ready": True, **details})
-    return jsonify({"ready": False, **details}), 503, {"Retry-After": "5"}
+        return jsonify(body)
+    return jsonify(body), 503, {"Retry-After": "5"}
 
 
 @bp.get("/v1/models")
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
     state = service()
-    card = state.backend.model_card()
-    card.update(object="model", created=int(state.started), owned_by="glmvision")
-    return jsonify({"object": "list", "data": [card]})
+    card = ModelCard(**state.backend.model_card(), created=int(state.started), owned_by="glmvision")
+    return jsonify(ModelList(data=[card]).to_json())
 
 
 def _answer_one_image(
@@ -68,39 +68,32 @@ def _answer_one_image(
     return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
 
 
-def _native_tail(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
-    """The fields every native answer ends with."""
-    tail: dict[str, Any] = {
+def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
+    """The fields every native answer shares."""
+    return {
         "id": new_request_id(prefix),
         "created": int(time.time()),
         "model": model_id,
         "finish_reason": result.finish_reason,
         "usage": usage(result),
+        "reasoning": (result.reasoning or "") if thinking else None,
     }
-    if thinking:
-        tail["reasoning"] = result.reasoning or ""
-    return tail
 
 
 @bp.post("/v1/chat/vision")
 def chat_vision() -> Response:
     """Answer one question about one image."""
-    body = parse_body(request, VisionRequest)
-    if body.image is not None and body.image_url is not None:
-        raise bad_request("invalid_value", "Send either 'image' or 'image_url', not both.", "image_url")
-    if body.image is None and body.image_url is None:
-        raise APIError(400, "missing_field", "Field 'image' is required.", "image")
+    body = parse_body(request, VisionRequest)  # exactly one of image and image_url: the model checks
     image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
     chat, generation, result = _answer_one_image(image, body.prompt, body)
     decoded = chat.images[0]
     sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
-    payload: dict[str, Any] = {
-        "result": result.text,
-        "success": True,
-        **_native_tail("vision", generation.model_id, result, body.enable_thinking),
-        "image": {"width": decoded.width, "height": decoded.height, "resized_to": list(sent)},
-    }
-    return jsonify(payload)
+    answer = VisionResponse(
+        result=result.text,
+        **_native_fields("vision", generation.model_id, result, body.enable_thinking),
+        image=ImageSize(width=decoded.width, height=decoded.height, resized_to=list(sent)),
+    )
+    return jsonify(answer.to_json())
 
 
 @bp.post("/v1/chat")
@@ -108,5 +101,5 @@ def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     body = parse_body(request, SeedChatRequest)
     _, generation, result = _answer_one_image(ImageRef(body.image_url, "image_url"), body.prompt, body)
-    tail = _native_tail("chat", generation.model_id, result, body.enable_thinking)
-    return jsonify({"response": result.text, **tail})
+    fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
+    return jsonify(SeedChatResponse(response=result.text, **fields).to_json())

@@ -16,6 +16,7 @@ from .config import ConfigError, Settings, load_settings, warn_unknown_variables
 from .local.backend import LocalBackend
 from .local.loading import check_source
 from .openai_api import bp as openai_bp
+from .openapi import bp as openapi_bp
 from .service import Service
 from .urlfetch import FetchPolicy
 
@@ -60,4 +61,5 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(openapi_bp)
     return app

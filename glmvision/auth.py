@@ -13,8 +13,8 @@ from .errors import APIError
 
 log = logging.getLogger("glmvision")
 
-# Endpoints anyone may call: liveness and readiness probes.
-PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz"})
+# Endpoints anyone may call, never rate-limited: liveness and readiness probes, the OpenAPI document.
+PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz", "openapi.openapi_json"})
 
 
 def key_digest(key: str) -> bytes:

@@ -9,6 +9,8 @@ from flask import Flask, has_request_context, jsonify, request
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
+from .responses import ErrorDetail, ErrorObject, ErrorResponse, NativeErrorResponse
+
 log = logging.getLogger("glmvision")
 
 # Endpoints that follow OpenAI's API, errors included.
@@ -49,11 +51,14 @@ class APIError(HTTPException):
         param: str | None = None,
         retry_after: int | None = None,
         headers: dict[str, str] | None = None,
+        details: list[ErrorDetail] | None = None,
     ) -> None:
         super().__init__(description=message)
         self.code = status
         self.error_code = code
         self.param = param
+        # Every problem found, this one first; a single one unless validation found several.
+        self.details = details or [ErrorDetail(code=code, param=param, message=message)]
         self.headers = dict(headers or {})
         if retry_after is not None:
             self.headers["Retry-After"] = str(retry_after)
@@ -69,36 +74,49 @@ def unavailable(code: str, message: str, retry_after: int) -> APIError:
     return APIError(503, code, message, retry_after=retry_after)
 
 
-def error_object(status: int, code: str, message: str, param: str | None) -> dict[str, Any]:
-    """Return the error itself: {message, type, code, param}."""
-    return {
-        "message": message,
-        "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
-        "code": code,
-        "param": param,
-    }
+def error_type(status: int) -> str:
+    """The OpenAI-style error `type` for an HTTP status."""
+    return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
-def _envelope(error: dict[str, Any]) -> dict[str, Any]:
+def error_object(
+    status: int, code: str, message: str, param: str | None, details: list[ErrorDetail] | None = None
+) -> ErrorObject:
+    """Return the error itself: the first problem's {message, type, code, param}, and `errors`."""
+    return ErrorObject(
+        message=message,
+        type=error_type(status),
+        code=code,
+        param=param,
+        errors=details or [ErrorDetail(code=code, param=param, message=message)],
+    )
+
+
+def api_error_object(exc: APIError) -> ErrorObject:
+    """The error object of an APIError."""
+    return error_object(exc.code or 500, exc.error_code, exc.description or "", exc.param, exc.details)
+
+
+def _envelope(error: ErrorObject) -> dict[str, Any]:
     # OpenAI-style endpoints answer {"error": ...}; the native ones also say "success": false.
     if has_request_context() and request.path.startswith(OPENAI_PATHS):
-        return {"error": error}
-    return {"success": False, "error": error}
+        return ErrorResponse(error=error).to_json()
+    return NativeErrorResponse(error=error).to_json()
 
 
 def _render_http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     headers: dict[str, str] = {}
     if isinstance(exc, APIError):
-        code, message, param, headers = exc.error_code, exc.description, exc.param, exc.headers
+        error, headers = api_error_object(exc), exc.headers
     else:
-        code = _CODES.get(status, f"http_{status}")
-        message, param = exc.description or exc.name, None
+        message = exc.description or exc.name
         if status == 413:
             message = "The request body is larger than the server accepts."
         elif status == 429:
             message = f"Rate limit exceeded ({exc.description}). Retry later."
-    response = jsonify(_envelope(error_object(status, code, message or "", param)))
+        error = error_object(status, _CODES.get(status, f"http_{status}"), message or "", None)
+    response = jsonify(_envelope(error))
     response.status_code = status
     response.headers.update(headers)
     if status == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:

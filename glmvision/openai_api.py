@@ -13,16 +13,25 @@ from flask.wrappers import Response
 
 from . import pipeline
 from .config import Settings
-from .errors import APIError, bad_request, error_object
+from .errors import APIError, api_error_object, bad_request, error_object
 from .generation import GenerationParams
 from .pipeline import Answer, ImageRef, Turn, check_prompt_length, generation_params, new_request_id, usage
+from .responses import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    FinishReason,
+    ResponseModel,
+)
 from .schemas import ChatCompletionRequest, ChatMessage, parse_body
 from .service import service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
-
-MAX_STOP_STRINGS = 8
 
 
 def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
@@ -56,26 +65,12 @@ def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
     return turns
 
 
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_STRINGS or any(not item for item in stops):
-        raise bad_request("invalid_value", f"'stop' takes 1 to {MAX_STOP_STRINGS} non-empty strings.", "stop")
-    return tuple(stops)
-
-
 def parse_chat(
     body: ChatCompletionRequest, settings: Settings, model_names: tuple[str, ...]
 ) -> tuple[list[Turn], GenerationParams]:
-    """Translate a chat completion request into the shared pipeline's input."""
-    if body.n != 1:
-        raise bad_request("invalid_value", "Only n=1 is supported.", "n")
+    """Translate a validated chat completion request into the shared pipeline's input."""
     if body.model is not None and body.model not in model_names:
         raise APIError(404, "model_not_found", f"The model {body.model!r} does not exist.", "model")
-    thinking = (body.chat_template_kwargs or {}).get("enable_thinking", False)
-    if not isinstance(thinking, bool):
-        raise bad_request(
-            "invalid_type", "enable_thinking must be a boolean.", "chat_template_kwargs.enable_thinking"
-        )
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = generation_params(
         settings,
@@ -83,8 +78,8 @@ def parse_chat(
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
-        enable_thinking=thinking,
-        stop=_stop_strings(body.stop),
+        enable_thinking=body.enable_thinking,
+        stop=body.stop_strings,
         min_new_tokens=body.min_tokens,
         param=limit_param,
     )
@@ -110,50 +105,44 @@ def chat_completions() -> Response:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
     result = answer.finish(settings, pipeline.client_gone_check(request.environ))
-    message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if result.reasoning is not None:
-        message["reasoning_content"] = result.reasoning
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
-    return jsonify({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(result)})
+    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning)
+    choice = Choice(message=message, finish_reason=result.finish_reason)
+    return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(result)).to_json())
 
 
-def _sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def _sse(payload: ResponseModel, **dump: Any) -> str:
+    text = json.dumps(payload.to_json(**dump), ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 def _events(answer: Answer, meta: dict[str, Any], include_usage: bool, settings: Settings) -> Iterator[str]:
     """Chunks as tokens arrive: role first, then deltas, the finish reason, usage if asked, [DONE]."""
-    base = {**meta, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
+    # Without include_usage the chunks carry no `usage` key at all; with it, null until the last.
+    dump: dict[str, Any] = {} if include_usage else {"exclude": {"usage"}}
 
-    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse({**base, "choices": [choice], **extra})
+    def chunk(delta: Delta, finish_reason: FinishReason | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        return _sse(ChatCompletionChunk(**meta, choices=[choice]), **dump)
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(Delta(role="assistant", content=""))
         try:
             for delta in answer.deltas(settings):
-                piece = {"reasoning_content": delta.reasoning} if delta.reasoning else {}
-                if delta.content:
-                    piece["content"] = delta.content
-                yield chunk(piece)
+                yield chunk(Delta(reasoning_content=delta.reasoning or None, content=delta.content or None))
         except APIError as exc:
             # Headers are gone already: report the failure in the stream, as OpenAI-style servers do.
-            yield _sse(
-                {"error": error_object(exc.code or 500, exc.error_code, exc.description or "", exc.param)}
-            )
+            yield _sse(ErrorResponse(error=api_error_object(exc)))
             yield "data: [DONE]\n\n"
             return
         except Exception:
             log.exception("generation failed mid-stream")
-            yield _sse({"error": error_object(500, "internal_error", "Generation failed.", None)})
+            yield _sse(ErrorResponse(error=error_object(500, "internal_error", "Generation failed.", None)))
             yield "data: [DONE]\n\n"
             return
         result = answer.result
-        yield chunk({}, result.finish_reason)
+        yield chunk(Delta(), result.finish_reason)
         if include_usage:
-            yield _sse({**base, "choices": [], "usage": usage(result)})
+            yield _sse(ChatCompletionChunk(**meta, choices=[], usage=usage(result)))
         yield "data: [DONE]\n\n"
     finally:
         answer.stream.close()  # the client went away (or we are done): free the model now

@@ -20,6 +20,7 @@ from .config import Settings
 from .errors import bad_request
 from .generation import DEFAULT_TEMPERATURE, Delta, Generation, GenerationParams, GenerationStream
 from .images import DecodedImage, Fit, decode_image, open_image
+from .responses import Usage
 from .urlfetch import FetchPolicy, fetch_image, is_url
 
 log = logging.getLogger("glmvision")
@@ -209,13 +210,13 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(generation: Generation) -> dict[str, int]:
+def usage(generation: Generation) -> Usage:
     """Return token accounting in the OpenAI shape."""
-    return {
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
-        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-    }
+    return Usage(
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        total_tokens=generation.prompt_tokens + generation.completion_tokens,
+    )
 
 
 def client_gone_check(environ: dict[str, Any]) -> Callable[[], bool]:

@@ -30,7 +30,9 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
     error = body["error"]
     assert error["code"] == code
     assert error["param"] == param
-    assert set(error) == {"message", "type", "code", "param"}
+    assert set(error) == {"message", "type", "code", "param", "errors"}
+    # The first of every problem found is the one at the top level.
+    assert error["errors"][0] == {"code": code, "param": param, "message": error["message"]}
     assert "Traceback" not in response.get_data(as_text=True)
     return error
 
@@ -282,7 +284,7 @@ def test_out_of_memory_is_a_503_and_the_worker_recovers(
 def test_a_failed_model_thread_answers_everyone_and_asks_for_a_new_worker(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Anything the model raises (not only OOM): 503 for all it held, unhealthy, no more work, one exit call."""
+    """Anything the model raises: 503 for all it held, unhealthy, nothing more taken on, one exit call."""
     model = _loaded(client)
     backend = client.application.extensions["glmvision"].backend
     exits: list[bool] = []

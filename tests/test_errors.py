@@ -45,6 +45,7 @@ def test_unexpected_errors_are_a_plain_500_without_their_text(
         "code": "internal_error",
         "param": None,
     }
+    expected["errors"] = [{"code": "internal_error", "param": None, "message": expected["message"]}]
     assert body == ({"error": expected} if openai else {"success": False, "error": expected})
     text = response.get_data(as_text=True)
     for leak in ("hunter2", "secret_module", "_Boom", "Traceback", 'File "'):

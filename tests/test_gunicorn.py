@@ -136,7 +136,8 @@ def check_error(
     else:
         assert body["success"] is False
     error = body["error"]
-    assert set(error) == {"message", "type", "code", "param"}
+    assert set(error) == {"message", "type", "code", "param", "errors"}
+    assert error["errors"][0] == {"code": code, "param": param, "message": error["message"]}
     assert isinstance(error["message"], str) and error["message"]
     assert error["code"] == code, error
     assert error["param"] == param, error

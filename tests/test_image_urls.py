@@ -451,7 +451,8 @@ def check_error(reply: Reply, endpoint: str, status: int, code: str) -> None:
     else:
         assert set(body) == {"success", "error"} and body["success"] is False, body
     error = body["error"]
-    assert set(error) == {"message", "type", "code", "param"}, error
+    assert set(error) == {"message", "type", "code", "param", "errors"}, error
+    assert error["errors"][0] == {"code": code, "param": error["param"], "message": error["message"]}
     assert error["code"] == code, error
     assert error["param"] == ENDPOINTS[endpoint][1], error
     assert error["type"] == "invalid_request_error", error

@@ -341,7 +341,8 @@ def check_error(exc: openai.APIStatusError, status: int, code: str, param: str |
     """The client saw our error object: status, code, param and a message."""
     assert exc.status_code == status
     assert isinstance(exc.body, dict)
-    assert set(exc.body) == {"message", "type", "code", "param"}
+    assert set(exc.body) == {"message", "type", "code", "param", "errors"}
+    assert exc.body["errors"][0] == {"code": code, "param": param, "message": exc.body["message"]}
     assert exc.body["message"]
     assert exc.body["type"] == ERROR_TYPES[status]
     assert (exc.code, exc.param) == (code, param), exc.body

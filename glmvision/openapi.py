@@ -1,0 +1,327 @@
+"""The OpenAPI 3.1 document, built from the request and response models and a table of routes."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, jsonify
+from flask.wrappers import Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .errors import OPENAI_PATHS, error_type
+from .responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ErrorResponse,
+    Health,
+    ModelList,
+    NativeErrorResponse,
+    Readiness,
+    SeedChatResponse,
+    VisionResponse,
+)
+from .schemas import ChatCompletionRequest, SeedChatRequest, VisionRequest
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+# Every error code the service sends: its HTTP status and when (the README's error table).
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "invalid_json": (400, "The body is not valid JSON."),
+    "invalid_body": (400, "The JSON body is not an object."),
+    "missing_field": (400, "A required field is absent."),
+    "invalid_type": (400, "A field has the wrong type."),
+    "invalid_value": (400, "A field's value is out of range."),
+    "prompt_too_long": (400, "The prompt is over GLMVISION_MAX_PROMPT_CHARS."),
+    "invalid_base64": (400, "The image is not strict base64."),
+    "unsupported_image_format": (400, "Not PNG/JPEG/WebP/GIF/BMP, or a non-image data URL."),
+    "invalid_image": (400, "Corrupt or truncated image data."),
+    "unsupported_aspect_ratio": (400, "One side more than 200x the other."),
+    "image_rejected": (400, "The model's processor refused the image."),
+    "too_many_images": (400, "More images than GLMVISION_MAX_IMAGES in one request."),
+    "image_url_disabled": (400, "An http(s) image URL while GLMVISION_IMAGE_URL_DOMAINS is empty."),
+    "image_url_invalid": (400, "Not an http(s) URL, user info, numeric host forms, bad port."),
+    "image_url_domain_not_allowed": (400, "The host (of the URL or a redirect) is not allowed."),
+    "image_url_blocked": (400, "The host resolves to a refused address."),
+    "image_url_too_many_redirects": (400, "More than GLMVISION_IMAGE_URL_MAX_REDIRECTS redirects."),
+    "image_url_upstream_status": (400, "The image server answered with a non-2xx status."),
+    "image_url_not_image": (400, "The image server's content type is not image/*."),
+    "image_url_timeout": (400, "The download took longer than GLMVISION_IMAGE_URL_TIMEOUT."),
+    "image_url_unreachable": (400, "DNS failure, connection refused, TLS failure, broken HTTP."),
+    "bad_request": (400, "Any other malformed request."),
+    "missing_api_key": (401, "Keys are configured and none was sent."),
+    "invalid_api_key": (401, "The key sent is not one of them."),
+    "not_found": (404, "No such endpoint."),
+    "model_not_found": (404, "`model` is neither the served id nor an alias."),
+    "method_not_allowed": (405, "The endpoint does not take this method."),
+    "request_too_large": (413, "The body is over GLMVISION_MAX_BODY_MB."),
+    "image_too_large": (413, "The image is over GLMVISION_MAX_IMAGE_PIXELS (checked before decoding)."),
+    "image_url_too_large": (413, "The download is over GLMVISION_IMAGE_URL_MAX_MB."),
+    "unsupported_media_type": (415, "The body was not sent as application/json."),
+    "rate_limit_exceeded": (429, "Over GLMVISION_RATE_LIMIT; Retry-After says when to retry."),
+    "internal_error": (500, "A bug on the server's side (logged with its trace)."),
+    "overloaded": (503, "The worker's queue is full; Retry-After estimates when it drains."),
+    "queue_timeout": (503, "The request waited longer than GLMVISION_QUEUE_TIMEOUT for the model."),
+    "request_timeout": (504, "GLMVISION_REQUEST_TIMEOUT passed before the first token."),
+    "model_loading": (503, "The model is still loading; Retry-After."),
+    "model_unavailable": (503, "The model failed to load; Retry-After."),
+    "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
+    "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
+}
+
+# Which codes each kind of route can answer with (besides internal_error, which any route can).
+KEYED = ("missing_api_key", "invalid_api_key", "rate_limit_exceeded")
+BODY = (
+    "invalid_json",
+    "invalid_body",
+    "missing_field",
+    "invalid_type",
+    "invalid_value",
+    "prompt_too_long",
+    "bad_request",
+    "request_too_large",
+    "unsupported_media_type",
+)
+IMAGE = (
+    "invalid_base64",
+    "unsupported_image_format",
+    "invalid_image",
+    "unsupported_aspect_ratio",
+    "image_rejected",
+    "image_too_large",
+    *(code for code in ERROR_CODES if code.startswith("image_url_")),
+)
+GENERATION = (
+    "overloaded",
+    "queue_timeout",
+    "request_timeout",
+    "model_loading",
+    "model_unavailable",
+    "gpu_out_of_memory",
+    "engine_failed",
+)
+
+# A 32x32 PNG: the examples run on any model, cheaply.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAKklEQVR42u3NMQEAAAQAMKTRP4VYSvBtBZbTHZ8qngkEAoFAIBAIBIIr"
+    "C9JiAVggSmjwAAAAAElFTkSuQmCC"
+)
+EXAMPLE_DATA_URL = "data:image/png;base64," + EXAMPLE_PNG
+EXAMPLE_CHAT = {
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What colour is this?"},
+                {"type": "image_url", "image_url": {"url": EXAMPLE_DATA_URL}},
+            ],
+        }
+    ],
+    "max_tokens": 4,
+    "temperature": 0,
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: what it takes, what it answers and which error codes it may send."""
+
+    method: str
+    path: str
+    summary: str
+    answer: type[BaseModel]
+    codes: tuple[str, ...] = ()
+    request: type[BaseModel] | None = None
+    examples: dict[str, Any] = field(default_factory=dict)
+    public: bool = False
+    streams: bool = False
+    answer_status: tuple[int, ...] = (200,)
+
+
+ROUTES = (
+    Route("get", "/healthz", "Liveness: 200 while the process runs.", Health, public=True),
+    Route(
+        "get",
+        "/readyz",
+        "Readiness: 200 once this worker's model is loaded, 503 with Retry-After before.",
+        Readiness,
+        public=True,
+        answer_status=(200, 503),
+    ),
+    Route("get", "/openapi.json", "This document.", BaseModel, public=True),
+    Route("get", "/v1/models", "The served model, in OpenAI's list shape.", ModelList, KEYED),
+    Route(
+        "post",
+        "/v1/chat/vision",
+        "Answer one question about one image (exactly one of image and image_url).",
+        VisionResponse,
+        (*KEYED, *BODY, *IMAGE, *GENERATION),
+        VisionRequest,
+        {"image": EXAMPLE_PNG, "prompt": "What colour is this?", "max_new_tokens": 4, "temperature": 0},
+    ),
+    Route(
+        "post",
+        "/v1/chat",
+        "The reference guides' shape: image_url and prompt in, response out.",
+        SeedChatResponse,
+        (*KEYED, *BODY, *IMAGE, *GENERATION),
+        SeedChatRequest,
+        {"image_url": EXAMPLE_DATA_URL, "prompt": "What colour is this?", "max_new_tokens": 4},
+    ),
+    Route(
+        "post",
+        "/v1/chat/completions",
+        "OpenAI's Chat Completions: the whole answer as JSON, or Server-Sent Events with stream=true.",
+        ChatCompletion,
+        (*KEYED, *BODY, *IMAGE, "too_many_images", "model_not_found", *GENERATION),
+        ChatCompletionRequest,
+        EXAMPLE_CHAT,
+        streams=True,
+    ),
+)
+
+
+def _component_schemas() -> tuple[dict[str, Any], dict[tuple[type[BaseModel], str], Any]]:
+    models: list[tuple[type[BaseModel], Any]] = [(ErrorResponse, "serialization")]
+    models.append((NativeErrorResponse, "serialization"))
+    models.append((ChatCompletionChunk, "serialization"))
+    for route in ROUTES:
+        if route.answer is not BaseModel:
+            models.append((route.answer, "serialization"))
+        if route.request is not None:
+            models.append((route.request, "validation"))
+    refs, definitions = models_json_schema(models, ref_template=REF)
+    schemas = definitions["$defs"]
+    schemas["ErrorCode"] = {
+        "description": "Every error code, with its HTTP status and meaning.",
+        "type": "string",
+        "oneOf": [
+            {"const": code, "description": f"{status}: {meaning}"}
+            for code, (status, meaning) in ERROR_CODES.items()
+        ],
+    }
+    return schemas, refs
+
+
+def _retry_after() -> dict[str, Any]:
+    return {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    }
+
+
+def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    envelope = ErrorResponse if route.path.startswith(OPENAI_PATHS) else NativeErrorResponse
+    by_status: dict[int, list[str]] = {}
+    for code in (*route.codes, "internal_error"):
+        by_status.setdefault(ERROR_CODES[code][0], []).append(code)
+    responses: dict[str, Any] = {}
+    for status, codes in sorted(by_status.items()):
+        narrowed = {
+            "type": "object",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {"code": {"enum": codes}, "type": {"const": error_type(status)}},
+                }
+            },
+        }
+        listed = "\n".join(f"- `{code}`: {ERROR_CODES[code][1]}" for code in codes)
+        response: dict[str, Any] = {
+            "description": listed,
+            "content": {
+                "application/json": {"schema": {"allOf": [refs[(envelope, "serialization")], narrowed]}}
+            },
+        }
+        if status in (429, 503):
+            response["headers"] = _retry_after()
+        responses[str(status)] = response
+    return responses
+
+
+def _answers(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    if route.answer is BaseModel:
+        return {
+            "200": {
+                "description": "The OpenAPI document.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        }
+    schema = refs[(route.answer, "serialization")]
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if route.streams:
+        chunk = refs[(ChatCompletionChunk, "serialization")]["$ref"].rsplit("/", 1)[1]
+        events = f"With stream=true: `data: <{chunk}>` events (or one error event), then `data: [DONE]`."
+        content["text/event-stream"] = {"schema": {"type": "string", "description": events}}
+    answers: dict[str, Any] = {}
+    for status in route.answer_status:
+        answer: dict[str, Any] = {"description": route.summary, "content": content}
+        if status == 503:
+            answer["headers"] = _retry_after()
+        answers[str(status)] = answer
+    return answers
+
+
+def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": route.path.strip("/").replace("/", "_").replace(".", "_") + "_" + route.method,
+        "summary": route.summary,
+        "responses": {**_answers(route, refs), **_error_responses(route, refs)},
+    }
+    if route.public:
+        operation["security"] = []
+    if route.request is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": refs[(route.request, "validation")],
+                    "example": route.examples,
+                }
+            },
+        }
+    return operation
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route (it depends on no setting, so it is built once)."""
+    schemas, refs = _component_schemas()
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "glmvision",
+            "version": "1",
+            "description": "GLM-4.6V-Flash vision-language model over HTTP. Errors carry a stable `code`; "
+            "`errors` lists every problem found, the first one repeated at the top level.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>",
+                },
+                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+        # Keys are needed only when the server has some (GLMVISION_API_KEYS); either header will do.
+        "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    """The OpenAPI document; public, like the health probes."""
+    return jsonify(openapi_document())

@@ -1,0 +1,204 @@
+"""Response models: every JSON body the service sends is built from one of these (the documented shape)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length"]
+
+
+def _omitted_when_none(value: Any) -> bool:
+    return value is None
+
+
+class ResponseModel(BaseModel):
+    """Base of response bodies: fields in the order they are sent; `to_json` is what goes on the wire."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def to_json(self, **kwargs: Any) -> dict[str, Any]:
+        """The body as JSON-ready data."""
+        return self.model_dump(mode="json", **kwargs)
+
+
+# --- Errors --------------------------------------------------------------------------------------
+
+
+class ErrorDetail(ResponseModel):
+    """One problem with the request: its stable code, the field at fault and a message."""
+
+    code: str
+    param: str | None
+    message: str
+
+
+class ErrorObject(ResponseModel):
+    """The error: the first problem at the top level (as clients read it), every problem in `errors`."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None
+    errors: list[ErrorDetail] = Field(min_length=1)
+
+
+class ErrorResponse(ResponseModel):
+    """OpenAI's error envelope, used by /v1/chat/completions and /v1/models."""
+
+    error: ErrorObject
+
+
+class NativeErrorResponse(ResponseModel):
+    """The native endpoints' error envelope: OpenAI's plus "success": false."""
+
+    success: Literal[False] = False
+    error: ErrorObject
+
+
+# --- Probes and the model list -------------------------------------------------------------------
+
+
+class Health(ResponseModel):
+    """GET /healthz: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ModelInfo(ResponseModel):
+    """The loaded model: its id, whether it is the demo model, where it runs and in which dtype."""
+
+    id: str
+    demo: bool
+    device: str | None
+    dtype: str | None
+
+
+class Readiness(ResponseModel):
+    """GET /readyz: model and engine counters once ready; otherwise why not."""
+
+    ready: bool
+    status: Literal["ready", "loading", "failed", "not_loaded", "unhealthy"]
+    model: ModelInfo | None = Field(default=None, exclude_if=_omitted_when_none)
+    engine: dict[str, int | float | str] | None = Field(default=None, exclude_if=_omitted_when_none)
+
+
+class ModelCard(ModelInfo):
+    """One entry of GET /v1/models, in OpenAI's shape plus device details."""
+
+    ready: bool
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(ResponseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- Native answers ------------------------------------------------------------------------------
+
+
+class Usage(ResponseModel):
+    """Token accounting in OpenAI's shape."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class ImageSize(ResponseModel):
+    """The image as a person sees it (after EXIF rotation) and the size that went to the model."""
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    resized_to: list[int] = Field(min_length=2, max_length=2)
+
+
+class VisionResponse(ResponseModel):
+    """POST /v1/chat/vision: the answer, with `reasoning` only when enable_thinking was set."""
+
+    result: str
+    success: Literal[True] = True
+    id: str
+    created: int
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    image: ImageSize
+
+
+class SeedChatResponse(ResponseModel):
+    """POST /v1/chat: the answer as `response`, with `reasoning` only when enable_thinking was set."""
+
+    response: str
+    id: str
+    created: int
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
+
+
+# --- Chat completions ----------------------------------------------------------------------------
+
+
+class AssistantMessage(ResponseModel):
+    """The answer of a chat completion; `reasoning_content` only when thinking was enabled."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+    reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+
+
+class Choice(ResponseModel):
+    """The one choice of a chat completion."""
+
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(ResponseModel):
+    """POST /v1/chat/completions without streaming."""
+
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[Choice] = Field(min_length=1, max_length=1)
+    usage: Usage
+
+
+class Delta(ResponseModel):
+    """What a streamed chunk adds to the answer; absent keys add nothing."""
+
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_omitted_when_none)
+    content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+
+
+class ChunkChoice(ResponseModel):
+    """The one choice of a streamed chunk."""
+
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    """One streamed event; `usage` only with include_usage (null but on the last, choice-less, chunk)."""
+
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice] = Field(max_length=1)
+    usage: Usage | None = None
