@@ -8,8 +8,10 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
+from .backend import Ticket
 from .generation import Generation
 from .pipeline import (
+    Answer,
     ChatInput,
     ImageRef,
     Turn,
@@ -22,7 +24,7 @@ from .pipeline import (
 )
 from .responses import Health, ImageSize, ModelCard, ModelList, Readiness, SeedChatResponse, VisionResponse
 from .schemas import SamplingFields, SeedChatRequest, VisionRequest, parse_body
-from .service import service
+from .service import admit, service
 
 bp = Blueprint("api", __name__)
 
@@ -52,8 +54,8 @@ def list_models() -> Response:
 
 
 def _answer_one_image(
-    image: ImageRef, prompt: str, body: SamplingFields
-) -> tuple[ChatInput, str, Generation]:
+    ticket: Ticket, image: ImageRef, prompt: str, body: SamplingFields
+) -> tuple[ChatInput, Answer, Generation]:
     state = service()
     params = generation_params(
         state.settings,
@@ -64,7 +66,9 @@ def _answer_one_image(
         enable_thinking=body.enable_thinking,
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
-    chat, generation = answer(state.backend, turns, params, state.settings, state.fetch_policy, image.param)
+    chat, generation = answer(
+        state.backend, ticket, turns, params, state.settings, state.fetch_policy, image.param
+    )
     return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
 
 
@@ -83,9 +87,10 @@ def _native_fields(prefix: str, model_id: str, result: Generation, thinking: boo
 @bp.post("/v1/chat/vision")
 def chat_vision() -> Response:
     """Answer one question about one image."""
+    ticket = admit()
     body = parse_body(request, VisionRequest)  # exactly one of image and image_url: the model checks
     image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
-    chat, generation, result = _answer_one_image(image, body.prompt, body)
+    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     decoded = chat.images[0]
     sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
     answer = VisionResponse(
@@ -99,7 +104,9 @@ def chat_vision() -> Response:
 @bp.post("/v1/chat")
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
+    ticket = admit()
     body = parse_body(request, SeedChatRequest)
-    _, generation, result = _answer_one_image(ImageRef(body.image_url, "image_url"), body.prompt, body)
+    image = ImageRef(body.image_url, "image_url")
+    _, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
     return jsonify(SeedChatResponse(response=result.text, **fields).to_json())

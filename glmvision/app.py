@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import auth, errors, limits
+from . import auth, errors, limits, service
 from .api import bp as api_bp
 from .config import ConfigError, Settings, load_settings, warn_unknown_variables
 from .local.backend import LocalBackend
@@ -57,6 +57,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         settings, LocalBackend(settings), _fetch_policy(settings), time.time()
     )
     errors.init_app(app)
+    service.init_app(app)
     auth.init_app(app, settings)  # before the limiter, so unauthenticated calls never count against a key
     limits.init_app(app, settings)
     app.register_blueprint(api_bp)

@@ -36,6 +36,11 @@ class Ticket:
         """Give the place back (idempotent): the request is answered, failed or abandoned."""
         self._on_release(self)
 
+    def abandon(self) -> None:
+        """Give the place back unless the request reached the model (which then gives it back)."""
+        if not self._submitted:
+            self.release()
+
     @contextmanager
     def preparing(self) -> Iterator[None]:
         """Hold one of the worker's preparation slots (decode, preprocess), waiting until the deadline."""

@@ -28,7 +28,7 @@ from .responses import (
     ResponseModel,
 )
 from .schemas import ChatCompletionRequest, ChatMessage, parse_body
-from .service import service
+from .service import admit, service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
@@ -91,9 +91,12 @@ def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
     state = service()
     settings = state.settings
+    ticket = admit()
     body = parse_body(request, ChatCompletionRequest)
     turns, params = parse_chat(body, settings, state.backend.model_names())
-    _, answer = pipeline.answer(state.backend, turns, params, settings, state.fetch_policy, "messages")
+    _, answer = pipeline.answer(
+        state.backend, ticket, turns, params, settings, state.fetch_policy, "messages"
+    )
     meta = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Backend
+from .backend import Backend, Ticket
 from .config import Settings
 from .errors import bad_request
 from .generation import DEFAULT_TEMPERATURE, Delta, Generation, GenerationParams, GenerationStream
@@ -170,14 +170,14 @@ class Answer:
 
 def answer(
     backend: Backend,
+    ticket: Ticket,
     turns: list[Turn],
     params: GenerationParams,
     settings: Settings,
     policy: FetchPolicy,
     image_param: str = "image",
 ) -> tuple[ChatInput, Answer]:
-    """Take a place (or 503 at once), decode the images, prepare the inputs and queue the generation."""
-    ticket = backend.admit()
+    """With the request's place taken, decode the images, prepare the inputs and queue the generation."""
     try:
         with ticket.preparing():
             # Once the model is known, images go straight to the size its processor wants.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import image_b64, image_bytes, model_sees, vision_body
+from helpers import image_b64, image_bytes, model_sees, vision_body, wait_for
 from PIL import Image
 
 import glmvision.local.engine
@@ -479,3 +479,28 @@ def test_images_go_straight_to_the_processors_size_once_loaded(client: FlaskClie
     second = client.post("/v1/chat/vision", json=body).get_json()
     assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
     assert second["image"] == {"width": 1024, "height": 768, "resized_to": model_sees(1024, 768)}
+
+
+def test_a_full_worker_refuses_before_reading_the_body(make_app: Callable[..., Flask]) -> None:
+    """Admission comes first: a full worker answers 503 even to a body it would have found invalid."""
+    app = make_app(max_batch_size=1, max_queue=1)
+    client = app.test_client()
+    admission = app.extensions["glmvision"].backend.admission
+    held = [admission.admit(), admission.admit()]
+    for path in ("/v1/chat/vision", "/v1/chat", "/v1/chat/completions"):
+        response = client.post(path, data=b"{not json", content_type="application/json")
+        assert_error(response, 503, "overloaded")
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert admission.refused == 3
+    for ticket in held:
+        ticket.release()
+    # With room again, the same body is the client's mistake, and its place is given back.
+    for _ in range(5):
+        assert_error(
+            client.post("/v1/chat/vision", data=b"{not json", content_type="application/json"),
+            400,
+            "invalid_json",
+        )
+    assert admission.active == 0
+    assert client.post("/v1/chat/vision", json=vision_body()).get_json()["success"] is True
+    assert wait_for(lambda: admission.active == 0)
