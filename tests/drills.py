@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 import io
+import multiprocessing
 import os
 import random
-import statistics
 import threading
 import time
 from collections import Counter
@@ -60,6 +60,7 @@ class Probe:
                 except requests.RequestException:
                     status = 0
                 self.times.append(started)
+                self.times.append(started)
                 self.latencies.append(time.perf_counter() - started)
                 self.statuses[status] += 1
                 self._stop.wait(self.interval)
@@ -80,6 +81,7 @@ class OverloadResult:
     other: Counter[str] = field(default_factory=Counter)
     answer_latencies: list[float] = field(default_factory=list)
     refusal_latencies: list[float] = field(default_factory=list)
+    refusal_times: list[float] = field(default_factory=list)
     health: Probe | None = None
     ready: Probe | None = None
     engine: dict[str, Any] = field(default_factory=dict)
@@ -120,17 +122,12 @@ def _probe_figures(probe: Probe | None) -> tuple[float, float, float]:
     )
 
 
-def overload(
-    server: LiveServer, clients: int = 200, seconds: float = 20.0, tokens: int = 16
-) -> OverloadResult:
-    """`clients` closed-loop clients on /v1/chat/vision; each waits Retry-After after a 503."""
-    body = {
-        "image": jpeg_b64(),
-        "prompt": "What is in this picture?",
-        "max_new_tokens": tokens,
-        "temperature": 0,
-    }
-    result = OverloadResult(clients, seconds)
+Row = tuple[int, str, float, str | None, float]  # status, error code, seconds, Retry-After, start
+
+
+def _client_process(url: str, body: dict[str, Any], first: int, count: int, seconds: float, out: Any) -> None:
+    """`count` closed-loop client threads in one process; puts their rows on `out`."""
+    rows: list[Row] = []
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -141,41 +138,82 @@ def overload(
             while not stop.is_set():
                 started = time.perf_counter()
                 try:
-                    response = session.post(server.url + "/v1/chat/vision", json=body, timeout=120)
+                    response = session.post(url + "/v1/chat/vision", json=body, timeout=120)
                     status, code = response.status_code, _code(response)
                     retry_after = response.headers.get("Retry-After")
                 except requests.RequestException as exc:
                     status, code, retry_after = 0, type(exc).__name__, None
-                elapsed = time.perf_counter() - started
-                pause = 0.0
                 with lock:
-                    if status == 200:
-                        result.answered += 1
-                        result.answer_latencies.append(elapsed)
-                    elif status == 503 and code == "overloaded":
-                        result.refused += 1
-                        result.refusal_latencies.append(elapsed)
-                        if not (retry_after or "").isdigit():
-                            result.refused_without_retry_after += 1
-                        pause = float(retry_after) if (retry_after or "").isdigit() else 1.0
-                    else:
-                        result.other[f"{status} {code}"] += 1
-                        pause = 1.0
+                    rows.append((status, code, time.perf_counter() - started, retry_after, started))
+                pause = 0.0
+                if status != 200:
+                    pause = float(retry_after) if (retry_after or "").isdigit() else 1.0
                 # Well-behaved clients wait as told, with jitter so they do not return in lockstep.
                 stop.wait(pause * rng.uniform(0.5, 1.0))
 
-    result.health = Probe(server.url + "/healthz")
-    result.ready = Probe(server.url + "/readyz")
-    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
-    threads += [threading.Thread(target=p.run, daemon=True) for p in (result.health, result.ready)]
+    threads = [threading.Thread(target=client, args=(first + n,), daemon=True) for n in range(count)]
     for thread in threads:
         thread.start()
     stop.wait(seconds)
     stop.set()
-    result.health.stop()
-    result.ready.stop()
     for thread in threads:
         thread.join(timeout=150)
+    out.put(("clients", rows))
+
+
+def _probe_process(url: str, seconds: float, out: Any) -> None:
+    probe = Probe(url)
+    thread = threading.Thread(target=probe.run, daemon=True)
+    thread.start()
+    time.sleep(seconds)
+    probe.stop()
+    thread.join(timeout=15)
+    out.put((url, (probe.times, probe.latencies, dict(probe.statuses))))
+
+
+def overload(
+    server: LiveServer, clients: int = 200, seconds: float = 20.0, tokens: int = 16, processes: int = 4
+) -> OverloadResult:
+    """`clients` closed-loop clients on /v1/chat/vision, each waiting Retry-After after a 503.
+
+    Clients and probes run in processes of their own, so what they time is the server, not the
+    test process's own GIL.
+    """
+    body = {"image": jpeg_b64(), "prompt": "Describe it.", "max_new_tokens": tokens, "temperature": 0}
+    result = OverloadResult(clients, seconds)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    share = -(-clients // processes)
+    jobs = [
+        context.Process(
+            target=_client_process, args=(server.url, body, start, min(share, clients - start), seconds, out)
+        )
+        for start in range(0, clients, share)
+    ]
+    probes = {server.url + "/healthz": "health", server.url + "/readyz": "ready"}
+    jobs += [context.Process(target=_probe_process, args=(url, seconds, out)) for url in probes]
+    for job in jobs:
+        job.start()
+    reports = [out.get(timeout=seconds + 200) for _ in jobs]
+    for job in jobs:
+        job.join(timeout=30)
+    for kind, report in reports:
+        if kind != "clients":
+            probe = Probe(kind)
+            probe.times, probe.latencies, probe.statuses = report[0], report[1], Counter(report[2])
+            setattr(result, probes[kind], probe)
+            continue
+        for status, code, elapsed, retry_after, started in report:
+            if status == 200:
+                result.answered += 1
+                result.answer_latencies.append(elapsed)
+            elif status == 503 and code == "overloaded":
+                result.refused += 1
+                result.refusal_latencies.append(elapsed)
+                result.refusal_times.append(started)
+                result.refused_without_retry_after += not (retry_after or "").isdigit()
+            else:
+                result.other[f"{status} {code}"] += 1
     result.engine = requests.get(server.url + "/readyz", timeout=10).json().get("engine", {})
     return result
 
@@ -238,7 +276,7 @@ def mixed_requests(url: str) -> list[Callable[[requests.Session], requests.Respo
 
 @dataclass
 class SoakResult:
-    """Counts by status, and the worker's footprint before and after."""
+    """Counts by status, and the worker's footprint after a warm-up round and at the end."""
 
     requests: int
     statuses: Counter[int]
@@ -247,42 +285,137 @@ class SoakResult:
     after: Footprint
     samples: list[Footprint]
 
+    def figures(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "by status": dict(sorted(self.statuses.items())),
+            "5xx": self.server_errors,
+            "RSS MiB (after warm-up -> end)": (self.before.rss_mib, self.after.rss_mib),
+            "threads": (self.before.threads, self.after.threads),
+            "open fds": (self.before.fds, self.after.fds),
+            "RSS MiB samples": [sample.rss_mib for sample in self.samples],
+        }
 
-def soak(server: LiveServer, total: int = 3000, clients: int = 8) -> SoakResult:
-    """`total` mixed good and bad requests from `clients` threads; footprint sampled as it goes."""
-    (pid,) = server.worker_pids()
-    menu = mixed_requests(server.url)
-    # Warm every path once so lazily built things (the model, caches) count before the baseline.
-    with requests.Session() as session:
-        for call in menu:
-            call(session)
-    wait_for(lambda: footprint(pid).threads > 0)
-    before = footprint(pid)
+
+def _hammer(
+    menu: list[Callable[[requests.Session], requests.Response]], total: int, clients: int
+) -> Counter[int]:
     statuses: Counter[int] = Counter()
-    samples: list[Footprint] = []
     lock = threading.Lock()
-    counter = iter(range(total))
+    numbers = iter(range(total))
 
     def client() -> None:
         with requests.Session() as session:
-            for number in counter:
+            for number in numbers:
                 response = menu[number % len(menu)](session)
                 response.content  # noqa: B018 - read the whole body (streams included)
                 with lock:
                     statuses[response.status_code] += 1
-                    if number % 250 == 0:
-                        samples.append(footprint(pid))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=600)
-    time.sleep(0.5)  # let keep-alive connections settle before the last reading
-    after = footprint(pid)
+        thread.join(timeout=900)
+    return statuses
+
+
+def soak(server: LiveServer, total: int = 3000, clients: int = 8, rounds: int = 5) -> SoakResult:
+    """`total` mixed good and bad requests from `clients` threads, after a warm-up round of the same."""
+    (pid,) = server.worker_pids()
+    menu = mixed_requests(server.url)
+    # The warm-up grows what grows once (thread pools, allocator arenas, caches) before the baseline.
+    _hammer(menu, max(len(menu) * clients, total // rounds), clients)
+    before = footprint(pid)
+    statuses: Counter[int] = Counter()
+    samples = [before]
+    for _ in range(rounds):
+        statuses.update(_hammer(menu, total // rounds, clients))
+        samples.append(footprint(pid))
+    after = samples[-1]
     errors = sum(count for status, count in statuses.items() if status >= 500)
     return SoakResult(sum(statuses.values()), statuses, errors, before, after, samples)
 
 
-def median_or_zero(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
+FAULT_HOOK = """
+import os
+_marker = os.environ.get("DRILL_FAULT_FILE")
+if _marker:
+    import glmvision.local.engine as _engine
+
+    _real = _engine.Engine._generate
+
+    def _generate(self, batch):
+        try:
+            os.unlink(_marker)  # the fault fires once, in the first batch after the file appears
+        except FileNotFoundError:
+            return _real(self, batch)
+        raise RuntimeError("injected fault in the model thread")
+
+    _engine.Engine._generate = _generate
+"""
+
+
+def fault_hook_env(directory: Path) -> dict[str, str]:
+    """Environment for a server whose model thread raises once a marker file appears (sitecustomize)."""
+    (directory / "sitecustomize.py").write_text(FAULT_HOOK)
+    return {"PYTHONPATH": str(directory), "DRILL_FAULT_FILE": str(directory / "fault-now")}
+
+
+@dataclass
+class FaultResult:
+    """What the held requests got, and how long until a fresh worker was ready."""
+
+    outcomes: Counter[str]
+    old_pid: int
+    new_pid: int
+    recovered_seconds: float
+    after: int
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "held requests' outcomes": dict(self.outcomes),
+            "worker replaced": self.old_pid != self.new_pid,
+            "seconds from fault to /readyz 200": round(self.recovered_seconds, 1),
+            "status of the next request": self.after,
+        }
+
+
+def fault(server: LiveServer, directory: Path, requests_held: int = 12) -> FaultResult:
+    """Fire the fault hook under load: every held request must be answered, then a fresh worker serves."""
+    (old_pid,) = server.worker_pids()
+    body = {"image": jpeg_b64(96), "prompt": "Go on.", "max_new_tokens": 64, "temperature": 0}
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            response = requests.post(server.url + "/v1/chat/vision", json=body, timeout=120)
+            outcome = f"{response.status_code} {_code(response) or 'ok'}"
+        except requests.RequestException as exc:
+            outcome = f"no answer ({type(exc).__name__})"
+        with lock:
+            outcomes[outcome] += 1
+
+    (directory / "fault-now").touch()
+    fired = time.monotonic()
+    threads = [threading.Thread(target=call) for _ in range(requests_held)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+
+    def replaced_and_ready() -> bool:
+        pids = server.worker_pids()
+        if len(pids) != 1 or old_pid in pids:
+            return False
+        try:
+            return requests.get(server.url + "/readyz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(replaced_and_ready, timeout=120)
+    recovered = time.monotonic() - fired
+    pids = server.worker_pids()
+    after = requests.post(server.url + "/v1/chat/vision", json={**body, "max_new_tokens": 4}, timeout=60)
+    return FaultResult(outcomes, old_pid, next(iter(pids), old_pid), recovered, after.status_code)

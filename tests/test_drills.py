@@ -1,0 +1,64 @@
+"""Bounded drills against real gunicorn on the shipped defaults: overload, a failing model thread, a
+soak. scripts/robustness.py runs the same drills longer and writes docs/robustness.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from drills import fault, fault_hook_env, overload, soak
+from helpers import LiveServer, live_server, server_env
+
+
+@pytest.fixture
+def defaults_server(tmp_path: Path, demo_model_dir: Path, runtime_dir: Path) -> Iterator[LiveServer]:
+    """The service with every setting at its default (one worker, demo model on the CPU)."""
+    env = {k: v for k, v in server_env(demo_model_dir, runtime_dir).items() if k != "GLMVISION_WORKERS"}
+    with live_server(tmp_path, env, ready_path="/readyz") as server:
+        yield server
+
+
+def test_overload_refuses_the_excess_answers_the_rest_and_probes_stay_up(defaults_server: LiveServer) -> None:
+    """200 clients on one worker: the excess gets 503 + Retry-After, every admitted request is answered."""
+    result = overload(defaults_server, clients=200, seconds=12)
+    assert result.answered > 100
+    assert result.refused > 100, "the queue limit was never reached: admission does not work"
+    assert result.refused_without_retry_after == 0
+    assert not result.other, f"outcomes other than 200 and 503 overloaded: {result.other}"
+    assert result.engine["refused"] == result.refused  # the server counted what the clients saw
+    assert result.engine["capacity"] == 8 + 64  # GLMVISION_MAX_BATCH_SIZE + GLMVISION_MAX_QUEUE
+    assert result.health is not None and result.ready is not None
+    assert set(result.health.statuses) == {200} and sum(result.health.statuses.values()) > 50
+    assert set(result.ready.statuses) == {200}
+    assert defaults_server.process.poll() is None
+
+
+def test_a_fault_in_the_model_thread_answers_everyone_and_the_worker_is_replaced(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
+) -> None:
+    env = {**server_env(demo_model_dir, runtime_dir), **fault_hook_env(tmp_path)}
+    with live_server(tmp_path, env, ready_path="/readyz") as server:
+        result = fault(server, tmp_path, requests_held=12)
+        assert sum(result.outcomes.values()) == 12
+        # Held requests get 503 engine_failed; ones that arrive after the replacement get answers.
+        assert set(result.outcomes) <= {"503 engine_failed", "200 ok"}, result.outcomes
+        assert result.outcomes["503 engine_failed"] >= 1
+        assert result.new_pid != result.old_pid
+        assert result.after == 200
+        assert "the model thread failed" in server.log()
+        assert requests.get(server.url + "/readyz", timeout=10).json()["status"] == "ready"
+
+
+def test_a_soak_of_mixed_requests_leaves_memory_threads_and_descriptors_flat(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
+) -> None:
+    with live_server(tmp_path, server_env(demo_model_dir, runtime_dir), ready_path="/readyz") as server:
+        result = soak(server, total=1200, clients=8, rounds=4)
+    assert result.requests == 1200
+    assert result.server_errors == 0, result.statuses
+    assert set(result.statuses) <= {200, 400, 404, 415}, result.statuses
+    assert result.after.threads <= result.before.threads + 2, result.samples
+    assert result.after.fds <= result.before.fds + 4, result.samples
+    assert result.after.rss_mib <= result.before.rss_mib * 1.10 + 20, result.samples
