@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .output import Rendered, render
 
@@ -57,8 +57,51 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
+class Detokenizer(Protocol):
+    """Turns ids arriving a few at a time into the text they add."""
+
+    def push(self, token_ids: list[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class IncrementalDecoder:
+    """Decodes only a short window of ids per push, so a token costs the same at any length."""
+
+    # The window starts a few tokens back (prefix) because a token's text can depend on the
+    # tokens before it (a leading space, bytes of one character split over tokens); its text
+    # past the previous decoding (read) is new. Text ending in U+FFFD may be a character whose
+    # remaining bytes are still to come: it waits, and flush() gives whatever is left at the end.
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decode = decoder.decode
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+        self._prefix_text = ""
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add ids; return the text they complete (possibly none yet)."""
+        self._ids.extend(token_ids)
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self._prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        return new
+
+    def flush(self) -> str:
+        """The text still held back; call once, when no more ids will come."""
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        new, self._prefix_text = text[len(self._prefix_text) :], ""
+        return new
+
+
 class GenerationStream:
     """Iterate for deltas as tokens arrive; `result` holds the whole answer once iteration ends."""
+
+    detokenizer: ClassVar[Callable[[Decoder], Detokenizer]] = IncrementalDecoder
 
     def __init__(self, decoder: Decoder, prompt_tokens: int, params: GenerationParams) -> None:
         self._decoder = decoder
@@ -67,7 +110,8 @@ class GenerationStream:
         self._cancelled = threading.Event()
         self._ended = threading.Event()
         self._ids: list[int] = []
-        self._ended_by_token = False
+        self._detokenizer = self.detokenizer(decoder)
+        self._text = ""
         self._sent = Rendered("", "")
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
@@ -161,7 +205,8 @@ class GenerationStream:
             if delta := self._delta(rendered):
                 yield delta
         self.finish_reason = self.finish_reason or "length"
-        final = render(self._text(), self._params.enable_thinking, self._params.stop, final=True)
+        self._text += self._detokenizer.flush()
+        final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
         if delta := self._delta(final):
             yield delta
         thinking = self._params.enable_thinking
@@ -175,21 +220,28 @@ class GenerationStream:
 
     def _feed(self, token_ids: list[int]) -> Rendered:
         thinking, stops = self._params.enable_thinking, self._params.stop
+        stop_ids = self._decoder.stop_ids
+        fresh: list[int] = []
         for token_id in token_ids:
             self._ids.append(token_id)
-            if token_id in self._decoder.stop_ids:
-                self._ended_by_token, self.finish_reason = True, "stop"
+            if token_id in stop_ids:
+                self.finish_reason = "stop"  # the stop token itself is not text
                 break
             if stops:
                 # Check after every token, so the count is the same however tokens were grouped.
-                rendered = render(self._text(), thinking, stops, final=False)
-                if rendered.stopped:
-                    return rendered
+                if piece := self._detokenizer.push([token_id]):
+                    self._text += piece
+                    rendered = render(self._text, thinking, stops, final=False)
+                    if rendered.stopped:
+                        return rendered
+            else:
+                fresh.append(token_id)
+        if fresh:
+            self._text += self._detokenizer.push(fresh)
         done = self.finish_reason is not None
-        return render(self._text(), thinking, stops, final=done)
-
-    def _text(self) -> str:
-        return self._decoder.decode(self._ids[:-1] if self._ended_by_token else self._ids)
+        if done:
+            self._text += self._detokenizer.flush()
+        return render(self._text, thinking, stops, final=done)
 
     def _delta(self, rendered: Rendered) -> Delta | None:
         # Partial renders only ever grow; guard anyway so a surprise cannot duplicate text.
