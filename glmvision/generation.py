@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from .output import Rendered, render
+from .output import StreamRenderer, render
 
 log = logging.getLogger("glmvision")
 _END = object()
@@ -112,7 +112,9 @@ class GenerationStream:
         self._ids: list[int] = []
         self._detokenizer = self.detokenizer(decoder)
         self._text = ""
-        self._sent = Rendered("", "")
+        self._renderer = StreamRenderer(params.enable_thinking, params.stop)
+        self._sent_reasoning: list[str] = []
+        self._sent_answer: list[str] = []
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
         self.result: Generation | None = None
@@ -198,16 +200,16 @@ class GenerationStream:
                 raise item
             if self.finish_reason is not None:
                 continue  # generate() is winding down after a stop: its last tokens are not ours
-            rendered = self._feed(item)
-            if rendered.stopped:
+            delta = self._feed(item)
+            if self._renderer.stopped:
                 self.finish_reason = "stop"
                 self._cancelled.set()
-            if delta := self._delta(rendered):
-                yield delta
+            if delta.reasoning or delta.content:
+                yield self._sent(delta)
         self.finish_reason = self.finish_reason or "length"
         self._text += self._detokenizer.flush()
         final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
-        if delta := self._delta(final):
+        if (delta := self._rest(final.reasoning, final.answer)) is not None:
             yield delta
         thinking = self._params.enable_thinking
         self.result = Generation(
@@ -218,38 +220,44 @@ class GenerationStream:
             self.finish_reason,
         )
 
-    def _feed(self, token_ids: list[int]) -> Rendered:
-        thinking, stops = self._params.enable_thinking, self._params.stop
+    def _feed(self, token_ids: list[int]) -> Delta:
+        """Take ids in; the text they make visible (rendering only new text, so cheap at any length)."""
         stop_ids = self._decoder.stop_ids
+        reasoning = content = ""
         fresh: list[int] = []
         for token_id in token_ids:
             self._ids.append(token_id)
             if token_id in stop_ids:
                 self.finish_reason = "stop"  # the stop token itself is not text
                 break
-            if stops:
+            if self._params.stop:
                 # Check after every token, so the count is the same however tokens were grouped.
-                if piece := self._detokenizer.push([token_id]):
-                    self._text += piece
-                    rendered = render(self._text, thinking, stops, final=False)
-                    if rendered.stopped:
-                        return rendered
+                more_reasoning, more_content = self._take_text(self._detokenizer.push([token_id]))
+                reasoning, content = reasoning + more_reasoning, content + more_content
+                if self._renderer.stopped:
+                    return Delta(reasoning, content)
             else:
                 fresh.append(token_id)
         if fresh:
-            self._text += self._detokenizer.push(fresh)
-        done = self.finish_reason is not None
-        if done:
-            self._text += self._detokenizer.flush()
-        return render(self._text, thinking, stops, final=done)
+            more_reasoning, more_content = self._take_text(self._detokenizer.push(fresh))
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return Delta(reasoning, content)
 
-    def _delta(self, rendered: Rendered) -> Delta | None:
+    def _take_text(self, piece: str) -> tuple[str, str]:
+        if not piece:
+            return "", ""
+        self._text += piece
+        return self._renderer.feed(piece)
+
+    def _sent(self, delta: Delta) -> Delta:
+        self._sent_reasoning.append(delta.reasoning)
+        self._sent_answer.append(delta.content)
+        return delta
+
+    def _rest(self, reasoning: str, answer: str) -> Delta | None:
+        """What the final render adds to what was streamed."""
         # Partial renders only ever grow; guard anyway so a surprise cannot duplicate text.
-        reasoning = content = ""
-        sent_reasoning, sent_answer = self._sent.reasoning, self._sent.answer
-        if rendered.reasoning.startswith(sent_reasoning):
-            reasoning, sent_reasoning = rendered.reasoning[len(sent_reasoning) :], rendered.reasoning
-        if rendered.answer.startswith(sent_answer):
-            content, sent_answer = rendered.answer[len(sent_answer) :], rendered.answer
-        self._sent = Rendered(sent_reasoning, sent_answer)
-        return Delta(reasoning, content) if reasoning or content else None
+        sent_reasoning, sent_answer = "".join(self._sent_reasoning), "".join(self._sent_answer)
+        more_reasoning = reasoning[len(sent_reasoning) :] if reasoning.startswith(sent_reasoning) else ""
+        more_answer = answer[len(sent_answer) :] if answer.startswith(sent_answer) else ""
+        return Delta(more_reasoning, more_answer) if more_reasoning or more_answer else None
