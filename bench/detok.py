@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Per-token cost of turning generated ids into answer deltas: full re-decode vs incremental.
 
+"old" re-decodes all ids and re-renders all text per token, as GenerationStream did before
+issue 7; "new" decodes a window of ids and renders only new text.
+
 Feeds 2048 tokens of the demo tokenizer one at a time through a GenerationStream (thinking on and
 off, with and without stop strings) and prints the mean cost per token at three positions.
 `.venv/bin/python bench/detok.py [--runs 3]`
@@ -26,7 +29,7 @@ from glmvision.generation import Decoder, GenerationParams, GenerationStream
 from glmvision.local.demo import build_demo_model
 from glmvision.local.loading import load_model
 from glmvision.local.runtime import LoadedModel
-from glmvision.output import MARKERS
+from glmvision.output import MARKERS, render
 
 TOKENS = 2048
 RANGES = ((1, 256), (768, 1024), (1792, 2048))
@@ -72,13 +75,28 @@ class FullRedecode:
 
 
 class OldStream(GenerationStream):
+    """The old stream: all ids re-decoded and all text re-rendered on every token."""
+
     detokenizer = FullRedecode
+
+    def _take_text(self, piece: str) -> tuple[str, str]:
+        self._text += piece
+        params = self._params
+        rendered = render(self._text, params.enable_thinking, params.stop, final=False)
+        self._renderer.stopped = rendered.stopped
+        sent_reasoning, sent_answer = getattr(self, "_old_sent", ("", ""))
+        self._old_sent = (rendered.reasoning, rendered.answer)
+        return rendered.reasoning[len(sent_reasoning) :], rendered.answer[len(sent_answer) :]
 
 
 def token_ids(model: LoadedModel, thinking: bool) -> list[int]:
     """2048 ids of plausible output: reasoning first when thinking, then a long answer."""
     tokenizer = model.processor.tokenizer
-    text = "<think>Look at the image first. 先看图片。</think>" if thinking else ""
+    text = ""
+    if thinking:  # half of it reasoning, so both phases run long
+        while len(tokenizer.encode(text, add_special_tokens=False)) < TOKENS // 2:
+            text += "Look at the image first. 先看图片。 "
+        text = f"<think>{text}</think>"
     while len(ids := tokenizer.encode(text, add_special_tokens=False)) < TOKENS:
         text += ANSWER
     return ids[:TOKENS]
@@ -93,7 +111,7 @@ def per_token_us(
     clock = time.perf_counter
     for token_id in ids:
         started = clock()
-        stream._delta(stream._feed([token_id]))  # the per-token work of GenerationStream._deltas
+        stream._feed([token_id])  # the per-token work of GenerationStream._deltas
         times.append((clock() - started) * 1e6)
     return times
 
