@@ -59,7 +59,7 @@ class ProcessorPool:
         try:
             return self._idle.get(timeout=self._wait)
         except queue.Empty:
-            raise unavailable("busy", "All input processors are busy; retry shortly.", 1) from None
+            raise unavailable("preprocessing_busy", "Input processors all busy; retry shortly.", 1) from None
 
 
 @dataclass
