@@ -17,6 +17,11 @@ from .generation import GenerationParams, GenerationStream
 from .images import Fit
 
 
+def preparing_slots() -> int:
+    """Requests a worker decodes and preprocesses at once: one per core, at least two."""
+    return max(2, os.cpu_count() or 1)
+
+
 @dataclass(eq=False)
 class Ticket:
     """One admitted request: when it arrived, its deadline, and its place until released."""
@@ -66,7 +71,7 @@ class Admission:
         preparing_at_once: int = 0,
     ) -> None:
         self.capacity = capacity
-        self._slots = threading.Semaphore(preparing_at_once or max(2, os.cpu_count() or 1))
+        self._slots = threading.Semaphore(preparing_at_once or preparing_slots())
         self.request_timeout = request_timeout
         self._drain_rate = drain_rate
         self._on_abandoned = on_abandoned

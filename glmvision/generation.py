@@ -9,10 +9,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from .errors import APIError
-from .output import Rendered, render
+from .output import StreamRenderer, render
 
 log = logging.getLogger("glmvision")
 _END = object()
@@ -60,6 +60,47 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
 
+class Detokenizer(Protocol):
+    """Turns ids arriving a few at a time into the text they add."""
+
+    def push(self, token_ids: list[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class IncrementalDecoder:
+    """Decodes only a short window of ids per push, so a token costs the same at any length."""
+
+    # The window starts a few tokens back (prefix) because a token's text can depend on the
+    # tokens before it (a leading space, bytes of one character split over tokens); its text
+    # past the previous decoding (read) is new. Text ending in U+FFFD may be a character whose
+    # remaining bytes are still to come: it waits, and flush() gives whatever is left at the end.
+
+    def __init__(self, decoder: Decoder) -> None:
+        self._decode = decoder.decode
+        self._ids: list[int] = []
+        self._prefix = self._read = 0
+        self._prefix_text = ""
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add ids; return the text they complete (possibly none yet)."""
+        self._ids.extend(token_ids)
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self._prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        return new
+
+    def flush(self) -> str:
+        """The text still held back; call once, when no more ids will come."""
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        new, self._prefix_text = text[len(self._prefix_text) :], ""
+        return new
+
+
 # How long past its deadline a request thread still waits for the engine to end its row (a stuck
 # model thread must not hold request threads forever).
 DEADLINE_GRACE = 10.0
@@ -69,6 +110,8 @@ CLIENT_CHECK_INTERVAL = 0.25
 
 class GenerationStream:
     """Iterate for deltas as tokens arrive; `result` holds the whole answer once iteration ends."""
+
+    detokenizer: ClassVar[Callable[[Decoder], Detokenizer]] = IncrementalDecoder
 
     def __init__(
         self, decoder: Decoder, prompt_tokens: int, params: GenerationParams, deadline: float = math.inf
@@ -81,8 +124,11 @@ class GenerationStream:
         self._cancelled = threading.Event()
         self._ended = threading.Event()
         self._ids: list[int] = []
-        self._ended_by_token = False
-        self._sent = Rendered("", "")
+        self._detokenizer = self.detokenizer(decoder)
+        self._text = ""
+        self._renderer = StreamRenderer(params.enable_thinking, params.stop)
+        self._sent_reasoning: list[str] = []
+        self._sent_answer: list[str] = []
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
         self.result: Generation | None = None
@@ -191,15 +237,16 @@ class GenerationStream:
                 raise item
             if self.finish_reason is not None:
                 continue  # generate() is winding down after a stop: its last tokens are not ours
-            rendered = self._feed(item)
-            if rendered.stopped:
+            delta = self._feed(item)
+            if self._renderer.stopped:
                 self.finish_reason = "stop"
                 self._cancelled.set()
-            if delta := self._delta(rendered):
-                yield delta
+            if delta.reasoning or delta.content:
+                yield self._sent(delta)
         self.finish_reason = self.finish_reason or "length"
-        final = render(self._text(), self._params.enable_thinking, self._params.stop, final=True)
-        if delta := self._delta(final):
+        self._text += self._detokenizer.flush()
+        final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
+        if (delta := self._rest(final.reasoning, final.answer)) is not None:
             yield delta
         thinking = self._params.enable_thinking
         self.result = Generation(
@@ -210,31 +257,44 @@ class GenerationStream:
             self.finish_reason,
         )
 
-    def _feed(self, token_ids: list[int]) -> Rendered:
-        thinking, stops = self._params.enable_thinking, self._params.stop
+    def _feed(self, token_ids: list[int]) -> Delta:
+        """Take ids in; the text they make visible (rendering only new text, so cheap at any length)."""
+        stop_ids = self._decoder.stop_ids
+        reasoning = content = ""
+        fresh: list[int] = []
         for token_id in token_ids:
             self._ids.append(token_id)
-            if token_id in self._decoder.stop_ids:
-                self._ended_by_token, self.finish_reason = True, "stop"
+            if token_id in stop_ids:
+                self.finish_reason = "stop"  # the stop token itself is not text
                 break
-            if stops:
+            if self._params.stop:
                 # Check after every token, so the count is the same however tokens were grouped.
-                rendered = render(self._text(), thinking, stops, final=False)
-                if rendered.stopped:
-                    return rendered
-        done = self.finish_reason is not None
-        return render(self._text(), thinking, stops, final=done)
+                more_reasoning, more_content = self._take_text(self._detokenizer.push([token_id]))
+                reasoning, content = reasoning + more_reasoning, content + more_content
+                if self._renderer.stopped:
+                    return Delta(reasoning, content)
+            else:
+                fresh.append(token_id)
+        if fresh:
+            more_reasoning, more_content = self._take_text(self._detokenizer.push(fresh))
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return Delta(reasoning, content)
 
-    def _text(self) -> str:
-        return self._decoder.decode(self._ids[:-1] if self._ended_by_token else self._ids)
+    def _take_text(self, piece: str) -> tuple[str, str]:
+        if not piece:
+            return "", ""
+        self._text += piece
+        return self._renderer.feed(piece)
 
-    def _delta(self, rendered: Rendered) -> Delta | None:
+    def _sent(self, delta: Delta) -> Delta:
+        self._sent_reasoning.append(delta.reasoning)
+        self._sent_answer.append(delta.content)
+        return delta
+
+    def _rest(self, reasoning: str, answer: str) -> Delta | None:
+        """What the final render adds to what was streamed."""
         # Partial renders only ever grow; guard anyway so a surprise cannot duplicate text.
-        reasoning = content = ""
-        sent_reasoning, sent_answer = self._sent.reasoning, self._sent.answer
-        if rendered.reasoning.startswith(sent_reasoning):
-            reasoning, sent_reasoning = rendered.reasoning[len(sent_reasoning) :], rendered.reasoning
-        if rendered.answer.startswith(sent_answer):
-            content, sent_answer = rendered.answer[len(sent_answer) :], rendered.answer
-        self._sent = Rendered(sent_reasoning, sent_answer)
-        return Delta(reasoning, content) if reasoning or content else None
+        sent_reasoning, sent_answer = "".join(self._sent_reasoning), "".join(self._sent_answer)
+        more_reasoning = reasoning[len(sent_reasoning) :] if reasoning.startswith(sent_reasoning) else ""
+        more_answer = answer[len(sent_answer) :] if answer.startswith(sent_answer) else ""
+        return Delta(more_reasoning, more_answer) if more_reasoning or more_answer else None

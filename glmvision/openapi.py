@@ -71,6 +71,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "model_unavailable": (503, "The model failed to load; Retry-After."),
     "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
     "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
+    "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
 }
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
@@ -103,6 +104,7 @@ GENERATION = (
     "model_unavailable",
     "gpu_out_of_memory",
     "engine_failed",
+    "preprocessing_busy",
 )
 
 # A 32x32 PNG: the examples run on any model, cheaply.

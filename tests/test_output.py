@@ -206,3 +206,29 @@ def test_a_stop_string_that_starts_think_does_not_end_a_reasoning_output(stop: s
     final = render("".join(pieces), True, (stop,))
     assert (final.reasoning, final.answer, final.stopped) == ("look", "A cat.", False)
     assert final.answer.startswith(answer) and final.reasoning.startswith(reasoning)
+
+
+def test_the_stream_renderer_matches_render_at_every_step() -> None:
+    """Rendering only the new text gives what rendering all of it gives, piece after piece."""
+    from glmvision.output import StreamRenderer
+
+    rng = random.Random(11)
+    pieces_pool = [*SPLIT_PIECES, *PIECES, "\ufffd\ufffd", "  \n", "STO", "<|end", "_of_box|>"]
+    for _ in range(6000):
+        pieces = [rng.choice(pieces_pool) for _ in range(rng.randint(1, 16))]
+        thinking = rng.random() < 0.5
+        stops = tuple(rng.sample(SPLIT_STOPS, rng.randint(0, 2)))
+        renderer = StreamRenderer(thinking, stops)
+        reasoning = answer = text = ""
+        for piece in pieces:
+            text += piece
+            new_reasoning, new_answer = renderer.feed(piece)
+            reasoning, answer = reasoning + new_reasoning, answer + new_answer
+            expected = render(text, thinking, stops, final=False)
+            assert (reasoning, answer, renderer.stopped) == (
+                expected.reasoning,
+                expected.answer,
+                expected.stopped,
+            ), (pieces, thinking, stops, text)
+            if renderer.stopped:
+                break

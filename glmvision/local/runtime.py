@@ -2,17 +2,65 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import queue
 import sys
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from ..errors import bad_request
+from ..backend import preparing_slots
+from ..errors import bad_request, unavailable
 from ..output import MARKERS
 
 log = logging.getLogger("glmvision")
 
 _STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+class ProcessorPool:
+    """Private copies of a processor, each used by one thread at a time, made as they are needed."""
+
+    # A fast tokenizer keeps padding/truncation as state on its one Rust object and every encode
+    # call resets it: threads sharing one tokenizer can encode with each other's settings (seen
+    # here: wrong input_ids, silently) or fail with "Already borrowed" (transformers#47085).
+
+    def __init__(self, processor: Any, size: int, wait: float) -> None:
+        self._template = processor
+        self._size = size
+        self._wait = wait
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def checkout(self) -> Iterator[Any]:
+        """A processor no other thread uses until the block ends; 503 after `wait` seconds."""
+        processor = self._take()
+        try:
+            yield processor
+        finally:
+            self._idle.put(processor)
+
+    def _take(self) -> Any:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            make = self._made < self._size
+            self._made += make
+        if make:
+            # The template itself is never lent out: only copies encode, so it stays read-only.
+            return copy.deepcopy(self._template)
+        try:
+            return self._idle.get(timeout=self._wait)
+        except queue.Empty:
+            raise unavailable("preprocessing_busy", "Input processors all busy; retry shortly.", 1) from None
 
 
 @dataclass
@@ -26,6 +74,10 @@ class LoadedModel:
     dtype: str
     demo: bool
     load_seconds: float
+    # As many copies as requests are prepared at once (see backend.Ticket.preparing): none waits.
+    processor_copies: int = field(default_factory=preparing_slots)
+    processor_wait: float = 30.0
+    processors: ProcessorPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -37,8 +89,21 @@ class LoadedModel:
                 ids.append(token_id)
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
-        # Control tokens to drop from answers; the think/box markers are handled by glmvision.output.
-        self._noise = [t for t in tokenizer.all_special_tokens if t and t not in MARKERS]
+        # Added tokens decode to their own text, apart from the bytes around them. Control tokens
+        # decode to nothing; the think/box markers are kept for glmvision.output to handle.
+        noise = {t for t in tokenizer.all_special_tokens if t and t not in MARKERS}
+        self._added: dict[int, str] = {
+            token_id: "" if token.content in noise else token.content
+            for token_id, token in tokenizer.added_tokens_decoder.items()
+        }
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._decode_run: Callable[[list[int]], str]
+        if backend is not None:
+            # The Rust decode itself: the Python wrapper around it costs more than a short run.
+            self._decode_run = partial(backend.decode, skip_special_tokens=False)
+        else:
+            self._decode_run = partial(tokenizer.decode, skip_special_tokens=False)
+        self.processors = ProcessorPool(self.processor, self.processor_copies, self.processor_wait)
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""
@@ -47,15 +112,16 @@ class LoadedModel:
     def prepare(self, messages: list[dict[str, Any]], enable_thinking: bool, param: str = "image") -> Any:
         """Build model inputs from chat messages holding PIL images (runs outside the generation lock)."""
         try:
-            return self.processor.apply_chat_template(
-                messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                sanitize_control_tokens=True,
-                enable_thinking=enable_thinking,
-            )
+            with self.processors.checkout() as processor:
+                return processor.apply_chat_template(
+                    messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    sanitize_control_tokens=True,
+                    enable_thinking=enable_thinking,
+                )
         except ValueError:
             # The processor validates images (e.g. aspect ratio); that is the client's input.
             log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
@@ -95,7 +161,18 @@ class LoadedModel:
 
     def decode(self, token_ids: list[int]) -> str:
         """Decode generated ids to text, dropping control tokens but keeping think/box markers."""
-        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=False)
-        for token in self._noise:
-            text = text.replace(token, "")
-        return text
+        # Only decodes use this tokenizer (encoding goes through copies): decoding borrows it
+        # read-only, so any number of threads may decode at once without a lock.
+        decode = self._decode_run
+        added = self._added
+        parts: list[str] = []
+        start = 0
+        for at, token_id in enumerate(token_ids):
+            if token_id in added:
+                if start < at:
+                    parts.append(decode(token_ids[start:at]))
+                parts.append(added[token_id])
+                start = at + 1
+        if start < len(token_ids):
+            parts.append(decode(token_ids[start:]))
+        return "".join(parts)
