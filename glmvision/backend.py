@@ -7,8 +7,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +31,7 @@ class Ticket:
     _slots: threading.Semaphore = field(repr=False, default_factory=lambda: threading.Semaphore(1))
     _submitted: bool = False
     _released: bool = False
+    _holds_slot: bool = False
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -46,16 +46,19 @@ class Ticket:
         if not self._submitted:
             self.release()
 
-    @contextmanager
-    def preparing(self) -> Iterator[None]:
-        """Hold one of the worker's preparation slots (decode, preprocess), waiting until the deadline."""
-        # More threads decoding images than there are cores only adds GIL contention: health probes
-        # and refusals would wait behind it, and no request would be ready sooner.
+    def take_slot(self) -> None:
+        """Wait (until the deadline) for one of the worker's preparation slots; kept until submitted."""
+        # More threads reading bodies, decoding images and preprocessing than there are cores only
+        # adds GIL contention: under a burst, health probes and refusals waited behind 72 of them,
+        # and no request was ready any sooner.
         if not self._slots.acquire(timeout=self.remaining()):
             raise APIError(504, "request_timeout", "The request ran out of time before any output.")
-        try:
-            yield
-        finally:
+        self._holds_slot = True
+
+    def _give_slot_back(self) -> None:
+        # Called under the admission's lock.
+        if self._holds_slot:
+            self._holds_slot = False
             self._slots.release()
 
 
@@ -99,12 +102,14 @@ class Admission:
             if not ticket._submitted and not ticket._released:
                 ticket._submitted = True
                 self.preparing -= 1
+                ticket._give_slot_back()
 
     def _release(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket._released:
                 return
             ticket._released = True
+            ticket._give_slot_back()
             self.active -= 1
             abandoned = not ticket._submitted
             if abandoned:

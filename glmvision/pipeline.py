@@ -179,13 +179,12 @@ def answer(
 ) -> tuple[ChatInput, Answer]:
     """With the request's place taken, decode the images, prepare the inputs and queue the generation."""
     try:
-        with ticket.preparing():
-            # Once the model is known, images go straight to the size its processor wants.
-            chat = ChatInput(load_turns(turns, settings, policy, backend.image_fit()), params)
-            if settings.log_content:
-                texts = [(t.role, part) for t in chat.turns for part in t.parts if isinstance(part, str)]
-                log.info("prompt=%r", texts)
-            prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
+        # Once the model is known, images go straight to the size its processor wants.
+        chat = ChatInput(load_turns(turns, settings, policy, backend.image_fit()), params)
+        if settings.log_content:
+            texts = [(t.role, part) for t in chat.turns for part in t.parts if isinstance(part, str)]
+            log.info("prompt=%r", texts)
+        prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
         stream = backend.submit(prepared, params, ticket)
     except BaseException:
         ticket.release()

@@ -27,10 +27,11 @@ def service() -> Service:
 
 
 def admit() -> Ticket:
-    """Take this request's place in the worker before its body is even read; 503 overloaded if full."""
+    """Take this request's place before its body is even read (503 overloaded if full), then a slot."""
     # A refusal then costs no body parsing: under overload that is most of what the worker does.
     ticket = service().backend.admit()
     g.glmvision_ticket = ticket
+    ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
     return ticket
 
 

@@ -314,7 +314,7 @@ def test_processor_refusal_is_the_clients_image(client: FlaskClient, monkeypatch
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise ValueError("absolute aspect ratio must be smaller than 200")
 
-    monkeypatch.setattr(model.processor, "apply_chat_template", refuse)
+    monkeypatch.setattr(type(model.processor), "apply_chat_template", refuse)  # every pooled copy
     assert_error(client.post("/v1/chat/vision", json=vision_body()), 400, "image_rejected", "image")
 
 

@@ -137,6 +137,7 @@ def test_the_check_runs_on_the_model_thread_after_each_batch_never_per_request(
     """Health probes and requests never call CUDA; the model thread checks once per batch."""
     app = make_app()
     client = app.test_client()
+    app.extensions["glmvision"].backend.holder.get(timeout=60)  # loaded (and its first answer given)
     checks: list[str] = []
     real = Engine._tidy_memory
 

@@ -198,6 +198,14 @@ class Engine:
             self._cond.notify()
         return stream
 
+    def warm_up(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> None:
+        """Run one request in the calling thread before the model thread exists; the counters forget it."""
+        assert self._thread is None, "warm up before serving"
+        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
+        self._run([Job(inputs, params, stream, stream.prompt_tokens, ticket)])
+        stream.whole()
+        self.stats = EngineStats()
+
     def nudge(self) -> None:
         """Wake the model thread: a request it may be waiting for will not come (it failed early)."""
         with self._cond:
