@@ -59,7 +59,11 @@ class Settings(_Base):
     model_id: str = Field(
         "", description="Model name reported to clients; empty derives it from GLMVISION_MODEL."
     )
-    demo_cache: str = Field("", description="Where the demo model is built; empty means ~/.cache/glmvision.")
+    demo_cache: str = Field(
+        "",
+        description="Where the demo model is built; empty means $XDG_CACHE_HOME/glmvision "
+        "(~/.cache/glmvision).",
+    )
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N (auto picks CUDA when available).")
     dtype: Literal["auto", "bfloat16", "float16", "float32", "int8"] = Field(
         "auto", description="auto, bfloat16, float16, float32 or int8 (bitsandbytes)."

@@ -74,12 +74,6 @@ def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool =
     return Rendered(reasoning.strip() if thinking else "", answer, stopped)
 
 
-def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
-    """Split complete output into (reasoning, answer); reasoning is None when thinking is off."""
-    rendered = render(text, thinking)
-    return (rendered.reasoning if thinking else None), rendered.answer
-
-
 def _without_markers(text: str) -> str:
     # Until none is left: taking one marker out can join the pieces of another around it.
     while any(marker in text for marker in MARKERS):

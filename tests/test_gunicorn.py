@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 from helpers import (
+    ROOT,
     LiveServer,
     b64,
     free_port,
@@ -593,3 +596,39 @@ def test_rate_limit_is_shared_by_workers_through_redis(
                 assert key_a not in name and key_b not in name
             for key in (key_a, key_b):
                 assert key not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "GLMVISION_WORKERS",
+            "abc",
+            "glmvision: GLMVISION_WORKERS (environment): Input should be a valid integer",
+        ),
+        (
+            "GLMVISION_MODEL",
+            "/models/no-such-dir",
+            "glmvision: GLMVISION_MODEL=/models/no-such-dir: directory not found",
+        ),
+        ("GLMVISION_THREADS", "16", "glmvision: GLMVISION_THREADS=16 is too few"),
+    ],
+)
+def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(
+    variable: str, value: str, message: str
+) -> None:
+    """No traceback, no half-started server: one line naming the variable, and a failing exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
+    env[variable] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from glmvision.output import MARKERS, render, split_reasoning
+from glmvision.output import MARKERS, render
 
 PIECES = [
     "<think>",
@@ -108,7 +108,8 @@ def test_partial_renders_hold_back_undecided_text(text: str, held: str) -> None:
     ],
 )
 def test_split_reasoning(text: str, thinking: bool, reasoning: str | None, answer: str) -> None:
-    assert split_reasoning(text, thinking) == (reasoning, answer)
+    rendered = render(text, thinking)
+    assert ((rendered.reasoning if thinking else None), rendered.answer) == (reasoning, answer)
 
 
 def test_stop_string_token_count_does_not_depend_on_grouping() -> None:
