@@ -504,3 +504,21 @@ def test_a_full_worker_refuses_before_reading_the_body(make_app: Callable[..., F
     assert admission.active == 0
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["success"] is True
     assert wait_for(lambda: admission.active == 0)
+
+
+def test_preparation_slots_open_a_batch_s_worth_only_while_the_queue_is_short() -> None:
+    """A batch's worth prepare at once while the model may wait for work; two once a batch is queued."""
+    from glmvision.backend import PreparationSlots
+
+    queued = [0]
+    slots = PreparationSlots(8, lambda: queued[0], batch=8)
+    assert slots.limit() == 8
+    assert all(slots.take(0) for _ in range(8))
+    assert slots.take(0) is False  # the ninth waits
+    queued[0] = 8
+    assert slots.limit() == 2
+    for _ in range(6):
+        slots.give()
+    assert slots.take(0) is False  # two still busy: the backlog keeps it at two
+    queued[0] = 3
+    assert slots.take(0) is True

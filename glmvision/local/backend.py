@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import Admission, Prepared, Ticket
+from ..backend import Admission, PreparationSlots, Prepared, Ticket, preparing_slots
 from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
@@ -28,7 +28,11 @@ class LocalBackend:
         self.engine: Engine | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
-            settings.admission_capacity, settings.request_timeout, self._drain_rate, self._abandoned
+            settings.admission_capacity,
+            settings.request_timeout,
+            self._drain_rate,
+            self._abandoned,
+            PreparationSlots(preparing_slots(settings.max_batch_size), self._queued, settings.max_batch_size),
         )
         # What to do when the model thread fails: gunicorn's post_worker_init sets "exit this worker".
         self.on_fatal: Callable[[], None] = lambda: None
@@ -66,6 +70,9 @@ class LocalBackend:
     def _abandoned(self) -> None:
         if self.engine is not None:
             self.engine.nudge()  # a batch waiting for this request need not wait any longer
+
+    def _queued(self) -> int:
+        return self.engine.queued() if self.engine is not None else 0
 
     def _drain_rate(self) -> float:
         return self.engine.stats.drain_rate if self.engine is not None else 0.0

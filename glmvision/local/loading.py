@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from ..backend import preparing_slots
 from ..config import ConfigError, Settings
 from .demo import DEMO_MARKER, ensure_demo_model
 from .runtime import LoadedModel
@@ -147,6 +148,7 @@ def load_model(settings: Settings) -> LoadedModel:
         dtype=choice.dtype,
         demo=demo,
         load_seconds=time.perf_counter() - started,
+        processor_copies=preparing_slots(settings.max_batch_size),  # one per request being prepared
     )
     log.info(
         "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",

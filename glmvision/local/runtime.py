@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..backend import preparing_slots
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
 
@@ -75,7 +74,7 @@ class LoadedModel:
     demo: bool
     load_seconds: float
     # As many copies as requests are prepared at once (see backend.Ticket.preparing): none waits.
-    processor_copies: int = field(default_factory=preparing_slots)
+    processor_copies: int = 4
     processor_wait: float = 30.0
     processors: ProcessorPool = field(init=False, repr=False)
 
