@@ -88,6 +88,8 @@ def test_a_slot_goes_back_once_on_submission_or_release() -> None:
         late.take_slot()  # no slot and no time left
     assert (caught.value.code, caught.value.error_code) == (504, "request_timeout")
     admission.submitted(one)
+    assert slots.take(0)  # submitted: its slot serves the next request at once
+    slots.give()
     one.release()  # submitted already gave the slot back: this must not give it twice
     two.release()  # released unsubmitted: its slot comes back too
     assert [slots.take(0) for _ in range(3)] == [True, True, False]
@@ -429,15 +431,19 @@ def _ended_when_cancelled(stream: GenerationStream, tokens: list[int]) -> thread
 
 
 @pytest.mark.parametrize("stop", [(), ("never",)])
-def test_whole_stops_generating_when_the_client_leaves(stop: tuple[str, ...]) -> None:
+def test_whole_stops_generating_when_the_client_leaves(
+    stop: tuple[str, ...], caplog: pytest.LogCaptureFixture
+) -> None:
     """Both ways of waiting (patient, and token by token for stop strings) check the client."""
     stream = GenerationStream(
-        _NoDecoder(), 3, GenerationParams(max_new_tokens=100, stop=stop), time.monotonic() + 60
+        _NoDecoder(), 3, GenerationParams(max_new_tokens=100, stop=stop), time.monotonic() + 1
     )
     engine = _ended_when_cancelled(stream, [1, 2])
-    result = stream.whole(client_gone=lambda: True)
+    with caplog.at_level("ERROR", logger="glmvision"):
+        result = stream.whole(client_gone=lambda: True)
     engine.join(30)
     assert stream.cancelled and result.completion_tokens == 2 and result.finish_reason == "length"
+    assert "giving up" not in caplog.text  # cancelled for the client, not by the deadline's grace
 
 
 def test_a_silent_engine_past_the_deadline_gives_what_was_generated() -> None:
