@@ -119,30 +119,29 @@ class ImageSize(ResponseModel):
     resized_to: list[int] = Field(min_length=2, max_length=2)
 
 
-class VisionResponse(ResponseModel):
-    """POST /v1/chat/vision: the answer, with `reasoning` only when enable_thinking was set."""
+class NativeAnswer(ResponseModel):
+    """The fields both native answers share, `reasoning` only when enable_thinking was set."""
+
+    id: str
+    created: int
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
+
+
+class VisionResponse(NativeAnswer):
+    """POST /v1/chat/vision: the answer as `result`, and the image's sizes."""
 
     result: str
     success: Literal[True] = True
-    id: str
-    created: int
-    model: str
-    finish_reason: FinishReason
-    usage: Usage
-    reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
     image: ImageSize
 
 
-class SeedChatResponse(ResponseModel):
-    """POST /v1/chat: the answer as `response`, with `reasoning` only when enable_thinking was set."""
+class SeedChatResponse(NativeAnswer):
+    """POST /v1/chat: the answer as `response`."""
 
     response: str
-    id: str
-    created: int
-    model: str
-    finish_reason: FinishReason
-    usage: Usage
-    reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 # --- Chat completions ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 import torch
-from helpers import image_b64, live_server
+from helpers import image_b64, live_server, wait_for
 from PIL import Image
 
 from glmvision.backend import Admission, Ticket
@@ -226,16 +226,7 @@ def test_a_full_worker_is_refused_at_once_with_retry_after(busy: tuple[Harness, 
     assert harness.admission.refused == 1
     running.close()  # the long one leaves; the queued ones are served and their places given back
     assert all(finish(s).result.completion_tokens == 2 for s in waiting)
-    assert wait_until(lambda: harness.admission.active == 0)
-
-
-def wait_until(predicate: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    assert wait_for(lambda: harness.admission.active == 0)
 
 
 def test_a_departed_client_frees_its_row_and_the_rest_go_on(model: LoadedModel) -> None:
