@@ -11,9 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import APIError, unavailable
+from .errors import out_of_time, unavailable
 from .generation import GenerationParams, GenerationStream
 from .images import Fit
+
+
+def retry_after_seconds(waiting: int, drain_rate: float) -> int:
+    """Seconds until `waiting` requests and one more have likely drained (1..60; 5 before any rate)."""
+    if drain_rate <= 0:
+        return 5
+    return max(1, min(60, math.ceil((waiting + 1) / drain_rate)))
 
 
 def preparing_slots(max_batch_size: int) -> int:
@@ -68,7 +75,7 @@ class Ticket:
     arrived: float
     deadline: float
     _on_release: Callable[[Ticket], None] = field(repr=False)
-    _slots: PreparationSlots = field(repr=False, default_factory=lambda: PreparationSlots(2, lambda: 0, 1))
+    _slots: PreparationSlots = field(repr=False)
     _submitted: bool = False
     _released: bool = False
     _holds_slot: bool = False
@@ -89,7 +96,7 @@ class Ticket:
     def take_slot(self) -> None:
         """Wait (until the deadline) for one of the worker's preparation slots; kept until submitted."""
         if not self._slots.take(self.remaining()):
-            raise APIError(504, "request_timeout", "The request ran out of time before any output.")
+            raise out_of_time()
         self._holds_slot = True
 
     def _give_slot_back(self) -> None:
@@ -155,11 +162,8 @@ class Admission:
             self._on_abandoned()
 
     def retry_after(self) -> int:
-        """Seconds until the requests held now have likely drained (1..60; 5 before any is measured)."""
-        rate = self._drain_rate()
-        if rate <= 0:
-            return 5
-        return max(1, min(60, math.ceil((self.active + 1) / rate)))
+        """Seconds until the requests held now have likely drained."""
+        return retry_after_seconds(self.active, self._drain_rate())
 
     def as_dict(self) -> dict[str, int]:
         return {"capacity": self.capacity, "active": self.active, "refused": self.refused}

@@ -74,6 +74,11 @@ def unavailable(code: str, message: str, retry_after: int) -> APIError:
     return APIError(503, code, message, retry_after=retry_after)
 
 
+def out_of_time() -> APIError:
+    """Return the 504 for a request whose deadline passed before its first token."""
+    return APIError(504, "request_timeout", "The request ran out of time before any output.")
+
+
 def error_type(status: int) -> str:
     """The OpenAI-style error `type` for an HTTP status."""
     return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")

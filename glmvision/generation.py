@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from .errors import APIError
+from .errors import out_of_time
 from .output import StreamRenderer, render
 
 log = logging.getLogger("glmvision")
@@ -192,14 +192,18 @@ class GenerationStream:
                 return self._queue.get(timeout=max(0.0, min(remaining, CLIENT_CHECK_INTERVAL)))
             except queue.Empty:
                 pass
-            if self._client_gone():
-                self.close()  # the engine drops the row within a step and ends the stream
-            if time.monotonic() >= self._give_up_at:
+            if not self._keep_waiting():
                 self._cancelled.set()
                 log.error("no word from the engine %.0fs past the deadline: giving up", DEADLINE_GRACE)
                 if self._ids:
                     return _END  # what was generated is the answer, cut for length
-                return APIError(504, "request_timeout", "The request ran out of time before any output.")
+                return out_of_time()
+
+    def _keep_waiting(self) -> bool:
+        """Between waits: stop generating for a client that left; False once the deadline's grace is over."""
+        if self._client_gone():
+            self.close()  # the engine drops the row within a step and ends the stream
+        return time.monotonic() < self._give_up_at
 
     def _batches(self) -> Iterator[Any]:
         """Queue items, with token lists that are already waiting merged into one."""
@@ -226,12 +230,8 @@ class GenerationStream:
         if patient:
             # Nobody reads deltas and no stop string can end the answer early from our side: let
             # tokens pile up rather than waking this thread (and taking the GIL) once per token.
-            while not self._ended.wait(CLIENT_CHECK_INTERVAL):
-                if self._client_gone():
-                    self.close()  # the engine drops the row within a step and ends the stream
-                    break
-                if time.monotonic() > self._give_up_at:
-                    break  # _get() below reports it
+            while not self._ended.wait(CLIENT_CHECK_INTERVAL) and self._keep_waiting():
+                pass  # past the grace, _get() below reports it
         for item in self._batches():
             if isinstance(item, BaseException):
                 raise item

@@ -10,7 +10,6 @@ tokens and is answered at once while the others go on.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -18,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backend import Ticket
+from ..backend import Ticket, retry_after_seconds
 from ..config import Settings
-from ..errors import APIError, unavailable
+from ..errors import APIError, out_of_time, unavailable
 from ..generation import GenerationParams, GenerationStream
 from .vram import cuda_module, maybe_empty_cache, release_cuda_cache
 
@@ -216,11 +215,8 @@ class Engine:
         return len(self._queue)
 
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained (1..60; 5 before any is measured)."""
-        rate = self.stats.drain_rate
-        if rate <= 0:
-            return 5
-        return max(1, min(60, math.ceil((len(self._queue) + 1) / rate)))
+        """Seconds until the queue has likely drained."""
+        return retry_after_seconds(len(self._queue), self.stats.drain_rate)
 
     def _ensure_thread(self) -> None:
         # Called with self._cond held. Started once: a dead model thread means a sick worker, which
@@ -305,9 +301,7 @@ class Engine:
         why = self._expiry(job, now)
         if why == "deadline":
             self.stats.deadline_stops += 1
-            job.stream.fail(
-                APIError(504, "request_timeout", "The request ran out of time before any output.")
-            )
+            job.stream.fail(out_of_time())
         elif why == "queue_timeout":
             self.stats.queue_timeouts += 1
             job.stream.fail(
