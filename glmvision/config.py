@@ -102,7 +102,12 @@ class Settings(_Base):
         "demo), where "
         "threading only adds overhead, else torch's default.",
     )
-    max_batch_size: int = Field(8, gt=0, description="Most requests one generate() call serves together.")
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join the running batch at the next decode step; static: a "
+        "batch runs one generate() to its end before the next forms.",
+    )
+    max_batch_size: int = Field(8, gt=0, description="Most requests generated for together.")
     batch_wait_ms: float = Field(
         25.0,
         ge=0,
@@ -113,8 +118,14 @@ class Settings(_Base):
     max_batch_tokens: int = Field(
         16384,
         gt=0,
-        description="Token budget of one batch: prompt tokens (images included) plus max_new_tokens, "
-        "summed over rows.",
+        description="KV-cache budget in tokens: rows x the longest row's prompt (images included) plus "
+        "max_new_tokens; on a GPU also capped by the memory free after loading.",
+    )
+    max_prefill_tokens: int = Field(
+        8192,
+        gt=0,
+        description="Continuous scheduler: prompt tokens (images included) prefilled between two decode "
+        "steps; one newcomer always fits.",
     )
     max_queue: int = Field(
         64,

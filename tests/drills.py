@@ -341,18 +341,21 @@ FAULT_HOOK = """
 import os
 _marker = os.environ.get("DRILL_FAULT_FILE")
 if _marker:
-    import glmvision.local.engine as _engine
+    import glmvision.local.continuous as _continuous
+    import glmvision.local.static as _static
 
-    _real = _engine.Engine._generate
+    def _faulty(real):
+        def run(self, *args):
+            try:
+                os.unlink(_marker)  # the fault fires once, in the first model call after the file appears
+            except FileNotFoundError:
+                return real(self, *args)
+            raise RuntimeError("injected fault in the model thread")
 
-    def _generate(self, batch):
-        try:
-            os.unlink(_marker)  # the fault fires once, in the first batch after the file appears
-        except FileNotFoundError:
-            return _real(self, batch)
-        raise RuntimeError("injected fault in the model thread")
+        return run
 
-    _engine.Engine._generate = _generate
+    _static.StaticEngine._generate = _faulty(_static.StaticEngine._generate)
+    _continuous.ContinuousEngine._step = _faulty(_continuous.ContinuousEngine._step)
 """
 
 

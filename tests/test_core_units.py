@@ -20,8 +20,10 @@ from glmvision.backend import Admission, PreparationSlots
 from glmvision.config import ConfigError, load_settings
 from glmvision.errors import APIError
 from glmvision.generation import DEADLINE_GRACE, GenerationParams, GenerationStream, IncrementalDecoder
-from glmvision.local.engine import Engine, Job
+from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.engine import Job
 from glmvision.local.loading import check_source, load_model, looks_like_path
+from glmvision.local.static import StaticEngine
 from glmvision.pipeline import client_gone_check
 from glmvision.server import AccessLogger, ProbeFirstWorker, is_probe
 
@@ -300,8 +302,8 @@ class _NoDecoder:
         return "".join(chr(65 + i % 26) for i in ids)
 
 
-def _engine(**overrides: Any) -> Engine:
-    return Engine(None, load_settings({f"GLMVISION_{k.upper()}": v for k, v in overrides.items()}))
+def _engine(**overrides: Any) -> ContinuousEngine:
+    return ContinuousEngine(None, load_settings({f"GLMVISION_{k.upper()}": v for k, v in overrides.items()}))
 
 
 def _job(admission: Admission, age: float = 0.0, deadline_in: float = 60.0) -> Job:
@@ -349,7 +351,7 @@ def test_expire_waiting_answers_only_the_jobs_that_cannot_run() -> None:
 def test_a_failed_engine_answers_everything_it_held_and_takes_nothing_more() -> None:
     """_fail_everything: the running batch and the queue get 503 engine_failed, once; submit refuses."""
     fatal: list[bool] = []
-    engine = Engine(_NoDecoder(), load_settings({}), on_fatal=lambda: fatal.append(True))
+    engine = ContinuousEngine(_NoDecoder(), load_settings({}), on_fatal=lambda: fatal.append(True))
     admission = _admission(8)
     running, queued = _job(admission), _job(admission)
     engine._queue.append(queued)
@@ -372,7 +374,7 @@ def test_a_failing_exit_hook_does_not_hide_the_answers() -> None:
     def broken() -> None:
         raise RuntimeError("no master to tell")
 
-    engine = Engine(None, load_settings({}), on_fatal=broken)
+    engine = ContinuousEngine(None, load_settings({}), on_fatal=broken)
     job = _job(_admission())
     engine._fail_everything([job], "RuntimeError")
     assert _error(job.stream).error_code == "engine_failed"
@@ -402,9 +404,10 @@ def model(demo_model_dir: Path) -> Any:
     return load_model(load_settings({"GLMVISION_MODEL": str(demo_model_dir), "GLMVISION_DEVICE": "cpu"}))
 
 
-def test_warm_up_answers_in_the_caller_and_leaves_no_counts(model: Any) -> None:
+@pytest.mark.parametrize("engine_class", [ContinuousEngine, StaticEngine])
+def test_warm_up_answers_in_the_caller_and_leaves_no_counts(model: Any, engine_class: type) -> None:
     """warm_up runs a real request without a model thread; the counters start from zero after it."""
-    engine = Engine(model, load_settings({}))
+    engine = engine_class(model, load_settings({}))
     admission = _admission()
     ticket = admission.admit()
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]

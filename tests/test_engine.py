@@ -1,4 +1,7 @@
-"""The batching engine on the real tiny model: equality with one-by-one, per-row limits, backpressure."""
+"""Both schedulers on the real tiny model: equality with one-by-one, per-row limits, backpressure.
+
+Tests taking `scheduler` run on each; the rest pin what one scheduler does (tests/test_continuous.py
+holds the continuous scheduler's own)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,20 @@ from glmvision.backend import Admission, Ticket
 from glmvision.config import load_settings
 from glmvision.errors import APIError
 from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.local.engine import Engine, Job, _RowStreamer
+from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.engine import Job, QueueEngine
 from glmvision.local.loading import load_model
 from glmvision.local.runtime import LoadedModel
+from glmvision.local.static import RowStreamer, StaticEngine
 
 GREEDY = {"temperature": 0.0}
+SCHEDULERS = {"continuous": ContinuousEngine, "static": StaticEngine}
+
+
+@pytest.fixture(params=sorted(SCHEDULERS))
+def scheduler(request: pytest.FixtureRequest) -> str:
+    """Each scheduler in turn."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +46,10 @@ def model(demo_model_dir: Path) -> LoadedModel:
 class Harness:
     """An engine plus a count of requests 'still being preprocessed', so tests can shape batches."""
 
-    def __init__(self, model: LoadedModel, **overrides: Any) -> None:
+    def __init__(self, model: LoadedModel, scheduler: str = "static", **overrides: Any) -> None:
         settings = load_settings({f"GLMVISION_{k.upper()}": v for k, v in overrides.items()})
         self.pending = 0
-        self.engine = Engine(model, settings, arriving=lambda: self.pending)
+        self.engine: QueueEngine = SCHEDULERS[scheduler](model, settings, arriving=lambda: self.pending)
         self.admission = Admission(settings.admission_capacity, settings.request_timeout, lambda: 0.0)
         self.model = model
 
@@ -101,13 +113,13 @@ VARIED = [
 ]
 
 
-def test_batched_greedy_equals_one_by_one_token_for_token(model: LoadedModel) -> None:
+def test_batched_greedy_equals_one_by_one_token_for_token(model: LoadedModel, scheduler: str) -> None:
     params = GenerationParams(max_new_tokens=12, min_new_tokens=12, **GREEDY)
     alone = Harness(model, max_batch_size=1)
     solo = [finish(alone.submit(alone.inputs(*v), params)) for v in VARIED]
     assert alone.engine.stats.largest_batch == 1
 
-    together = Harness(model, max_batch_size=8, batch_wait_ms=1000)
+    together = Harness(model, scheduler, max_batch_size=8, batch_wait_ms=1000)
     batched = finish_all(together.submit_together([(together.inputs(*v), params) for v in VARIED]))
     assert together.engine.stats.batches == 1 and together.engine.stats.largest_batch == 3
     for one, many in zip(solo, batched, strict=True):
@@ -115,8 +127,8 @@ def test_batched_greedy_equals_one_by_one_token_for_token(model: LoadedModel) ->
         assert many.result == one.result
 
 
-def test_each_row_keeps_its_own_max_new_tokens(model: LoadedModel) -> None:
-    harness = Harness(model, batch_wait_ms=1000)
+def test_each_row_keeps_its_own_max_new_tokens(model: LoadedModel, scheduler: str) -> None:
+    harness = Harness(model, scheduler, batch_wait_ms=1000)
     limits = [3, 7, 12]
     jobs = [
         (harness.inputs(*VARIED[i]), GenerationParams(max_new_tokens=n, min_new_tokens=12, **GREEDY))
@@ -128,9 +140,9 @@ def test_each_row_keeps_its_own_max_new_tokens(model: LoadedModel) -> None:
     assert all(s.result.finish_reason == "length" for s in streams)
 
 
-def test_stop_strings_apply_to_their_own_row_only(model: LoadedModel) -> None:
+def test_stop_strings_apply_to_their_own_row_only(model: LoadedModel, scheduler: str) -> None:
     params = GenerationParams(max_new_tokens=30, min_new_tokens=30, **GREEDY)
-    harness = Harness(model, batch_wait_ms=1000)
+    harness = Harness(model, scheduler, batch_wait_ms=1000)
     first, second = (harness.inputs(*VARIED[0]), harness.inputs(*VARIED[1]))
     reference = finish_all(harness.submit_together([(first, params), (second, params)]))
     text = reference[0].result.text
@@ -150,7 +162,7 @@ def test_stop_strings_apply_to_their_own_row_only(model: LoadedModel) -> None:
     assert other.result == reference[1].result  # the neighbour is untouched
 
 
-def test_rows_with_different_sampling_settings_run_in_separate_batches(model: LoadedModel) -> None:
+def test_static_rows_with_different_sampling_settings_run_in_separate_batches(model: LoadedModel) -> None:
     harness = Harness(model, batch_wait_ms=1000)
     greedy = GenerationParams(max_new_tokens=4, **GREEDY)
     sampled = GenerationParams(max_new_tokens=4, temperature=0.9, top_p=0.9)
@@ -163,27 +175,27 @@ def test_rows_with_different_sampling_settings_run_in_separate_batches(model: Lo
     assert (stats.batches, stats.rows, stats.largest_batch) == (2, 3, 2)
 
 
-def test_batches_never_exceed_the_configured_size(model: LoadedModel) -> None:
-    harness = Harness(model, max_batch_size=3, batch_wait_ms=1000)
+def test_batches_never_exceed_the_configured_size(model: LoadedModel, scheduler: str) -> None:
+    harness = Harness(model, scheduler, max_batch_size=3, batch_wait_ms=1000)
     params = GenerationParams(max_new_tokens=3, **GREEDY)
     finish_all(harness.submit_together([(harness.inputs(), params) for _ in range(7)]))
     stats = harness.engine.stats
     assert stats.rows == 7 and stats.largest_batch == 3 and stats.batches >= 3
 
 
-def test_the_token_budget_bounds_a_batch(model: LoadedModel) -> None:
+def test_the_token_budget_bounds_a_batch(model: LoadedModel, scheduler: str) -> None:
     probe = Harness(model)
     inputs = probe.inputs()
     per_row = int(inputs["input_ids"].shape[1]) + 8
-    harness = Harness(model, max_batch_tokens=2 * per_row, batch_wait_ms=1000)
+    harness = Harness(model, scheduler, max_batch_tokens=2 * per_row, batch_wait_ms=1000)
     finish_all(
         harness.submit_together([(inputs, GenerationParams(max_new_tokens=8, **GREEDY)) for _ in range(5)])
     )
     assert harness.engine.stats.largest_batch == 2 and harness.engine.stats.rows == 5
 
 
-def test_the_deadline_returns_what_was_generated(model: LoadedModel) -> None:
-    harness = Harness(model, request_timeout=0.5)
+def test_the_deadline_returns_what_was_generated(model: LoadedModel, scheduler: str) -> None:
+    harness = Harness(model, scheduler, request_timeout=0.5)
     params = GenerationParams(max_new_tokens=100_000, min_new_tokens=100_000, **GREEDY)
     stream = finish(harness.submit(harness.inputs(), params))
     assert stream.result.finish_reason == "length"
@@ -191,8 +203,8 @@ def test_the_deadline_returns_what_was_generated(model: LoadedModel) -> None:
     assert harness.engine.stats.deadline_stops == 1
 
 
-def test_a_request_out_of_time_before_any_output_is_504(model: LoadedModel) -> None:
-    harness = Harness(model, request_timeout=1)
+def test_a_request_out_of_time_before_any_output_is_504(model: LoadedModel, scheduler: str) -> None:
+    harness = Harness(model, scheduler, request_timeout=1)
     stream = harness.submit(harness.inputs(), GenerationParams(max_new_tokens=4), age=5)
     with pytest.raises(APIError) as caught:
         finish(stream)
@@ -200,9 +212,9 @@ def test_a_request_out_of_time_before_any_output_is_504(model: LoadedModel) -> N
 
 
 @pytest.fixture
-def busy(model: LoadedModel) -> Iterator[tuple[Harness, GenerationStream]]:
+def busy(model: LoadedModel, scheduler: str) -> Iterator[tuple[Harness, GenerationStream]]:
     """An engine whose model thread is held by one long generation; cancelled afterwards."""
-    harness = Harness(model, max_queue=2, max_batch_size=1)
+    harness = Harness(model, scheduler, max_queue=2, max_batch_size=1)
     long = GenerationParams(max_new_tokens=100_000, min_new_tokens=100_000, **GREEDY)
     running = harness.submit(harness.inputs(), long)
     deadline = time.monotonic() + 30
@@ -229,8 +241,8 @@ def test_a_full_worker_is_refused_at_once_with_retry_after(busy: tuple[Harness, 
     assert wait_for(lambda: harness.admission.active == 0)
 
 
-def test_a_departed_client_frees_its_row_and_the_rest_go_on(model: LoadedModel) -> None:
-    harness = Harness(model, batch_wait_ms=1000)
+def test_a_departed_client_frees_its_row_and_the_rest_go_on(model: LoadedModel, scheduler: str) -> None:
+    harness = Harness(model, scheduler, batch_wait_ms=1000)
     params = GenerationParams(max_new_tokens=400, min_new_tokens=400, **GREEDY)
     leaving, staying = harness.submit_together(
         [(harness.inputs(), params), (harness.inputs(*VARIED[1]), params)]
@@ -243,7 +255,7 @@ def test_a_departed_client_frees_its_row_and_the_rest_go_on(model: LoadedModel) 
     assert len(leaving.token_ids) < 400
 
 
-def test_out_of_memory_retries_the_batch_in_halves(
+def test_static_out_of_memory_retries_the_batch_in_halves(
     model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = model.model.generate
@@ -271,7 +283,7 @@ def test_row_streamer_stops_feeding_a_row_at_its_end() -> None:
     streams = [GenerationStream(Decoder(), 5, GenerationParams(max_new_tokens=n)) for n in (2, 4)]
     admission = Admission(2, 1e9, lambda: 0.0)
     jobs = [Job(None, s._params, s, 5, admission.admit()) for s in streams]
-    streamer = _RowStreamer(jobs, {0})
+    streamer = RowStreamer(jobs, {0})
     streamer.put(torch.tensor([[9, 9, 9], [9, 9, 9]]))  # the prompts
     for step in ([1, 1], [2, 0], [3, 5], [4, 6]):
         streamer.put(torch.tensor(step))
@@ -347,7 +359,7 @@ def _queued_job(**params: Any) -> Job:
 
 def _batches_taken(jobs: list[Job]) -> list[list[int]]:
     """Queue `jobs` on an engine without a model thread; return the batches _take forms, by index."""
-    engine = Engine(None, load_settings({"GLMVISION_MAX_BATCH_SIZE": 8}))
+    engine = StaticEngine(None, load_settings({"GLMVISION_MAX_BATCH_SIZE": 8}))
     engine._queue.extend(jobs)
     batches = []
     while engine.queued():
@@ -371,14 +383,14 @@ def _batches_taken(jobs: list[Job]) -> list[list[int]]:
         ([{"temperature": 0.0, "seed": 1}, {"temperature": 0.0, "seed": 2}], [[0, 1]]),
     ],
 )
-def test_only_rows_with_equal_sampling_settings_share_a_batch(
+def test_static_only_rows_with_equal_sampling_settings_share_a_batch(
     settings: list[dict[str, Any]], batches: list[list[int]]
 ) -> None:
     """The first batch's settings run every row in it: a row must never borrow another's."""
     assert _batches_taken([_queued_job(**params) for params in settings]) == batches
 
 
-def test_sampled_rows_at_different_temperatures_run_apart_on_the_model(model: LoadedModel) -> None:
+def test_static_sampled_rows_at_different_temperatures_run_apart_on_the_model(model: LoadedModel) -> None:
     harness = Harness(model, batch_wait_ms=1000)
     cool = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=0.3, top_p=0.9)
     hot = GenerationParams(max_new_tokens=2, min_new_tokens=2, temperature=1.5, top_p=0.9)

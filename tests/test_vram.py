@@ -15,7 +15,8 @@ from helpers import vision_body, wait_for
 
 import glmvision.local.engine
 from glmvision.config import load_settings
-from glmvision.local.engine import Engine
+from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.engine import QueueEngine
 from glmvision.local.vram import maybe_empty_cache
 
 
@@ -81,10 +82,10 @@ def test_maybe_empty_cache_never_touches_cuda_off_gpu(device: str) -> None:
     assert cuda.devices == []
 
 
-def _engine(device: str, fraction: float) -> Engine:
+def _engine(device: str, fraction: float) -> QueueEngine:
     """An engine over a stand-in model that only says which device it is on."""
     settings = load_settings({"GLMVISION_EMPTY_CACHE_FRACTION": fraction})
-    return Engine(SimpleNamespace(device=device), settings)
+    return ContinuousEngine(SimpleNamespace(device=device), settings)
 
 
 def _install(monkeypatch: pytest.MonkeyPatch, cuda: FakeCuda) -> list[str]:
@@ -139,13 +140,13 @@ def test_the_check_runs_on_the_model_thread_after_each_batch_never_per_request(
     client = app.test_client()
     app.extensions["glmvision"].backend.holder.get(timeout=60)  # loaded (and its first answer given)
     checks: list[str] = []
-    real = Engine._tidy_memory
+    real = QueueEngine._tidy_memory
 
-    def recording(self: Engine) -> None:
+    def recording(self: QueueEngine) -> None:
         checks.append(threading.current_thread().name)
         real(self)
 
-    monkeypatch.setattr(Engine, "_tidy_memory", recording)
+    monkeypatch.setattr(QueueEngine, "_tidy_memory", recording)
     lookups = _install(monkeypatch, FakeCuda(1000, 1000))
     for _ in range(5):
         assert client.get("/healthz").get_json() == {"status": "ok"}

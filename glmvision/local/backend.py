@@ -12,12 +12,32 @@ from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
 from ..images import Fit
-from .engine import Engine, engine_failed
+from .continuous import ContinuousEngine
+from .engine import QueueEngine, engine_failed
 from .holder import ModelHolder
+from .kvcache import memory_token_budget
 from .loading import is_demo, load_model, model_id_for
 from .runtime import LoadedModel
+from .static import StaticEngine
 
 log = logging.getLogger("glmvision")
+
+
+def make_engine(
+    loaded: LoadedModel,
+    settings: Settings,
+    arriving: Callable[[], int] = lambda: 0,
+    on_fatal: Callable[[], None] = lambda: None,
+) -> QueueEngine:
+    """The engine GLMVISION_SCHEDULER names, its KV budget capped by the GPU memory left after loading."""
+    budget = min(settings.max_batch_tokens, memory_token_budget(loaded.model, loaded.device))
+    if budget < settings.max_batch_tokens:
+        log.info("KV-cache budget %d tokens: what the free GPU memory holds", budget)
+    if settings.scheduler == "static":
+        return StaticEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
+    return ContinuousEngine(
+        loaded, settings, arriving, on_fatal, token_budget=budget, prefill_tokens=settings.max_prefill_tokens
+    )
 
 
 class LocalBackend:
@@ -25,7 +45,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine: Engine | None = None
+        self.engine: QueueEngine | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
             settings.admission_capacity,
@@ -39,7 +59,7 @@ class LocalBackend:
 
     def _load(self, settings: Settings) -> LoadedModel:
         loaded = load_model(settings)
-        self.engine = Engine(
+        self.engine = make_engine(
             loaded, settings, arriving=lambda: self.admission.preparing, on_fatal=lambda: self.on_fatal()
         )
         self._first_answer(loaded, self.engine)
@@ -49,7 +69,7 @@ class LocalBackend:
         gc.freeze()
         return loaded
 
-    def _first_answer(self, loaded: LoadedModel, engine: Engine) -> None:
+    def _first_answer(self, loaded: LoadedModel, engine: QueueEngine) -> None:
         """Answer one tiny request before reporting ready, so no client pays for first-call set-up."""
         # The first decode, preprocess and generate import modules and initialise kernels, holding
         # the GIL for a few hundred milliseconds; under a burst every request waited behind that.

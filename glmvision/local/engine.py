@@ -1,10 +1,11 @@
-"""The batching engine: one model thread per worker runs padded generate() calls over waiting requests.
+"""What both schedulers share: the queue in front of one model thread, expiry, failure and counters.
 
-Requests are prepared (images decoded, processor run) in their own threads, then queued here. The
-model thread takes what is waiting, groups rows that can share sampling settings, and runs one
-left-padded generate(); each row's tokens go straight to its request, and a row that is done (its
-own max_new_tokens, a stop token or string, its deadline, a client that left) stops receiving
-tokens and is answered at once while the others go on.
+Requests are prepared (images decoded, processor run) in their own threads, then queued here. One
+model thread per worker serves the queue; how it forms batches is the scheduler's business
+(`static.StaticEngine` runs whole generate() calls, `continuous.ContinuousEngine` lets rows join and
+leave at every decode step). Each row's tokens go straight to its request, and a row that is done
+(its own max_new_tokens, a stop token or string, its deadline, a client that left) is answered at
+once while the others go on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..backend import Ticket, retry_after_seconds
 from ..config import Settings
 from ..errors import APIError, out_of_time, unavailable
 from ..generation import GenerationParams, GenerationStream
-from .vram import cuda_module, maybe_empty_cache, release_cuda_cache
+from .vram import cuda_module, maybe_empty_cache
 
 log = logging.getLogger("glmvision")
 
@@ -47,26 +48,32 @@ class Job:
         return self.ticket.deadline
 
     @property
-    def group(self) -> tuple[Any, ...]:
-        """Rows with equal groups can share one generate() call."""
-        p = self.params
-        if p.seed is not None and p.temperature > 0:
-            return ("seeded", id(self))  # a reproducible sample needs the RNG to itself
-        sampling = (p.temperature, p.top_p) if p.temperature > 0 else ()
-        return (p.temperature > 0, *sampling, p.min_new_tokens)
+    def full_length(self) -> int:
+        """Tokens this row may hold in the KV cache at most: its prompt plus all it may generate."""
+        return self.prompt_tokens + self.params.max_new_tokens
+
+    def take(self, token_id: int, stop_ids: set[int] | frozenset[int]) -> None:
+        """Hand one generated token to the request; answer it if that was its last."""
+        self.generated += 1
+        self.stream.put([token_id])
+        if token_id in stop_ids or self.generated >= self.params.max_new_tokens:
+            finish(self)
 
 
 @dataclass
 class EngineStats:
     """Counters the engine keeps about itself (served under /readyz)."""
 
-    batches: int = 0
+    scheduler: str = ""
+    batches: int = 0  # generate() calls (static) or prefills of newcomers (continuous)
     rows: int = 0
     largest_batch: int = 0
+    steps: int = 0  # decode steps (continuous)
     completed: int = 0
     queue_timeouts: int = 0
     deadline_stops: int = 0
     oom_splits: int = 0
+    oom_evictions: int = 0
     cache_empties: int = 0
     drain_rate: float = 0.0  # requests per second, smoothed
     _last_done: float = field(default=0.0, repr=False)
@@ -97,31 +104,16 @@ def collate(features: list[Any], pad_id: int) -> dict[str, Any]:
     return batch
 
 
-class _RowStreamer:
-    """Receives each step's tokens for the whole batch and routes them to the rows still running."""
-
-    def __init__(self, jobs: list[Job], stop_ids: set[int]) -> None:
-        self._jobs = jobs
-        self._stop_ids = stop_ids
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompts themselves
-            self._prompt_seen = True
-            return
-        for job, token_id in zip(self._jobs, value.reshape(-1).tolist(), strict=True):
-            if job.finished:
-                continue  # padding after this row's end: not its tokens
-            job.generated += 1
-            job.stream.put([token_id])
-            if token_id in self._stop_ids or job.generated >= job.params.max_new_tokens:
-                _finish(job)
-
-    def end(self) -> None:
-        pass
+def on_device(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Inputs moved to the model's device, pixels in the model's floating dtype."""
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    if model.model.dtype.is_floating_point and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.model.dtype)
+    return inputs
 
 
-def _finish(job: Job) -> None:
+def finish(job: Job) -> None:
+    """Answer a job (once): no more tokens will come, and its admission slot is free."""
     if not job.finished:
         job.finished = True
         job.stream.end()
@@ -133,34 +125,32 @@ def engine_failed() -> APIError:
     return unavailable("engine_failed", "The model failed on this worker; it is being replaced. Retry.", 5)
 
 
-def _fail_unfinished(jobs: list[Job], error: APIError) -> None:
+def gpu_out_of_memory() -> APIError:
+    """The 503 for a request the GPU had no room for."""
+    return unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
+
+
+def fail_unfinished(jobs: list[Job], error: APIError) -> None:
+    """Answer every job not yet answered with `error`."""
     for job in jobs:
         if not job.finished:
             job.stream.fail(error)
-            _finish(job)
+            finish(job)
 
 
-def _rows_done_criteria(jobs: list[Job], stats: EngineStats, each_step: Callable[[], None]) -> Any:
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class RowsDone(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            each_step()
-            now = time.monotonic()
-            for job in jobs:
-                if not job.finished and (job.stream.cancelled or now >= job.deadline):
-                    if not job.stream.cancelled:
-                        stats.deadline_stops += 1
-                        log.info("request deadline reached after %d tokens", job.generated)
-                    _finish(job)
-            return torch.tensor([job.finished for job in jobs], dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([RowsDone()])
+def stop_if_gone_or_late(job: Job, stats: EngineStats, now: float) -> None:
+    """Answer a running row whose client left or whose deadline passed (what it has is its answer)."""
+    if not job.finished and (job.stream.cancelled or now >= job.deadline):
+        if not job.stream.cancelled:
+            stats.deadline_stops += 1
+            log.info("request deadline reached after %d tokens", job.generated)
+        finish(job)
 
 
-class Engine:
-    """A bounded queue in front of one model thread that batches compatible requests."""
+class QueueEngine:
+    """A bounded queue in front of one model thread; subclasses decide how rows are batched."""
+
+    scheduler = ""
 
     def __init__(
         self,
@@ -168,17 +158,18 @@ class Engine:
         settings: Settings,
         arriving: Callable[[], int] = lambda: 0,
         on_fatal: Callable[[], None] = lambda: None,
+        token_budget: int | None = None,
     ) -> None:
         self._model = model
         self._arriving = arriving
         self._on_fatal = on_fatal
         self.failed: str | None = None  # why the model thread stopped; it is never restarted
         self.max_batch = settings.max_batch_size
-        self.max_tokens = settings.max_batch_tokens
+        self.max_tokens = token_budget if token_budget is not None else settings.max_batch_tokens
         self.batch_wait = settings.batch_wait_ms / 1000
         self.queue_timeout = settings.queue_timeout
         self.empty_cache_fraction = settings.empty_cache_fraction
-        self.stats = EngineStats()
+        self.stats = EngineStats(self.scheduler)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -187,23 +178,26 @@ class Engine:
 
     def submit(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated."""
-        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
-        job = Job(inputs, params, stream, stream.prompt_tokens, ticket)
+        job = self._job(inputs, params, ticket)
         with self._cond:
             if self.failed is not None:
                 raise engine_failed()
             self._queue.append(job)
             self._ensure_thread()
             self._cond.notify()
-        return stream
+        return job.stream
+
+    def _job(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> Job:
+        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
+        return Job(inputs, params, stream, stream.prompt_tokens, ticket)
 
     def warm_up(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> None:
         """Run one request in the calling thread before the model thread exists; the counters forget it."""
         assert self._thread is None, "warm up before serving"
-        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
-        self._run([Job(inputs, params, stream, stream.prompt_tokens, ticket)])
-        stream.whole()
-        self.stats = EngineStats()
+        job = self._job(inputs, params, ticket)
+        self._serve_alone(job)
+        job.stream.whole()
+        self.stats = EngineStats(self.scheduler)
 
     def nudge(self) -> None:
         """Wake the model thread: a request it may be waiting for will not come (it failed early)."""
@@ -227,25 +221,33 @@ class Engine:
 
     # Model thread.
 
+    def _serve_alone(self, job: Job) -> None:
+        """Generate one job's whole answer (warm-up)."""
+        raise NotImplementedError
+
+    def _cycle(self) -> None:
+        """One round of the model thread's loop: wait for work, then do a bounded amount of it."""
+        raise NotImplementedError
+
+    def _held(self) -> list[Job]:
+        """Jobs the model thread is generating for right now."""
+        raise NotImplementedError
+
     def _loop(self) -> None:
-        batch: list[Job] = []
         try:
             while True:
-                batch = self._next_batch()
-                if batch:
-                    self._run(batch)
-                    self._tidy_memory()
-        except BaseException as exc:  # anything but OOM (handled in _run) leaves the model in doubt
+                self._cycle()
+        except BaseException as exc:  # anything but OOM (handled by the scheduler) leaves the model in doubt
             log.exception("the model thread failed; failing its requests and replacing this worker")
-            self._fail_everything(batch, f"{type(exc).__name__}")
+            self._fail_everything(self._held(), f"{type(exc).__name__}")
 
-    def _fail_everything(self, batch: list[Job], reason: str) -> None:
+    def _fail_everything(self, running: list[Job], reason: str) -> None:
         """Answer every held request with 503, refuse new ones, and ask for this worker's replacement."""
         with self._cond:
             self.failed = reason
-            held = [*batch, *self._queue]
+            held = [*running, *self._queue]
             self._queue.clear()
-        _fail_unfinished(held, engine_failed())
+        fail_unfinished(held, engine_failed())
         try:
             self._on_fatal()
         except Exception:  # the requests are answered; a failing exit hook must not hide that
@@ -260,22 +262,6 @@ class Engine:
                     self.stats.cache_empties += 1
             except Exception:  # hygiene must never stop the engine
                 log.exception("VRAM check failed")
-
-    def _next_batch(self) -> list[Job]:
-        with self._cond:
-            # Requests that queued up while the model was busy mean load: the clients just served
-            # tend to come straight back, so such a batch may wait a moment to fill. A request that
-            # finds the model idle never waits, unless others are already being preprocessed.
-            under_load = bool(self._queue)
-            while not self._queue:
-                self._cond.wait()
-            deadline = time.monotonic() + self.batch_wait
-            while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)  # submit() and nudge() notify
-            return self._take()
 
     def expire_waiting(self) -> None:
         """Answer queued requests past their queue timeout or deadline now, even while a batch runs."""
@@ -308,95 +294,16 @@ class Engine:
                 unavailable("queue_timeout", "Waited too long for the model.", self.retry_after())
             )
         if why is not None:
-            _finish(job)
+            finish(job)
         return why is not None
 
-    def _take(self) -> list[Job]:
-        now = time.monotonic()
-        batch: list[Job] = []
-        group: tuple[Any, ...] | None = None
-        longest_prompt = longest_new = 0
-        kept: deque[Job] = deque()
-        while self._queue:
-            job = self._queue.popleft()
-            if self._expire(job, now):
-                continue
-            prompt = max(longest_prompt, job.prompt_tokens)
-            new = max(longest_new, job.params.max_new_tokens)
-            fits = (len(batch) + 1) * (prompt + new) <= self.max_tokens
-            if batch and (len(batch) >= self.max_batch or job.group != group or not fits):
-                kept.append(job)
-                continue
-            batch.append(job)
-            group, longest_prompt, longest_new = job.group, prompt, new
-        self._queue.extendleft(reversed(kept))
-        return batch
-
-    def _run(self, batch: list[Job]) -> None:
-        import torch
-
-        try:
-            self._generate(batch)
-        except torch.OutOfMemoryError:
-            release_cuda_cache()
-            fresh = [job for job in batch if job.generated == 0 and not job.finished]
-            if len(batch) > 1 and len(fresh) == len(batch):
-                self.stats.oom_splits += 1
-                log.warning("out of GPU memory on a batch of %d: retrying in halves", len(batch))
-                half = len(batch) // 2
-                self._run(batch[:half])
-                self._run(batch[half:])
-                return
-            log.warning("out of GPU memory on a batch of %d; cache emptied", len(batch))
-            _fail_unfinished(
-                batch, unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
-            )
-            return
-        self._record(batch)
-
-    def _generate(self, batch: list[Job]) -> None:
-        import torch
-
-        model = self._model
-        inputs = collate([job.inputs for job in batch], model.pad_id)
-        inputs = {key: value.to(model.device) for key, value in inputs.items()}
-        if model.model.dtype.is_floating_point and "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.model.dtype)
-        params = batch[0].params
-        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
-        if params.temperature > 0:
-            sampling["temperature"] = params.temperature
-            if params.top_p is not None:
-                sampling["top_p"] = params.top_p
-        else:
-            sampling.update(temperature=None, top_p=None, top_k=None)
-        longest = max(job.params.max_new_tokens for job in batch)
-        if params.min_new_tokens:
-            sampling["min_new_tokens"] = min(params.min_new_tokens, longest)
-        self.stats.batches += 1
-        self.stats.rows += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        with torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            model.model.generate(
-                **inputs,
-                max_new_tokens=longest,
-                eos_token_id=model.stop_ids,
-                pad_token_id=model.pad_id,
-                streamer=_RowStreamer(batch, set(model.stop_ids)),
-                stopping_criteria=_rows_done_criteria(batch, self.stats, self.expire_waiting),
-                **sampling,
-            )
-        for job in batch:
-            _finish(job)
-
-    def _record(self, batch: list[Job]) -> None:
+    def _record(self, done: int) -> None:
+        """Count `done` answered requests and update the drain rate behind Retry-After."""
         now = time.monotonic()
         stats = self.stats
-        stats.completed += len(batch)
+        stats.completed += done
         if stats._last_done:
             elapsed = max(now - stats._last_done, 1e-3)
-            rate = len(batch) / elapsed
+            rate = done / elapsed
             stats.drain_rate = rate if stats.drain_rate == 0 else 0.8 * stats.drain_rate + 0.2 * rate
         stats._last_done = now

@@ -1,0 +1,256 @@
+"""The continuous scheduler: waiting requests join the running batch between decode steps.
+
+Each cycle of the model thread does a bounded amount of work: the newcomers' prefill (one padded
+forward pass over their prompts, images included), then one decode step for every running row.
+A row leaves the moment it is done, so a short request behind long ones waits for at most one
+prefill and one step. The loop is ours because generate() cannot take rows in mid-flight:
+
+- positions: GLM-4.6V's rotary positions are 3D (M-RoPE). A prompt's come from the model's own
+  `get_rope_index`; after it, every row counts on from its own last position, so each row carries
+  its next position rather than sharing the batch's column count;
+- cache: `kvcache.PaddedCache` keeps the rows left-padded to one length, with the mask to match;
+- sampling: `sampling.choose_tokens` applies each row's own settings, so any rows can share a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import (
+    Job,
+    QueueEngine,
+    collate,
+    fail_unfinished,
+    gpu_out_of_memory,
+    on_device,
+    stop_if_gone_or_late,
+)
+from .kvcache import PaddedCache
+from .sampling import RowSampling, choose_tokens
+from .vram import release_cuda_cache
+
+log = logging.getLogger("glmvision")
+
+
+@dataclass(eq=False)
+class Row:
+    """A request in the running batch: its sampling, the token to feed next and that token's position."""
+
+    job: Job
+    sampling: RowSampling
+    next_token: int = -1
+    position: int = 0
+
+
+def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]]:
+    """3D positions [3, rows, columns] of left-padded prompts, and each row's next position."""
+    import torch
+
+    mask = inputs["attention_mask"]
+    if "mm_token_type_ids" in inputs:
+        positions, _ = model.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=mask,
+        )
+    else:  # text only, as the processor of a text-only model gives it
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    # Padding sits at position 0, so a row's largest position is that of its last prompt token.
+    following = positions.amax(dim=(0, 2)) + 1
+    return positions.to(torch.long), following.tolist()
+
+
+class ContinuousEngine(QueueEngine):
+    """Iteration-level scheduling: rows join at the next decode step and leave when they finish."""
+
+    scheduler = "continuous"
+
+    def __init__(self, *args: Any, prefill_tokens: int = 8192, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per cycle (the first always fits)
+        self._rows: list[Row] = []
+        self._joining: list[Job] = []
+        self._cache: PaddedCache | None = None
+        self._stop_tensor: Any = None
+
+    def _held(self) -> list[Job]:
+        return [*self._joining, *(row.job for row in self._rows)]
+
+    def _serve_alone(self, job: Job) -> None:
+        self._join([job])
+        while self._rows:
+            self._step()
+
+    def _cycle(self) -> None:
+        self._leave_if_done(check_clients=True)
+        newcomers = self._admit()
+        if newcomers:
+            self._join(newcomers)
+        if self._rows:
+            self._step()
+        if not self._rows:
+            self._tidy_memory()
+
+    # Admission.
+
+    def _admit(self) -> list[Job]:
+        with self._cond:
+            if not self._rows:
+                # Idle: wait for work, and under load let a first batch fill as the static scheduler
+                # does (one prefill of 8 costs far less than 8 of one). Once rows run, nobody waits.
+                under_load = bool(self._queue)
+                while not self._queue:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait
+                while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            self._joining = self._take()
+            return self._joining
+
+    def _take(self) -> list[Job]:
+        """Newcomers, first come first served, while rows, cache at full length and prefill fit."""
+        now = time.monotonic()
+        taken: list[Job] = []
+        rows = len(self._rows)
+        # Padded rows grow to the longest row's length: the cache at full length is rows x longest.
+        longest = max((row.job.full_length for row in self._rows), default=0)
+        prefill = 0
+        while self._queue and rows + len(taken) < self.max_batch:
+            job = self._queue[0]
+            if self._expire(job, now):
+                self._queue.popleft()
+                continue
+            grown = max(longest, job.full_length)
+            # Alone a request always runs (its size was bounded on arrival); beside others it waits
+            # for room, and nobody overtakes it. One newcomer per cycle always gets its prefill.
+            too_big = (rows or taken) and (rows + len(taken) + 1) * grown > self.max_tokens
+            if too_big or (taken and prefill + job.prompt_tokens > self.prefill_tokens):
+                break
+            self._queue.popleft()
+            taken.append(job)
+            longest, prefill = grown, prefill + job.prompt_tokens
+        return taken
+
+    # Model work.
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill newcomers together, give each its first token, and merge them into the batch."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                rows, cache = self._prefill(jobs)
+        except torch.OutOfMemoryError:
+            release_cuda_cache()
+            if len(jobs) > 1:
+                self.stats.oom_splits += 1
+                log.warning("out of GPU memory prefilling %d requests: retrying in halves", len(jobs))
+                half = len(jobs) // 2
+                self._join(jobs[:half])
+                self._join(jobs[half:])
+            else:
+                log.warning("out of GPU memory prefilling one request; cache emptied")
+                fail_unfinished(jobs, gpu_out_of_memory())
+            return
+        finally:
+            self._joining = []
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache.join(cache)
+        self._rows.extend(rows)
+        self.stats.batches += 1
+        self.stats.rows += len(jobs)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._rows))
+        self._leave_if_done()
+
+    def _prefill(self, jobs: list[Job]) -> tuple[list[Row], PaddedCache]:
+        from transformers import DynamicCache
+
+        model = self._model
+        inputs = on_device(model, collate([job.inputs for job in jobs], model.pad_id))
+        positions, following = prompt_positions(model, inputs)
+        cache = DynamicCache(config=model.model.config)
+        out = model.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        rows = [
+            Row(job, RowSampling.for_params(job.params, model.model.device), position=position)
+            for job, position in zip(jobs, following, strict=True)
+        ]
+        self._choose(rows, out.logits[:, -1])
+        return rows, PaddedCache(cache, inputs["attention_mask"])
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        import torch
+
+        assert self._cache is not None
+        model, cache = self._model, self._cache
+        device = model.model.device
+        before = cache.length
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
+                positions = torch.tensor([row.position for row in self._rows], device=device)
+                out = model.model(
+                    input_ids=ids,
+                    attention_mask=cache.grow(),
+                    position_ids=positions.view(1, -1, 1).expand(3, -1, -1),
+                    cache=cache.cache,
+                    use_cache=True,
+                )
+                self._choose(self._rows, out.logits[:, -1])
+        except torch.OutOfMemoryError:
+            # Layers that took this step's keys before memory ran out give them back: the cache
+            # must stay one length. The newest row leaves with a 503 and the rest try again.
+            cache.truncate(before)
+            release_cuda_cache()
+            self.stats.oom_evictions += 1
+            newest = self._rows[-1]
+            log.warning("out of GPU memory on a step of %d rows: the newest one leaves", len(self._rows))
+            fail_unfinished([newest.job], gpu_out_of_memory())
+            self._leave_if_done()
+            return
+        for row in self._rows:
+            row.position += 1  # the token just fed took its position
+        self.stats.steps += 1
+        self.expire_waiting()
+        self._leave_if_done(check_clients=True)
+
+    def _choose(self, rows: list[Row], logits: Any) -> None:
+        """Pick each row's next token from its last logits and hand it to its request."""
+        import torch
+
+        model = self._model
+        if self._stop_tensor is None:
+            self._stop_tensor = torch.tensor(model.stop_ids, device=logits.device)
+        stop_ids = set(model.stop_ids)
+        tokens = choose_tokens(
+            logits, [row.sampling for row in rows], [row.job.generated for row in rows], self._stop_tensor
+        )
+        for row, token in zip(rows, tokens, strict=True):
+            row.next_token = token
+            row.job.take(token, stop_ids)
+
+    def _leave_if_done(self, check_clients: bool = False) -> None:
+        """Drop finished rows (and, when asked, rows whose client left or whose deadline passed)."""
+        if check_clients:
+            now = time.monotonic()
+            for row in self._rows:
+                stop_if_gone_or_late(row.job, self.stats, now)
+        staying = [i for i, row in enumerate(self._rows) if not row.job.finished]
+        if len(staying) == len(self._rows):
+            return
+        done = len(self._rows) - len(staying)
+        self._rows = [self._rows[i] for i in staying]
+        if not self._rows:
+            self._cache = None
+        elif self._cache is not None:
+            self._cache.keep(staying)
+        self._record(done)

@@ -1,0 +1,182 @@
+"""The static scheduler: a batch forms between generate() calls and runs to its longest row's end.
+
+Kept beside the continuous scheduler for comparison and as a fallback (GLMVISION_SCHEDULER=static).
+Rows in one generate() share its sampling settings, so only requests with equal settings share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from .engine import (
+    Job,
+    QueueEngine,
+    collate,
+    fail_unfinished,
+    finish,
+    gpu_out_of_memory,
+    on_device,
+    stop_if_gone_or_late,
+)
+from .vram import release_cuda_cache
+
+log = logging.getLogger("glmvision")
+
+
+def sampling_group(job: Job) -> tuple[Any, ...]:
+    """Rows with equal groups can share one generate() call."""
+    p = job.params
+    if p.seed is not None and p.temperature > 0:
+        return ("seeded", id(job))  # a reproducible sample needs the RNG to itself
+    sampling = (p.temperature, p.top_p) if p.temperature > 0 else ()
+    return (p.temperature > 0, *sampling, p.min_new_tokens)
+
+
+class RowStreamer:
+    """Receives each step's tokens for the whole batch and routes them to the rows still running."""
+
+    def __init__(self, jobs: list[Job], stop_ids: set[int]) -> None:
+        self._jobs = jobs
+        self._stop_ids = stop_ids
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompts themselves
+            self._prompt_seen = True
+            return
+        for job, token_id in zip(self._jobs, value.reshape(-1).tolist(), strict=True):
+            if not job.finished:  # past this row's end the tokens are padding, not its own
+                job.take(token_id, self._stop_ids)
+
+    def end(self) -> None:
+        pass
+
+
+class StaticEngine(QueueEngine):
+    """Batches compatible waiting requests into one padded generate() call at a time."""
+
+    scheduler = "static"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch: list[Job] = []
+
+    def _held(self) -> list[Job]:
+        return self._batch
+
+    def _serve_alone(self, job: Job) -> None:
+        self._run([job])
+
+    def _cycle(self) -> None:
+        self._batch = self._next_batch()
+        if self._batch:
+            self._run(self._batch)
+            self._tidy_memory()
+        self._batch = []
+
+    def _next_batch(self) -> list[Job]:
+        with self._cond:
+            # Requests that queued up while the model was busy mean load: the clients just served
+            # tend to come straight back, so such a batch may wait a moment to fill. A request that
+            # finds the model idle never waits, unless others are already being preprocessed.
+            under_load = bool(self._queue)
+            while not self._queue:
+                self._cond.wait()
+            deadline = time.monotonic() + self.batch_wait
+            while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)  # submit() and nudge() notify
+            return self._take()
+
+    def _take(self) -> list[Job]:
+        now = time.monotonic()
+        batch: list[Job] = []
+        group: tuple[Any, ...] | None = None
+        longest_prompt = longest_new = 0
+        kept: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if self._expire(job, now):
+                continue
+            # Padded rows all grow to the longest prompt plus the longest answer.
+            prompt = max(longest_prompt, job.prompt_tokens)
+            new = max(longest_new, job.params.max_new_tokens)
+            fits = (len(batch) + 1) * (prompt + new) <= self.max_tokens
+            if batch and (len(batch) >= self.max_batch or sampling_group(job) != group or not fits):
+                kept.append(job)
+                continue
+            batch.append(job)
+            group, longest_prompt, longest_new = sampling_group(job), prompt, new
+        self._queue.extendleft(reversed(kept))
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        import torch
+
+        try:
+            self._generate(batch)
+        except torch.OutOfMemoryError:
+            release_cuda_cache()
+            fresh = [job for job in batch if job.generated == 0 and not job.finished]
+            if len(batch) > 1 and len(fresh) == len(batch):
+                self.stats.oom_splits += 1
+                log.warning("out of GPU memory on a batch of %d: retrying in halves", len(batch))
+                half = len(batch) // 2
+                self._run(batch[:half])
+                self._run(batch[half:])
+                return
+            log.warning("out of GPU memory on a batch of %d; cache emptied", len(batch))
+            fail_unfinished(batch, gpu_out_of_memory())
+            return
+        self._record(len(batch))
+
+    def _generate(self, batch: list[Job]) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        model = self._model
+        inputs = on_device(model, collate([job.inputs for job in batch], model.pad_id))
+        params = batch[0].params
+        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            sampling["temperature"] = params.temperature
+            if params.top_p is not None:
+                sampling["top_p"] = params.top_p
+        else:
+            sampling.update(temperature=None, top_p=None, top_k=None)
+        longest = max(job.params.max_new_tokens for job in batch)
+        if params.min_new_tokens:
+            sampling["min_new_tokens"] = min(params.min_new_tokens, longest)
+        self.stats.batches += 1
+        self.stats.rows += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        stats, expire_waiting = self.stats, self.expire_waiting
+
+        class RowsDone(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                expire_waiting()
+                now = time.monotonic()
+                for job in batch:
+                    stop_if_gone_or_late(job, stats, now)
+                done = [job.finished for job in batch]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        with torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            model.model.generate(
+                **inputs,
+                max_new_tokens=longest,
+                eos_token_id=model.stop_ids,
+                pad_token_id=model.pad_id,
+                streamer=RowStreamer(batch, set(model.stop_ids)),
+                stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                **sampling,
+            )
+        for job in batch:
+            finish(job)
