@@ -52,7 +52,12 @@ def chat_vision() -> Response:
     temperature = float(body.get("temperature", 0.7))
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=int(body.get("max_new_tokens", 512)), **sampling)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=int(body.get("max_new_tokens", 512)),
+            min_new_tokens=int(body.get("min_new_tokens", 0)),  # the scheduler bench fixes answer lengths
+            **sampling,
+        )
     prompt_tokens = int(inputs["input_ids"].shape[1])
     new_tokens = output[0, prompt_tokens:]
     text = processor.decode(new_tokens, skip_special_tokens=True)

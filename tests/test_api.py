@@ -14,7 +14,8 @@ from flask.testing import FlaskClient
 from helpers import image_b64, image_bytes, model_sees, vision_body, wait_for
 from PIL import Image
 
-import glmvision.local.engine
+import glmvision.local.continuous
+import glmvision.local.static
 from glmvision.generation import GenerationParams, GenerationStream
 from glmvision.local.runtime import LoadedModel
 
@@ -266,13 +267,14 @@ def test_out_of_memory_is_a_503_and_the_worker_recovers(
 ) -> None:
     model = _loaded(client)
     released: list[bool] = []
-    monkeypatch.setattr(glmvision.local.engine, "release_cuda_cache", lambda: released.append(True))
+    for scheduler in (glmvision.local.continuous, glmvision.local.static):
+        monkeypatch.setattr(scheduler, "release_cuda_cache", lambda: released.append(True))
 
-    def out_of_memory(**kwargs: Any) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     with monkeypatch.context() as patch:
-        patch.setattr(model.model, "generate", out_of_memory)
+        patch.setattr(model.model, "forward", out_of_memory)  # what either scheduler calls
         response = client.post("/v1/chat/vision", json=vision_body())
     error = assert_error(response, 503, "gpu_out_of_memory")
     assert "20.00 GiB" not in error["message"]
@@ -290,10 +292,10 @@ def test_a_failed_model_thread_answers_everyone_and_asks_for_a_new_worker(
     exits: list[bool] = []
     backend.on_fatal = lambda: exits.append(True)
 
-    def broken(**kwargs: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("secret internal detail /opt/weights")
 
-    monkeypatch.setattr(model.model, "generate", broken)
+    monkeypatch.setattr(model.model, "forward", broken)
     response = client.post("/v1/chat/vision", json=vision_body())
     error = assert_error(response, 503, "engine_failed")
     assert "secret" not in response.get_data(as_text=True)

@@ -90,6 +90,7 @@ class ContinuousEngine(QueueEngine):
         newcomers = self._admit()
         if newcomers:
             self._join(newcomers)
+            self._joining = []  # only now: if the model fails in their prefill, they are still held
         if self._rows:
             self._step()
         if not self._rows:
@@ -159,8 +160,6 @@ class ContinuousEngine(QueueEngine):
                 log.warning("out of GPU memory prefilling one request; cache emptied")
                 fail_unfinished(jobs, gpu_out_of_memory())
             return
-        finally:
-            self._joining = []
         if self._cache is None:
             self._cache = cache
         else:
