@@ -161,6 +161,8 @@ INVALID = [
     ("THREADS", "-4"),
     ("TIMEOUT", "soon"),
     ("LOG_LEVEL", "verbose"),
+    ("SCHEDULER", "fifo"),
+    ("MAX_PREFILL_TOKENS", "0"),
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import wait_for
+from helpers import image_b64, wait_for
 from PIL import Image
 
 from glmvision.backend import Admission
@@ -297,6 +297,21 @@ def test_out_of_memory_in_a_prefill_retries_in_halves(
     run_schedule(running, {0: jobs})
     assert [len(tokens(one.stream)) for one in jobs] == [3, 3, 3, 3]
     assert running.stats.oom_splits == 3 and running.stats.batches == 4
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static", None])
+def test_the_setting_picks_the_scheduler_the_service_runs(make_app: Any, scheduler: str | None) -> None:
+    """GLMVISION_SCHEDULER chooses the engine (continuous when unset); /readyz says which served."""
+    app = make_app(**({"scheduler": scheduler} if scheduler else {}))
+    client = app.test_client()
+    body = {"image": image_b64(), "prompt": "What is in this picture?", "max_new_tokens": 4, "temperature": 0}
+    assert client.post("/v1/chat/vision", json=body).status_code == 200
+    engine = client.get("/readyz").get_json()["engine"]
+    want = scheduler or "continuous"
+    assert engine["scheduler"] == want and engine["rows"] == 1 and engine["completed"] == 1
+    assert (engine["steps"] > 0) == (want == "continuous")
+    backend = app.extensions["glmvision"].backend
+    assert type(backend.engine) is {"continuous": ContinuousEngine, "static": StaticEngine}[want]
 
 
 # Units: sampling, the padded cache and the KV budget.

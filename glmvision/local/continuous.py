@@ -76,6 +76,8 @@ class ContinuousEngine(QueueEngine):
         self._joining: list[Job] = []
         self._cache: PaddedCache | None = None
         self._stop_tensor: Any = None
+        config = getattr(getattr(self._model, "model", None), "config", None)
+        self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
 
     def _held(self) -> list[Job]:
         return [*self._joining, *(row.job for row in self._rows)]
@@ -197,9 +199,14 @@ class ContinuousEngine(QueueEngine):
             with torch.inference_mode():
                 ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
                 positions = torch.tensor([row.position for row in self._rows], device=device)
+                mask = cache.grow()
+                if self._sdpa:
+                    # One query per row attends to every column its mask keeps: that is the whole
+                    # 4D mask, and handing it over spares transformers building it every step.
+                    mask = mask[:, None, None, :].bool()
                 out = model.model(
                     input_ids=ids,
-                    attention_mask=cache.grow(),
+                    attention_mask=mask,
                     position_ids=positions.view(1, -1, 1).expand(3, -1, -1),
                     cache=cache.cache,
                     use_cache=True,
