@@ -2,9 +2,10 @@
 """How long a newcomer's prefill holds up the rows already decoding (issue 8), on the demo model.
 
 `.venv/bin/python bench/prefill.py` runs the continuous engine in this thread (no server): 4 rows
-decoding, then newcomers with prompts of growing length (images included) join. It prints a decode
-step's time beside the cycle time with each prefill: the stall every running row sees, and what
-`GLMVISION_MAX_PREFILL_TOKENS` bounds. Medians of `--runs`.
+decoding, then newcomers with prompts of growing length (images included) join through the
+engine's own cycles. For each prefill budget (`GLMVISION_MAX_PREFILL_TOKENS`) it prints how many
+cycles they took to join and the longest cycle meanwhile: the stall every running row sees, as a
+multiple of a plain decode step. Medians of `--runs`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -32,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--running", type=int, default=4, help="rows decoding when the newcomers join")
+    parser.add_argument("--budgets", type=lambda v: [int(x) for x in v.split(",")], default=[8192, 1024])
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="glmvision-prefill-"))
     model = load_model(
         load_settings({"GLMVISION_MODEL": str(build_demo_model(directory)), "GLMVISION_DEVICE": "cpu"})
     )
     admission = Admission(100_000, 3600, lambda: 0.0)
-    engine = ContinuousEngine(model, load_settings({"GLMVISION_MAX_BATCH_SIZE": 64}))
-    long = GenerationParams(100_000, temperature=0, min_new_tokens=100_000)
+    settings = load_settings({"GLMVISION_MAX_BATCH_SIZE": 64, "GLMVISION_BATCH_WAIT_MS": 0})
+    long = GenerationParams(1500, temperature=0, min_new_tokens=1500)
 
     def prompt(words: int, images: int) -> object:
         content: list[dict[str, object]] = [
@@ -48,33 +51,43 @@ def main(argv: list[str] | None = None) -> int:
         content.append({"type": "text", "text": "describe the picture " * words})
         return model.prepare([{"role": "user", "content": content}], enable_thinking=False)
 
-    engine._join([engine._job(prompt(2, 1), long, admission.admit()) for _ in range(args.running)])
-    for _ in range(5):
-        engine._step()
-
-    def timed(action: object) -> float:
+    def timed(action: Callable[[], object]) -> float:
         begin = time.perf_counter()
-        action()  # type: ignore[operator]
+        action()
         return (time.perf_counter() - begin) * 1000
 
-    step = statistics.median(timed(engine._step) for _ in range(args.runs))
-    print(f"{args.running} rows decoding: one step {step:.2f} ms (median of {args.runs})")
-    print("| newcomers | prompt tokens each | prefill + step ms | stall x a step |")
-    print("|---|---|---|---|")
-    for count, words, images in [(1, 2, 1), (1, 200, 1), (1, 800, 4), (4, 200, 1), (8, 800, 4)]:
+    print(
+        "| newcomers | prompt tokens each | prefill budget | cycles to join | longest cycle ms | x a step |"
+    )
+    print("|---|---|---|---|---|---|")
+    for count, words, images in [(1, 2, 1), (1, 200, 1), (4, 200, 1), (1, 800, 4), (2, 800, 4)]:
         inputs = prompt(words, images)
         tokens = int(inputs["input_ids"].shape[1])
-        times = []
-        for _ in range(args.runs):
-            newcomers = [
-                engine._job(inputs, GenerationParams(1, temperature=0), admission.admit())
-                for _ in range(count)
-            ]
-            times.append(timed(lambda newcomers=newcomers: (engine._join(newcomers), engine._step())))
-        cycle = statistics.median(times)
-        print(f"| {count} | {tokens} | {cycle:.2f} | {cycle / step:.1f} |")
-    for row in engine._rows:
-        row.job.stream.close()
+        for budget in args.budgets:
+            engine = ContinuousEngine(model, settings, prefill_tokens=budget)
+            engine._join([engine._job(prompt(2, 1), long, admission.admit()) for _ in range(args.running)])
+            step = statistics.median(timed(engine._step) for _ in range(args.runs))
+            cycles, longest = [], []
+            for _ in range(args.runs):
+                newcomers = [
+                    engine._job(inputs, GenerationParams(1, temperature=0), admission.admit())
+                    for _ in range(count)
+                ]
+                engine._queue.extend(newcomers)
+                times = []
+                while engine._queue or engine._chunked is not None:
+                    times.append(timed(engine._cycle))
+                cycles.append(len(times))
+                longest.append(max(times))
+            worst = statistics.median(longest)
+            print(
+                f"| {count} | {tokens} | {budget} | {statistics.median(cycles):.0f} | {worst:.1f} "
+                f"| {worst / step:.1f} |"
+            )
+            for row in engine._rows:
+                row.job.stream.close()
+            engine._leave_if_done(check_clients=True)
+    print(f"(one decode step of {args.running} rows alone: {step:.2f} ms; medians of {args.runs})")
     return 0
 
 

@@ -119,6 +119,56 @@ def test_greedy_rows_equal_generate_alone_over_many_random_schedules(model: Load
     assert checked >= 20 and joined_late >= 10 and text_only >= 2 and multi_image >= 2
 
 
+def run_cycles(engine: ContinuousEngine, arriving: dict[int, list[Job]]) -> None:
+    """Queue each list of jobs before the cycle its key names and run the model thread's cycles."""
+    cycle = 0
+    while arriving or engine._rows or engine._chunked or engine._queue:
+        with engine._cond:
+            engine._queue.extend(arriving.pop(cycle, []))
+        if engine._queue or engine._rows or engine._chunked:
+            engine._cycle()
+        cycle += 1
+        assert cycle < 10_000
+
+
+def test_greedy_rows_stay_exact_when_long_prompts_are_prefilled_in_chunks(model: LoadedModel) -> None:
+    """Through the cycle itself, with prefill budgets small enough that most prompts are chunked."""
+    rng = random.Random(8)
+    chunked = 0
+    for _ in range(5):
+        requests = [random_request(model, rng) for _ in range(rng.randrange(2, 6))]
+        expected = [alone(model, request) for request in requests]
+        running = engine(model, max_batch_size=16, batch_wait_ms=0, max_prefill_tokens=rng.randrange(8, 48))
+        jobs = [job(running, request) for request in requests]
+        arriving: dict[int, list[Job]] = {}
+        for one in jobs:
+            arriving.setdefault(rng.choice([0, 1, 4, 9]), []).append(one)
+        chunked += sum(one.prompt_tokens > running.prefill_tokens for one in jobs)
+        run_cycles(running, arriving)
+        assert [tokens(one.stream) for one in jobs] == expected
+    assert chunked >= 8
+
+
+def test_a_chunked_prefill_costs_the_batch_one_chunk_a_cycle(model: LoadedModel) -> None:
+    """While a long prompt is prefilled, the rows already running decode a step every cycle."""
+    short = (inputs(model, [(40, 40)], "hi"), GenerationParams(40, temperature=0, min_new_tokens=40))
+    long = (inputs(model, [(160, 160), (90, 120)], "describe " * 30), GenerationParams(6, temperature=0))
+    expected = [alone(model, short), alone(model, long)]
+    running = engine(model, max_prefill_tokens=32, batch_wait_ms=0)
+    first, second = job(running, short), job(running, long)
+    running._join([first])
+    with running._cond:
+        running._queue.append(second)
+    steps, cycles = running.stats.steps, 0
+    while second.generated == 0:
+        running._cycle()
+        cycles += 1
+    assert cycles == -(-second.prompt_tokens // 32) and cycles > 3  # one chunk of 32 tokens a cycle
+    assert running.stats.steps - steps == cycles and running.stats.largest_batch == 2
+    run_cycles(running, {})
+    assert [tokens(first.stream), tokens(second.stream)] == expected
+
+
 def test_a_row_leaving_early_leaves_the_others_exact(model: LoadedModel) -> None:
     """A client that goes away mid-answer: its row is dropped and the cache cut; the rest are untouched."""
     requests = [

@@ -9,7 +9,9 @@ prefill and one step. The loop is ours because generate() cannot take rows in mi
   `get_rope_index`; after it, every row counts on from its own last position, so each row carries
   its next position rather than sharing the batch's column count;
 - cache: `kvcache.PaddedCache` keeps the rows left-padded to one length, with the mask to match;
-- sampling: `sampling.choose_tokens` applies each row's own settings, so any rows can share a step.
+- sampling: `sampling.choose_tokens` applies each row's own settings, so any rows can share a step;
+- prefill: at most `prefill_tokens` prompt tokens a cycle. A prompt longer than that (many images)
+  is prefilled alone, a chunk per cycle, its images encoded once, while the batch goes on decoding.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import out_of_time
 from .engine import (
     Job,
     QueueEngine,
     collate,
     fail_unfinished,
+    finish,
     gpu_out_of_memory,
     on_device,
     stop_if_gone_or_late,
@@ -64,6 +68,33 @@ def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]
     return positions.to(torch.long), following.tolist()
 
 
+def prompt_embeddings(model: Any, inputs: dict[str, Any]) -> Any:
+    """One prompt's input embeddings [1, tokens, hidden], its images' features in place."""
+    inner = model.model.model
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    if "pixel_values" in inputs:
+        import torch
+
+        images = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        features = torch.cat(list(images.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+        where, _ = inner.get_placeholder_mask(ids, embeds, image_features=features)
+        embeds = embeds.masked_scatter(where, features)
+    return embeds
+
+
+@dataclass(eq=False)
+class ChunkedPrefill:
+    """A newcomer whose prompt is longer than one cycle's prefill budget, prefilled a chunk per cycle."""
+
+    job: Job
+    embeds: Any  # [1, tokens, hidden]
+    positions: Any  # [3, 1, tokens]
+    following: int  # the position of its first generated token
+    cache: Any  # its own DynamicCache until it joins the batch
+    done: int = 0  # prompt tokens in its cache so far
+
+
 class ContinuousEngine(QueueEngine):
     """Iteration-level scheduling: rows join at the next decode step and leave when they finish."""
 
@@ -74,13 +105,15 @@ class ContinuousEngine(QueueEngine):
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per cycle (the first always fits)
         self._rows: list[Row] = []
         self._joining: list[Job] = []
+        self._chunked: ChunkedPrefill | None = None
         self._cache: PaddedCache | None = None
         self._stop_tensor: Any = None
         config = getattr(getattr(self._model, "model", None), "config", None)
         self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
 
     def _held(self) -> list[Job]:
-        return [*self._joining, *(row.job for row in self._rows)]
+        chunked = [self._chunked.job] if self._chunked is not None else []
+        return [*self._joining, *chunked, *(row.job for row in self._rows)]
 
     def _serve_alone(self, job: Job) -> None:
         self._join([job])
@@ -89,13 +122,18 @@ class ContinuousEngine(QueueEngine):
 
     def _cycle(self) -> None:
         self._leave_if_done(check_clients=True)
-        newcomers = self._admit()
-        if newcomers:
-            self._join(newcomers)
+        if self._chunked is None:  # while one is chunked, the queue waits behind it
+            newcomers = self._admit()
+            if len(newcomers) == 1 and newcomers[0].prompt_tokens > self.prefill_tokens:
+                self._start_chunked(newcomers[0])
+            elif newcomers:
+                self._join(newcomers)
             self._joining = []  # only now: if the model fails in their prefill, they are still held
+        if self._chunked is not None:
+            self._prefill_chunk(self._chunked)
         if self._rows:
             self._step()
-        if not self._rows:
+        if not self._rows and self._chunked is None:
             self._tidy_memory()
 
     # Admission.
@@ -139,6 +177,8 @@ class ContinuousEngine(QueueEngine):
             self._queue.popleft()
             taken.append(job)
             longest, prefill = grown, prefill + job.prompt_tokens
+            if prefill > self.prefill_tokens:
+                break  # a prompt longer than the budget is prefilled alone, in chunks
         return taken
 
     # Model work.
@@ -159,18 +199,82 @@ class ContinuousEngine(QueueEngine):
                 self._join(jobs[:half])
                 self._join(jobs[half:])
             else:
-                log.warning("out of GPU memory prefilling one request; cache emptied")
-                fail_unfinished(jobs, gpu_out_of_memory())
+                self._out_of_memory_alone(jobs[0])
             return
+        self._merge(rows, cache)
+
+    def _merge(self, rows: list[Row], cache: PaddedCache) -> None:
+        """Add prefilled rows (their first token chosen) to the running batch."""
         if self._cache is None:
             self._cache = cache
         else:
             self._cache.join(cache)
         self._rows.extend(rows)
         self.stats.batches += 1
-        self.stats.rows += len(jobs)
+        self.stats.rows += len(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._rows))
         self._leave_if_done()
+
+    def _start_chunked(self, job: Job) -> None:
+        """Set up a long prompt's chunked prefill: its embeddings (images encoded once) and positions."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self._model
+        try:
+            with torch.inference_mode():
+                inputs = on_device(model, dict(job.inputs))
+                positions, following = prompt_positions(model, inputs)
+                embeds = prompt_embeddings(model, inputs)
+        except torch.OutOfMemoryError:
+            self._out_of_memory_alone(job)
+            return
+        cache = DynamicCache(config=model.model.config)
+        self._chunked = ChunkedPrefill(job, embeds, positions, following[0], cache)
+
+    def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
+        """Prefill the next `prefill_tokens` of a long prompt; once it is whole, it joins the batch."""
+        import torch
+
+        job = chunked.job
+        if job.stream.cancelled or time.monotonic() >= job.deadline:
+            if not job.stream.cancelled:
+                self.stats.deadline_stops += 1
+                job.stream.fail(out_of_time())  # not one token yet: 504, as in the queue
+            finish(job)
+            self._chunked = None
+            self._record(1)
+            return
+        start, end = chunked.done, min(chunked.done + self.prefill_tokens, chunked.embeds.shape[1])
+        model = self._model
+        try:
+            with torch.inference_mode():
+                out = model.model(
+                    inputs_embeds=chunked.embeds[:, start:end],
+                    position_ids=chunked.positions[:, :, start:end],
+                    attention_mask=torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device),
+                    cache=chunked.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                chunked.done = end
+                if end < chunked.embeds.shape[1]:
+                    return
+                sampling = RowSampling.for_params(job.params, model.model.device)
+                row = Row(job, sampling, position=chunked.following)
+                self._choose([row], out.logits[:, -1])
+        except torch.OutOfMemoryError:
+            self._chunked = None
+            self._out_of_memory_alone(job)
+            return
+        self._chunked = None
+        mask = torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device)
+        self._merge([row], PaddedCache(chunked.cache, mask))
+
+    def _out_of_memory_alone(self, job: Job) -> None:
+        release_cuda_cache()
+        log.warning("out of GPU memory prefilling one request; cache emptied")
+        fail_unfinished([job], gpu_out_of_memory())
 
     def _prefill(self, jobs: list[Job]) -> tuple[list[Row], PaddedCache]:
         from transformers import DynamicCache
