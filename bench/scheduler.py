@@ -6,7 +6,8 @@ builds the demo model once, then for each server: starts it on a free loopback p
 scenario below against it with closed-loop clients, stops it. One table at the end, one run.
 
 Scenarios (every request: the bench's 1024x1024 JPEG and prompt, `min_tokens` = `max_tokens`
-so each answer is as long as asked, whatever the random model would say):
+so each answer is as long as asked, whatever the random model would say; `transformers serve`
+refuses that field, so its answers may stop sooner, as the tokens/answer column shows):
 - idle:   1 client, 8-token answers: the short request's latency with nothing else running;
 - mixed:  3 clients asking for 1024-token answers plus 1 client with 8-token ones; the short
           client's p50 and max, against its idle p50;
@@ -67,6 +68,7 @@ class GroupResult:
     errors: int = 0
     tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
 
 def body_for(server: str, model: str, image_b64: str, group: Group) -> tuple[str, bytes]:
@@ -88,9 +90,10 @@ def body_for(server: str, model: str, image_b64: str, group: Group) -> tuple[str
         "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": group.max_tokens,
-        "min_tokens": group.max_tokens,
         "temperature": group.temperature,
     }
+    if not server.startswith("hf"):  # transformers serve refuses the field (422)
+        payload["min_tokens"] = group.max_tokens
     if group.temperature > 0:
         payload["top_p"] = 0.9
     return "/v1/chat/completions", json.dumps(payload).encode()
@@ -111,7 +114,7 @@ def drive(
     def client(name: str, endpoint: str, body: bytes) -> None:
         with load.requests.Session() as session:
             while (start := time.monotonic()) < window[1]:
-                ok, tokens, _ = load.post_once(session, base + endpoint, body, timeout)
+                ok, tokens, error = load.post_once(session, base + endpoint, body, timeout)
                 end = time.monotonic()
                 if window[0] <= end < window[1]:
                     with lock:
@@ -121,6 +124,9 @@ def drive(
                         result.tokens += tokens
                         if ok:
                             result.latencies_ms.append((end - start) * 1000)
+                        else:
+                            kind = load._error_kind(error)
+                            result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
                 if not ok:
                     time.sleep(load.ERROR_PAUSE_S)
 
@@ -172,7 +178,10 @@ def bench_server(name: str, model_dir: Path, image_b64: str, workdir: Path, args
 
 def _summary(name: str, result: GroupResult, duration: float) -> str:
     p50 = load.percentile(result.latencies_ms, 0.5)
-    return f"{name} {result.requests / duration:.1f} req/s p50 {p50:.0f} ms errors {result.errors}"
+    line = f"{name} {result.requests / duration:.1f} req/s p50 {p50:.0f} ms errors {result.errors}"
+    if result.error_kinds:
+        line += f" (first: {next(iter(result.error_kinds))})"
+    return line
 
 
 def _all(found: dict[str, Any], scenario: str) -> GroupResult:
@@ -191,9 +200,9 @@ def table(found: dict[str, dict[str, Any]]) -> list[str]:
     """One row per server: the figures the issue asks for, side by side."""
     header = (
         "| server | idle short p50 ms | mixed: short p50 ms | short max ms | x idle | long tok/s "
-        "| short8 req/s | temps8 req/s | long8 tok/s | errors |"
+        "| short8 req/s | tokens/answer | temps8 req/s | long8 tok/s | errors |"
     )
-    lines = [header, "|" + "---|" * 10]
+    lines = [header, "|" + "---|" * 11]
     for name, scenarios in found.items():
         idle = scenarios.get("idle", {}).get("short", {}).get("latencies_ms", [])
         mixed = scenarios.get("mixed", {})
@@ -207,6 +216,7 @@ def table(found: dict[str, dict[str, Any]]) -> list[str]:
             f"| {name} | {idle_p50:.0f} | {short_p50:.0f} | {max(short, default=math.nan):.0f} "
             f"| {short_p50 / idle_p50:.1f} | {long_tps:.0f} "
             f"| {per_s['short8'].requests / seconds['short8']:.1f} "
+            f"| {per_s['short8'].tokens / max(per_s['short8'].requests, 1):.1f} "
             f"| {per_s['temps8'].requests / seconds['temps8']:.1f} "
             f"| {per_s['long8'].tokens / seconds['long8']:.0f} | {errors} |"
         )

@@ -141,17 +141,8 @@ class ContinuousEngine(QueueEngine):
     def _admit(self) -> list[Job]:
         with self._cond:
             if not self._rows:
-                # Idle: wait for work, and under load let a first batch fill as the static scheduler
-                # does (one prefill of 8 costs far less than 8 of one). Once rows run, nobody waits.
-                under_load = bool(self._queue)
-                while not self._queue:
-                    self._cond.wait()
-                deadline = time.monotonic() + self.batch_wait
-                while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+                # Idle: one prefill of 8 costs far less than 8 of one. Once rows run, nobody waits.
+                self._wait_for_work()
             self._joining = self._take()
             return self._joining
 
@@ -236,6 +227,7 @@ class ContinuousEngine(QueueEngine):
         """Prefill the next `prefill_tokens` of a long prompt; once it is whole, it joins the batch."""
         import torch
 
+        self.expire_waiting()  # the queue's limits hold while it waits behind a chunked prompt
         job = chunked.job
         if job.stream.cancelled or time.monotonic() >= job.deadline:
             if not job.stream.cancelled:

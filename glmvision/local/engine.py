@@ -263,6 +263,21 @@ class QueueEngine:
             except Exception:  # hygiene must never stop the engine
                 log.exception("VRAM check failed")
 
+    def _wait_for_work(self) -> None:
+        """Wait (holding the lock) until something is queued; under load, let a batch fill a moment."""
+        # Requests that queued up while the model was busy mean load: the clients just served tend
+        # to come straight back, so such a batch may wait a moment to fill. A request that finds
+        # the model idle never waits, unless others are already being preprocessed.
+        under_load = bool(self._queue)
+        while not self._queue:
+            self._cond.wait()
+        deadline = time.monotonic() + self.batch_wait
+        while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)  # submit() and nudge() notify
+
     def expire_waiting(self) -> None:
         """Answer queued requests past their queue timeout or deadline now, even while a batch runs."""
         now = time.monotonic()

@@ -79,18 +79,7 @@ class StaticEngine(QueueEngine):
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
-            # Requests that queued up while the model was busy mean load: the clients just served
-            # tend to come straight back, so such a batch may wait a moment to fill. A request that
-            # finds the model idle never waits, unless others are already being preprocessed.
-            under_load = bool(self._queue)
-            while not self._queue:
-                self._cond.wait()
-            deadline = time.monotonic() + self.batch_wait
-            while len(self._queue) < self.max_batch and (under_load or self._arriving() > 0):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)  # submit() and nudge() notify
+            self._wait_for_work()
             return self._take()
 
     def _take(self) -> list[Job]:
