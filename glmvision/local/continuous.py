@@ -182,8 +182,8 @@ class ContinuousEngine(QueueEngine):
             with torch.inference_mode():
                 rows, cache = self._prefill(jobs)
         except torch.OutOfMemoryError:
-            release_cuda_cache()
             if len(jobs) > 1:
+                release_cuda_cache()
                 self.stats.oom_splits += 1
                 log.warning("out of GPU memory prefilling %d requests: retrying in halves", len(jobs))
                 half = len(jobs) // 2
