@@ -421,3 +421,48 @@ def test_kv_size_of_glm_4_6v_flash_from_its_config() -> None:
     free, total = int(74.5 * gib - 19.2 * gib), int(74.5 * gib)
     assert kv_token_budget(free, total, 40_960) == (free - int(0.08 * total)) // 40_960
     assert kv_token_budget(gib, 24 * gib, 40_960) == 0  # less free than the reserve: nothing
+
+
+def test_row_sampling_keeps_each_requests_settings() -> None:
+    row = RowSampling.for_params(GenerationParams(4, temperature=0.5, top_p=0.3, min_new_tokens=2), "cpu")
+    assert (row.temperature, row.top_p, row.min_new_tokens, row.generator) == (0.5, 0.3, 2, None)
+    assert RowSampling.for_params(GenerationParams(4, temperature=0.5), "cpu").top_p == 1.0
+    seeded = RowSampling.for_params(GenerationParams(4, temperature=0.5, seed=11), "cpu")
+    assert seeded.generator is not None and seeded.generator.initial_seed() == 11
+
+
+def test_kv_size_uses_an_explicit_head_dim_and_counts_whole_bytes() -> None:
+    config = SimpleNamespace(
+        num_attention_heads=8, num_key_value_heads=2, hidden_size=512, num_hidden_layers=3
+    )
+    assert kv_bytes_per_token(config, 2) == 2 * 3 * 2 * 64 * 2
+    assert isinstance(kv_bytes_per_token(config, 2), int)
+    config.head_dim = 96  # larger than hidden_size / heads, as some configs set it
+    assert kv_bytes_per_token(config, 4) == 2 * 3 * 2 * 96 * 4
+    del config.num_key_value_heads  # no grouped-query attention: one KV head per head
+    assert kv_bytes_per_token(config, 1) == 2 * 3 * 8 * 96
+
+
+def test_the_memory_cap_reads_the_gpu_and_leaves_the_cpu_alone(
+    monkeypatch: pytest.MonkeyPatch, model: LoadedModel
+) -> None:
+    from glmvision.local.backend import make_engine
+    from glmvision.local.kvcache import memory_token_budget
+
+    gib = 1 << 30
+    asked: list[Any] = []
+
+    def mem_get_info(device: Any) -> tuple[int, int]:
+        asked.append(device)
+        return 6 * gib, 24 * gib
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    stand_in = SimpleNamespace(
+        dtype=torch.bfloat16, config=SimpleNamespace(text_config=model.model.config.text_config)
+    )
+    per_token = kv_bytes_per_token(model.model.config.text_config, 2)
+    assert memory_token_budget(stand_in, "cuda:1") == kv_token_budget(6 * gib, 24 * gib, per_token)
+    assert asked == [torch.device("cuda:1")]
+    assert memory_token_budget(stand_in, "cpu") >= 1 << 60 and len(asked) == 1  # no cap, and CUDA never asked
+    settings = load_settings({"GLMVISION_MAX_BATCH_TOKENS": 5000})
+    assert make_engine(model, settings).max_tokens == 5000  # on the CPU the setting alone decides
