@@ -463,6 +463,9 @@ def test_the_memory_cap_reads_the_gpu_and_leaves_the_cpu_alone(
     per_token = kv_bytes_per_token(model.model.config.text_config, 2)
     assert memory_token_budget(stand_in, "cuda:1") == kv_token_budget(6 * gib, 24 * gib, per_token)
     assert asked == [torch.device("cuda:1")]
+    stand_in.dtype = torch.float32  # 4 bytes an element: half the tokens fit
+    assert memory_token_budget(stand_in, "cuda:1") == kv_token_budget(6 * gib, 24 * gib, 2 * per_token)
+    asked.pop()
     assert memory_token_budget(stand_in, "cpu") >= 1 << 60 and len(asked) == 1  # no cap, and CUDA never asked
     settings = load_settings({"GLMVISION_MAX_BATCH_TOKENS": 5000})
     assert make_engine(model, settings).max_tokens == 5000  # on the CPU the setting alone decides
