@@ -8,6 +8,7 @@ which step is exact; the threaded tests at the end go through submit() as reques
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -469,3 +470,28 @@ def test_the_memory_cap_reads_the_gpu_and_leaves_the_cpu_alone(
     assert memory_token_budget(stand_in, "cpu") >= 1 << 60 and len(asked) == 1  # no cap, and CUDA never asked
     settings = load_settings({"GLMVISION_MAX_BATCH_TOKENS": 5000})
     assert make_engine(model, settings).max_tokens == 5000  # on the CPU the setting alone decides
+
+
+@pytest.mark.parametrize("how", ["client_left", "deadline"])
+def test_a_chunked_prompt_whose_client_leaves_or_time_runs_out_is_dropped(
+    model: LoadedModel, how: str
+) -> None:
+    long = (inputs(model, [(160, 160)], "describe " * 30), GenerationParams(6, temperature=0))
+    running = engine(model, max_prefill_tokens=16, batch_wait_ms=0)
+    one = job(running, long)
+    with running._cond:
+        running._queue.append(one)
+    running._cycle()
+    assert running._chunked is not None and running._chunked.done == 16
+    if how == "client_left":
+        one.stream.close()
+    else:
+        one.ticket.deadline = time.monotonic() - 1
+    running._cycle()
+    assert running._chunked is None and one.finished and not running._rows
+    if how == "deadline":
+        with pytest.raises(APIError) as caught:
+            tokens(one.stream)
+        assert (caught.value.code, caught.value.error_code) == (504, "request_timeout")
+    else:
+        assert tokens(one.stream) == []

@@ -21,13 +21,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import out_of_time
 from .engine import (
     Job,
     QueueEngine,
     collate,
     fail_unfinished,
-    finish,
     gpu_out_of_memory,
     on_device,
     stop_if_gone_or_late,
@@ -229,22 +227,20 @@ class ContinuousEngine(QueueEngine):
 
         self.expire_waiting()  # the queue's limits hold while it waits behind a chunked prompt
         job = chunked.job
-        if job.stream.cancelled or time.monotonic() >= job.deadline:
-            if not job.stream.cancelled:
-                self.stats.deadline_stops += 1
-                job.stream.fail(out_of_time())  # not one token yet: 504, as in the queue
-            finish(job)
+        # Not one token yet, so the queue's rules apply: gone, past its deadline (504), waited too long.
+        if self._expire(job, time.monotonic()):
             self._chunked = None
             self._record(1)
             return
         start, end = chunked.done, min(chunked.done + self.prefill_tokens, chunked.embeds.shape[1])
+        mask = torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device)
         model = self._model
         try:
             with torch.inference_mode():
                 out = model.model(
                     inputs_embeds=chunked.embeds[:, start:end],
                     position_ids=chunked.positions[:, :, start:end],
-                    attention_mask=torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device),
+                    attention_mask=mask,
                     cache=chunked.cache,
                     use_cache=True,
                     logits_to_keep=1,
@@ -260,7 +256,6 @@ class ContinuousEngine(QueueEngine):
             self._out_of_memory_alone(job)
             return
         self._chunked = None
-        mask = torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device)
         self._merge([row], PaddedCache(chunked.cache, mask))
 
     def _out_of_memory_alone(self, job: Job) -> None:
