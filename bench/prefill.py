@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         load_settings({"GLMVISION_MODEL": str(build_demo_model(directory)), "GLMVISION_DEVICE": "cpu"})
     )
     admission = Admission(100_000, 3600, lambda: 0.0)
-    settings = load_settings({"GLMVISION_MAX_BATCH_SIZE": 64, "GLMVISION_BATCH_WAIT_MS": 0})
-    long = GenerationParams(1500, temperature=0, min_new_tokens=1500)
+    # A KV budget no newcomer here exceeds, so each joins beside the decoding rows, never after them.
+    settings = load_settings(
+        {"GLMVISION_MAX_BATCH_SIZE": 64, "GLMVISION_BATCH_WAIT_MS": 0, "GLMVISION_MAX_BATCH_TOKENS": 1 << 22}
+    )
+    long = GenerationParams(5000, temperature=0, min_new_tokens=5000)  # still running at the end
 
     def prompt(words: int, images: int) -> object:
         content: list[dict[str, object]] = [
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = prompt(words, images)
         tokens = int(inputs["input_ids"].shape[1])
         for budget in args.budgets:
-            engine = ContinuousEngine(model, settings, prefill_tokens=budget)
+            engine = ContinuousEngine(model, settings.model_copy(update={"max_prefill_tokens": budget}))
             engine._join([engine._job(prompt(2, 1), long, admission.admit()) for _ in range(args.running)])
             step = statistics.median(timed(engine._step) for _ in range(args.runs))
             cycles, longest = [], []
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {count} | {tokens} | {budget} | {statistics.median(cycles):.0f} | {worst:.1f} "
                 f"| {worst / step:.1f} |"
             )
+            assert len(engine._rows) == args.running, "the decoding rows ended before the measurement"
             for row in engine._rows:
                 row.job.stream.close()
             engine._leave_if_done(check_clients=True)

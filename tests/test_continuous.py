@@ -40,7 +40,7 @@ def model(demo_model_dir: Path) -> LoadedModel:
 
 def engine(model: LoadedModel, **overrides: Any) -> ContinuousEngine:
     settings = load_settings({f"GLMVISION_{k.upper()}": v for k, v in overrides.items()})
-    return ContinuousEngine(model, settings, prefill_tokens=settings.max_prefill_tokens)
+    return ContinuousEngine(model, settings)
 
 
 ADMISSION = Admission(10_000, 600, lambda: 0.0)

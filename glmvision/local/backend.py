@@ -35,9 +35,7 @@ def make_engine(
         log.info("KV-cache budget %d tokens: what the free GPU memory holds", budget)
     if settings.scheduler == "static":
         return StaticEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
-    return ContinuousEngine(
-        loaded, settings, arriving, on_fatal, token_budget=budget, prefill_tokens=settings.max_prefill_tokens
-    )
+    return ContinuousEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
 
 
 class LocalBackend:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Settings
 from .engine import (
     Job,
     QueueEngine,
@@ -98,9 +99,9 @@ class ContinuousEngine(QueueEngine):
 
     scheduler = "continuous"
 
-    def __init__(self, *args: Any, prefill_tokens: int = 8192, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per cycle (the first always fits)
+    def __init__(self, model: Any, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, settings, *args, **kwargs)
+        self.prefill_tokens = settings.max_prefill_tokens  # per cycle; a longer prompt goes in chunks
         self._rows: list[Row] = []
         self._joining: list[Job] = []
         self._chunked: ChunkedPrefill | None = None
