@@ -107,6 +107,7 @@ class ContinuousEngine(QueueEngine):
         self._chunked: ChunkedPrefill | None = None
         self._cache: PaddedCache | None = None
         self._stop_tensor: Any = None
+        self._stop_ids: frozenset[int] = frozenset()
         config = getattr(getattr(self._model, "model", None), "config", None)
         self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
 
@@ -120,7 +121,7 @@ class ContinuousEngine(QueueEngine):
             self._step()
 
     def _cycle(self) -> None:
-        self._leave_if_done(check_clients=True)
+        # Rows whose client left or whose deadline passed were dropped at the end of the last step.
         if self._chunked is None:  # while one is chunked, the queue waits behind it
             newcomers = self._admit()
             if len(newcomers) == 1 and newcomers[0].prompt_tokens > self.prefill_tokens:
@@ -325,16 +326,15 @@ class ContinuousEngine(QueueEngine):
         """Pick each row's next token from its last logits and hand it to its request."""
         import torch
 
-        model = self._model
-        if self._stop_tensor is None:
-            self._stop_tensor = torch.tensor(model.stop_ids, device=logits.device)
-        stop_ids = set(model.stop_ids)
+        if self._stop_tensor is None:  # the model's stop ids never change: made once, on its device
+            self._stop_ids = frozenset(self._model.stop_ids)
+            self._stop_tensor = torch.tensor(self._model.stop_ids, device=logits.device)
         tokens = choose_tokens(
             logits, [row.sampling for row in rows], [row.job.generated for row in rows], self._stop_tensor
         )
         for row, token in zip(rows, tokens, strict=True):
             row.next_token = token
-            row.job.take(token, stop_ids)
+            row.job.take(token, self._stop_ids)
 
     def _leave_if_done(self, check_clients: bool = False) -> None:
         """Drop finished rows (and, when asked, rows whose client left or whose deadline passed)."""
