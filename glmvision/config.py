@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "GLMVISION_"
@@ -22,6 +22,14 @@ log = logging.getLogger("glmvision")
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
+
+# What GLMVISION_REDACT may name (glmvision.guards.redact has a pattern for each).
+REDACT_KINDS = ("cn_id", "bank_card", "phone", "email")
+# Settings that are gone, and what replaced them: named in the error rather than "unknown".
+RETIRED = {
+    "GLMVISION_LOG_CONTENT": "content is never logged in plain text; use GLMVISION_AUDIT_LOG with "
+    "GLMVISION_AUDIT_KEY for an encrypted audit file",
+}
 
 CommaList = Annotated[list[str], NoDecode]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
@@ -181,17 +189,110 @@ class Settings(_Base):
         description="Between batches, empty the CUDA cache when reserved memory exceeds this share "
         "of the GPU.",
     )
-    log_content: bool = Field(False, description="Log prompts and answers (off: only sizes and timings).")
+    ratelimit_fail: Literal["open", "closed"] = Field(
+        "open",
+        description="When the rate-limit storage is down: open serves (counting per worker), closed "
+        "refuses with 503 ratelimit_unavailable.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Python log level for glmvision's own logger."
     )
+    request_log: bool = Field(
+        True, description="One JSON line per request on stderr: ids, sizes, tokens, timings; never content."
+    )
+    audit_log: str = Field(
+        "",
+        description="File of prompts and answers, encrypted with GLMVISION_AUDIT_KEY; empty keeps no "
+        "content anywhere.",
+    )
+    audit_key: str = Field("", description="Fernet key for the audit log (glmvision audit-keygen makes one).")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    metrics_key: str = Field("", description="Bearer key /metrics requires; empty leaves it open.")
+    cache: bool = Field(
+        True, description="Answer repeated deterministic requests (greedy or seeded) from a cache."
+    )
+    cache_uri: str = Field(
+        "memory://", description="memory:// (an LRU per worker) or redis://host:port/db (shared)."
+    )
+    cache_ttl: float = Field(
+        3600.0, gt=0, allow_inf_nan=False, description="Seconds a cached answer is kept."
+    )
+    cache_size: int = Field(1024, gt=0, description="Answers the in-process cache holds (least recent out).")
+    cache_phash_distance: int = Field(
+        -1,
+        ge=-1,
+        le=64,
+        description="Perceptual match: serve the answer of an image whose pHash is within this many "
+        "bits; -1 = exact pixels only.",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Proxies in front: a hop count, or their CIDRs (comma-separated); empty trusts no "
+        "X-Forwarded-For.",
+    )
+    allowed_ips: CommaList = Field(
+        [],
+        description="Client CIDRs (IPv4/IPv6) allowed in; others get 403 (not /healthz); empty allows all.",
+    )
+    breaker_timeouts: int = Field(
+        5, ge=0, description="Timeouts in a row after which a client gets 429 circuit_open; 0 = off."
+    )
+    breaker_cooldown: float = Field(
+        600.0, gt=0, allow_inf_nan=False, description="Seconds an open circuit refuses its client."
+    )
+    breaker_storage_uri: str = Field(
+        "memory://", description="Circuit-breaker state: memory:// or redis://host:port (shared)."
+    )
+    stall_seconds: float = Field(
+        120.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Watchdog: with work waiting and no model progress this long, the worker exits "
+        "for gunicorn to replace; 0 = off.",
+    )
+    degrade: Literal["off", "shrink"] = Field(
+        "off", description="off, or shrink: under a deep queue, serve smaller images and shorter answers."
+    )
+    degrade_queue_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Share of the admission capacity in use from which requests are degraded.",
+    )
+    degrade_image_side: int = Field(1024, ge=28, description="Longest image side of a degraded request.")
+    degrade_max_new_tokens: int = Field(256, gt=0, description="max_new_tokens cap of a degraded request.")
+    fallback_message: str = Field(
+        "",
+        description="Answer sent (finish_reason fallback) when the model is unavailable; empty "
+        "sends the 503.",
+    )
+    redact: CommaList = Field(
+        [], description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email."
+    )
 
-    _split = field_validator("model_aliases", "image_url_domains", "api_keys", mode="before")(_split_commas)
+    _split = field_validator(
+        "model_aliases", "image_url_domains", "api_keys", "allowed_ips", "redact", mode="before"
+    )(_split_commas)
+
+    @field_validator("redact")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(REDACT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(REDACT_KINDS)}")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _audit_needs_key(self) -> Settings:
+        if bool(self.audit_log) != bool(self.audit_key):
+            raise ValueError("GLMVISION_AUDIT_LOG and GLMVISION_AUDIT_KEY go together: set both or neither")
+        return self
 
     @property
     def admission_capacity(self) -> int:
@@ -249,7 +350,9 @@ def _load(model: type[_Base], overrides: Mapping[str, Any]) -> Any:
         return model(**mine)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across fields: its message names them
+            raise ConfigError(first["msg"].removeprefix("Value error, ")) from None
+        field = str(first["loc"][0])
         message = first["msg"]
         raise ConfigError(
             f"{PREFIX}{field.upper()} ({_source(field, overrides)}): {message}, got {first.get('input')!r}"
@@ -274,6 +377,9 @@ def unknown_variables(names: Iterable[str]) -> list[str]:
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """The app's settings: defaults < `GLMVISION_*` environment < `overrides` (same names)."""
     overrides = dict(overrides or {})
+    for name in sorted(set(overrides) | set(os.environ)):
+        if name in RETIRED:
+            raise ConfigError(f"{name} is no longer read: {RETIRED[name]}")
     unknown = sorted(name for name in unknown_variables(overrides) if not _is_field(ServerSettings, name))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")

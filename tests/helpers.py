@@ -160,3 +160,38 @@ def model_sees(width: int, height: int) -> list[int]:
     processor = _demo_image_processor()
     grid = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"][0]
     return [int(grid[2]) * processor.patch_size, int(grid[1]) * processor.patch_size]
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[int]:
+    """Run a throwaway redis-server on a free loopback port; yield the port."""
+    import redis
+
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        assert wait_for(answers, timeout=20), "redis-server did not answer PING"
+        client.close()
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

@@ -15,7 +15,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,11 @@ from helpers import (
     ROOT,
     LiveServer,
     b64,
-    free_port,
     image_b64,
     image_bytes,
     live_server,
     model_sees,
+    redis_server,
     server_env,
     vision_body,
 )
@@ -458,41 +457,6 @@ def test_api_keys_guard_the_api_but_not_the_probes(
 
 
 # --- 5. Rate limits shared through Redis ---------------------------------------------------------
-
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[int]:
-    """Run a throwaway redis-server on a free loopback port; yield the port."""
-    import redis
-
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {process.returncode}")
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        assert wait_for(answers, timeout=20), "redis-server did not answer PING"
-        client.close()
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def sessions_per_worker(
