@@ -1,0 +1,1 @@
+"""Guards: client address, allowlist, circuit breaker, watchdog, degradation and redaction."""

@@ -1,0 +1,1 @@
+"""Operations: metrics, request logs, the audit log and the response cache."""
