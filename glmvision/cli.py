@@ -1,12 +1,15 @@
-"""Command line: `glmvision demo-model DIR` and `glmvision serve`."""
+"""Command line: `glmvision demo-model DIR`, `serve`, `audit-read PATH` and `audit-keygen`."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
 
@@ -20,8 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     serve = commands.add_parser("serve", help="run gunicorn with deploy/gunicorn.conf.py")
     serve.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help="extra gunicorn arguments")
+    read = commands.add_parser("audit-read", help="decrypt an audit log and print its records as JSON lines")
+    read.add_argument("path", metavar="PATH")
+    read.add_argument("--key-file", metavar="FILE", help="file with the key(s); else $GLMVISION_AUDIT_KEY")
+    read.add_argument("--since", metavar="ISO_TIME", help="only records from this time on (UTC if no zone)")
+    read.add_argument("--until", metavar="ISO_TIME", help="only records before this time")
+    read.add_argument("--request-id", metavar="ID", help="only the records of this request")
+    commands.add_parser("audit-keygen", help="print a new audit log key (for GLMVISION_AUDIT_KEY)")
     args = parser.parse_args(argv)
 
+    if args.command == "audit-keygen":
+        from .ops.audit import new_key
+
+        print(new_key())
+        return 0
+    if args.command == "audit-read":
+        return _audit_read(args)
     if args.command == "demo-model":
         from .local.demo import build_demo_model
 
@@ -36,6 +53,75 @@ def main(argv: list[str] | None = None) -> int:
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), *args.gunicorn_args, "wsgi:app"]
     os.execv(sys.executable, command)
     return 0  # not reached
+
+
+def _fail(message: str) -> int:
+    print(f"glmvision audit-read: {message}", file=sys.stderr)
+    return 2
+
+
+def _utc(text: str) -> datetime:
+    from datetime import UTC
+
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _record_time(record: dict[str, Any]) -> datetime | None:
+    value = record.get("time")
+    if not isinstance(value, str):
+        return None
+    try:
+        return _utc(value)
+    except ValueError:
+        return None
+
+
+def _audit_read(args: argparse.Namespace) -> int:
+    """`glmvision audit-read`: every failure is one line on stderr and status 2, never a traceback."""
+    import json
+
+    from .ops.audit import KEY_ENV, AuditError, read_audit
+
+    bounds: dict[str, datetime | None] = {}
+    for name in ("since", "until"):
+        text = getattr(args, name)
+        try:
+            bounds[name] = _utc(text) if text else None
+        except ValueError:
+            return _fail(f"--{name}: not an ISO 8601 time: {text!r}")
+    if args.key_file:
+        try:
+            key = Path(args.key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return _fail(f"cannot read key file {args.key_file}: {getattr(exc, 'strerror', None) or exc}")
+    else:
+        key = os.environ.get(KEY_ENV, "")
+    if not key.strip():
+        return _fail(f"no key: give --key-file FILE or set {KEY_ENV}")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # JSON is UTF-8, whatever the locale says; prompts are often not ASCII.
+        sys.stdout.reconfigure(encoding="utf-8")
+    since, until = bounds["since"], bounds["until"]
+    try:
+        for record in read_audit(args.path, key):
+            if args.request_id is not None and record.get("request_id") != args.request_id:
+                continue
+            if since is not None or until is not None:
+                moment = _record_time(record)
+                if moment is None or (since and moment < since) or (until and moment >= until):
+                    continue
+            print(json.dumps(record, ensure_ascii=False))
+        sys.stdout.flush()
+    except AuditError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            # The reader (head, less) went away: stop quietly, and keep Python from complaining at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        return _fail(f"cannot read {args.path}: {exc.strerror or exc}")
+    return 0
 
 
 if __name__ == "__main__":
