@@ -173,6 +173,9 @@ def make_server(name: str, port: int, model_dir: Path, image_b64: str, args: arg
     env = base_env()
     if name == "glmvision":
         env.update(GLMVISION_MODEL=str(model_dir), GLMVISION_DEVICE="cpu", GLMVISION_BIND=f"127.0.0.1:{port}")
+        # Every request is the same greedy one: with the response cache on, glmvision would answer
+        # from memory while the peers run the model. The bench measures serving the model.
+        env["GLMVISION_CACHE"] = "0"
         env.update(args.glmvision_env)
         command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
         body = vision_body(image_b64, args.max_new_tokens)

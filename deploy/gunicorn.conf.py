@@ -11,7 +11,9 @@ replaces a dead one takes over the dead one's GPU.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from typing import TYPE_CHECKING
 
 from glmvision.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
@@ -33,6 +35,14 @@ except ConfigError as exc:
     # One clear line, not a traceback: gunicorn prints this and exits.
     raise SystemExit(f"glmvision: {exc}") from None
 warn_unknown_variables()
+# prometheus-client's multiprocess mode: every worker writes its series into this directory and a
+# scrape of any worker sums them. Set before any worker imports prometheus_client; a directory of
+# our own per server (never one left by an earlier run: stale series would be summed in).
+if _settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="glmvision-metrics-")
+    _own_metrics_dir = True
+else:
+    _own_metrics_dir = False
 # Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
 _gpu_count = visible_gpu_count()
 
@@ -66,6 +76,9 @@ def post_worker_init(worker):  # gunicorn passes the worker
     state.backend.on_fatal = lambda: os.kill(os.getpid(), signal.SIGTERM)
     if state.settings.warmup:
         state.backend.warm_up()
+    from glmvision.app import start_worker_threads
+
+    start_worker_threads(worker.wsgi)
 
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
@@ -83,3 +96,28 @@ def post_fork(server: Arbiter, worker: Worker) -> None:
     if device is not None:
         os.environ["GLMVISION_DEVICE"] = device
         server.log.info("worker pid=%s uses %s", worker.pid, device)
+
+
+def on_starting(server: Arbiter) -> None:
+    """In the master, once: start the metrics directory empty (a given one may hold an old run's files)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and _settings.metrics:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(directory, name))
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    """In the master: a dead worker's live gauges leave the sums (its counters stay counted)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and _settings.metrics:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Arbiter) -> None:
+    """In the master, at shutdown: remove the metrics directory it made."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and _own_metrics_dir:
+        shutil.rmtree(directory, ignore_errors=True)

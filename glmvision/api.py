@@ -10,6 +10,7 @@ from flask.wrappers import Response
 
 from .backend import Ticket
 from .generation import Generation
+from .ops.record import current_record
 from .pipeline import (
     Answer,
     ChatInput,
@@ -66,14 +67,13 @@ def _answer_one_image(
         enable_thinking=body.enable_thinking,
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
-    chat, generation = answer(
-        state.backend, ticket, turns, params, state.settings, state.fetch_policy, image.param
-    )
+    chat, generation = answer(state, ticket, turns, params, image.param)
     return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
 
 
 def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
     """The fields every native answer shares."""
+    record = current_record()
     return {
         "id": new_request_id(prefix),
         "created": int(time.time()),
@@ -81,6 +81,7 @@ def _native_fields(prefix: str, model_id: str, result: Generation, thinking: boo
         "finish_reason": result.finish_reason,
         "usage": usage(result),
         "reasoning": (result.reasoning or "") if thinking else None,
+        "degraded": True if record is not None and record.degraded else None,
     }
 
 

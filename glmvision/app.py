@@ -6,19 +6,31 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
 from . import auth, errors, limits, service
 from .api import bp as api_bp
 from .config import ConfigError, Settings, load_settings, warn_unknown_variables
+from .guards.allowlist import IpAllowlist
+from .guards.breaker import CircuitBreaker
+from .guards.proxy import trusted_proxy_app
+from .guards.watchdog import Watchdog
 from .local.backend import LocalBackend
 from .local.loading import check_source
 from .openai_api import bp as openai_bp
 from .openapi import bp as openapi_bp
+from .ops.audit import AuditLog
+from .ops.cache import ResponseCache
+from .ops.metrics import Metrics
+from .ops.record import RequestRecord
+from .ops.reqlog import RequestLog
 from .service import Service
 from .urlfetch import FetchPolicy
+
+if TYPE_CHECKING:
+    from .guards.redact import Redactor
 
 log = logging.getLogger("glmvision")
 
@@ -53,9 +65,23 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     )
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["glmvision"] = Service(
-        settings, LocalBackend(settings), _fetch_policy(settings), time.time()
+    backend = LocalBackend(settings)
+    state = Service(
+        settings,
+        backend,
+        _fetch_policy(settings),
+        time.time(),
+        cache=ResponseCache.from_settings(settings),
+        audit=AuditLog.from_settings(settings),
+        redactor=_redactor(settings),
+        breaker=CircuitBreaker.from_settings(settings),
     )
+    app.extensions["glmvision"] = state
+    # The client's address as the trusted proxies report it: limits, logs and the allowlist use it.
+    app.wsgi_app = trusted_proxy_app(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
+    requests_log = RequestLog(settings.request_log)
+    requests_log.init_app(app)  # first: every later hook and error fills this request's record
+    IpAllowlist.from_settings(settings).init_app(app)
     errors.init_app(app)
     service.init_app(app)
     auth.init_app(app, settings)  # before the limiter, so unauthenticated calls never count against a key
@@ -63,4 +89,33 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openapi_bp)
+    requests_log.add_finisher(lambda record, _: _finish(state, record))
+    if settings.metrics:
+        metrics = Metrics()
+        metrics.init_app(app, backend, settings)
+        requests_log.add_finisher(metrics.observe)
+    app.extensions["glmvision.watchdog"] = Watchdog(settings.stall_seconds, backend)
     return app
+
+
+def _redactor(settings: Settings) -> Redactor | None:
+    if not settings.redact:
+        return None
+    from .guards.redact import Redactor
+
+    return Redactor(settings.redact)
+
+
+def _finish(state: Service, record: RequestRecord) -> None:
+    """After the response: the GPU peak for the log, the circuit breaker's count."""
+    if record.finish_reason is not None and record.cache != "hit":
+        record.gpu_peak_bytes = state.backend.gpu_peak()
+    service.record_outcome(state, record)
+
+
+def start_worker_threads(app: Flask) -> None:
+    """In a gunicorn worker: start the watchdog and the metrics sampler (never in tests' apps)."""
+    app.extensions["glmvision.watchdog"].start()
+    metrics: Metrics | None = app.extensions.get("glmvision.metrics")
+    if metrics is not None:
+        metrics.start_sampler()

@@ -14,7 +14,8 @@ from .errors import APIError
 log = logging.getLogger("glmvision")
 
 # Endpoints anyone may call, never rate-limited: liveness and readiness probes, the OpenAPI document.
-PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz", "openapi.openapi_json"})
+# /metrics has its own key (GLMVISION_METRICS_KEY).
+PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz", "openapi.openapi_json", "ops.metrics"})
 
 
 def key_digest(key: str) -> bytes:

@@ -80,6 +80,12 @@ class Ticket:
     _released: bool = False
     _holds_slot: bool = False
 
+    @classmethod
+    def unheld(cls, timeout: float) -> Ticket:
+        """A ticket that holds no place (a request answered without the model, e.g. the fallback)."""
+        now = time.monotonic()
+        return cls(now, now + timeout, lambda ticket: None, PreparationSlots(1, lambda: 0, 1))
+
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
         return max(0.0, self.deadline - time.monotonic())
@@ -176,6 +182,29 @@ class Prepared:
     model_id: str
     inputs: Any
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
+    visual_tokens: int = 0  # prompt tokens that stand for image patches
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One device's memory as torch sees it, in bytes."""
+
+    device: str
+    allocated: int
+    reserved: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A backend's gauges at one moment (for /metrics); never waits."""
+
+    loaded: bool
+    queued: int = 0
+    running: int = 0
+    active: int = 0
+    cache_empties: int = 0
+    gpus: tuple[GpuMemory, ...] = ()
 
 
 class Backend(Protocol):
@@ -183,6 +212,8 @@ class Backend(Protocol):
 
     # Called when the backend can no longer serve (its model thread died); gunicorn exits the worker.
     on_fatal: Callable[[], None]
+    # Called with the rows of each model call (the batch-size metric).
+    on_batch: Callable[[int], None]
 
     def model_names(self) -> tuple[str, ...]:
         """The served model id first, then the aliases clients may use."""
@@ -198,6 +229,30 @@ class Backend(Protocol):
 
     def warm_up(self) -> None:
         """Start loading or connecting in the background."""
+        ...
+
+    def model_revision(self) -> str | None:
+        """What identifies the weights answering (for the response cache); None until loaded."""
+        ...
+
+    def occupancy(self) -> float:
+        """The share of the admission capacity in use (0..1)."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """Gauges for /metrics: loaded, queue, GPU memory."""
+        ...
+
+    def gpu_peak(self) -> int | None:
+        """Peak GPU bytes allocated since the engine was last idle; None off GPU."""
+        ...
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds without progress while work waits (0 when idle or not loaded)."""
+        ...
+
+    def stall(self, seconds: float) -> None:
+        """Give up on a stalled engine: answer its requests with 503 and ask for a replacement."""
         ...
 
     def admit(self) -> Ticket:

@@ -9,6 +9,7 @@ from flask import Flask, has_request_context, jsonify, request
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
+from .ops.record import current_record
 from .responses import ErrorDetail, ErrorObject, ErrorResponse, NativeErrorResponse
 
 log = logging.getLogger("glmvision")
@@ -20,6 +21,7 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -109,6 +111,11 @@ def _envelope(error: ErrorObject) -> dict[str, Any]:
     return NativeErrorResponse(error=error).to_json()
 
 
+def render_error(exc: HTTPException) -> Response:
+    """The JSON error response for `exc` (for handlers that turn other exceptions into an APIError)."""
+    return _render_http_error(exc)
+
+
 def _render_http_error(exc: HTTPException) -> Response:
     status = exc.code or 500
     headers: dict[str, str] = {}
@@ -121,6 +128,7 @@ def _render_http_error(exc: HTTPException) -> Response:
         elif status == 429:
             message = f"Rate limit exceeded ({exc.description}). Retry later."
         error = error_object(status, _CODES.get(status, f"http_{status}"), message or "", None)
+    _note_code(error.code)
     response = jsonify(_envelope(error))
     response.status_code = status
     response.headers.update(headers)
@@ -132,11 +140,18 @@ def _render_http_error(exc: HTTPException) -> Response:
 def _render_unexpected(exc: Exception) -> Response:
     # Log the trace for operators; the client only learns that something failed on our side.
     log.exception("unhandled error while serving a request")
+    _note_code("internal_error")
     response = jsonify(
         _envelope(error_object(500, "internal_error", "The server failed to process the request.", None))
     )
     response.status_code = 500
     return response
+
+
+def _note_code(code: str) -> None:
+    record = current_record()
+    if record is not None:
+        record.code = code
 
 
 def init_app(app: Flask) -> None:

@@ -52,6 +52,33 @@ class Delta:
     content: str = ""
 
 
+class FixedStream:
+    """An answer known before any model call (a cache hit, the fallback message): one delta, then done."""
+
+    started_at = first_token_at = ended_at = None
+    cancelled = False
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+        self.prompt_tokens = generation.prompt_tokens
+        self.token_ids: list[int] = []
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[Delta]:
+        text, reasoning = self._generation.text, self._generation.reasoning or ""
+        self.result = self._generation
+        if text or reasoning:
+            yield Delta(reasoning, text)
+
+    def whole(self, client_gone: Callable[[], bool] = lambda: False) -> Generation:
+        """The answer, at once."""
+        self.result = self._generation
+        return self._generation
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
 class Decoder(Protocol):
     """What a stream needs from the model: its stop ids and a decoder of generated ids."""
 
@@ -132,20 +159,34 @@ class GenerationStream:
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
         self.result: Generation | None = None
+        # Monotonic times the engine marks, for the request log and metrics.
+        self.queued_at = time.monotonic()
+        self.started_at: float | None = None  # its first model call (prefill) began
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
 
     # The producer side, called by the engine's model thread.
 
+    def start(self) -> None:
+        """The engine begins this request's first model call (the queue wait ends)."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
     def put(self, token_ids: list[int]) -> None:
         """Hand over newly generated token ids."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self._queue.put(token_ids)
 
     def fail(self, error: Exception) -> None:
         """End the stream with an error the consumer raises (e.g. out of memory, timeout)."""
+        self.ended_at = self.ended_at or time.monotonic()
         self._queue.put(error)
         self._ended.set()
 
     def end(self) -> None:
         """No more tokens will come."""
+        self.ended_at = self.ended_at or time.monotonic()
         self._queue.put(_END)
         self._ended.set()
 

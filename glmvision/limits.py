@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask, request
 from flask.wrappers import Response
 from flask_limiter import Limiter
@@ -9,6 +11,9 @@ from limits import parse_many
 
 from .auth import PUBLIC_ENDPOINTS, key_digest, presented_key
 from .config import ConfigError, Settings
+from .errors import render_error, unavailable
+
+log = logging.getLogger("glmvision")
 
 
 def rate_limit_key() -> str:
@@ -29,23 +34,40 @@ def init_app(app: Flask, settings: Settings) -> Limiter | None:
         parse_many(rate)
     except ValueError:
         raise ConfigError(f"GLMVISION_RATE_LIMIT: cannot parse {rate!r} (e.g. 60/minute)") from None
+    uri = settings.ratelimit_storage_uri
+    fail_open = settings.ratelimit_fail == "open"
+    # A storage outage costs each request at most this long, never a hang.
+    options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5} if uri.startswith("redis") else {}
     limiter = Limiter(
         key_func=rate_limit_key,
         application_limits=[rate],  # one budget per key across all endpoints
-        storage_uri=settings.ratelimit_storage_uri,
+        storage_uri=uri,
+        storage_options=options,
         strategy="moving-window",
         headers_enabled=True,
-        # A storage outage should not take the API down: fall back to per-process counters.
-        swallow_errors=True,
-        in_memory_fallback_enabled=True,
+        # Fail open: a storage outage falls back to per-process counters. Fail closed: the error
+        # reaches _storage_down below and the request is refused.
+        swallow_errors=fail_open,
+        in_memory_fallback_enabled=fail_open,
         key_prefix="glmvision",
     )
+    if not fail_open:
+        import redis
+
+        app.register_error_handler(redis.RedisError, _storage_down)
     limiter.request_filter(lambda: request.endpoint in PUBLIC_ENDPOINTS)
     # Registered first so it runs after the limiter's header hook (Flask runs them in reverse).
     app.after_request(_retry_after_only_on_refusals)
     limiter.init_app(app)
     app.extensions["glmvision.limiter"] = limiter
     return limiter
+
+
+def _storage_down(exc: Exception) -> Response:
+    log.warning("rate-limit storage unavailable (%s): refusing", type(exc).__name__)
+    return render_error(
+        unavailable("ratelimit_unavailable", "Rate limits cannot be checked right now; retry shortly.", 5)
+    )
 
 
 def _retry_after_only_on_refusals(response: Response) -> Response:

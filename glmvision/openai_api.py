@@ -15,6 +15,7 @@ from . import pipeline
 from .config import Settings
 from .errors import APIError, api_error_object, bad_request, error_object
 from .generation import GenerationParams
+from .ops.record import current_record
 from .pipeline import Answer, ImageRef, Turn, check_prompt_length, generation_params, new_request_id, usage
 from .responses import (
     AssistantMessage,
@@ -94,15 +95,18 @@ def chat_completions() -> Response:
     ticket = admit()
     body = parse_body(request, ChatCompletionRequest)
     turns, params = parse_chat(body, settings, state.backend.model_names())
-    _, answer = pipeline.answer(
-        state.backend, ticket, turns, params, settings, state.fetch_policy, "messages"
-    )
-    meta = {
+    _, answer = pipeline.answer(state, ticket, turns, params, "messages")
+    record = current_record()
+    meta: dict[str, Any] = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),
         "model": body.model or answer.model_id,
     }
+    if record is not None and record.degraded:
+        meta["degraded"] = True
     if body.stream:
+        if record is not None:
+            record.stream = True
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _events(answer, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

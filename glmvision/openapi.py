@@ -62,7 +62,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "image_too_large": (413, "The image is over GLMVISION_MAX_IMAGE_PIXELS (checked before decoding)."),
     "image_url_too_large": (413, "The download is over GLMVISION_IMAGE_URL_MAX_MB."),
     "unsupported_media_type": (415, "The body was not sent as application/json."),
+    "ip_not_allowed": (403, "The client address is outside GLMVISION_ALLOWED_IPS."),
     "rate_limit_exceeded": (429, "Over GLMVISION_RATE_LIMIT; Retry-After says when to retry."),
+    "circuit_open": (429, "This client's recent requests timed out in a row; Retry-After says how long."),
+    "ratelimit_unavailable": (503, "The rate-limit storage is down and GLMVISION_RATELIMIT_FAIL=closed."),
     "internal_error": (500, "A bug on the server's side (logged with its trace)."),
     "overloaded": (503, "The worker's queue is full; Retry-After estimates when it drains."),
     "queue_timeout": (503, "The request waited longer than GLMVISION_QUEUE_TIMEOUT for the model."),
@@ -75,7 +78,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 }
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
-KEYED = ("missing_api_key", "invalid_api_key", "rate_limit_exceeded")
+GUARDED = ("ip_not_allowed",)
+KEYED = (*GUARDED, "missing_api_key", "invalid_api_key", "rate_limit_exceeded", "ratelimit_unavailable")
 BODY = (
     "invalid_json",
     "invalid_body",
@@ -97,6 +101,7 @@ IMAGE = (
     *(code for code in ERROR_CODES if code.startswith("image_url_")),
 )
 GENERATION = (
+    "circuit_open",
     "overloaded",
     "queue_timeout",
     "request_timeout",
@@ -142,6 +147,8 @@ class Route:
     public: bool = False
     streams: bool = False
     answer_status: tuple[int, ...] = (200,)
+    plain_text: str = ""  # an answer in text/plain, described by this
+    security: tuple[dict[str, list[str]], ...] | None = None  # instead of the document's
 
 
 ROUTES = (
@@ -151,10 +158,20 @@ ROUTES = (
         "/readyz",
         "Readiness: 200 once this worker's model is loaded, 503 with Retry-After before.",
         Readiness,
+        GUARDED,
         public=True,
         answer_status=(200, 503),
     ),
-    Route("get", "/openapi.json", "This document.", BaseModel, public=True),
+    Route("get", "/openapi.json", "This document.", BaseModel, GUARDED, public=True),
+    Route(
+        "get",
+        "/metrics",
+        "Prometheus metrics of every worker; with GLMVISION_METRICS_KEY set, only for that bearer key.",
+        BaseModel,
+        (*GUARDED, "missing_api_key", "invalid_api_key"),
+        plain_text="Prometheus text exposition format.",
+        security=({}, {"bearerAuth": []}),
+    ),
     Route("get", "/v1/models", "The served model, in OpenAI's list shape.", ModelList, KEYED),
     Route(
         "post",
@@ -248,6 +265,9 @@ def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any])
 
 
 def _answers(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    if route.plain_text:
+        text = {"schema": {"type": "string", "description": route.plain_text}}
+        return {"200": {"description": route.summary, "content": {"text/plain": text}}}
     if route.answer is BaseModel:
         return {
             "200": {
@@ -278,6 +298,8 @@ def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> di
     }
     if route.public:
         operation["security"] = []
+    elif route.security is not None:
+        operation["security"] = list(route.security)
     if route.request is not None:
         operation["requestBody"] = {
             "required": True,

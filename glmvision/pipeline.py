@@ -6,22 +6,38 @@ prompts and limits, image handling and generation all live here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import select
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from .backend import Backend, Ticket
+from .backend import Ticket
 from .config import Settings
-from .errors import bad_request
-from .generation import DEFAULT_TEMPERATURE, Delta, Generation, GenerationParams, GenerationStream
+from .errors import APIError, bad_request
+from .generation import (
+    DEFAULT_TEMPERATURE,
+    Delta,
+    FixedStream,
+    Generation,
+    GenerationParams,
+    GenerationStream,
+)
 from .images import DecodedImage, Fit, decode_image, open_image
+from .ops.record import ImageStat, RequestRecord, current_record
 from .responses import Usage
+from .service import FALLBACK_CODES
 from .urlfetch import FetchPolicy, fetch_image, is_url
+
+if TYPE_CHECKING:
+    from .guards.redact import Redactor
+    from .ops.cache import CacheKey
+    from .service import Service
 
 log = logging.getLogger("glmvision")
 
@@ -94,10 +110,14 @@ def generation_params(
 
 
 def load_image(
-    ref: ImageRef, settings: Settings, policy: FetchPolicy, fit: Fit | None = None
+    ref: ImageRef,
+    settings: Settings,
+    policy: FetchPolicy,
+    fit: Fit | None = None,
+    max_side: int | None = None,
 ) -> DecodedImage:
     """Decode one image from base64/data URL, or fetch it from an allowed http(s) URL."""
-    limits = {"max_side": settings.max_image_side, "max_pixels": settings.max_image_pixels}
+    limits = {"max_side": max_side or settings.max_image_side, "max_pixels": settings.max_image_pixels}
     if is_url(ref.source):
         raw = fetch_image(ref.source, policy, ref.param)
         return open_image(raw, param=ref.param, fit=fit, **limits)
@@ -105,7 +125,11 @@ def load_image(
 
 
 def load_turns(
-    turns: list[Turn], settings: Settings, policy: FetchPolicy, fit: Fit | None = None
+    turns: list[Turn],
+    settings: Settings,
+    policy: FetchPolicy,
+    fit: Fit | None = None,
+    max_side: int | None = None,
 ) -> list[Turn]:
     """Check the image count, then decode every image in the conversation (in order)."""
     refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
@@ -119,7 +143,10 @@ def load_turns(
     return [
         Turn(
             turn.role,
-            [load_image(p, settings, policy, fit) if isinstance(p, ImageRef) else p for p in turn.parts],
+            [
+                load_image(p, settings, policy, fit, max_side) if isinstance(p, ImageRef) else p
+                for p in turn.parts
+            ],
         )
         for turn in turns
     ]
@@ -142,60 +169,304 @@ def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
     return messages
 
 
+def conversation(turns: list[Turn]) -> list[dict[str, Any]]:
+    """The turns as plain data, images by position only: what the cache key and audit record hold."""
+    return [
+        {"role": turn.role, "parts": ["<image>" if isinstance(p, DecodedImage) else p for p in turn.parts]}
+        for turn in turns
+    ]
+
+
 @dataclass
 class Answer:
-    """A generation under way: the model's name, its live stream and when it began."""
+    """A generation under way (or known already): the model's name, its stream and what follows it."""
 
     model_id: str
-    stream: GenerationStream
+    stream: GenerationStream | FixedStream
     started: float
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # as the model sees them
+    arrived: float = 0.0  # the ticket's arrival (monotonic)
+    record: RequestRecord | None = None
+    redactor: Redactor | None = None
+    # Called once with the whole (unredacted) answer: the cache and the audit log.
+    on_done: Callable[[Generation], None] | None = None
+    _result: Generation | None = None
 
     def deltas(self, settings: Settings) -> Iterator[Delta]:
-        """Yield deltas as they are generated; log the outcome once done."""
-        yield from self.stream
-        _log_generation(self.result, time.perf_counter() - self.started, settings)
+        """Yield deltas as they are generated (redacted if configured); log the outcome once done."""
+        redactor = self.redactor if self.redactor is not None and self.redactor.enabled else None
+        reasoning = redactor.stream() if redactor is not None else None
+        content = redactor.stream() if redactor is not None else None
+        try:
+            for delta in self.stream:
+                if reasoning is not None and content is not None:
+                    delta = Delta(reasoning.feed(delta.reasoning), content.feed(delta.content))
+                    if not (delta.reasoning or delta.content):
+                        continue
+                yield delta
+            if reasoning is not None and content is not None:
+                tail = Delta(reasoning.flush(), content.flush())
+                if tail.reasoning or tail.content:
+                    yield tail
+        except APIError as exc:
+            if self.record is not None:
+                self.record.code = exc.error_code
+            raise
+        finally:
+            self._note()
+        self._done(settings)
 
     def finish(self, settings: Settings, client_gone: Callable[[], bool] = lambda: False) -> Generation:
         """Wait for the whole answer; generation stops early if `client_gone()` turns true."""
-        result = self.stream.whole(client_gone)
-        _log_generation(result, time.perf_counter() - self.started, settings)
-        return result
+        try:
+            self.stream.whole(client_gone)
+        finally:
+            self._note()
+        self._done(settings)
+        return self.result
 
     @property
     def result(self) -> Generation:
-        assert self.stream.result is not None, "the stream has not ended"
-        return self.stream.result
+        """The whole answer as the client gets it (redacted if configured)."""
+        raw = self.stream.result
+        assert raw is not None, "the stream has not ended"
+        if self._result is None:
+            self._result = raw
+            if self.redactor is not None and self.redactor.enabled:
+                reasoning = None if raw.reasoning is None else self.redactor.redact(raw.reasoning)
+                self._result = replace(raw, text=self.redactor.redact(raw.text), reasoning=reasoning)
+        return self._result
+
+    def _note(self) -> None:
+        """Put tokens and timings in the request's record (also for a stream cut short)."""
+        record, stream = self.record, self.stream
+        if record is None:
+            return
+        record.prompt_tokens = stream.prompt_tokens
+        finished = stream.result
+        record.completion_tokens = len(stream.token_ids) if finished is None else finished.completion_tokens
+        if stream.started_at is not None:
+            record.queue_s = max(0.0, stream.started_at - getattr(stream, "queued_at", stream.started_at))
+            if stream.ended_at is not None:
+                record.generate_s = stream.ended_at - stream.started_at
+        if stream.first_token_at is not None and self.arrived:
+            record.first_token_s = stream.first_token_at - self.arrived
+        if stream.result is not None:
+            record.finish_reason = stream.result.finish_reason
+
+    def _done(self, settings: Settings) -> None:
+        raw = self.stream.result
+        assert raw is not None
+        _log_generation(raw, time.perf_counter() - self.started)
+        if self.redactor is not None and self.redactor.enabled and self.record is not None:
+            counts = {kind: n for kind, n in self.redactor.count(raw.text).items() if n}
+            if counts:
+                self.record.extra["redactions"] = counts
+        if self.on_done is not None:
+            try:
+                self.on_done(raw)
+            except Exception:  # the answer is already the client's; bookkeeping failing must not change it
+                log.exception("recording a finished answer failed")
+
+
+def cacheable(params: GenerationParams) -> bool:
+    """Only a deterministic request may be answered from the cache: greedy, or a fixed seed."""
+    return params.temperature == 0 or params.seed is not None
 
 
 def answer(
-    backend: Backend,
+    state: Service,
     ticket: Ticket,
     turns: list[Turn],
     params: GenerationParams,
-    settings: Settings,
-    policy: FetchPolicy,
     image_param: str = "image",
 ) -> tuple[ChatInput, Answer]:
     """With the request's place taken, decode the images, prepare the inputs and queue the generation."""
+    settings, backend = state.settings, state.backend
+    record = current_record()
+    degraded = record is not None and record.degraded
+    if degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
+        params = replace(params, max_new_tokens=settings.degrade_max_new_tokens)
+    started = time.perf_counter()
     try:
         # Once the model is known, images go straight to the size its processor wants.
-        chat = ChatInput(load_turns(turns, settings, policy, backend.image_fit()), params)
-        if settings.log_content:
-            texts = [(t.role, part) for t in chat.turns for part in t.parts if isinstance(part, str)]
-            log.info("prompt=%r", texts)
-        prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
-        stream = backend.submit(prepared, params, ticket)
+        fit = backend.image_fit()
+        max_side = min(settings.max_image_side, settings.degrade_image_side) if degraded else None
+        chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
+        if record is not None:
+            record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
+        answered = _known_answer(state, chat, record, ticket)
+        if answered is not None:
+            return chat, answered
+        try:
+            prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
+            if record is not None:
+                record.preprocess_s = time.perf_counter() - started
+                record.visual_tokens = prepared.visual_tokens
+            stream = backend.submit(prepared, params, ticket)
+        except APIError as exc:
+            if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
+                raise
+            ticket.release()
+            return chat, _fallback(state, chat, record, ticket)
     except BaseException:
         ticket.release()
         raise
-    return chat, Answer(prepared.model_id, stream, time.perf_counter(), prepared.image_sizes)
+    done = _after_answer(state, chat, record, _cache_key(state, chat, record))
+    return chat, Answer(
+        prepared.model_id,
+        stream,
+        time.perf_counter(),
+        prepared.image_sizes,
+        ticket.arrived,
+        record,
+        state.redactor,
+        done,
+    )
 
 
-def _log_generation(generation: Generation, elapsed: float, settings: Settings) -> None:
-    if settings.log_content:
-        log.info("answer=%r reasoning=%r", generation.text, generation.reasoning)
-    log.info(
+def _known_answer(
+    state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket
+) -> Answer | None:
+    """The fallback when the model was unavailable at admission, or a cache hit; else None."""
+    if record is not None and record.fallback:
+        ticket.release()
+        return _fallback(state, chat, record, ticket)
+    key = _cache_key(state, chat, record)
+    if key is None or state.cache is None:
+        return None
+    hit = state.cache.get(key)
+    if record is not None:
+        record.cache = "miss" if hit is None else "hit"
+    if hit is None:
+        return None
+    ticket.release()  # no model work: the place goes back at once
+    generation = Generation(
+        hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
+    )
+    done = _after_answer(state, chat, record, None)
+    return Answer(
+        state.backend.model_names()[0],
+        FixedStream(generation),
+        time.perf_counter(),
+        _model_sizes(state, chat),
+        ticket.arrived,
+        record,
+        state.redactor,
+        done,
+    )
+
+
+def _model_sizes(state: Service, chat: ChatInput) -> list[tuple[int, int]]:
+    """The sizes the model would see the images at, without running its processor."""
+    fit = state.backend.image_fit()
+    return [fit(*image.resized_to) if fit else image.resized_to for image in chat.images]
+
+
+def _fallback(state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket) -> Answer:
+    if record is not None:
+        record.fallback = True
+    generation = Generation(state.settings.fallback_message, None, 0, 0, "fallback")
+    done = _after_answer(state, chat, record, None)
+    return Answer(
+        state.backend.model_names()[0],
+        FixedStream(generation),
+        time.perf_counter(),
+        _model_sizes(state, chat),
+        ticket.arrived,
+        record,
+        state.redactor,
+        done,
+    )
+
+
+def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) -> CacheKey | None:
+    """The request's cache key, or None when it must not be cached (or nothing would find it)."""
+    cache = state.cache
+    if cache is None or not cacheable(chat.params):
+        return None
+    revision = state.backend.model_revision()
+    if revision is None:  # not loaded: images were not decoded to the model's size, so skip
+        return None
+    if record is not None and "cache_key" in record.extra:
+        return record.extra["cache_key"]
+    from .ops.cache import make_key
+
+    key = make_key(
+        state.backend.model_names()[0],
+        revision,
+        [image.image for image in chat.images],
+        conversation(chat.turns),
+        asdict(chat.params),
+        cache.perceptual,
+    )
+    if record is not None:
+        record.extra["cache_key"] = key
+    return key
+
+
+def _after_answer(
+    state: Service, chat: ChatInput, record: RequestRecord | None, key: CacheKey | None
+) -> Callable[[Generation], None] | None:
+    """What to do with a finished answer: store it in the cache, write the audit record."""
+    cache, audit, params = state.cache, state.audit, chat.params
+    if (cache is None or key is None) and audit is None:
+        return None
+
+    def done(result: Generation) -> None:
+        complete = result.finish_reason == "stop" or result.completion_tokens >= params.max_new_tokens
+        if cache is not None and key is not None and complete:
+            from .ops.cache import CachedAnswer
+
+            cache.put(
+                key,
+                CachedAnswer(
+                    result.text,
+                    result.reasoning,
+                    result.prompt_tokens,
+                    result.completion_tokens,
+                    result.finish_reason,
+                ),
+            )
+        if audit is not None:
+            audit.write(audit_record(chat, record, result, state.redactor))
+
+    return done
+
+
+def audit_record(
+    chat: ChatInput, record: RequestRecord | None, result: Generation, redactor: Redactor | None
+) -> dict[str, Any]:
+    """The audit log's entry: who asked what about which images, and the answer they got."""
+    text, reasoning = result.text, result.reasoning
+    if redactor is not None and redactor.enabled:
+        text = redactor.redact(text)
+        reasoning = None if reasoning is None else redactor.redact(reasoning)
+    images = [
+        {
+            "width": image.width,
+            "height": image.height,
+            "sha256": hashlib.sha256(image.image.tobytes()).hexdigest(),
+        }
+        for image in chat.images
+    ]
+    return {
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "request_id": record.request_id if record else None,
+        "route": record.route if record else None,
+        "key_id": record.key_id if record else None,
+        "client": record.client if record else None,
+        "messages": conversation(chat.turns),
+        "images": images,
+        "answer": text,
+        "reasoning": reasoning,
+        "finish_reason": result.finish_reason,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+    }
+
+
+def _log_generation(generation: Generation, elapsed: float) -> None:
+    log.debug(
         "generated prompt_tokens=%d completion_tokens=%d finish=%s in %.3fs",
         generation.prompt_tokens,
         generation.completion_tokens,

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FinishReason = Literal["stop", "length"]
+# "fallback": GLMVISION_FALLBACK_MESSAGE answered because the model was unavailable.
+FinishReason = Literal["stop", "length", "fallback"]
 
 
 def _omitted_when_none(value: Any) -> bool:
@@ -128,6 +129,7 @@ class NativeAnswer(ResponseModel):
     finish_reason: FinishReason
     usage: Usage
     reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class VisionResponse(NativeAnswer):
@@ -173,6 +175,8 @@ class ChatCompletion(ResponseModel):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice] = Field(min_length=1, max_length=1)
     usage: Usage
+    # Served under a deep queue with a smaller image side and token cap (GLMVISION_DEGRADE).
+    degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class Delta(ResponseModel):
@@ -201,3 +205,4 @@ class ChatCompletionChunk(ResponseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice] = Field(max_length=1)
     usage: Usage | None = None
+    degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)

@@ -1,14 +1,29 @@
-"""What the blueprints share, kept in `app.extensions["glmvision"]`: settings, backend, URL policy."""
+"""What the blueprints share, kept in `app.extensions["glmvision"]`: settings, backend, URL policy, and the
+operations parts (cache, audit log, redaction, circuit breaker) that the pipeline uses."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flask import Flask, current_app, g
 
 from .backend import Backend, Ticket
 from .config import Settings
+from .errors import APIError
+from .ops.record import RequestRecord, current_record
 from .urlfetch import FetchPolicy
+
+if TYPE_CHECKING:
+    from .guards.breaker import CircuitBreaker
+    from .guards.redact import Redactor
+    from .ops.audit import AuditLog
+    from .ops.cache import ResponseCache
+
+# The codes the circuit breaker counts as a client's request timing out.
+TIMEOUT_CODES = frozenset({"request_timeout", "queue_timeout"})
+# A model that cannot answer right now (rather than a busy one): the fallback message may answer instead.
+FALLBACK_CODES = frozenset({"model_loading", "model_unavailable", "engine_failed"})
 
 
 @dataclass(frozen=True)
@@ -19,6 +34,10 @@ class Service:
     backend: Backend
     fetch_policy: FetchPolicy
     started: float
+    cache: ResponseCache | None = None
+    audit: AuditLog | None = None
+    redactor: Redactor | None = None
+    breaker: CircuitBreaker | None = None
 
 
 def service() -> Service:
@@ -26,13 +45,60 @@ def service() -> Service:
     return current_app.extensions["glmvision"]
 
 
+def breaker_client(record: RequestRecord) -> str:
+    """Whom the circuit breaker counts: the API key's id, else the client's address."""
+    return f"key:{record.key_id}" if record.key_id else f"ip:{record.client}"
+
+
 def admit() -> Ticket:
     """Take this request's place before its body is even read (503 overloaded if full), then a slot."""
     # A refusal then costs no body parsing: under overload that is most of what the worker does.
-    ticket = service().backend.admit()
+    state = service()
+    record = current_record()
+    if state.breaker is not None and record is not None:
+        client = breaker_client(record)
+        wait = state.breaker.retry_after(client)
+        if wait is not None:
+            raise APIError(
+                429,
+                "circuit_open",
+                f"Your recent requests timed out {state.breaker.threshold} times in a row; "
+                f"retry in {wait} s.",
+                retry_after=wait,
+            )
+        record.extra["breaker_client"] = client
+    ticket = _admit_or_fallback(state, record)
     g.glmvision_ticket = ticket
+    settings = state.settings
+    if (
+        record is not None
+        and settings.degrade == "shrink"
+        and state.backend.occupancy() >= settings.degrade_queue_fraction
+    ):
+        record.degraded = True
     ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
     return ticket
+
+
+def _admit_or_fallback(state: Service, record: RequestRecord | None) -> Ticket:
+    try:
+        return state.backend.admit()
+    except APIError as exc:
+        if not (state.settings.fallback_message and exc.error_code in FALLBACK_CODES and record):
+            raise
+        record.fallback = True  # the pipeline answers with the fallback message once the body is checked
+        return Ticket.unheld(state.settings.request_timeout)
+
+
+def record_outcome(state: Service, record: RequestRecord) -> None:
+    """Feed the circuit breaker: a timeout, or an answer the model produced (which resets the streak)."""
+    client = record.extra.get("breaker_client")
+    if state.breaker is None or client is None:
+        return
+    timed_out = record.code in TIMEOUT_CODES
+    if timed_out or (record.finish_reason is not None and not record.fallback and record.cache != "hit"):
+        if state.breaker.record(client, timed_out):
+            record.extra["circuit_tripped"] = True
 
 
 def _abandon_unsubmitted(_: BaseException | None) -> None:

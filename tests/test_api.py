@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 import glmvision.local.continuous
 import glmvision.local.static
+from glmvision.config import ConfigError
 from glmvision.generation import GenerationParams, GenerationStream
 from glmvision.local.runtime import LoadedModel
 
@@ -367,20 +369,28 @@ def test_keys_and_prompts_are_not_logged(
     make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("DEBUG", logger="glmvision")
-    client = make_app(api_keys="sekret-key-value").test_client()
-    prompt = "my confidential quarterly numbers"
-    client.post("/v1/chat/vision", json=vision_body(prompt=prompt), headers={"X-API-Key": "sekret-key-value"})
-    client.post("/v1/chat/vision", json=vision_body(), headers={"X-API-Key": "wrong-key-value"})
-    assert "generated" in caplog.text
-    for secret in ("sekret-key-value", "wrong-key-value", prompt):
+    request_log = logging.getLogger("glmvision.request")  # its own handler; caplog listens in too
+    request_log.addHandler(caplog.handler)
+    try:
+        client = make_app(api_keys="sekret-key-value").test_client()
+        prompt = "my confidential quarterly numbers"
+        headers = {"X-API-Key": "sekret-key-value"}
+        answer = client.post("/v1/chat/vision", json=vision_body(prompt=prompt), headers=headers)
+        client.post("/v1/chat/vision", json=vision_body(), headers={"X-API-Key": "wrong-key-value"})
+    finally:
+        request_log.removeHandler(caplog.handler)
+    lines = [record for record in caplog.records if record.name == "glmvision.request"]
+    assert [line.status for line in lines] == [200, 401]  # type: ignore[attr-defined]
+    assert lines[0].completion_tokens == answer.get_json()["usage"]["completion_tokens"]  # type: ignore[attr-defined]
+    assert lines[0].key_id != lines[1].key_id  # type: ignore[attr-defined]
+    for secret in ("sekret-key-value", "wrong-key-value", prompt, answer.get_json()["result"]):
         assert secret not in caplog.text
+        assert all(secret not in repr(vars(line)) for line in lines)
 
 
-def test_content_logging_is_opt_in(make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="glmvision")
-    client = make_app(log_content=True).test_client()
-    client.post("/v1/chat/vision", json=vision_body(prompt="please log this prompt"))
-    assert "please log this prompt" in caplog.text
+def test_the_retired_content_log_setting_names_its_replacement(make_app: Callable[..., Flask]) -> None:
+    with pytest.raises(ConfigError, match=r"GLMVISION_LOG_CONTENT is no longer read.*GLMVISION_AUDIT_LOG"):
+        make_app(log_content=True)
 
 
 class TestRateLimit:

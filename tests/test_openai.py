@@ -148,9 +148,9 @@ def chat_posts(server: LiveServer) -> int:
 
 
 def generated(server: LiveServer, completion_tokens: int) -> int:
-    """How many "generated ..." log lines report exactly `completion_tokens` tokens."""
-    pattern = rf"generated prompt_tokens=\d+ completion_tokens={completion_tokens} finish="
-    return len(re.findall(pattern, server.log()))
+    """How many request log lines (JSON) report exactly `completion_tokens` generated tokens."""
+    pattern = rf'^\{{"time".*"completion_tokens": {completion_tokens}[,}}]'
+    return len(re.findall(pattern, server.log(), flags=re.MULTILINE))
 
 
 def settle(served: Served) -> None:
@@ -271,7 +271,8 @@ def test_tokens_are_sent_as_they_are_generated(single_thread: Served) -> None:
         assert generated(server, 1500) == done, log
         rest = list(payloads)
     assert rest[-1]["choices"][0]["finish_reason"] == "length"
-    assert generated(server, 1500) == done + 1
+    # Both lines are written once gunicorn has sent the last byte and closed the response.
+    assert wait_for(lambda: generated(server, 1500) == done + 1), server.log()
     assert wait_for(lambda: chat_posts(server) == posts + 1), server.log()
 
 

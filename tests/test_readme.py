@@ -77,6 +77,21 @@ def test_curl_example_returns_200_json(demo_server) -> None:
     assert body["image"]["resized_to"] == model_sees(480, 270)
 
 
+def test_metrics_example_shows_the_requests_counted(demo_server) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (CI installs it)")
+    test_curl_example_returns_200_json(demo_server)  # at least one answered request to count
+    script = readme_example("metrics").replace("http://127.0.0.1:8080", demo_server.url)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith("glmvision_requests_total{") for line in lines)
+    ok = [line for line in lines if 'route="/v1/chat/vision"' in line and 'status="200"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+
+
 def run_python_example(
     name: str, url: str, tmp_path: Path, timeout: float
 ) -> subprocess.CompletedProcess[str]:

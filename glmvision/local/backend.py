@@ -7,7 +7,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import Admission, PreparationSlots, Prepared, Ticket, preparing_slots
+from ..backend import (
+    Admission,
+    GpuMemory,
+    PreparationSlots,
+    Prepared,
+    Snapshot,
+    Ticket,
+    preparing_slots,
+)
 from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
@@ -19,6 +27,7 @@ from .kvcache import memory_token_budget
 from .loading import is_demo, load_model, model_id_for
 from .runtime import LoadedModel
 from .static import StaticEngine
+from .vram import cuda_module, memory_report
 
 log = logging.getLogger("glmvision")
 
@@ -54,13 +63,16 @@ class LocalBackend:
         )
         # What to do when the model thread fails: gunicorn's post_worker_init sets "exit this worker".
         self.on_fatal: Callable[[], None] = lambda: None
+        self.on_batch: Callable[[int], None] = lambda rows: None
 
     def _load(self, settings: Settings) -> LoadedModel:
         loaded = load_model(settings)
-        self.engine = make_engine(
+        engine = make_engine(
             loaded, settings, arriving=lambda: self.admission.preparing, on_fatal=lambda: self.on_fatal()
         )
-        self._first_answer(loaded, self.engine)
+        self._first_answer(loaded, engine)
+        engine.on_batch = lambda rows: self.on_batch(rows)  # after the warm-up, which metrics forget
+        self.engine = engine
         # torch and transformers leave ~450k long-lived objects behind; a full collection walking
         # them holds the GIL for ~0.3 s, stalling probes and refusals. They live as long as the worker.
         gc.collect()
@@ -134,12 +146,61 @@ class LocalBackend:
         loaded = self.holder.loaded
         return loaded.fit_image if loaded is not None else None
 
+    def model_revision(self) -> str | None:
+        loaded = self.holder.loaded
+        return None if loaded is None else f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
+
+    def occupancy(self) -> float:
+        return self.admission.active / self.admission.capacity
+
+    def snapshot(self) -> Snapshot:
+        loaded, engine = self.holder.loaded, self.engine
+        if loaded is None or engine is None:
+            return Snapshot(loaded=False, active=self.admission.active)
+        gpus: tuple[GpuMemory, ...] = ()
+        if loaded.device.startswith("cuda"):
+            try:
+                report = memory_report(cuda_module(), loaded.device)
+            except Exception:  # a metrics scrape must never fail on a CUDA hiccup
+                log.exception("reading GPU memory failed")
+                report = None
+            if report is not None:
+                gpus = (GpuMemory(loaded.device, *report),)
+        return Snapshot(
+            loaded=True,
+            queued=engine.queued(),
+            running=engine.running(),
+            active=self.admission.active,
+            cache_empties=engine.stats.cache_empties,
+            gpus=gpus,
+        )
+
+    def gpu_peak(self) -> int | None:
+        loaded = self.holder.loaded
+        if loaded is None or not loaded.device.startswith("cuda"):
+            return None
+        try:
+            return int(cuda_module().max_memory_allocated(loaded.device))
+        except Exception:  # the log line goes without it rather than the request failing
+            log.debug("reading the GPU memory peak failed", exc_info=True)
+            return None
+
+    def stalled_for(self, now: float) -> float:
+        engine = self.engine
+        if engine is None or engine.failed is not None:
+            return 0.0
+        return engine.stalled_for(now)
+
+    def stall(self, seconds: float) -> None:
+        if self.engine is not None:
+            self.engine.stall(seconds)
+
     def prepare(
         self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
     ) -> Prepared:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
         inputs = loaded.prepare(messages, params.enable_thinking, param)
-        return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs))
+        return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
 
     def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
         if self.engine is None:

@@ -28,6 +28,7 @@ from .engine import (
     collate,
     fail_unfinished,
     gpu_out_of_memory,
+    mark_started,
     on_device,
     stop_if_gone_or_late,
 )
@@ -178,6 +179,7 @@ class ContinuousEngine(QueueEngine):
         """Prefill newcomers together, give each its first token, and merge them into the batch."""
         import torch
 
+        mark_started(jobs)
         try:
             with torch.inference_mode():
                 rows, cache = self._prefill(jobs)
@@ -201,6 +203,7 @@ class ContinuousEngine(QueueEngine):
         else:
             self._cache.join(cache)
         self._rows.extend(rows)
+        self.beat(len(rows))
         self.stats.batches += 1
         self.stats.rows += len(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(self._rows))
@@ -212,6 +215,7 @@ class ContinuousEngine(QueueEngine):
         from transformers import DynamicCache
 
         model = self._model
+        mark_started([job])
         try:
             with torch.inference_mode():
                 inputs = on_device(model, dict(job.inputs))
@@ -248,6 +252,7 @@ class ContinuousEngine(QueueEngine):
                     logits_to_keep=1,
                 )
                 chunked.done = end
+                self.beat()
                 if end < chunked.embeds.shape[1]:
                     return
                 sampling = RowSampling.for_params(job.params, model.model.device)
@@ -319,6 +324,7 @@ class ContinuousEngine(QueueEngine):
         for row in self._rows:
             row.position += 1  # the token just fed took its position
         self.stats.steps += 1
+        self.beat(len(self._rows))
         self.expire_waiting()
         self._leave_if_done(check_clients=True)
 

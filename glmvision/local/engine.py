@@ -112,6 +112,12 @@ def on_device(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def mark_started(jobs: list[Job]) -> None:
+    """Their first model call begins: the queue wait of each ends here."""
+    for job in jobs:
+        job.stream.start()
+
+
 def finish(job: Job) -> None:
     """Answer a job (once): no more tokens will come, and its admission slot is free."""
     if not job.finished:
@@ -173,6 +179,11 @@ class QueueEngine:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Rows per model call, for the batch-size metric (set by the backend's owner).
+        self.on_batch: Callable[[int], None] = lambda rows: None
+        # When the model thread last made progress (a model call done, or work arriving at an idle
+        # engine): the watchdog compares it with the clock while work is waiting.
+        self.heartbeat = time.monotonic()
 
     # Request side.
 
@@ -182,6 +193,8 @@ class QueueEngine:
         with self._cond:
             if self.failed is not None:
                 raise engine_failed()
+            if not self._queue and not self._held():
+                self.heartbeat = time.monotonic()  # an idle engine has not stalled: work starts now
             self._queue.append(job)
             self._ensure_thread()
             self._cond.notify()
@@ -207,6 +220,27 @@ class QueueEngine:
     def queued(self) -> int:
         """Requests waiting for the model right now."""
         return len(self._queue)
+
+    def running(self) -> int:
+        """Requests the model thread is generating for right now."""
+        return len(self._held())
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds without progress while work waits or runs; 0 when idle."""
+        if not self._queue and not self._held():
+            return 0.0
+        return max(0.0, now - self.heartbeat)
+
+    def stall(self, seconds: float) -> None:
+        """The watchdog's verdict: answer every held request with 503 and ask for a replacement."""
+        log.error("no model progress for %.0fs with work waiting: this worker gives up", seconds)
+        self._fail_everything(list(self._held()), "stalled")
+
+    def beat(self, rows: int = 0) -> None:
+        """Note progress (one model call done); `rows` in it, for the batch-size metric."""
+        self.heartbeat = time.monotonic()
+        if rows:
+            self.on_batch(rows)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained."""
@@ -258,8 +292,11 @@ class QueueEngine:
         device = str(self._model.device)
         if device.startswith("cuda"):
             try:
-                if maybe_empty_cache(cuda_module(), device, self.empty_cache_fraction):
+                cuda = cuda_module()
+                if maybe_empty_cache(cuda, device, self.empty_cache_fraction):
                     self.stats.cache_empties += 1
+                # Idle: the peak that requests report from now on is their own batch's.
+                cuda.reset_peak_memory_stats(device)
             except Exception:  # hygiene must never stop the engine
                 log.exception("VRAM check failed")
 

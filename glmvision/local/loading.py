@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from ..backend import preparing_slots
@@ -81,6 +83,21 @@ def _load_kwargs(dtype: str, device: str) -> dict[str, Any]:
     return kwargs
 
 
+def model_revision(source: str, model: Any) -> str:
+    """What identifies these weights (for the response cache): the hub commit, else files' sizes and times."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    digest = hashlib.sha256()
+    directory = Path(source)
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load processor and model as configured: real weights, or the demo model when none are set."""
     import torch
@@ -149,6 +166,7 @@ def load_model(settings: Settings) -> LoadedModel:
         demo=demo,
         load_seconds=time.perf_counter() - started,
         processor_copies=preparing_slots(settings.max_batch_size),  # one per request being prepared
+        revision=model_revision(source, model),
     )
     log.info(
         "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",

@@ -76,6 +76,7 @@ class LoadedModel:
     # As many copies as requests are prepared at once (see backend.Ticket.preparing): none waits.
     processor_copies: int = 4
     processor_wait: float = 30.0
+    revision: str = ""  # identifies the weights (glmvision.local.loading.model_revision)
     processors: ProcessorPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,14 @@ class LoadedModel:
         grids = inputs.get("image_grid_thw")
         patch = self.processor.image_processor.patch_size
         return [] if grids is None else [(int(w) * patch, int(h) * patch) for _, h, w in grids.tolist()]
+
+    def visual_tokens(self, inputs: Any) -> int:
+        """Prompt tokens that stand for image patches (after the processor's patch merge)."""
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            return 0
+        merge = int(getattr(self.processor.image_processor, "merge_size", 1) or 1)
+        return int(grids.prod(dim=-1).sum()) // (merge * merge)
 
     def fit_image(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) this model's image processor resizes an image of that size to."""

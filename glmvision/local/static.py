@@ -18,6 +18,7 @@ from .engine import (
     fail_unfinished,
     finish,
     gpu_out_of_memory,
+    mark_started,
     on_device,
     stop_if_gone_or_late,
 )
@@ -144,10 +145,12 @@ class StaticEngine(QueueEngine):
         self.stats.batches += 1
         self.stats.rows += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        stats, expire_waiting = self.stats, self.expire_waiting
+        mark_started(batch)
+        stats, expire_waiting, beat = self.stats, self.expire_waiting, self.beat
 
         class RowsDone(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                beat(sum(not job.finished for job in batch))  # one model call per step
                 expire_waiting()
                 now = time.monotonic()
                 for job in batch:

@@ -17,9 +17,15 @@ class CudaMemory(Protocol):
 
     def memory_reserved(self, device: Any = None) -> int: ...
 
+    def memory_allocated(self, device: Any = None) -> int: ...
+
+    def max_memory_allocated(self, device: Any = None) -> int: ...
+
     def get_device_properties(self, device: Any) -> Any: ...
 
     def empty_cache(self) -> None: ...
+
+    def reset_peak_memory_stats(self, device: Any = None) -> None: ...
 
 
 def maybe_empty_cache(cuda: CudaMemory, device: str, fraction: float) -> bool:
@@ -33,6 +39,14 @@ def maybe_empty_cache(cuda: CudaMemory, device: str, fraction: float) -> bool:
     cuda.empty_cache()
     log.info("emptied CUDA cache: %.0f%% of %s was reserved", 100 * reserved / total, device)
     return True
+
+
+def memory_report(cuda: CudaMemory, device: str) -> tuple[int, int, int] | None:
+    """(allocated, reserved, total) bytes of a CUDA device; None for any other device."""
+    if not device.startswith("cuda"):
+        return None
+    total = cuda.get_device_properties(device).total_memory
+    return cuda.memory_allocated(device), cuda.memory_reserved(device), total
 
 
 def cuda_module() -> CudaMemory:

@@ -1,0 +1,124 @@
+"""Units of the operations parts: request ids, the record's log fields, the watchdog, fixed answers,
+the breaker's view of outcomes, and the metrics' reasons for refusals."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pytest
+
+from glmvision.generation import Delta, FixedStream, Generation
+from glmvision.guards.watchdog import Watchdog
+from glmvision.ops.metrics import REJECTION_REASONS, Metrics
+from glmvision.ops.record import ImageStat, RequestRecord, request_id_from
+from glmvision.ops.reqlog import key_id
+
+
+@pytest.mark.parametrize("given", ["abc", "a" * 128, "req-1.2_3:4@x/y+z=", "0"])
+def test_a_tame_request_id_is_kept(given: str) -> None:
+    assert request_id_from(given) == given
+
+
+@pytest.mark.parametrize("given", [None, "", "a" * 129, "has space", 'quote"', "new\nline", "ünïcode", "{x}"])
+def test_anything_else_gets_a_fresh_id(given: str | None) -> None:
+    fresh = request_id_from(given)
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh)
+    assert fresh != request_id_from(given)  # fresh each time
+
+
+def test_key_ids_are_short_stable_and_not_the_key() -> None:
+    assert key_id("secret") == key_id("secret")
+    assert key_id("secret") != key_id("secreT")
+    assert re.fullmatch(r"[0-9a-f]{12}", key_id("secret"))
+    assert "secret" not in key_id("secret")
+
+
+def test_log_fields_leave_out_what_is_absent_and_round_milliseconds() -> None:
+    record = RequestRecord("r1", "POST", "/v1/chat/vision", "10.0.0.1")
+    record.status, record.queue_s, record.preprocess_s = 200, 0.0123456, None
+    record.images.append(ImageStat(640, 480, 644, 476))
+    fields = record.log_fields(0.5)
+    assert fields["queue_ms"] == 12.35 and fields["total_ms"] == 500.0
+    assert "preprocess_ms" not in fields and "code" not in fields and "degraded" not in fields
+    assert fields["images"] == [{"width": 640, "height": 480, "resized_width": 644, "resized_height": 476}]
+    record.degraded = True
+    assert record.log_fields(0.5)["degraded"] is True
+
+
+def test_a_fixed_stream_gives_one_delta_and_its_answer() -> None:
+    answer = Generation("the text", "why", 10, 4, "stop")
+    stream = FixedStream(answer)
+    assert stream.result is None
+    assert list(stream) == [Delta("why", "the text")]
+    assert stream.result == answer
+    assert FixedStream(answer).whole() == answer
+    assert list(FixedStream(Generation("", None, 0, 0, "stop"))) == []
+
+
+@dataclass
+class StallingBackend:
+    """A backend stand-in whose stall time the test sets."""
+
+    stalled: float = 0.0
+    stalls: list[float] = field(default_factory=list)
+
+    def stalled_for(self, now: float) -> float:
+        return self.stalled
+
+    def stall(self, seconds: float) -> None:
+        self.stalls.append(seconds)
+
+
+def test_the_watchdog_fires_once_at_the_stall_limit() -> None:
+    backend = StallingBackend()
+    watchdog = Watchdog(10.0, backend)  # type: ignore[arg-type]
+    backend.stalled = 9.99
+    assert watchdog.check() is False and backend.stalls == []
+    backend.stalled = 10.0
+    assert watchdog.check() is True and backend.stalls == [10.0]
+    assert watchdog.check() is True and backend.stalls == [10.0]  # once only
+    assert 0.1 <= watchdog.interval <= 5.0
+
+
+def test_a_watchdog_at_zero_never_starts() -> None:
+    watchdog = Watchdog(0.0, StallingBackend())  # type: ignore[arg-type]
+    watchdog.start()
+    assert watchdog._thread is None
+
+
+def test_every_rejection_reason_of_the_issue_has_codes() -> None:
+    reasons = set(REJECTION_REASONS.values())
+    wanted = {
+        "auth",
+        "rate_limit",
+        "overload",
+        "too_large",
+        "bad_image",
+        "url_blocked",
+        "allowlist",
+        "circuit_open",
+    }
+    assert reasons == wanted
+
+
+def test_metrics_count_a_record() -> None:
+    metrics = Metrics()
+    record = RequestRecord("r1", "POST", "/v1/chat/vision", "10.0.0.1")
+    record.status, record.code = 429, "circuit_open"
+    metrics.observe(record, 0.01)
+    record2 = RequestRecord("r2", "POST", "/v1/chat/vision", "10.0.0.1", status=200)
+    record2.prompt_tokens, record2.completion_tokens, record2.cache = 30, 5, "hit"
+    record2.stream, record2.first_token_s = True, 0.2
+    metrics.observe(record2, 0.3)
+    value = metrics.registry.get_sample_value
+    assert value("glmvision_rejections_total", {"reason": "circuit_open"}) == 1
+    labels = {"route": "/v1/chat/vision", "method": "POST", "status": "200", "code": "none"}
+    assert value("glmvision_requests_total", labels) == 1
+    assert value("glmvision_prompt_tokens_total") == 30
+    assert value("glmvision_completion_tokens_total") == 5
+    assert value("glmvision_cache_hits_total") == 1 and value("glmvision_cache_misses_total") == 0
+    assert value("glmvision_time_to_first_token_seconds_count") == 1
+    assert value("glmvision_request_duration_seconds_sum", {"route": "/v1/chat/vision"}) == pytest.approx(
+        0.31
+    )
