@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "GLMVISION_"
@@ -205,9 +205,14 @@ class Settings(_Base):
         description="File of prompts and answers, encrypted with GLMVISION_AUDIT_KEY; empty keeps no "
         "content anywhere.",
     )
-    audit_key: str = Field("", description="Fernet key for the audit log (glmvision audit-keygen makes one).")
+    # Secrets: a repr or a log line of the settings shows them as '**********'.
+    audit_key: SecretStr = Field(
+        SecretStr(""), description="Fernet key for the audit log (glmvision audit-keygen makes one)."
+    )
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
-    metrics_key: str = Field("", description="Bearer key /metrics requires; empty leaves it open.")
+    metrics_key: SecretStr = Field(
+        SecretStr(""), description="Bearer key /metrics requires; empty leaves it open."
+    )
     cache: bool = Field(
         True, description="Answer repeated deterministic requests (greedy or seeded) from a cache."
     )
@@ -290,7 +295,7 @@ class Settings(_Base):
 
     @model_validator(mode="after")
     def _audit_needs_key(self) -> Settings:
-        if bool(self.audit_log) != bool(self.audit_key):
+        if bool(self.audit_log) != bool(self.audit_key.get_secret_value()):
             raise ValueError("GLMVISION_AUDIT_LOG and GLMVISION_AUDIT_KEY go together: set both or neither")
         return self
 
@@ -413,10 +418,14 @@ def read_api_keys(settings: Settings) -> list[str]:
     return keys
 
 
+def _plain(default: Any) -> Any:
+    return default.get_secret_value() if isinstance(default, SecretStr) else default
+
+
 def settings_table() -> list[tuple[str, Any, str]]:
     """(variable, default, meaning) for every setting, app first, then gunicorn's: the README's table."""
     return [
-        (PREFIX + name.upper(), field.default, field.description or "")
+        (PREFIX + name.upper(), _plain(field.default), field.description or "")
         for model in (Settings, ServerSettings)
         for name, field in model.model_fields.items()
     ]

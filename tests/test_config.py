@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from glmvision import create_app
 from glmvision.config import (
@@ -31,7 +32,10 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
             patch.setenv(name, value)
         app = _load_settings(overrides)
         server = load_server_settings(overrides)
-    merged = {Settings.env_name(k): v for k, v in app.model_dump().items()}
+    merged = {  # secrets compare by their value here
+        Settings.env_name(k): v.get_secret_value() if isinstance(v, SecretStr) else v
+        for k, v in app.model_dump().items()
+    }
     merged.update({ServerSettings.env_name(k): v for k, v in server.model_dump().items()})
     return merged
 

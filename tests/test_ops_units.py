@@ -108,7 +108,7 @@ def test_metrics_count_a_record() -> None:
     record.status, record.code = 429, "circuit_open"
     metrics.observe(record, 0.01)
     record2 = RequestRecord("r2", "POST", "/v1/chat/vision", "10.0.0.1", status=200)
-    record2.prompt_tokens, record2.completion_tokens, record2.cache = 30, 5, "hit"
+    record2.prompt_tokens, record2.completion_tokens, record2.cache = 30, 5, "miss"
     record2.stream, record2.first_token_s = True, 0.2
     metrics.observe(record2, 0.3)
     value = metrics.registry.get_sample_value
@@ -117,7 +117,12 @@ def test_metrics_count_a_record() -> None:
     assert value("glmvision_requests_total", labels) == 1
     assert value("glmvision_prompt_tokens_total") == 30
     assert value("glmvision_completion_tokens_total") == 5
-    assert value("glmvision_cache_hits_total") == 1 and value("glmvision_cache_misses_total") == 0
+    assert value("glmvision_cache_misses_total") == 1 and value("glmvision_cache_hits_total") == 0
+    hit = RequestRecord("r3", "POST", "/v1/chat/vision", "10.0.0.1", status=200, cache="hit")
+    hit.prompt_tokens, hit.completion_tokens = 30, 5
+    metrics.observe(hit, 0.001)
+    assert value("glmvision_cache_hits_total") == 1
+    assert value("glmvision_completion_tokens_total") == 5  # a hit's tokens were not generated again
     assert value("glmvision_time_to_first_token_seconds_count") == 1
     assert value("glmvision_request_duration_seconds_sum", {"route": "/v1/chat/vision"}) == pytest.approx(
         0.31

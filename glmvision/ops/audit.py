@@ -106,9 +106,9 @@ class AuditLog:
         """The audit log the settings ask for; None when GLMVISION_AUDIT_LOG is empty."""
         if not settings.audit_log:
             return None
-        if not settings.audit_key:
+        if not settings.audit_key.get_secret_value():
             raise ConfigError(f"{LOG_ENV} is set but {KEY_ENV} is empty")
-        return cls(settings.audit_log, settings.audit_key)
+        return cls(settings.audit_log, settings.audit_key.get_secret_value())
 
     @property
     def path(self) -> Path:

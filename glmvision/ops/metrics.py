@@ -157,7 +157,7 @@ class Metrics:
         """Serve /metrics, count every request, sample gauges; the backend reports its batch sizes."""
         app.extensions["glmvision.metrics"] = self
         self._backend = backend
-        self._key = settings.metrics_key
+        self._key = settings.metrics_key.get_secret_value()
         backend.on_batch = self.batch_size.observe
         app.register_blueprint(bp)
 
@@ -180,12 +180,13 @@ class Metrics:
                 histogram.observe(value)
         if record.stream and record.first_token_s is not None:
             self.first_token.observe(record.first_token_s)
+        modelled = record.cache != "hit" and not record.fallback  # tokens the model itself processed
         for value, counter in (
             (record.prompt_tokens, self.prompt_tokens),
             (record.visual_tokens, self.visual_tokens),
             (record.completion_tokens, self.completion_tokens),
         ):
-            if value:
+            if value and modelled:
                 counter.inc(value)
         for image in record.images:
             self.image_pixels.labels("input").observe(image.width * image.height)
