@@ -26,7 +26,7 @@ _WHITESPACE = re.compile(r"\s+")
 class DecodedImage:
     """An RGB image ready for the processor, with the sizes the client should hear about."""
 
-    image: Image.Image
+    image: Image.Image | None  # None: known from the response cache by its bytes, never decoded
     width: int  # as a person sees it (after EXIF orientation)
     height: int
     resized_to: tuple[int, int]  # the size handed to the model's processor

@@ -36,7 +36,7 @@ from .urlfetch import FetchPolicy, fetch_image, is_url
 
 if TYPE_CHECKING:
     from .guards.redact import Redactor
-    from .ops.cache import CacheKey
+    from .ops.cache import CachedAnswer, CacheKey
     from .service import Service
 
 log = logging.getLogger("glmvision")
@@ -289,9 +289,13 @@ def answer(
         params = replace(params, max_new_tokens=settings.degrade_max_new_tokens)
     started = time.perf_counter()
     try:
+        max_side = min(settings.max_image_side, settings.degrade_image_side) if degraded else None
+        alias = _source_key(state, turns, params, max_side)
+        remembered = _remembered(state, turns, params, alias, record, ticket)
+        if remembered is not None:
+            return remembered
         # Once the model is known, images go straight to the size its processor wants.
         fit = backend.image_fit()
-        max_side = min(settings.max_image_side, settings.degrade_image_side) if degraded else None
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         if record is not None:
             record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
@@ -312,7 +316,7 @@ def answer(
     except BaseException:
         ticket.release()
         raise
-    done = _after_answer(state, chat, record, _cache_key(state, chat, record))
+    done = _after_answer(state, chat, record, _cache_key(state, chat, record), alias)
     return chat, Answer(
         prepared.model_id,
         stream,
@@ -340,6 +344,12 @@ def _known_answer(
         record.cache = "miss" if hit is None else "hit"
     if hit is None:
         return None
+    return _from_cache(state, chat, hit, record, ticket)
+
+
+def _from_cache(
+    state: Service, chat: ChatInput, hit: CachedAnswer, record: RequestRecord | None, ticket: Ticket
+) -> Answer:
     ticket.release()  # no model work: the place goes back at once
     generation = Generation(
         hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
@@ -355,6 +365,76 @@ def _known_answer(
         state.redactor,
         done,
     )
+
+
+def _source_key(
+    state: Service, turns: list[Turn], params: GenerationParams, max_side: int | None
+) -> CacheKey | None:
+    """A key over the images' bytes as sent, not their pixels: an exact repeat hits without decoding."""
+    cache = state.cache
+    if cache is None or not cacheable(params):
+        return None
+    revision = state.backend.model_revision()
+    if revision is None:
+        return None
+    rendered: list[dict[str, Any]] = []
+    for turn in turns:
+        parts: list[str] = []
+        for part in turn.parts:
+            if isinstance(part, ImageRef):
+                if is_url(part.source):
+                    return None  # what a URL points at may change; its pixels decide
+                parts.append("source:" + hashlib.sha256(part.source.encode()).hexdigest())
+            else:
+                parts.append(part)
+        rendered.append({"role": turn.role, "parts": parts})
+    from .ops.cache import make_key
+
+    limits = {
+        "by": "source",
+        "max_side": max_side or state.settings.max_image_side,
+        "max_pixels": state.settings.max_image_pixels,
+    }
+    return make_key(
+        state.backend.model_names()[0], revision, [], rendered, {**asdict(params), **limits}, False
+    )
+
+
+def _remembered(
+    state: Service,
+    turns: list[Turn],
+    params: GenerationParams,
+    alias: CacheKey | None,
+    record: RequestRecord | None,
+    ticket: Ticket,
+) -> tuple[ChatInput, Answer] | None:
+    """An exact repeat's answer, found by its images' bytes (their sizes come from the cache too)."""
+    if alias is None or state.cache is None or (record is not None and record.fallback):
+        return None
+    hit = state.cache.get(alias)
+    refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
+    if hit is None or len(hit.images) != len(refs):
+        return None
+    sizes = iter(hit.images)
+    chat = ChatInput(
+        [
+            Turn(
+                turn.role,
+                [_remembered_image(next(sizes)) if isinstance(p, ImageRef) else p for p in turn.parts],
+            )
+            for turn in turns
+        ],
+        params,
+    )
+    if record is not None:
+        record.images = [ImageStat(*sizes) for sizes in hit.images]
+        record.cache = "hit"
+    return chat, _from_cache(state, chat, hit, record, ticket)
+
+
+def _remembered_image(sizes: tuple[int, int, int, int]) -> DecodedImage:
+    width, height, resized_width, resized_height = sizes
+    return DecodedImage(None, width, height, (resized_width, resized_height))
 
 
 def _model_sizes(state: Service, chat: ChatInput) -> list[tuple[int, int]]:
@@ -406,9 +486,13 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
 
 
 def _after_answer(
-    state: Service, chat: ChatInput, record: RequestRecord | None, key: CacheKey | None
+    state: Service,
+    chat: ChatInput,
+    record: RequestRecord | None,
+    key: CacheKey | None,
+    alias: CacheKey | None = None,
 ) -> Callable[[Generation], None] | None:
-    """What to do with a finished answer: store it in the cache, write the audit record."""
+    """What to do with a finished answer: store it in the cache (by pixels and by bytes), audit it."""
     cache, audit, params = state.cache, state.audit, chat.params
     if (cache is None or key is None) and audit is None:
         return None
@@ -418,16 +502,17 @@ def _after_answer(
         if cache is not None and key is not None and complete:
             from .ops.cache import CachedAnswer
 
-            cache.put(
-                key,
-                CachedAnswer(
-                    result.text,
-                    result.reasoning,
-                    result.prompt_tokens,
-                    result.completion_tokens,
-                    result.finish_reason,
-                ),
+            stored = CachedAnswer(
+                result.text,
+                result.reasoning,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.finish_reason,
+                tuple((i.width, i.height, *i.resized_to) for i in chat.images),
             )
+            cache.put(key, stored)
+            if alias is not None:
+                cache.put(alias, stored)
         if audit is not None:
             audit.write(audit_record(chat, record, result, state.redactor))
 
@@ -446,7 +531,8 @@ def audit_record(
         {
             "width": image.width,
             "height": image.height,
-            "sha256": hashlib.sha256(image.image.tobytes()).hexdigest(),
+            # Of the pixels; an exact repeat answered from the cache was never decoded.
+            "sha256": None if image.image is None else hashlib.sha256(image.image.tobytes()).hexdigest(),
         }
         for image in chat.images
     ]

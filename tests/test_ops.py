@@ -225,6 +225,37 @@ class TestCache:
         assert client.post(VISION, json=seeded).headers["X-Cache"] == "miss"
         assert client.post(VISION, json=seeded).headers["X-Cache"] == "hit"
 
+    def test_the_same_pixels_sent_otherwise_hit_too(self, app: Flask) -> None:
+        client = app.test_client()
+        calls = model_calls(app)
+        png = image_b64(96, 64)
+        first = client.post(VISION, json=vision_body(temperature=0, image=png))
+        made = calls()
+        # The bytes differ (BMP, or base64 with line breaks): the decoded pixels are the same.
+        for same in (image_b64(96, 64, "BMP"), "\n".join(png[i : i + 76] for i in range(0, len(png), 76))):
+            again = client.post(VISION, json=vision_body(temperature=0, image=same))
+            assert again.headers["X-Cache"] == "hit"
+            assert again.get_json()["result"] == first.get_json()["result"]
+            assert again.get_json()["image"] == first.get_json()["image"]
+        assert calls() == made
+
+    def test_an_exact_repeat_is_found_without_decoding(
+        self, app: Flask, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        client = app.test_client()
+        model_calls(app)
+        body = vision_body(temperature=0)
+        first = client.post(VISION, json=body).get_json()
+        import glmvision.pipeline
+
+        def no_decoding(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("decoded an image the cache knew by its bytes")
+
+        monkeypatch.setattr(glmvision.pipeline, "decode_image", no_decoding)
+        again = client.post(VISION, json=body)
+        assert again.headers["X-Cache"] == "hit"
+        assert again.get_json()["image"] == first["image"] and again.get_json()["result"] == first["result"]
+
     def test_a_stream_is_served_from_the_cache_as_one_chunk(self, app: Flask) -> None:
         client = app.test_client()
         calls = model_calls(app)
@@ -337,19 +368,24 @@ class TestRedaction:
         state = app.extensions["glmvision"]
         state.backend.holder.get(timeout=60)
         keys: list[Any] = []
-        real = pipeline._cache_key
+        real_pixels, real_source = pipeline._cache_key, pipeline._source_key
 
-        def remember(*args: Any) -> Any:
-            key = real(*args)
-            keys.append(key)
-            return key
+        def remembering(real: Callable[..., Any]) -> Callable[..., Any]:
+            def remember(*args: Any) -> Any:
+                keys.append(real(*args))
+                return keys[-1]
 
-        pipeline._cache_key = remember  # type: ignore[assignment]
+            return remember
+
+        pipeline._cache_key = remembering(real_pixels)  # type: ignore[assignment]
+        pipeline._source_key = remembering(real_source)  # type: ignore[assignment]
         try:
             client.post(VISION, json=vision_body(temperature=0))
         finally:
-            pipeline._cache_key = real  # type: ignore[assignment]
-        state.cache.put(keys[0], CachedAnswer(text, None, 10, 5, "stop"))
+            pipeline._cache_key, pipeline._source_key = real_pixels, real_source  # type: ignore[assignment]
+        planted = CachedAnswer(text, None, 10, 5, "stop", ((64, 48, 64, 48),))
+        for key in {key.exact: key for key in keys if key is not None}.values():
+            state.cache.put(key, planted)
         return client
 
     def test_answers_are_masked_but_the_last_four(self, make_app: Callable[..., Flask]) -> None:

@@ -126,3 +126,24 @@ def test_metrics_count_a_record() -> None:
     assert value("glmvision_time_to_first_token_seconds_count") == 1
     duration = value("glmvision_request_duration_seconds_sum", {"route": "/v1/chat/vision"})
     assert duration == pytest.approx(0.311)
+
+
+def test_an_answer_streams_redacted_text_and_counts_the_matches() -> None:
+    from glmvision.config import load_settings
+    from glmvision.guards.redact import Redactor
+    from glmvision.pipeline import Answer
+
+    card = "4111 1111 1111 1111"
+    raw = Generation(f"pay with {card} now", f"the card is {card}", 9, 7, "stop")
+    record = RequestRecord("r", "POST", "/v1/chat/completions", None)
+    done: list[Generation] = []
+    answer = Answer(
+        "m", FixedStream(raw), 0.0, record=record, redactor=Redactor(["bank_card"]), on_done=done.append
+    )
+    deltas = list(answer.deltas(load_settings()))
+    assert "".join(d.content for d in deltas) == "pay with **** **** **** 1111 now"
+    assert "".join(d.reasoning for d in deltas) == "the card is **** **** **** 1111"
+    assert answer.result.text == "pay with **** **** **** 1111 now"
+    assert done == [raw]  # the cache keeps the answer itself; redaction is applied on the way out
+    assert record.extra["redactions"] == {"bank_card": 1}
+    assert record.completion_tokens == 7 and record.finish_reason == "stop"

@@ -60,6 +60,8 @@ class CachedAnswer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    # (width, height, resized width, resized height) of each image, as the answer reported them.
+    images: tuple[tuple[int, int, int, int], ...] = ()
 
     def to_bytes(self) -> bytes:
         """Serialise for storage (compact JSON with a format version)."""
@@ -71,6 +73,7 @@ class CachedAnswer:
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "finish_reason": self.finish_reason,
+                "images": [list(sizes) for sizes in self.images],
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -90,7 +93,14 @@ class CachedAnswer:
             raise ValueError("not a cached answer")
         if not (_is_count(prompt) and _is_count(completion)):
             raise ValueError("not a cached answer")
-        return cls(text, reasoning, prompt, completion, finish)
+        images = data.get("images", [])
+        if not isinstance(images, list) or not all(_is_sizes(sizes) for sizes in images):
+            raise ValueError("not a cached answer")
+        return cls(text, reasoning, prompt, completion, finish, tuple(tuple(sizes) for sizes in images))
+
+
+def _is_sizes(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_count(n) for n in value)
 
 
 def _is_count(value: Any) -> bool:
