@@ -168,6 +168,14 @@ class TestRequestLog:
         assert re.fullmatch(r"[0-9a-f]{32}", given)
         assert vars(request_lines[0])["request_id"] == given
 
+    def test_an_unknown_path_is_logged_as_unmatched(
+        self, client: FlaskClient, request_lines: list[logging.LogRecord]
+    ) -> None:
+        client.get("/no/such/thing")
+        (line,) = request_lines
+        assert line.getMessage() == "request"
+        assert vars(line)["route"] == "unmatched" and vars(line)["status"] == 404
+
     def test_an_error_line_carries_its_code(
         self, client: FlaskClient, request_lines: list[logging.LogRecord]
     ) -> None:
@@ -319,6 +327,14 @@ class TestDegradation:
         body = client.post(VISION, json=vision_body()).get_json()
         assert "degraded" not in body
 
+    def test_the_fraction_is_reached_at_equality(self, make_app: Callable[..., Flask]) -> None:
+        # Two places in all: this one request holds exactly half of them.
+        settings = {"degrade": "shrink", "max_batch_size": 1, "max_queue": 1, "cache": False}
+        at_half = make_app(**settings, degrade_queue_fraction=0.5).test_client()
+        assert at_half.post(VISION, json=vision_body()).get_json()["degraded"] is True
+        above = make_app(**settings, degrade_queue_fraction=0.51).test_client()
+        assert "degraded" not in above.post(VISION, json=vision_body()).get_json()
+
 
 class TestFallback:
     @pytest.fixture
@@ -342,6 +358,23 @@ class TestFallback:
         # Bad input is still bad input.
         assert client.post(VISION, json=vision_body(image="bm90IGFuIGltYWdl")).status_code == 400
         assert metric(client, "glmvision_fallbacks_total") == 2
+
+    def test_a_failed_engine_answers_with_the_fallback_at_admission(
+        self, make_app: Callable[..., Flask]
+    ) -> None:
+        app = make_app(fallback_message="Later, please.")
+        backend = app.extensions["glmvision"].backend
+        backend.holder.get(timeout=60)
+        backend.engine.failed = "RuntimeError"  # as the model thread leaves it when it dies
+        answer = app.test_client().post(VISION, json=vision_body())
+        assert answer.status_code == 200
+        assert answer.get_json()["finish_reason"] == "fallback"
+        assert answer.get_json()["result"] == "Later, please."
+        without = make_app()
+        without.extensions["glmvision"].backend.holder.get(timeout=60)
+        without.extensions["glmvision"].backend.engine.failed = "RuntimeError"
+        refused = without.test_client().post(VISION, json=vision_body())
+        assert refused.status_code == 503 and refused.get_json()["error"]["code"] == "engine_failed"
 
     @pytest.mark.usefixtures("broken_model")
     def test_without_a_message_it_is_503(self, make_app: Callable[..., Flask]) -> None:
@@ -458,5 +491,23 @@ class TestCircuitBreaker:
         assert breaker.record("ip:127.0.0.1", True) is False  # one in a row again, not two
         assert client.post(VISION, json=vision_body(temperature=0.5)).status_code == 200
 
+    def test_cache_hits_and_bad_requests_neither_count_nor_reset(
+        self, make_app: Callable[..., Flask]
+    ) -> None:
+        app = make_app(breaker_timeouts=2)
+        breaker = app.extensions["glmvision"].breaker
+        client = app.test_client()
+        model_calls(app)
+        body = vision_body(temperature=0)
+        client.post(VISION, json=body)  # answered by the model: a fresh count
+        breaker.record("ip:127.0.0.1", True)
+        assert client.post(VISION, json=body).headers["X-Cache"] == "hit"
+        assert client.post(VISION, json={"prompt": "no image"}).status_code == 400
+        assert breaker.record("ip:127.0.0.1", True) is True  # still two in a row: it opens
+
     def test_off_at_zero(self, make_app: Callable[..., Flask]) -> None:
-        assert make_app(breaker_timeouts=0).extensions["glmvision"].breaker is None
+        app = make_app(breaker_timeouts=0, request_timeout=0.001)
+        assert app.extensions["glmvision"].breaker is None
+        client = app.test_client()
+        for _ in range(6):
+            assert client.post(VISION, json=vision_body()).status_code == 504  # never 429

@@ -34,6 +34,21 @@ def test_key_ids_are_short_stable_and_not_the_key() -> None:
     assert "secret" not in key_id("secret")
 
 
+def test_log_fields_are_named_as_documented() -> None:
+    record = RequestRecord("r1", "POST", "/v1/chat/vision", "10.0.0.1", status=200, key_id="k", code="x")
+    record.images.append(ImageStat(1, 1, 1, 1))
+    record.prompt_tokens = record.visual_tokens = record.completion_tokens = 1
+    record.finish_reason, record.cache, record.degraded, record.fallback = "stop", "hit", True, True
+    record.preprocess_s = record.queue_s = record.generate_s = record.first_token_s = 0.001
+    record.gpu_peak_bytes = 1
+    assert list(record.log_fields(0.1)) == [
+        "request_id", "method", "route", "status", "code", "key_id", "client", "stream", "images",
+        "prompt_tokens", "visual_tokens", "completion_tokens", "finish_reason", "cache", "degraded",
+        "fallback", "preprocess_ms", "queue_ms", "generate_ms", "first_token_ms", "total_ms",
+        "gpu_peak_bytes",
+    ]  # fmt: skip
+
+
 def test_log_fields_leave_out_what_is_absent_and_round_milliseconds() -> None:
     record = RequestRecord("r1", "POST", "/v1/chat/vision", "10.0.0.1")
     record.status, record.queue_s, record.preprocess_s = 200, 0.0123456, None
@@ -78,7 +93,9 @@ def test_the_watchdog_fires_once_at_the_stall_limit() -> None:
     backend.stalled = 10.0
     assert watchdog.check() is True and backend.stalls == [10.0]
     assert watchdog.check() is True and backend.stalls == [10.0]  # once only
-    assert 0.1 <= watchdog.interval <= 5.0
+    assert watchdog.interval == 2.5  # a quarter of the limit
+    assert Watchdog(120.0, backend).interval == 5.0  # type: ignore[arg-type]
+    assert Watchdog(0.2, backend).interval == 0.1  # type: ignore[arg-type]
 
 
 def test_a_watchdog_at_zero_never_starts() -> None:
