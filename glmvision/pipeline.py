@@ -311,7 +311,6 @@ def answer(
         except APIError as exc:
             if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
                 raise
-            ticket.release()
             return chat, _fallback(state, chat, record, ticket)
     except BaseException:
         ticket.release()
@@ -334,7 +333,6 @@ def _known_answer(
 ) -> Answer | None:
     """The fallback when the model was unavailable at admission, or a cache hit; else None."""
     if record is not None and record.fallback:
-        ticket.release()
         return _fallback(state, chat, record, ticket)
     key = _cache_key(state, chat, record)
     if key is None or state.cache is None:
@@ -350,11 +348,17 @@ def _known_answer(
 def _from_cache(
     state: Service, chat: ChatInput, hit: CachedAnswer, record: RequestRecord | None, ticket: Ticket
 ) -> Answer:
-    ticket.release()  # no model work: the place goes back at once
     generation = Generation(
         hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
     )
-    done = _after_answer(state, chat, record, None)
+    return _fixed(state, chat, generation, record, ticket)
+
+
+def _fixed(
+    state: Service, chat: ChatInput, generation: Generation, record: RequestRecord | None, ticket: Ticket
+) -> Answer:
+    """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
+    ticket.release()
     return Answer(
         state.backend.model_names()[0],
         FixedStream(generation),
@@ -363,7 +367,7 @@ def _from_cache(
         ticket.arrived,
         record,
         state.redactor,
-        done,
+        _after_answer(state, chat, record, None),
     )
 
 
@@ -447,17 +451,7 @@ def _fallback(state: Service, chat: ChatInput, record: RequestRecord | None, tic
     if record is not None:
         record.fallback = True
     generation = Generation(state.settings.fallback_message, None, 0, 0, "fallback")
-    done = _after_answer(state, chat, record, None)
-    return Answer(
-        state.backend.model_names()[0],
-        FixedStream(generation),
-        time.perf_counter(),
-        _model_sizes(state, chat),
-        ticket.arrived,
-        record,
-        state.redactor,
-        done,
-    )
+    return _fixed(state, chat, generation, record, ticket)
 
 
 def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) -> CacheKey | None:

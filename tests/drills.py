@@ -365,6 +365,17 @@ def fault_hook_env(directory: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(directory), "DRILL_FAULT_FILE": str(directory / "fault-now")}
 
 
+def replaced_and_ready(server: LiveServer, old_pid: int) -> bool:
+    """The one worker is a new one, and it is ready."""
+    pids = server.worker_pids()
+    if len(pids) != 1 or old_pid in pids:
+        return False
+    try:
+        return requests.get(server.url + "/readyz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 @dataclass
 class FaultResult:
     """What the held requests got, and how long until a fresh worker was ready."""
@@ -408,16 +419,7 @@ def fault(server: LiveServer, directory: Path, requests_held: int = 12) -> Fault
     for thread in threads:
         thread.join(timeout=150)
 
-    def replaced_and_ready() -> bool:
-        pids = server.worker_pids()
-        if len(pids) != 1 or old_pid in pids:
-            return False
-        try:
-            return requests.get(server.url + "/readyz", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(replaced_and_ready, timeout=120)
+    wait_for(lambda: replaced_and_ready(server, old_pid), timeout=120)
     recovered = time.monotonic() - fired
     pids = server.worker_pids()
     after = requests.post(server.url + "/v1/chat/vision", json={**body, "max_new_tokens": 4}, timeout=60)

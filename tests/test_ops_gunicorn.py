@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import requests
+from drills import replaced_and_ready
 from helpers import LiveServer, live_server, redis_server, server_env, vision_body, wait_for
 
 VISION = "/v1/chat/vision"
@@ -208,16 +209,7 @@ def test_the_watchdog_replaces_a_stalled_worker(
         assert response.json()["error"]["code"] == "engine_failed"
         assert "watchdog: no model progress" in server.log()
 
-        def replaced_and_ready() -> bool:
-            pids = server.worker_pids()
-            if len(pids) != 1 or old in pids:
-                return False
-            try:
-                return requests.get(server.url + "/readyz", timeout=5).status_code == 200
-            except requests.RequestException:
-                return False
-
-        assert wait_for(replaced_and_ready, timeout=90), server.log()[-3000:]
+        assert wait_for(lambda: replaced_and_ready(server, old), timeout=90), server.log()[-3000:]
         assert requests.post(server.url + VISION, json=vision_body(), timeout=TIMEOUT).status_code == 200
 
 
