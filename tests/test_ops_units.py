@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+from flask import Flask
 
+from glmvision.backend import GpuMemory, Snapshot
 from glmvision.generation import Delta, FixedStream, Generation
 from glmvision.guards.watchdog import Watchdog
 from glmvision.ops.metrics import REJECTION_REASONS, Metrics
@@ -164,3 +167,48 @@ def test_an_answer_streams_redacted_text_and_counts_the_matches() -> None:
     assert done == [raw]  # the cache keeps the answer itself; redaction is applied on the way out
     assert record.extra["redactions"] == {"bank_card": 1}
     assert record.completion_tokens == 7 and record.finish_reason == "stop"
+
+
+@dataclass
+class GaugeBackend:
+    """A backend stand-in whose snapshot the test sets (GPU memory cannot be had on CPU)."""
+
+    snap: Snapshot
+    on_batch: Any = None
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": "glm-4.6v-flash", "device": "cuda:0", "dtype": "bfloat16", "demo": False}
+
+    def model_revision(self) -> str:
+        return "abc123"
+
+
+def test_gauges_follow_the_backend_and_empty_cache_calls_count_once() -> None:
+    from glmvision.config import load_settings
+
+    metrics = Metrics()
+    backend = GaugeBackend(Snapshot(loaded=False, active=3))
+    metrics.init_app(Flask(__name__), backend, load_settings())  # type: ignore[arg-type]
+    value = metrics.registry.get_sample_value
+    metrics.sample()
+    assert value("glmvision_model_loaded") == 0 and value("glmvision_active_requests") == 3
+    assert value("glmvision_model_info", {"model": "glm-4.6v-flash"}) is None  # not before it loads
+    gpu = GpuMemory("cuda:0", allocated=5 << 30, reserved=6 << 30, total=80 << 30)
+    backend.snap = Snapshot(loaded=True, queued=4, running=8, active=12, cache_empties=2, gpus=(gpu,))
+    metrics.sample()
+    assert value("glmvision_model_loaded") == 1
+    assert (value("glmvision_queue_depth"), value("glmvision_running_requests")) == (4, 8)
+    assert value("glmvision_gpu_memory_allocated_bytes", {"device": "cuda:0"}) == 5 << 30
+    assert value("glmvision_gpu_memory_reserved_bytes", {"device": "cuda:0"}) == 6 << 30
+    assert value("glmvision_gpu_memory_total_bytes", {"device": "cuda:0"}) == 80 << 30
+    assert value("glmvision_gpu_empty_cache_total") == 2
+    labels = {"model": "glm-4.6v-flash", "revision": "abc123", "device": "cuda:0", "dtype": "bfloat16"}
+    assert value("glmvision_model_info", {**labels, "demo": "false"}) == 1
+    metrics.sample()  # the same two calls again: not counted twice
+    backend.snap = Snapshot(loaded=True, cache_empties=3)
+    metrics.sample()
+    assert value("glmvision_gpu_empty_cache_total") == 3
+    assert backend.on_batch == metrics.batch_size.observe  # the engine reports batch sizes to it
