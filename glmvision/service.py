@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from .ops.audit import AuditLog
     from .ops.cache import ResponseCache
 
-# The codes the circuit breaker counts as a client's request timing out.
-TIMEOUT_CODES = frozenset({"request_timeout", "queue_timeout"})
+# The codes the circuit breaker counts as a client's request timing out. Not queue_timeout: that is
+# the server's overload, and every client behind one address would be shut out for it at once.
+TIMEOUT_CODES = frozenset({"request_timeout"})
 # A model that cannot answer right now (rather than a busy one): the fallback message may answer instead.
 FALLBACK_CODES = frozenset({"model_loading", "model_unavailable", "engine_failed"})
 

@@ -212,3 +212,23 @@ def test_gauges_follow_the_backend_and_empty_cache_calls_count_once() -> None:
     metrics.sample()
     assert value("glmvision_gpu_empty_cache_total") == 3
     assert backend.on_batch == metrics.batch_size.observe  # the engine reports batch sizes to it
+
+
+def test_only_the_clients_own_timeouts_count_for_the_breaker() -> None:
+    from glmvision.guards.breaker import CircuitBreaker
+    from glmvision.service import record_outcome
+
+    breaker = CircuitBreaker(2, 60.0)
+    state = type("State", (), {"breaker": breaker})()
+
+    def outcome(code: str | None, finish: str | None = None) -> None:
+        record = RequestRecord("r", "POST", "/v1/chat/vision", "10.0.0.1", code=code, finish_reason=finish)
+        record.extra["breaker_client"] = "ip:10.0.0.1"
+        record_outcome(state, record)  # type: ignore[arg-type]
+
+    for _ in range(5):
+        outcome("queue_timeout")  # the server's overload: never held against the client
+    assert breaker.retry_after("ip:10.0.0.1") is None
+    outcome("request_timeout")
+    outcome("request_timeout")
+    assert breaker.retry_after("ip:10.0.0.1") is not None
