@@ -179,7 +179,8 @@ def overload(
     Clients and probes run in processes of their own, so what they time is the server, not the
     test process's own GIL.
     """
-    body = {"image": jpeg_b64(), "prompt": "Describe it.", "max_new_tokens": tokens, "temperature": 0}
+    # Sampled, so not cacheable: every request is model work, as distinct requests would be.
+    body = {"image": jpeg_b64(), "prompt": "Describe it.", "max_new_tokens": tokens, "temperature": 0.7}
     result = OverloadResult(clients, seconds)
     context = multiprocessing.get_context("fork")
     out = context.Queue()
@@ -244,7 +245,8 @@ def footprint(pid: int) -> Footprint:
 
 def mixed_requests(url: str) -> list[Callable[[requests.Session], requests.Response]]:
     """Good and bad requests in the shapes clients send: the soak's menu."""
-    good = {"image": jpeg_b64(96), "prompt": "Describe it.", "max_new_tokens": 4, "temperature": 0}
+    # Sampled, so not cacheable: the soak is of model work, not of cache hits.
+    good = {"image": jpeg_b64(96), "prompt": "Describe it.", "max_new_tokens": 4, "temperature": 0.7}
     chat = {
         "messages": [
             {
@@ -398,7 +400,7 @@ class FaultResult:
 def fault(server: LiveServer, directory: Path, requests_held: int = 12) -> FaultResult:
     """Fire the fault hook under load: every held request must be answered, then a fresh worker serves."""
     (old_pid,) = server.worker_pids()
-    body = {"image": jpeg_b64(96), "prompt": "Go on.", "max_new_tokens": 64, "temperature": 0}
+    body = {"image": jpeg_b64(96), "prompt": "Go on.", "max_new_tokens": 64, "temperature": 0.7}
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
 

@@ -10,7 +10,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,8 @@ def request_lines(server: LiveServer) -> list[dict[str, Any]]:
     return lines
 
 
-def post(server: LiveServer, body: dict[str, Any], **headers: str) -> tuple[requests.Response, int]:
-    """POST on a fresh connection; return the response and the pid of the worker that answered."""
-    request_id = uuid.uuid4().hex
-    response = requests.post(
-        server.url + VISION, json=body, headers={"X-Request-ID": request_id, **headers}, timeout=TIMEOUT
-    )
+def logged_pid(server: LiveServer, request_id: str) -> int:
+    """The pid of the worker whose request log line has this request id (waiting for the line)."""
     found: list[dict[str, Any]] = []
 
     def logged() -> bool:
@@ -47,19 +45,57 @@ def post(server: LiveServer, body: dict[str, Any], **headers: str) -> tuple[requ
         return bool(found)
 
     assert wait_for(logged, timeout=20), server.log()[-3000:]
-    return response, found[0]["pid"]
+    return found[0]["pid"]
 
 
-def on_each_worker(server: LiveServer, body: dict[str, Any], tries: int = 40) -> dict[int, requests.Response]:
-    """Send `body` on fresh connections until every worker has answered it at least once."""
+def post(
+    server: LiveServer, body: dict[str, Any], session: requests.Session | None = None
+) -> tuple[requests.Response, int]:
+    """POST (on `session`'s connection, else a fresh one); the response and the pid that answered."""
+    request_id = uuid.uuid4().hex
+    response = (session or requests).post(
+        server.url + VISION, json=body, headers={"X-Request-ID": request_id}, timeout=TIMEOUT
+    )
+    return response, logged_pid(server, request_id)
+
+
+def pinned_sessions(server: LiveServer, seconds: float = 60) -> dict[int, requests.Session]:
+    """Keep-alive sessions, one on each worker: opened at once, so that every worker accepts some
+    (a worker still importing accepts none yet: try again until `seconds` have passed)."""
     workers = server.worker_pids()
+    pinned: dict[int, requests.Session] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        batch = {uuid.uuid4().hex: requests.Session() for _ in range(8)}
+
+        def probe(item: tuple[str, requests.Session]) -> int:
+            request_id, session = item
+            headers = {"X-Request-ID": request_id}
+            return session.get(server.url + "/healthz", headers=headers, timeout=TIMEOUT).status_code
+
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            assert set(pool.map(probe, batch.items())) == {200}
+        for request_id, session in batch.items():
+            pid = logged_pid(server, request_id)
+            if pid in pinned:
+                session.close()
+            else:
+                pinned[pid] = session
+        if set(pinned) >= workers:
+            return pinned
+        time.sleep(0.5)
+    raise AssertionError(f"could not reach every worker: {set(pinned)} of {workers}")
+
+
+def on_each_worker(server: LiveServer, body: dict[str, Any]) -> dict[int, requests.Response]:
+    """Send `body` once to every worker."""
     answers: dict[int, requests.Response] = {}
-    for _ in range(tries):
-        response, pid = post(server, body)
-        answers.setdefault(pid, response)
-        if set(answers) >= workers:
-            return answers
-    raise AssertionError(f"only workers {set(answers)} of {workers} answered")
+    for pid, session in pinned_sessions(server).items():
+        response, answered_by = post(server, body, session)
+        assert answered_by == pid
+        answers[pid] = response
+        session.close()
+    return answers
 
 
 def scrape(server: LiveServer) -> dict[str, float]:
@@ -115,14 +151,11 @@ def test_a_cache_hit_is_served_by_another_worker_through_redis(
         with live_server(tmp_path, env, ready_path="/readyz") as server:
             assert wait_for(lambda: len(server.worker_pids()) == 2), server.log()
             body = vision_body(temperature=0, max_new_tokens=5, prompt="Shared?")
-            first, first_pid = post(server, body)
-            assert first.headers["X-Cache"] == "miss"
-            for _ in range(40):
-                again, pid = post(server, body)
-                if pid != first_pid:
-                    break
-            else:
-                raise AssertionError("the other worker never answered")
+            (one, first_session), (other, second_session) = sorted(pinned_sessions(server).items())
+            first, pid = post(server, body, first_session)
+            assert first.headers["X-Cache"] == "miss" and pid == one
+            again, pid = post(server, body, second_session)
+            assert pid == other  # the other worker, which never saw this request
             assert again.headers["X-Cache"] == "hit"
             assert again.json()["result"] == first.json()["result"]
 
