@@ -12,6 +12,25 @@ from pathlib import Path
 from typing import Any
 
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
+# `glmvision serve` flags: each sets its variable for gunicorn.conf.py and the workers to read.
+SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("--bind", "HOST:PORT", "GLMVISION_BIND", str, "address to listen on (default 127.0.0.1:8080)"),
+    (
+        "--workers",
+        "N",
+        "GLMVISION_WORKERS",
+        int,
+        "worker processes, each with its own model copy (default 1)",
+    ),
+    (
+        "--model",
+        "PATH_OR_ID",
+        "GLMVISION_MODEL",
+        str,
+        "GLM-4.6V-Flash directory or hub id (default: the demo)",
+    ),
+    ("--device", "DEVICE", "GLMVISION_DEVICE", str, "auto, cpu, cuda or cuda:N (default auto)"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model to DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
-    serve = commands.add_parser("serve", help="run gunicorn with deploy/gunicorn.conf.py")
-    serve.add_argument("gunicorn_args", nargs=argparse.REMAINDER, help="extra gunicorn arguments")
+    serve = commands.add_parser(
+        "serve",
+        help="run gunicorn with deploy/gunicorn.conf.py",
+        description="Run glmvision under gunicorn with deploy/gunicorn.conf.py. Each flag overrides its "
+        "GLMVISION_* variable; every other setting comes from the environment. Arguments after -- go "
+        "to gunicorn itself.",
+    )
+    for flag, metavar, variable, kind, meaning in SERVE_FLAGS:
+        serve.add_argument(flag, type=kind, metavar=metavar, help=f"{meaning}; sets {variable}")
+    serve.add_argument("gunicorn_args", nargs="*", metavar="-- GUNICORN_ARG", help="extra gunicorn arguments")
     read = commands.add_parser("audit-read", help="decrypt an audit log and print its records as JSON lines")
     read.add_argument("path", metavar="PATH")
     read.add_argument("--key-file", metavar="FILE", help="file with the key(s); else $GLMVISION_AUDIT_KEY")
@@ -49,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if not GUNICORN_CONF.exists():
         print(f"gunicorn config not found at {GUNICORN_CONF}", file=sys.stderr)
         return 2
+    for flag, _, variable, _, _ in SERVE_FLAGS:
+        value = getattr(args, flag.removeprefix("--"))
+        if value is not None:
+            os.environ[variable] = str(value)
     os.chdir(GUNICORN_CONF.parent.parent)
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), *args.gunicorn_args, "wsgi:app"]
     os.execv(sys.executable, command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -31,9 +32,59 @@ def looks_like_path(source: str) -> bool:
 
 
 def check_source(source: str) -> None:
-    """Refuse at start-up a model path that does not exist (a hub id is checked when it loads)."""
-    if source and looks_like_path(source) and not os.path.isdir(os.path.expanduser(source)):
+    """Refuse at start-up a model path that does not exist, or whose weights are missing or cut short
+    (a hub id is checked when it loads)."""
+    if not source or not looks_like_path(source):
+        return
+    directory = Path(os.path.expanduser(source))
+    if not directory.is_dir():
         raise ConfigError(f"GLMVISION_MODEL={source}: directory not found")
+    problems = weight_problems(directory)
+    if problems:
+        raise ConfigError(f"GLMVISION_MODEL={source}: " + "; ".join(problems))
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def weight_problems(directory: Path) -> list[str]:
+    """What is wrong with a local model's safetensors: shards the index names that are absent or
+    shorter than their own header says (a download cut short). Reads headers only."""
+    if not (directory / "config.json").is_file():
+        return ["config.json is missing"]
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return [f"{INDEX} is not a safetensors index"]
+    else:
+        shards = sorted(path.name for path in directory.glob("*.safetensors"))
+    missing = [name for name in shards if not (directory / name).is_file()]
+    problems = [f"missing {', '.join(missing)} ({len(missing)} of {len(shards)} shards)"] if missing else []
+    cut = [name for name in shards if name not in missing and not _whole_safetensors(directory / name)]
+    if cut:
+        problems.append(f"truncated or corrupt: {', '.join(cut)}")
+    return problems
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """True when the file is as long as its header says: 8 bytes of header size, the header, the data."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                return False
+            length = int.from_bytes(raw, "little")
+            size = path.stat().st_size
+            if length > size - 8 or length > 100 << 20:
+                return False
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return size >= 8 + length + max(ends, default=0)
 
 
 def model_id_for(source: str, configured: str) -> str:
