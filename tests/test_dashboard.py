@@ -382,7 +382,15 @@ def test_datasources(dashboard: dict[str, Any]) -> None:
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, panel["title"]
     for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"] == DATASOURCE, variable["name"]
+        if variable["type"] != "datasource":
+            assert variable["datasource"] == DATASOURCE, variable["name"]
+
+
+def test_a_provisioned_copy_resolves_the_datasource_through_a_variable(dashboard: dict[str, Any]) -> None:
+    # File provisioning does not fill __inputs: ${DS_PROMETHEUS} must also name a datasource variable.
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
 
 
 def test_exprs_reference_only_exported_metrics(dashboard: dict[str, Any], metric_names: set[str]) -> None:
