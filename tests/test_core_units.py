@@ -285,7 +285,6 @@ def test_check_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"^GLMVISION_MODEL=/no/such/dir: directory not found$"):
         check_source("/no/such/dir")
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "config.json").write_text("{}")
     monkeypatch.setenv("HOME", str(tmp_path))
     for ok in ("", "zai-org/GLM-4.6V-Flash", str(tmp_path / "weights"), "~/weights"):
         check_source(ok)
