@@ -1,0 +1,255 @@
+"""GLMVISION_BACKEND=openai against real OpenAI-compatible upstreams on loopback: a glmvision on the
+local backend (and `transformers serve`, when its packages are there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers import LiveServer, free_port, image_b64, live_server, server_env, vision_body, wait_for
+
+HTTP_TIMEOUT = 60
+MODEL_ID = "upstream-demo"
+KEY = secrets.token_hex(16)
+# The upstream's own limit, below the front's default (2048): a longer request is the upstream's to refuse.
+UPSTREAM_MAX_NEW_TOKENS = 1600
+
+
+@pytest.fixture(scope="module")
+def upstream(
+    tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, runtime_dir: Path
+) -> Iterator[LiveServer]:
+    """The module's upstream: glmvision on the demo model, keyed, under its own model id."""
+    env = server_env(
+        demo_model_dir,
+        runtime_dir,
+        API_KEYS=KEY,
+        MODEL_ID=MODEL_ID,
+        MAX_NEW_TOKENS=str(UPSTREAM_MAX_NEW_TOKENS),
+        CACHE="0",
+    )
+    with live_server(tmp_path_factory.mktemp("upstream"), env, ready_path="/readyz") as server:
+        yield server
+
+
+@pytest.fixture
+def front(make_app: Callable[..., Flask], upstream: LiveServer) -> Iterator[FlaskClient]:
+    """glmvision forwarding to the module's upstream."""
+    app = make_app(backend="openai", upstream_url=upstream.url + "/v1", upstream_key=KEY, cache="0")
+    with app.test_client() as client:
+        yield client
+
+
+def direct(server: LiveServer, path: str, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+    """POST straight to the upstream, with its key."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    return requests.post(server.url + path, json=body, headers=headers, timeout=HTTP_TIMEOUT, **kwargs)
+
+
+def data_url(width: int = 64, height: int = 48) -> str:
+    return "data:image/png;base64," + image_b64(width, height)
+
+
+def user(text: str, *sizes: tuple[int, int]) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": data_url(w, h)}} for w, h in sizes
+    ]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def greedy(tokens: int, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """A chat completion body for a greedy answer of exactly `tokens` tokens."""
+    return {"messages": messages, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, **fields}
+
+
+def sse(lines: Iterator[bytes]) -> list[dict[str, Any]]:
+    """The JSON payloads of an SSE body, up to [DONE] (which must come)."""
+    payloads = []
+    for line in lines:
+        for text in line.decode("utf-8").splitlines():
+            if not text:
+                continue
+            assert text.startswith("data: "), text
+            if text == "data: [DONE]":
+                return payloads
+            payloads.append(json.loads(text[len("data: ") :]))
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def content(payloads: list[dict[str, Any]]) -> str:
+    return "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads if p.get("choices"))
+
+
+def test_vision_answer_equals_the_upstreams(front: FlaskClient, upstream: LiveServer) -> None:
+    body = vision_body(temperature=0, max_new_tokens=12, image=image_b64(80, 60))
+    ours = front.post("/v1/chat/vision", json=body)
+    theirs = direct(upstream, "/v1/chat/vision", body)
+    assert ours.status_code == theirs.status_code == 200, ours.get_json()
+    assert ours.get_json()["result"] == theirs.json()["result"]
+    assert ours.get_json()["usage"] == theirs.json()["usage"]
+    assert ours.get_json()["model"] == MODEL_ID
+
+
+def test_chat_answer_equals_the_upstreams(front: FlaskClient, upstream: LiveServer) -> None:
+    body = {"image_url": data_url(), "prompt": "Describe it.", "max_new_tokens": 10, "temperature": 0}
+    ours = front.post("/v1/chat", json=body)
+    theirs = direct(upstream, "/v1/chat", body)
+    assert ours.status_code == theirs.status_code == 200, ours.get_json()
+    assert ours.get_json()["response"] == theirs.json()["response"]
+
+
+def test_completion_equals_the_upstreams(front: FlaskClient, upstream: LiveServer) -> None:
+    body = greedy(9, [user("What is this?", (64, 48))], seed=3)
+    ours = front.post("/v1/chat/completions", json=body)
+    theirs = direct(upstream, "/v1/chat/completions", body)
+    assert ours.status_code == theirs.status_code == 200, ours.get_json()
+    mine, upstreams = ours.get_json(), theirs.json()
+    assert mine["choices"][0]["message"] == upstreams["choices"][0]["message"]
+    assert mine["choices"][0]["finish_reason"] == upstreams["choices"][0]["finish_reason"] == "length"
+    assert mine["usage"] == upstreams["usage"]
+    assert mine["usage"]["completion_tokens"] == 9
+
+
+def test_multi_image_completion_equals_the_upstreams(front: FlaskClient, upstream: LiveServer) -> None:
+    messages = [user("Compare them.", (64, 48), (40, 90)), {"role": "assistant", "content": "Two."}]
+    messages.append(user("And now?", (50, 50)))
+    body = greedy(8, messages)
+    ours = front.post("/v1/chat/completions", json=body)
+    theirs = direct(upstream, "/v1/chat/completions", body)
+    assert ours.status_code == theirs.status_code == 200, ours.get_json()
+    assert ours.get_json()["choices"][0]["message"] == theirs.json()["choices"][0]["message"]
+    # Three images' worth of prompt: more than one image alone makes.
+    single = direct(upstream, "/v1/chat/completions", greedy(8, [user("And now?", (50, 50))])).json()
+    assert ours.get_json()["usage"]["prompt_tokens"] == theirs.json()["usage"]["prompt_tokens"]
+    assert ours.get_json()["usage"]["prompt_tokens"] > single["usage"]["prompt_tokens"]
+
+
+def test_stream_is_passed_through_chunk_by_chunk(front: FlaskClient, upstream: LiveServer) -> None:
+    body = greedy(24, [user("Tell me.", (64, 48))], stream=True, stream_options={"include_usage": True})
+    response = front.post("/v1/chat/completions", json=body, buffered=False)
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    payloads = sse(response.response)  # type: ignore[arg-type]
+    pieces = [p for p in payloads if p.get("choices") and p["choices"][0]["delta"].get("content")]
+    assert len(pieces) > 1, "the answer came in one piece"
+    whole = direct(upstream, "/v1/chat/completions", {**body, "stream": False}).json()
+    assert content(payloads) == whole["choices"][0]["message"]["content"]
+    finishes = [p["choices"][0]["finish_reason"] for p in payloads if p.get("choices")]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert payloads[-1]["choices"] == []
+    assert payloads[-1]["usage"] == whole["usage"]
+    assert payloads[-1]["usage"]["completion_tokens"] == 24
+
+
+def test_stop_strings_end_the_answer_here_as_upstream(front: FlaskClient, upstream: LiveServer) -> None:
+    plain = direct(upstream, "/v1/chat/completions", greedy(20, [user("Go.", (64, 48))])).json()
+    text = plain["choices"][0]["message"]["content"]
+    stop = text[5:8]
+    assert stop.strip(), f"no usable stop string in {text!r}"
+    body = greedy(20, [user("Go.", (64, 48))], stop=[stop])
+    ours = front.post("/v1/chat/completions", json=body).get_json()
+    theirs = direct(upstream, "/v1/chat/completions", body).json()
+    assert ours["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"]
+    assert stop not in ours["choices"][0]["message"]["content"]
+    assert ours["choices"][0]["finish_reason"] == "stop"
+
+
+def test_models_and_default_model_come_from_the_upstream(front: FlaskClient) -> None:
+    listed = front.get("/v1/models").get_json()["data"]
+    assert [card["id"] for card in listed] == [MODEL_ID]
+    assert listed[0]["ready"] is True
+    named = front.post("/v1/chat/completions", json=greedy(3, [user("Hi.")], model=MODEL_ID))
+    assert named.status_code == 200, named.get_json()
+    assert named.get_json()["model"] == MODEL_ID
+    other = front.post("/v1/chat/completions", json=greedy(3, [user("Hi.")], model="glm-4.6v-flash"))
+    assert other.status_code == 404
+    assert other.get_json()["error"]["code"] == "model_not_found"
+
+
+def test_readyz_reflects_a_live_upstream(front: FlaskClient, upstream: LiveServer) -> None:
+    response = front.get("/readyz")
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert body["engine"]["upstream"] == upstream.url + "/v1"
+
+
+def test_a_request_the_upstream_refuses_is_upstream_rejected(front: FlaskClient) -> None:
+    # The front allows 2048 new tokens; the upstream only UPSTREAM_MAX_NEW_TOKENS.
+    body = {"messages": [user("Hi.")], "max_tokens": UPSTREAM_MAX_NEW_TOKENS + 1}
+    response = front.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "upstream_rejected"
+    assert "max_tokens" in error["message"]  # the upstream's own words
+    native = front.post("/v1/chat/vision", json=vision_body(max_new_tokens=UPSTREAM_MAX_NEW_TOKENS + 1))
+    assert native.status_code == 400
+    assert native.get_json()["error"]["code"] == "upstream_rejected"
+    assert front.application.extensions["glmvision"].backend.counters.rejected == 2
+
+
+def test_a_refused_connection_is_upstream_unavailable(make_app: Callable[..., Flask]) -> None:
+    app = make_app(backend="openai", upstream_url=f"http://127.0.0.1:{free_port()}/v1", upstream_model="m")
+    client = app.test_client()
+    for path, body in (
+        ("/v1/chat/vision", vision_body()),
+        ("/v1/chat/completions", {"messages": [user("Hi.")], "stream": True}),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.get_json()["error"]["code"] == "upstream_unavailable"
+        assert int(response.headers["Retry-After"]) > 0
+    assert app.extensions["glmvision"].backend.counters.unavailable == 2
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["status"] == "unhealthy"
+    assert app.extensions["glmvision"].backend.occupancy() == 0  # every place given back
+
+
+def test_a_wrong_key_is_upstream_unavailable_not_the_clients_fault(
+    make_app: Callable[..., Flask], upstream: LiveServer
+) -> None:
+    app = make_app(backend="openai", upstream_url=upstream.url + "/v1", upstream_key="wrong")
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 503
+    response = client.post("/v1/chat/vision", json=vision_body())
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_an_upstream_killed_mid_stream_ends_the_stream_with_an_error(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path, make_app: Callable[..., Flask]
+) -> None:
+    with live_server(tmp_path, server_env(demo_model_dir, runtime_dir), ready_path="/readyz") as doomed:
+        app = make_app(backend="openai", upstream_url=doomed.url + "/v1", request_timeout="60")
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        body = greedy(1500, [user("Write at length.", (64, 48))], stream=True)
+        response = client.post("/v1/chat/completions", json=body, buffered=False)
+        assert response.status_code == 200
+        chunks = iter(response.response)  # type: ignore[arg-type]
+        seen = b""
+        while seen.count(b'"content"') < 4:
+            seen += next(chunks)
+        for pid in (*doomed.worker_pids(), doomed.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        doomed.process.wait(timeout=10)
+        payloads = sse(chunks)  # [DONE] must come: the stream ends rather than hangs
+        errors = [p["error"] for p in payloads if "error" in p]
+        assert errors, "the stream ended as if the answer were whole"
+        assert errors[-1]["code"] == "upstream_unavailable"
+        assert not any(p["choices"][0]["finish_reason"] for p in payloads if p.get("choices"))
+        backend = app.extensions["glmvision"].backend
+        assert backend.counters.unavailable == 1
+        assert backend.occupancy() == 0
+        # /readyz follows the upstream down (its probe is cached for a couple of seconds).
+        assert wait_for(lambda: client.get("/readyz").status_code == 503, timeout=10)
