@@ -71,8 +71,8 @@ def greedy(tokens: int, messages: list[dict[str, Any]], **fields: Any) -> dict[s
     return {"messages": messages, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, **fields}
 
 
-def sse(lines: Iterator[bytes]) -> list[dict[str, Any]]:
-    """The JSON payloads of an SSE body, up to [DONE] (which must come)."""
+def sse(lines: Iterator[bytes], done: bool = True) -> list[dict[str, Any]]:
+    """The JSON payloads of an SSE body, up to [DONE] (which must come, if `done`)."""
     payloads = []
     for line in lines:
         for text in line.decode("utf-8").splitlines():
@@ -82,7 +82,8 @@ def sse(lines: Iterator[bytes]) -> list[dict[str, Any]]:
             if text == "data: [DONE]":
                 return payloads
             payloads.append(json.loads(text[len("data: ") :]))
-    raise AssertionError("the stream ended without [DONE]")
+    assert not done, "the stream ended without [DONE]"
+    return payloads
 
 
 def content(payloads: list[dict[str, Any]]) -> str:
@@ -253,3 +254,95 @@ def test_an_upstream_killed_mid_stream_ends_the_stream_with_an_error(
         assert backend.occupancy() == 0
         # /readyz follows the upstream down (its probe is cached for a couple of seconds).
         assert wait_for(lambda: client.get("/readyz").status_code == 503, timeout=10)
+
+
+def transformers_cli() -> str | None:
+    """This environment's `transformers` command, if it can serve (fastapi and uvicorn installed)."""
+    import importlib.util
+    import shutil
+    import sys
+
+    if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn")):
+        return None
+    beside = Path(sys.executable).parent / "transformers"
+    return str(beside) if beside.exists() else shutil.which("transformers")
+
+
+@pytest.fixture
+def transformers_serve(tmp_path: Path, demo_model_dir: Path) -> Iterator[str]:
+    """`transformers serve` on the demo model (as bench/run.py starts it); its base URL."""
+    import subprocess
+
+    cli = transformers_cli()
+    if cli is None:
+        pytest.skip("transformers serve needs transformers[serving] (pip install -r requirements-bench.txt)")
+    port = free_port()
+    command = [
+        cli,
+        "serve",
+        str(demo_model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
+    log_path = tmp_path / "transformers-serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [*command, "--no-continuous-batching"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, log_path.read_text(errors="replace")
+        try:
+            return requests.get(url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        assert wait_for(healthy, timeout=120), log_path.read_text(errors="replace")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def test_transformers_serve_as_the_upstream(transformers_serve: str, make_app: Callable[..., Flask]) -> None:
+    from glmvision.output import render
+
+    app = make_app(backend="openai", upstream_url=transformers_serve + "/v1", cache="0")
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    model = requests.get(transformers_serve + "/v1/models", timeout=10).json()["data"][0]["id"]
+    assert client.get("/v1/models").get_json()["data"][0]["id"] == model  # its first id by default
+    messages = [user("What is this?", (64, 48))]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0}
+    ours = client.post("/v1/chat/completions", json=body)
+    assert ours.status_code == 200, ours.get_json()
+    # What we send it: the same request, streamed, thinking off, the image as we re-encode it (PNG).
+    sent = {
+        **body,
+        "model": model,
+        "stream": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    direct_stream = requests.post(
+        transformers_serve + "/v1/chat/completions", json=sent, stream=True, timeout=120
+    )
+    theirs = sse(direct_stream.iter_lines(), done=False)  # it sends no [DONE]: its finish chunk ends it
+    assert ours.get_json()["choices"][0]["message"]["content"] == render(content(theirs), False).answer
+    assert ours.get_json()["usage"]["completion_tokens"] == 8
+    streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, buffered=False)
+    payloads = sse(streamed.response)  # type: ignore[arg-type]
+    assert content(payloads) == ours.get_json()["choices"][0]["message"]["content"]
+    assert [p["choices"][0]["finish_reason"] for p in payloads if p.get("choices")][-1] == "length"
