@@ -346,3 +346,116 @@ def test_transformers_serve_as_the_upstream(transformers_serve: str, make_app: C
     payloads = sse(streamed.response)  # type: ignore[arg-type]
     assert content(payloads) == ours.get_json()["choices"][0]["message"]["content"]
     assert [p["choices"][0]["finish_reason"] for p in payloads if p.get("choices")][-1] == "length"
+
+
+class Scripted:
+    """A loopback OpenAI-compatible server answering every chat completion with `events` (or `status`)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.events: list[dict[str, Any]] = []
+        self.status = 200
+        self.bodies: list[dict[str, Any]] = []
+        scripted = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, payload: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self) -> None:
+                self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted"}]}).encode())
+
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                scripted.bodies.append(json.loads(self.rfile.read(length)))
+                if scripted.status != 200:
+                    self._send(
+                        scripted.status, json.dumps({"error": {"message": "scripted failure"}}).encode()
+                    )
+                    return
+                text = (
+                    "".join(f"data: {json.dumps(event)}\n\n" for event in scripted.events)
+                    + "data: [DONE]\n\n"
+                )
+                self._send(200, text.encode(), "text/event-stream")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    server = Scripted()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def chunk(finish: str | None = None, usage: dict[str, int] | None = None, **delta: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": usage}
+
+
+def test_reasoning_content_deltas_are_reasoning(scripted: Scripted, make_app: Callable[..., Flask]) -> None:
+    scripted.events = [
+        chunk(role="assistant"),
+        chunk(reasoning_content="Let me "),
+        chunk(reasoning_content="look."),
+        chunk(content="A cat"),
+        chunk(content=". STOP and more"),
+        chunk("stop", {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}),
+    ]
+    client = make_app(backend="openai", upstream_url=scripted.url).test_client()
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    body = {"messages": [user("What?", (64, 48))], "max_tokens": 50, "stop": [" STOP"], **thinking}
+    answer = client.post("/v1/chat/completions", json=body).get_json()
+    assert answer["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "A cat.",
+        "reasoning_content": "Let me look.",
+    }
+    assert answer["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    sent = scripted.bodies[-1]
+    assert sent["model"] == "scripted" and sent["stop"] == [" STOP"]
+    assert sent["chat_template_kwargs"] == {"enable_thinking": True}
+    image = sent["messages"][0]["content"][0]
+    assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/png;base64,")
+    streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, buffered=False)
+    payloads = sse(streamed.response)  # type: ignore[arg-type]
+    reasoning = "".join(p["choices"][0]["delta"].get("reasoning_content") or "" for p in payloads)
+    assert reasoning == "Let me look." and content(payloads) == "A cat."
+    # Without thinking the reasoning is not the client's.
+    plain = client.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {}}).get_json()
+    assert plain["choices"][0]["message"]["content"] == "A cat."
+    assert plain["choices"][0]["message"].get("reasoning_content") is None
+
+
+def test_upstream_failures_map_to_our_errors(scripted: Scripted, make_app: Callable[..., Flask]) -> None:
+    app = make_app(backend="openai", upstream_url=scripted.url)
+    client = app.test_client()
+    body = {"messages": [user("What?")], "max_tokens": 5}
+    for status, code, http in ((500, "upstream_unavailable", 503), (422, "upstream_rejected", 400)):
+        scripted.status = status
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == http, response.get_json()
+        assert response.get_json()["error"]["code"] == code
+    assert "scripted failure" in response.get_json()["error"]["message"]
+    scripted.status = 200
+    scripted.events = [chunk(content="half"), {"error": {"message": "engine died", "code": "engine_failed"}}]
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
+    scripted.events = [chunk(content="cut short")]  # no finish_reason, then [DONE]
+    response = client.post("/v1/chat/vision", json=vision_body())
+    assert response.status_code == 503
+    counters = app.extensions["glmvision"].backend.counters
+    assert (counters.unavailable, counters.rejected) == (3, 1)

@@ -15,6 +15,9 @@ from ..output import THINK_CLOSE, THINK_OPEN, StreamRenderer, render
 from .client import sse_events, upstream_down
 
 log = logging.getLogger("glmvision")
+# Seconds the stream still reads, after our stop string ended the answer, for the upstream's usage
+# (it was sent the stop strings too, so it normally ends at once).
+USAGE_WAIT = 2.0
 
 
 class UpstreamStream:
@@ -111,6 +114,7 @@ class UpstreamStream:
 
     def _read(self, client_gone: Callable[[], bool]) -> Iterator[Delta]:
         finished = False
+        stopped_at: float | None = None  # when our stop string ended the answer
         for event in sse_events(self._response):
             if "error" in event and not event.get("choices"):
                 error = event["error"]
@@ -121,22 +125,22 @@ class UpstreamStream:
             for choice in event.get("choices") or ():
                 delta = choice.get("delta") or {}
                 piece = self._piece(delta.get("reasoning_content") or "", delta.get("content") or "")
-                if piece:
+                if piece and stopped_at is None:
                     self._pieces += 1
                     self.first_token_at = self.first_token_at or time.monotonic()
                     visible = self._take(piece)
                     if self._renderer.stopped:
-                        self.finish_reason = "stop"
+                        self.finish_reason, stopped_at = "stop", time.monotonic()
                     if visible.reasoning or visible.content:
                         yield visible
-                    if self._renderer.stopped:
-                        return  # our stop string ended it: close() tells the upstream
                 if choice.get("finish_reason"):
                     self._upstream_finish = str(choice["finish_reason"])
                     finished = True
             if client_gone():
                 self.close()
                 return
+            if stopped_at is not None and time.monotonic() - stopped_at > USAGE_WAIT:
+                return  # our stop string ended it and the upstream goes on: close() tells it to stop
             if time.monotonic() > self._give_up_at:
                 log.error(
                     "the upstream is still answering %.0fs past the deadline: giving up", DEADLINE_GRACE
@@ -145,7 +149,7 @@ class UpstreamStream:
                     raise out_of_time()
                 self.finish_reason = "length"
                 return
-        if not finished:
+        if not finished and stopped_at is None:
             raise upstream_down("The upstream engine ended the answer without finishing it.")
 
     def _piece(self, reasoning: str, content: str) -> str:
