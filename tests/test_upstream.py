@@ -459,3 +459,19 @@ def test_upstream_failures_map_to_our_errors(scripted: Scripted, make_app: Calla
     assert response.status_code == 503
     counters = app.extensions["glmvision"].backend.counters
     assert (counters.unavailable, counters.rejected) == (3, 1)
+
+
+def test_a_gunicorn_front_serves_the_upstream(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path, upstream: LiveServer
+) -> None:
+    # No model given: the front must not need one (nor check one) to forward.
+    env = server_env(demo_model_dir, runtime_dir, BACKEND="openai", UPSTREAM_URL=upstream.url + "/v1")
+    env.update(GLMVISION_MODEL=str(tmp_path / "no-such-model"), GLMVISION_UPSTREAM_KEY=KEY)
+    with live_server(tmp_path, env, ready_path="/readyz") as front_server:
+        body = greedy(10, [user("Hi.", (64, 48))])
+        ours = requests.post(front_server.url + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT)
+        theirs = direct(upstream, "/v1/chat/completions", body)
+        assert ours.status_code == 200, ours.text
+        assert ours.json()["choices"][0]["message"] == theirs.json()["choices"][0]["message"]
+        metrics = requests.get(front_server.url + "/metrics", timeout=HTTP_TIMEOUT)
+        assert metrics.status_code == 200
