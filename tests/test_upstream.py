@@ -475,3 +475,28 @@ def test_a_gunicorn_front_serves_the_upstream(
         assert ours.json()["choices"][0]["message"] == theirs.json()["choices"][0]["message"]
         metrics = requests.get(front_server.url + "/metrics", timeout=HTTP_TIMEOUT)
         assert metrics.status_code == 200
+
+
+def test_upstream_concurrency_bounds_requests_in_flight(
+    make_app: Callable[..., Flask], upstream: LiveServer
+) -> None:
+    app = make_app(
+        backend="openai",
+        upstream_url=upstream.url + "/v1",
+        upstream_key=KEY,
+        upstream_concurrency="1",
+        queue_timeout="0.5",
+    )
+    client = app.test_client()
+    long = greedy(1500, [user("Go on.")], stream=True)
+    held = client.post("/v1/chat/completions", json=long, buffered=False)
+    chunks = iter(held.response)  # type: ignore[arg-type]
+    next(chunks)  # under way upstream, holding the only connection
+    waiting = client.post("/v1/chat/completions", json=greedy(3, [user("Hi.")]))
+    assert waiting.status_code == 503, waiting.get_json()
+    assert waiting.get_json()["error"]["code"] == "queue_timeout"
+    assert "Retry-After" in waiting.headers
+    held.close()  # the client leaves: its connection goes back
+    assert app.extensions["glmvision"].backend.running == 0
+    after = client.post("/v1/chat/completions", json=greedy(3, [user("Hi.")]))
+    assert after.status_code == 200, after.get_json()

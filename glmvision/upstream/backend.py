@@ -193,13 +193,13 @@ class UpstreamBackend:
 
     def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
         queued_at = time.monotonic()
+        self.admission.submitted(ticket)  # prepared: its preparation slot goes to the next request
         if not self._in_flight.acquire(timeout=min(self.settings.queue_timeout, ticket.remaining())):
             raise unavailable(
                 "queue_timeout",
                 "Every upstream connection stayed busy; retry shortly.",
                 self.admission.retry_after(),
             )
-        self.admission.submitted(ticket)
         with self._lock:
             self.running += 1
         ended = False
