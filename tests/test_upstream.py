@@ -500,3 +500,21 @@ def test_upstream_concurrency_bounds_requests_in_flight(
     assert app.extensions["glmvision"].backend.running == 0
     after = client.post("/v1/chat/completions", json=greedy(3, [user("Hi.")]))
     assert after.status_code == 200, after.get_json()
+
+
+def test_our_model_id_fronts_the_upstreams(make_app: Callable[..., Flask], upstream: LiveServer) -> None:
+    app = make_app(
+        backend="openai",
+        upstream_url=upstream.url + "/v1",
+        upstream_key=KEY,
+        model_id="ours",
+        model_aliases="a",
+    )
+    client = app.test_client()
+    assert [card["id"] for card in client.get("/v1/models").get_json()["data"]] == ["ours"]
+    answer = client.post("/v1/chat/completions", json=greedy(3, [user("Hi.")], model="a"))
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["model"] == "a"
+    assert client.post("/v1/chat/vision", json=vision_body()).get_json()["model"] == "ours"
+    # Upstream it is still the upstream's id: a name it does not know would be refused there.
+    assert app.extensions["glmvision"].backend.model_revision().endswith(":" + MODEL_ID)

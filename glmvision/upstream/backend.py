@@ -169,12 +169,13 @@ class UpstreamBackend:
             for part in message["content"]
             if part["type"] == "image"
         ]
-        return Prepared(self._upstream_model(ticket), openai_messages(messages), sizes)
+        inputs = {"model": self._upstream_model(ticket), "messages": openai_messages(messages)}
+        return Prepared(self.model_names()[0], inputs, sizes)  # named as we serve it (GLMVISION_MODEL_ID)
 
     def _body(self, prepared: Prepared, params: GenerationParams) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": prepared.model_id,
-            "messages": prepared.inputs,
+            "model": prepared.inputs["model"],
+            "messages": prepared.inputs["messages"],
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "stream": True,
