@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,7 @@ class Scripted:
 
         self.events: list[dict[str, Any]] = []
         self.status = 200
+        self.delay = 0.0  # seconds before any answer
         self.bodies: list[dict[str, Any]] = []
         scripted = self
 
@@ -372,11 +374,13 @@ class Scripted:
                 self.wfile.write(payload)
 
             def do_GET(self) -> None:
+                time.sleep(scripted.delay)
                 self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted"}]}).encode())
 
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
                 scripted.bodies.append(json.loads(self.rfile.read(length)))
+                time.sleep(scripted.delay)
                 if scripted.status != 200:
                     self._send(
                         scripted.status, json.dumps({"error": {"message": "scripted failure"}}).encode()
@@ -389,6 +393,7 @@ class Scripted:
                 self._send(200, text.encode(), "text/event-stream")
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -518,3 +523,20 @@ def test_our_model_id_fronts_the_upstreams(make_app: Callable[..., Flask], upstr
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["model"] == "ours"
     # Upstream it is still the upstream's id: a name it does not know would be refused there.
     assert app.extensions["glmvision"].backend.model_revision().endswith(":" + MODEL_ID)
+
+
+def test_a_slow_upstream_is_unavailable_and_not_ready(
+    scripted: Scripted, make_app: Callable[..., Flask]
+) -> None:
+    app = make_app(
+        backend="openai", upstream_url=scripted.url, upstream_model="scripted", request_timeout="1"
+    )
+    client = app.test_client()
+    scripted.delay = 4.0  # longer than the request's deadline and /readyz's probe
+    response = client.post("/v1/chat/vision", json=vision_body())
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "upstream_unavailable"
+    assert "in time" in response.get_json()["error"]["message"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["engine"]["unavailable"] == 1
