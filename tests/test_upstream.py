@@ -540,3 +540,22 @@ def test_a_slow_upstream_is_unavailable_and_not_ready(
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.get_json()["engine"]["unavailable"] == 1
+
+
+def test_the_openai_backend_needs_an_upstream_url_and_keeps_its_key_secret() -> None:
+    from glmvision.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="GLMVISION_UPSTREAM_URL"):
+        load_settings({"GLMVISION_BACKEND": "openai"})
+    with pytest.raises(ConfigError, match="GLMVISION_BACKEND"):
+        load_settings({"GLMVISION_BACKEND": "vllm", "GLMVISION_UPSTREAM_URL": "http://127.0.0.1:1/v1"})
+    settings = load_settings(
+        {
+            "GLMVISION_BACKEND": "openai",
+            "GLMVISION_UPSTREAM_URL": "http://x/v1",
+            "GLMVISION_UPSTREAM_KEY": "s3cret",
+        }
+    )
+    assert "s3cret" not in repr(settings)
+    assert settings.upstream_key.get_secret_value() == "s3cret"
+    assert load_settings().backend == "local"
