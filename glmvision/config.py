@@ -321,6 +321,8 @@ class Settings(_Base):
     def _upstream_needs_url(self) -> Settings:
         if self.backend == "openai" and not self.upstream_url:
             raise ValueError("GLMVISION_BACKEND=openai needs GLMVISION_UPSTREAM_URL")
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError(f"GLMVISION_UPSTREAM_URL must be an http(s) URL, got {self.upstream_url!r}")
         return self
 
     @model_validator(mode="after")

@@ -547,6 +547,8 @@ def test_the_openai_backend_needs_an_upstream_url_and_keeps_its_key_secret() -> 
 
     with pytest.raises(ConfigError, match="GLMVISION_UPSTREAM_URL"):
         load_settings({"GLMVISION_BACKEND": "openai"})
+    with pytest.raises(ConfigError, match="http"):
+        load_settings({"GLMVISION_BACKEND": "openai", "GLMVISION_UPSTREAM_URL": "10.0.0.5:8000/v1"})
     with pytest.raises(ConfigError, match="GLMVISION_BACKEND"):
         load_settings({"GLMVISION_BACKEND": "vllm", "GLMVISION_UPSTREAM_URL": "http://127.0.0.1:1/v1"})
     settings = load_settings(
