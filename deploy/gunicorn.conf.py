@@ -30,7 +30,8 @@ try:
     # Every admitted request (running + queued) holds a thread while it waits for the model; the
     # spare threads answer probes and refuse the excess at once instead of queueing it in gunicorn.
     threads = _server.worker_threads(_settings)
-    check_source(_settings.model)
+    if _settings.backend == "local":  # with an upstream engine no model is loaded here
+        check_source(_settings.model)
 except ConfigError as exc:
     # One clear line, not a traceback: gunicorn prints this and exits.
     raise SystemExit(f"glmvision: {exc}") from None

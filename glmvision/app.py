@@ -30,6 +30,7 @@ from .service import Service
 from .urlfetch import FetchPolicy
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .guards.redact import Redactor
 
 log = logging.getLogger("glmvision")
@@ -58,14 +59,15 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings(overrides)
     _configure_logging(settings.log_level)
     warn_unknown_variables()
-    check_source(settings.model)
+    if settings.backend == "local":
+        check_source(settings.model)
     app = Flask(__name__)
     app.config.update(
         {key: value for key, value in (overrides or {}).items() if not key.startswith("GLMVISION_")}
     )
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    backend = LocalBackend(settings)
+    backend = _backend(settings)
     state = Service(
         settings,
         backend,
@@ -96,6 +98,15 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         requests_log.add_finisher(metrics.observe)
     app.extensions["glmvision.watchdog"] = Watchdog(settings.stall_seconds, backend)
     return app
+
+
+def _backend(settings: Settings) -> Backend:
+    """The backend GLMVISION_BACKEND names: the model in this process, or an upstream engine."""
+    if settings.backend == "openai":
+        from .upstream.backend import UpstreamBackend
+
+        return UpstreamBackend(settings)
+    return LocalBackend(settings)
 
 
 def _redactor(settings: Settings) -> Redactor | None:

@@ -275,6 +275,30 @@ class Settings(_Base):
     redact: CommaList = Field(
         [], description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email."
     )
+    backend: Literal["local", "openai"] = Field(
+        "local",
+        description="local: load the model in each worker; openai: load none and forward every "
+        "generation to GLMVISION_UPSTREAM_URL (vLLM, SGLang or any OpenAI-compatible engine).",
+    )
+    upstream_url: str = Field(
+        "",
+        description="Base URL of the OpenAI-compatible engine, as OpenAI clients take it (http://host:8000/v1).",
+    )
+    upstream_model: str = Field(
+        "", description="Model id sent upstream; empty takes the first id the upstream's /v1/models lists."
+    )
+    upstream_key: SecretStr = Field(
+        SecretStr(""), description="Bearer key the upstream requires; empty sends none."
+    )
+    upstream_concurrency: int = Field(
+        64, gt=0, description="Most requests one worker has in flight upstream at once (its connection pool)."
+    )
+    upstream_connect_timeout: float = Field(
+        5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds to connect to the upstream (capped by the request's time left).",
+    )
 
     _split = field_validator(
         "model_aliases", "image_url_domains", "api_keys", "allowed_ips", "redact", mode="before"
@@ -292,6 +316,14 @@ class Settings(_Base):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _upstream_needs_url(self) -> Settings:
+        if self.backend == "openai" and not self.upstream_url:
+            raise ValueError("GLMVISION_BACKEND=openai needs GLMVISION_UPSTREAM_URL")
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError(f"GLMVISION_UPSTREAM_URL must be an http(s) URL, got {self.upstream_url!r}")
+        return self
 
     @model_validator(mode="after")
     def _audit_needs_key(self) -> Settings:

@@ -52,6 +52,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "image_url_not_image": (400, "The image server's content type is not image/*."),
     "image_url_timeout": (400, "The download took longer than GLMVISION_IMAGE_URL_TIMEOUT."),
     "image_url_unreachable": (400, "DNS failure, connection refused, TLS failure, broken HTTP."),
+    "upstream_rejected": (400, "GLMVISION_BACKEND=openai: the upstream engine refused the request (4xx)."),
     "bad_request": (400, "Any other malformed request."),
     "missing_api_key": (401, "Keys are configured and none was sent."),
     "invalid_api_key": (401, "The key sent is not one of them."),
@@ -75,6 +76,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
     "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
     "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
+    "upstream_unavailable": (
+        503,
+        "GLMVISION_BACKEND=openai: the upstream engine is down, slow or failing; Retry-After.",
+    ),
 }
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
@@ -110,6 +115,8 @@ GENERATION = (
     "gpu_out_of_memory",
     "engine_failed",
     "preprocessing_busy",
+    "upstream_rejected",
+    "upstream_unavailable",
 )
 
 # A 32x32 PNG: the examples run on any model, cheaply.

@@ -1,0 +1,1 @@
+"""The upstream backend: generations forwarded to an OpenAI-compatible engine (vLLM, SGLang)."""

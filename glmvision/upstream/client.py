@@ -1,0 +1,171 @@
+"""HTTP to the upstream engine: a pooled session, bounded waits, and its failures as our errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..errors import APIError, unavailable
+
+log = logging.getLogger("glmvision")
+
+# Seconds a client is told to wait when the upstream is down or failing.
+RETRY_AFTER = 5
+
+
+class UpstreamCounters:
+    """How often the upstream failed us, by kind (read by /readyz and, later, the metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.unavailable = 0
+        self.rejected = 0
+
+    def count(self, error: APIError) -> APIError:
+        """Count `error` by its code; return it."""
+        with self._lock:
+            if error.error_code == "upstream_unavailable":
+                self.unavailable += 1
+            elif error.error_code == "upstream_rejected":
+                self.rejected += 1
+        return error
+
+
+def upstream_down(message: str) -> APIError:
+    """The 503 for an upstream that timed out, refused the connection or failed (5xx)."""
+    return unavailable("upstream_unavailable", message, RETRY_AFTER)
+
+
+def upstream_message(response: requests.Response) -> str:
+    """The upstream's error message (OpenAI's {"error": {"message"}}, FastAPI's {"detail"}), else its body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if "detail" in body:
+            return str(body["detail"])[:500]
+        if "message" in body:
+            return str(body["message"])[:500]
+    return json.dumps(body)[:500]
+
+
+def status_error(response: requests.Response) -> APIError:
+    """Our error for an upstream's non-2xx answer: its refusal of the request, or its failure."""
+    message = upstream_message(response)
+    status = response.status_code
+    # 401/403/404: our key or model is wrong for it; 408/429: it is busy. Neither is the client's fault.
+    if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
+        return APIError(400, "upstream_rejected", f"The upstream engine refused the request: {message}")
+    log.warning("upstream answered %d: %s", status, message)
+    return upstream_down(f"The upstream engine failed (HTTP {status}); retry shortly.")
+
+
+def data_url(image: Any) -> str:
+    """A PIL image as a lossless PNG data URL (the upstream sees exactly the pixels we prepared)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pipeline's messages (images as PIL images) in OpenAI's shape, images as data URLs."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        parts = [
+            {"type": "image_url", "image_url": {"url": data_url(part["image"])}}
+            if part["type"] == "image"
+            else {"type": "text", "text": part["text"]}
+            for part in content
+        ]
+        out.append({"role": message["role"], "content": parts})
+    return out
+
+
+class UpstreamClient:
+    """A pooled HTTP session to one OpenAI-compatible base URL."""
+
+    def __init__(self, base_url: str, key: str, pool_size: int, connect_timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.trust_env = False  # a proxy from the environment must not sit between us and it
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def model_ids(self, timeout: float) -> list[str]:
+        """The ids the upstream's /models lists, waiting at most `timeout` seconds in all."""
+        try:
+            response = self.session.get(self.base_url + "/models", timeout=(timeout, timeout))
+        except requests.RequestException as exc:
+            raise upstream_down(f"The upstream engine is unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise status_error(response)
+        try:
+            data = response.json()["data"]
+            return [str(entry["id"]) for entry in data]
+        except (ValueError, KeyError, TypeError):
+            raise upstream_down("The upstream engine's /models answer is not OpenAI's list.") from None
+
+    def chat(self, body: dict[str, Any], timeout: float) -> requests.Response:
+        """POST a streaming chat completion; the response once its headers came (2xx only)."""
+        connect = max(0.05, min(self.connect_timeout, timeout))
+        try:
+            response = self.session.post(
+                self.base_url + "/chat/completions",
+                json=body,
+                stream=True,
+                timeout=(connect, max(0.05, timeout)),
+            )
+        except requests.Timeout:
+            raise upstream_down("The upstream engine did not answer in time; retry shortly.") from None
+        except requests.RequestException as exc:
+            raise upstream_down(f"The upstream engine is unreachable ({type(exc).__name__}).") from None
+        if response.status_code >= 300:
+            try:
+                response.content  # noqa: B018 - read the (short) error body before closing
+            except requests.RequestException:
+                pass
+            response.close()
+            raise status_error(response)
+        return response
+
+
+def sse_events(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of an SSE stream, until [DONE] or its end; raises 503 if it breaks off."""
+    try:
+        for line in response.iter_lines(chunk_size=None, decode_unicode=False):
+            if not line or not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                log.warning("upstream sent a malformed event: %r", data[:200])
+                continue
+            if isinstance(payload, dict):
+                yield payload
+    except requests.RequestException as exc:
+        raise upstream_down(f"The upstream engine broke off mid-answer ({type(exc).__name__}).") from None
