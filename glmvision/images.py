@@ -30,6 +30,10 @@ class DecodedImage:
     width: int  # as a person sees it (after EXIF orientation)
     height: int
     resized_to: tuple[int, int]  # the size handed to the model's processor
+    # The client's own bytes and their MIME type when decoding changed nothing (an RGB image, upright,
+    # not resized): an upstream engine can be sent those instead of a re-encoding.
+    original: bytes | None = None
+    mime: str | None = None
 
 
 # Maps a (width, height) to the size the model's processor would scale it to.
@@ -132,7 +136,10 @@ def open_image(
             param,
         )
 
+    source_format = image.format
+    untouched = image.mode == "RGB" and "transparency" not in image.info
     try:
+        untouched = untouched and image.getexif().get(0x0112, 1) == 1
         width, height = _oriented_size(image)
         goal = target_size(width, height, max_side)
         # Rounding the short side down must not push an accepted shape past the processor's limit.
@@ -156,7 +163,13 @@ def open_image(
         raise _too_many_pixels(None, max_pixels, param) from None
     except Exception:  # noqa: BLE001 - any decoder failure on client bytes is a bad image
         raise bad_request("invalid_image", "The image data is corrupt or truncated.", param) from None
+    if untouched and image.size == (width, height) and source_format in _MIMES:
+        return DecodedImage(image, width, height, image.size, raw, _MIMES[source_format])
     return DecodedImage(image=image, width=width, height=height, resized_to=image.size)
+
+
+# Formats an upstream engine takes as they are (GIF and BMP are re-encoded: not every engine reads them).
+_MIMES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIError:

@@ -160,13 +160,18 @@ def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
             messages.append({"role": turn.role, "content": "\n".join(turn.parts)})
             continue
         content = [
-            {"type": "image", "image": part.image}
-            if isinstance(part, DecodedImage)
-            else {"type": "text", "text": part}
+            _image_part(part) if isinstance(part, DecodedImage) else {"type": "text", "text": part}
             for part in turn.parts
         ]
         messages.append({"role": "user", "content": content})
     return messages
+
+
+def _image_part(image: DecodedImage) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "image", "image": image.image}
+    if image.original is not None:
+        part["original"] = (image.mime, image.original)  # an upstream engine may take these as they are
+    return part
 
 
 def conversation(turns: list[Turn]) -> list[dict[str, Any]]:
