@@ -76,6 +76,16 @@ class LiveServer:
         return {int(pid) for pid in result.stdout.split()}
 
 
+def stop(process: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds; wait for it either way."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @contextmanager
 def live_server(
     tmp_path: Path, env: dict[str, str], ready_path: str = "/healthz", timeout: float = 90.0
@@ -110,12 +120,7 @@ def live_server(
             time.sleep(0.2)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, grace=30)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -189,9 +194,4 @@ def redis_server(workdir: Path) -> Iterator[int]:
         client.close()
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, grace=10)

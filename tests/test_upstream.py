@@ -16,7 +16,7 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import LiveServer, free_port, image_b64, live_server, server_env, vision_body, wait_for
+from helpers import LiveServer, free_port, image_b64, live_server, server_env, stop, vision_body, wait_for
 
 HTTP_TIMEOUT = 60
 MODEL_ID = "upstream-demo"
@@ -310,12 +310,7 @@ def transformers_serve(tmp_path: Path, demo_model_dir: Path) -> Iterator[str]:
         assert wait_for(healthy, timeout=120), log_path.read_text(errors="replace")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, grace=20)
 
 
 def test_transformers_serve_as_the_upstream(transformers_serve: str, make_app: Callable[..., Flask]) -> None:
