@@ -266,7 +266,7 @@ class Answer:
         if self.redactor is not None and self.redactor.enabled and self.record is not None:
             counts = {kind: n for kind, n in self.redactor.count(raw.text).items() if n}
             if counts:
-                self.record.extra["redactions"] = counts
+                self.record.redactions = counts
         if self.on_done is not None:
             try:
                 self.on_done(raw)
@@ -320,7 +320,10 @@ def answer(
     except BaseException:
         ticket.release()
         raise
-    done = _after_answer(state, chat, record, _cache_key(state, chat, record), alias)
+    # The key made at lookup, if any: one made now that the model has loaded would cover images
+    # decoded before it knew their size, and no later request would ever find it.
+    key = record.cache_key if record is not None else _cache_key(state, chat, record)
+    done = _after_answer(state, chat, record, key, alias)
     return chat, Answer(
         prepared.model_id,
         stream,
@@ -467,8 +470,8 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
     revision = state.backend.model_revision()
     if revision is None:  # not loaded: images were not decoded to the model's size, so skip
         return None
-    if record is not None and "cache_key" in record.extra:
-        return record.extra["cache_key"]
+    if record is not None and record.cache_key is not None:
+        return record.cache_key
     from .ops.cache import make_key
 
     key = make_key(
@@ -480,7 +483,7 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
         cache.perceptual,
     )
     if record is not None:
-        record.extra["cache_key"] = key
+        record.cache_key = key
     return key
 
 

@@ -67,7 +67,7 @@ def admit() -> Ticket:
                 f"retry in {wait} s.",
                 retry_after=wait,
             )
-        record.extra["breaker_client"] = client
+        record.breaker_client = client
     ticket = _admit_or_fallback(state, record)
     g.glmvision_ticket = ticket
     settings = state.settings
@@ -93,13 +93,13 @@ def _admit_or_fallback(state: Service, record: RequestRecord | None) -> Ticket:
 
 def record_outcome(state: Service, record: RequestRecord) -> None:
     """Feed the circuit breaker: a timeout, or an answer the model produced (which resets the streak)."""
-    client = record.extra.get("breaker_client")
+    client = record.breaker_client
     if state.breaker is None or client is None:
         return
     timed_out = record.code in TIMEOUT_CODES
     if timed_out or (record.finish_reason is not None and not record.fallback and record.cache != "hit"):
         if state.breaker.record(client, timed_out):
-            record.extra["circuit_tripped"] = True
+            record.circuit_tripped = True
 
 
 def _abandon_unsubmitted(_: BaseException | None) -> None:

@@ -165,7 +165,7 @@ def test_an_answer_streams_redacted_text_and_counts_the_matches() -> None:
     assert "".join(d.reasoning for d in deltas) == "the card is **** **** **** 1111"
     assert answer.result.text == "pay with **** **** **** 1111 now"
     assert done == [raw]  # the cache keeps the answer itself; redaction is applied on the way out
-    assert record.extra["redactions"] == {"bank_card": 1}
+    assert record.redactions == {"bank_card": 1}
     assert record.completion_tokens == 7 and record.finish_reason == "stop"
 
 
@@ -223,7 +223,7 @@ def test_only_the_clients_own_timeouts_count_for_the_breaker() -> None:
 
     def outcome(code: str | None, finish: str | None = None) -> None:
         record = RequestRecord("r", "POST", "/v1/chat/vision", "10.0.0.1", code=code, finish_reason=finish)
-        record.extra["breaker_client"] = "ip:10.0.0.1"
+        record.breaker_client = "ip:10.0.0.1"
         record_outcome(state, record)  # type: ignore[arg-type]
 
     for _ in range(5):

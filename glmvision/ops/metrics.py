@@ -199,9 +199,9 @@ class Metrics:
             self.degraded.inc()
         if record.fallback:
             self.fallbacks.inc()
-        for kind, count in record.extra.get("redactions", {}).items():
+        for kind, count in record.redactions.items():
             self.redactions.labels(kind).inc(count)
-        if record.extra.get("circuit_tripped"):
+        if record.circuit_tripped:
             self.circuit_trips.inc()
 
     # Gauges.

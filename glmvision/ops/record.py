@@ -57,8 +57,10 @@ class RequestRecord:
     cache: str | None = None  # "hit" or "miss" for a cacheable request
     degraded: bool = False
     fallback: bool = False
-    batch_rows: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    redactions: dict[str, int] = field(default_factory=dict)  # masked matches per kind
+    breaker_client: str | None = None  # whom the circuit breaker counts, once admitted
+    circuit_tripped: bool = False
+    cache_key: Any = None  # glmvision.ops.cache.CacheKey, made once per request
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""
