@@ -152,6 +152,10 @@ def test_a_cache_hit_is_served_by_another_worker_through_redis(
             assert wait_for(lambda: len(server.worker_pids()) == 2), server.log()
             body = vision_body(temperature=0, max_new_tokens=5, prompt="Shared?")
             (one, first_session), (other, second_session) = sorted(pinned_sessions(server).items())
+            for session in (first_session, second_session):
+                # Each worker loads its model first: one still loading knows no revision to key by.
+                warm, _ = post(server, vision_body(temperature=0.7, max_new_tokens=1), session)
+                assert warm.status_code == 200
             first, pid = post(server, body, first_session)
             assert first.headers["X-Cache"] == "miss" and pid == one
             again, pid = post(server, body, second_session)
