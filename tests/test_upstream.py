@@ -152,6 +152,32 @@ def test_stream_is_passed_through_chunk_by_chunk(front: FlaskClient, upstream: L
     assert payloads[-1]["usage"]["completion_tokens"] == 24
 
 
+def test_one_connection_serves_request_after_request(
+    make_app: Callable[..., Flask], upstream: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib3.connection
+
+    connects: list[int] = []
+    real_connect = urllib3.connection.HTTPConnection.connect
+
+    def counted(connection: urllib3.connection.HTTPConnection) -> None:
+        connects.append(connection.port or 0)
+        real_connect(connection)
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", counted)
+    app = make_app(backend="openai", upstream_url=upstream.url + "/v1", upstream_key=KEY, cache="0")
+    client = app.test_client()
+    body = greedy(3, [user("Again?", (64, 48))])
+    for stream in (False, True, False, True):
+        response = client.post("/v1/chat/completions", json={**body, "stream": stream}, buffered=False)
+        assert response.status_code == 200
+        if stream:
+            sse(response.response)  # type: ignore[arg-type]
+        response.close()
+    # Each answer read to the end of its body, so its connection went back to the pool for the next.
+    assert len(connects) == 1
+
+
 def test_stop_strings_end_the_answer_here_as_upstream(front: FlaskClient, upstream: LiveServer) -> None:
     plain = direct(upstream, "/v1/chat/completions", greedy(20, [user("Go.", (64, 48))])).json()
     text = plain["choices"][0]["message"]["content"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import logging
 import threading
@@ -19,6 +20,10 @@ log = logging.getLogger("glmvision")
 
 # Seconds a client is told to wait when the upstream is down or failing.
 RETRY_AFTER = 5
+# Seconds, and lines, read after [DONE] for the body's end: only a body read to its end lets the
+# connection go back to the pool (else every request pays a new connection).
+DRAIN_SECONDS = 1.0
+DRAIN_LINES = 8
 
 
 class UpstreamCounters:
@@ -158,14 +163,28 @@ class UpstreamClient:
         return response
 
 
+def drain(response: requests.Response, lines: Iterator[bytes]) -> None:
+    """Read the little that follows [DONE], briefly, so that the connection can be reused."""
+    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(DRAIN_SECONDS)  # urllib3 sets each request's own timeouts afresh
+    try:
+        for _ in itertools.islice(lines, DRAIN_LINES):
+            pass
+    except (requests.RequestException, OSError):
+        pass  # an upstream that holds the stream open after [DONE]: the connection is closed instead
+
+
 def sse_events(response: requests.Response) -> Iterator[dict[str, Any]]:
     """The JSON payloads of an SSE stream, until [DONE] or its end; raises 503 if it breaks off."""
     try:
-        for line in response.iter_lines(chunk_size=None, decode_unicode=False):
+        lines = response.iter_lines(chunk_size=None, decode_unicode=False)
+        for line in lines:
             if not line or not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
+                drain(response, lines)
                 return
             try:
                 payload = json.loads(data)
