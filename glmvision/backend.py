@@ -270,6 +270,9 @@ class Backend(Protocol):
         `param` names the request field an image the model refuses came from."""
         ...
 
-    def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
-        """Queue prepared inputs; the stream yields the answer, and the ticket is released when it ends."""
+    def submit(
+        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
+    ) -> GenerationStream:
+        """Queue prepared inputs; the stream yields the answer, and the ticket is released when it ends.
+        `streamed` is False when only the whole answer will be read (a backend may fetch it whole)."""
         ...

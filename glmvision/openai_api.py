@@ -95,7 +95,7 @@ def chat_completions() -> Response:
     ticket = admit()
     body = parse_body(request, ChatCompletionRequest)
     turns, params = parse_chat(body, settings, state.backend.model_names())
-    _, answer = pipeline.answer(state, ticket, turns, params, "messages")
+    _, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
     record = current_record()
     meta: dict[str, Any] = {
         "id": new_request_id("chatcmpl"),

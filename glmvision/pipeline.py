@@ -285,8 +285,10 @@ def answer(
     turns: list[Turn],
     params: GenerationParams,
     image_param: str = "image",
+    streamed: bool = False,
 ) -> tuple[ChatInput, Answer]:
-    """With the request's place taken, decode the images, prepare the inputs and queue the generation."""
+    """With the request's place taken, decode the images, prepare the inputs and queue the generation;
+    `streamed`: the caller reads deltas, not only the whole answer."""
     settings, backend = state.settings, state.backend
     record = current_record()
     degraded = record is not None and record.degraded
@@ -312,7 +314,7 @@ def answer(
             if record is not None:
                 record.preprocess_s = time.perf_counter() - started
                 record.visual_tokens = prepared.visual_tokens
-            stream = backend.submit(prepared, params, ticket)
+            stream = backend.submit(prepared, params, ticket, streamed)
         except APIError as exc:
             if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
                 raise

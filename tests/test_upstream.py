@@ -351,22 +351,20 @@ def test_transformers_serve_as_the_upstream(transformers_serve: str, make_app: C
     body = {"messages": messages, "max_tokens": 8, "temperature": 0}
     ours = client.post("/v1/chat/completions", json=body)
     assert ours.status_code == 200, ours.get_json()
-    # What we send it: the same request, streamed, thinking off, the image as we re-encode it (PNG).
-    sent = {
-        **body,
-        "model": model,
-        "stream": True,
-        "chat_template_kwargs": {"enable_thinking": False},
-    }
-    direct_stream = requests.post(
-        transformers_serve + "/v1/chat/completions", json=sent, stream=True, timeout=120
-    )
-    theirs = sse(direct_stream.iter_lines(), done=False)  # it sends no [DONE]: its finish chunk ends it
-    assert ours.get_json()["choices"][0]["message"]["content"] == render(content(theirs), False).answer
+    # What we send it: the same request, whole, thinking off, the image as we re-encode it (PNG).
+    sent = {**body, "model": model, "chat_template_kwargs": {"enable_thinking": False}}
+    theirs = requests.post(transformers_serve + "/v1/chat/completions", json=sent, timeout=120).json()
+    answer = theirs["choices"][0]["message"]["content"]
+    assert ours.get_json()["choices"][0]["message"]["content"] == render(answer, False).answer
     assert ours.get_json()["usage"]["completion_tokens"] == 8
+    # Streamed, we stream from it too (its stream holds back a half-written UTF-8 character).
+    direct_stream = requests.post(
+        transformers_serve + "/v1/chat/completions", json={**sent, "stream": True}, stream=True, timeout=120
+    )
+    theirs_streamed = sse(direct_stream.iter_lines(), done=False)  # no [DONE]: its finish chunk ends it
     streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, buffered=False)
     payloads = sse(streamed.response)  # type: ignore[arg-type]
-    assert content(payloads) == ours.get_json()["choices"][0]["message"]["content"]
+    assert content(payloads) == render(content(theirs_streamed), False).answer
     assert [p["choices"][0]["finish_reason"] for p in payloads if p.get("choices")][-1] == "length"
 
 
@@ -407,6 +405,10 @@ class Scripted:
                         scripted.status, json.dumps({"error": {"message": "scripted failure"}}).encode()
                     )
                     return
+                if not scripted.bodies[-1].get("stream"):
+                    status, whole = scripted.whole()
+                    self._send(status, json.dumps(whole).encode())
+                    return
                 text = (
                     "".join(f"data: {json.dumps(event)}\n\n" for event in scripted.events)
                     + "data: [DONE]\n\n"
@@ -421,6 +423,24 @@ class Scripted:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def whole(self) -> tuple[int, dict[str, Any]]:
+        """The events as one chat completion, as an engine answers `"stream": false` (500 on an error)."""
+        message = {"role": "assistant", "content": "", "reasoning_content": ""}
+        finish, usage = None, None
+        for event in self.events:
+            if "error" in event:
+                return 500, {"error": event["error"]}
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or ():
+                for field in ("content", "reasoning_content"):
+                    message[field] += choice["delta"].get(field) or ""
+                finish = choice.get("finish_reason") or finish
+        completion = {
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        }
+        return 200, {**completion, "usage": usage}
 
 
 @pytest.fixture
@@ -456,11 +476,14 @@ def test_reasoning_content_deltas_are_reasoning(scripted: Scripted, make_app: Ca
     assert answer["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
     sent = scripted.bodies[-1]
     assert sent["model"] == "scripted" and sent["stop"] == [" STOP"]
+    assert sent["stream"] is False and "stream_options" not in sent  # a whole answer is asked whole
     assert sent["chat_template_kwargs"] == {"enable_thinking": True}
     image = sent["messages"][0]["content"][0]
     assert image["type"] == "image_url" and image["image_url"]["url"].startswith("data:image/png;base64,")
     streamed = client.post("/v1/chat/completions", json={**body, "stream": True}, buffered=False)
     payloads = sse(streamed.response)  # type: ignore[arg-type]
+    assert scripted.bodies[-1]["stream"] is True
+    assert scripted.bodies[-1]["stream_options"] == {"include_usage": True}
     reasoning = "".join(p["choices"][0]["delta"].get("reasoning_content") or "" for p in payloads)
     assert reasoning == "Let me look." and content(payloads) == "A cat."
     # Without thinking the reasoning is not the client's.

@@ -202,7 +202,9 @@ class LocalBackend:
         inputs = loaded.prepare(messages, params.enable_thinking, param)
         return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
 
-    def submit(self, prepared: Prepared, params: GenerationParams, ticket: Ticket) -> GenerationStream:
+    def submit(
+        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
+    ) -> GenerationStream:
         if self.engine is None:
             raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
         self.admission.submitted(ticket)

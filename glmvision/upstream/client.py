@@ -140,13 +140,18 @@ class UpstreamClient:
             raise upstream_down("The upstream engine's /models answer is not OpenAI's list.") from None
 
     def chat(self, body: dict[str, Any], timeout: float) -> requests.Response:
-        """POST a streaming chat completion; the response once its headers came (2xx only)."""
+        """POST a chat completion; the response once its headers came (2xx only).
+
+        A streamed one (`body["stream"]`) is read as it arrives, each read waiting at most `timeout`.
+        A whole one is read here, and must have come by then: it is what a deadline bounds.
+        """
+        streamed = bool(body.get("stream"))
         connect = max(0.05, min(self.connect_timeout, timeout))
         try:
             response = self.session.post(
                 self.base_url + "/chat/completions",
                 json=body,
-                stream=True,
+                stream=streamed,
                 timeout=(connect, max(0.05, timeout)),
             )
         except requests.Timeout:
@@ -173,6 +178,28 @@ def drain(response: requests.Response, lines: Iterator[bytes]) -> None:
             pass
     except (requests.RequestException, OSError):
         pass  # an upstream that holds the stream open after [DONE]: the connection is closed instead
+
+
+def completion_event(response: requests.Response) -> dict[str, Any]:
+    """A whole chat completion as one stream event: the message as its delta, usage beside it."""
+    try:
+        payload = response.json()
+        choice = payload["choices"][0]
+        message = choice.get("message") or {}
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise upstream_down("The upstream engine's answer is not a chat completion.") from None
+    if not isinstance(message, dict):
+        raise upstream_down("The upstream engine's answer is not a chat completion.")
+    delta = {
+        "content": message.get("content") or "",
+        "reasoning_content": message.get("reasoning_content") or message.get("reasoning") or "",
+    }
+    event: dict[str, Any] = {
+        "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]
+    }
+    if isinstance(payload.get("usage"), dict):
+        event["usage"] = payload["usage"]
+    return event
 
 
 def sse_events(response: requests.Response) -> Iterator[dict[str, Any]]:

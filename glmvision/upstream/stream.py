@@ -12,7 +12,7 @@ import requests
 from ..errors import APIError, out_of_time
 from ..generation import DEADLINE_GRACE, Delta, Generation, GenerationParams
 from ..output import THINK_CLOSE, THINK_OPEN, StreamRenderer, render
-from .client import sse_events, upstream_down
+from .client import completion_event, sse_events, upstream_down
 
 log = logging.getLogger("glmvision")
 # Seconds the stream still reads, after our stop string ended the answer, for the upstream's usage
@@ -31,8 +31,11 @@ class UpstreamStream:
         on_end: Callable[[], None],
         on_error: Callable[[APIError], APIError] = lambda error: error,
         queued_at: float | None = None,
+        streamed: bool = True,
+        sent_at: float | None = None,
     ) -> None:
         self._response = response
+        self._streamed = streamed  # else the response holds the whole completion, already read
         self._params = params
         self._give_up_at = deadline + DEADLINE_GRACE
         self._on_end = on_end
@@ -52,7 +55,8 @@ class UpstreamStream:
         self.result: Generation | None = None
         self.cancelled = False
         self.queued_at = time.monotonic() if queued_at is None else queued_at
-        self.started_at: float | None = time.monotonic()  # the upstream accepted the request
+        # When the upstream took the request: a stream's headers come then, a whole answer's at its end.
+        self.started_at: float | None = time.monotonic() if streamed or sent_at is None else sent_at
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 
@@ -115,7 +119,8 @@ class UpstreamStream:
     def _read(self, client_gone: Callable[[], bool]) -> Iterator[Delta]:
         finished = False
         stopped_at: float | None = None  # when our stop string ended the answer
-        for event in sse_events(self._response):
+        events = sse_events(self._response) if self._streamed else iter([completion_event(self._response)])
+        for event in events:
             if "error" in event and not event.get("choices"):
                 error = event["error"]
                 message = error.get("message") if isinstance(error, dict) else str(error)
@@ -124,7 +129,9 @@ class UpstreamStream:
                 self._usage = event["usage"]
             for choice in event.get("choices") or ():
                 delta = choice.get("delta") or {}
-                piece = self._piece(delta.get("reasoning_content") or "", delta.get("content") or "")
+                # vLLM's newer releases call the field `reasoning`.
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                piece = self._piece(reasoning, delta.get("content") or "")
                 if piece and stopped_at is None:
                     self._pieces += 1
                     self.first_token_at = self.first_token_at or time.monotonic()
