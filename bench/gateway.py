@@ -7,7 +7,8 @@ local backend) and a front (GLMVISION_BACKEND=openai pointed at the engine's /v1
 bench's request (1024x1024 JPEG, 16 greedy tokens) on POST /v1/chat/vision with closed-loop
 clients; each round measures the engine directly, then through the front, per client count.
 The response cache is off on both (every request is the same). Added p50 and the req/s ratio, from
-this one run. Both servers share this machine's cores, so the front's own work slows the engine too.
+this one run. Both servers share this machine's cores, so the front's own work slows the engine too:
+the CPU milliseconds each server spent per request (all its processes, from /proc) say how much.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every live process in process group `group` (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group:  # fields after the name: state, ppid, pgrp, ..., utime, stime
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results: dict[str, Any] = {"versions": load.versions(), "args": vars(args), "levels": {}}
@@ -58,33 +76,46 @@ def main(argv: list[str] | None = None) -> int:
         front = load.make_server("glmvision", front_port, model_dir, image, options)
         front.name = "front"
         with (
-            load.running(engine, engine_port, work / "engine.log", 240.0) as (engine_url, _),
-            load.running(front, front_port, work / "front.log", 240.0) as (front_url, _),
+            load.running(engine, engine_port, work / "engine.log", 240.0) as (engine_url, engine_group),
+            load.running(front, front_port, work / "front.log", 240.0) as (front_url, front_group),
         ):
             for clients in args.client_list:
-                runs: dict[str, list[tuple[float, float]]] = {"direct": [], "front": []}
+                runs: dict[str, list[tuple[float, float, float, float]]] = {"direct": [], "front": []}
                 for round_ in range(args.rounds):
                     for name, base in (("direct", engine_url), ("front", front_url)):
                         url = base + engine.endpoint
+                        before = cpu_seconds(engine_group), cpu_seconds(front_group)
                         level = load.run_level(
                             name, url, engine.body, clients, args.warmup, args.duration, 300.0
                         )
+                        sent = max(1, level.warmup_requests + level.requests + level.late_requests)
+                        engine_ms = (cpu_seconds(engine_group) - before[0]) * 1000 / sent
+                        front_ms = (cpu_seconds(front_group) - before[1]) * 1000 / sent
                         rate, p50 = level.req_per_s, level.p50_ms
-                        runs[name].append((rate, p50))
+                        runs[name].append((rate, p50, engine_ms, front_ms))
                         where = f"{clients} clients, round {round_ + 1}, {name:>6}"
-                        print(f"{where}: {rate:6.2f} req/s, p50 {p50:.1f} ms")
+                        print(
+                            f"{where}: {rate:6.2f} req/s, p50 {p50:.1f} ms, CPU per request: "
+                            f"engine {engine_ms:.1f} ms, front {front_ms:.1f} ms"
+                        )
                 results["levels"][str(clients)] = runs
     print()
-    print("| clients | direct req/s | front req/s | ratio | direct p50 ms | front p50 ms | added p50 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| clients | direct req/s | front req/s | ratio | direct p50 ms | front p50 ms | added p50 ms "
+        "| engine CPU ms/req direct | engine CPU ms/req via front | front CPU ms/req |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clients, runs in results["levels"].items():
-        direct_rps = statistics.median(r for r, _ in runs["direct"])
-        front_rps = statistics.median(r for r, _ in runs["front"])
-        direct_p50 = statistics.median(p for _, p in runs["direct"])
-        front_p50 = statistics.median(p for _, p in runs["front"])
+
+        def median(name: str, column: int, runs: dict[str, Any] = runs) -> float:
+            return statistics.median(run[column] for run in runs[name])
+
+        direct_rps, front_rps = median("direct", 0), median("front", 0)
+        direct_p50, front_p50 = median("direct", 1), median("front", 1)
         print(
             f"| {clients} | {direct_rps:.2f} | {front_rps:.2f} | {front_rps / direct_rps:.3f}x | "
-            f"{direct_p50:.1f} | {front_p50:.1f} | {front_p50 - direct_p50:+.1f} |"
+            f"{direct_p50:.1f} | {front_p50:.1f} | {front_p50 - direct_p50:+.1f} | "
+            f"{median('direct', 2):.1f} | {median('front', 2):.1f} | {median('front', 3):.1f} |"
         )
     Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
