@@ -205,6 +205,8 @@ class Snapshot:
     active: int = 0
     cache_empties: int = 0
     gpus: tuple[GpuMemory, ...] = ()
+    # An upstream backend's failures so far, as (error code, count).
+    upstream_failures: tuple[tuple[str, int], ...] = ()
 
 
 class Backend(Protocol):

@@ -53,9 +53,14 @@ REQUIRED_PANELS: dict[str, tuple[str, set[str]]] = {
     "batch size": ("short", {"glmvision_batch_size_bucket"}),
     "model loaded": ("short", {"glmvision_model_loaded"}),
     "model info": ("short", {"glmvision_model_info"}),
-    "degraded, fallbacks and circuit trips": (
+    "degraded, fallbacks, circuit trips and upstream failures": (
         "reqps",
-        {"glmvision_degraded_total", "glmvision_fallbacks_total", "glmvision_circuit_trips_total"},
+        {
+            "glmvision_degraded_total",
+            "glmvision_fallbacks_total",
+            "glmvision_circuit_trips_total",
+            "glmvision_upstream_failures_total",
+        },
     ),
 }
 

@@ -512,6 +512,9 @@ def test_upstream_failures_map_to_our_errors(scripted: Scripted, make_app: Calla
     assert response.status_code == 503
     counters = app.extensions["glmvision"].backend.counters
     assert (counters.unavailable, counters.rejected) == (3, 1)
+    exported = client.get("/metrics").get_data(as_text=True)
+    assert 'glmvision_upstream_failures_total{code="upstream_unavailable"} 3.0' in exported
+    assert 'glmvision_upstream_failures_total{code="upstream_rejected"} 1.0' in exported
 
 
 def test_a_gunicorn_front_serves_the_upstream(

@@ -126,6 +126,12 @@ class Metrics:
         self.circuit_trips = Counter("glmvision_circuit_trips", "Client circuits opened.", **reg)
         self.redactions = Counter("glmvision_redactions", "Masked matches in answers.", ["kind"], **reg)
         self.empty_cache = Counter("glmvision_gpu_empty_cache", "torch.cuda.empty_cache() calls.", **reg)
+        self.upstream_failures = Counter(
+            "glmvision_upstream_failures",
+            "Requests the upstream engine failed or refused, by our error code (GLMVISION_BACKEND=openai).",
+            ["code"],
+            **reg,
+        )
         live: dict[str, Any] = {"multiprocess_mode": "liveall", **reg}
         total: dict[str, Any] = {"multiprocess_mode": "livesum", **reg}
         self.model_loaded = Gauge("glmvision_model_loaded", "1 once this worker's model is loaded.", **live)
@@ -148,6 +154,7 @@ class Metrics:
             "glmvision_active_requests", "Requests admitted (preparing, queued, running).", **total
         )
         self._empties_seen = 0
+        self._failures_seen: dict[str, int] = {}
         self._info_labels: tuple[str, ...] | None = None
         self._sample_lock = threading.Lock()
         self._sampler: threading.Thread | None = None
@@ -217,6 +224,11 @@ class Metrics:
             if snap.cache_empties > self._empties_seen:
                 self.empty_cache.inc(snap.cache_empties - self._empties_seen)
                 self._empties_seen = snap.cache_empties
+            for code, count in snap.upstream_failures:
+                seen = self._failures_seen.get(code, 0)
+                if count > seen:
+                    self.upstream_failures.labels(code).inc(count - seen)
+                    self._failures_seen[code] = count
             for gpu in snap.gpus:
                 self.gpu_allocated.labels(gpu.device).set(gpu.allocated)
                 self.gpu_reserved.labels(gpu.device).set(gpu.reserved)

@@ -140,7 +140,16 @@ class UpstreamBackend:
         return self.admission.active / self.admission.capacity
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(loaded=self._probe[0], running=self.running, active=self.admission.active)
+        failures = (
+            ("upstream_unavailable", self.counters.unavailable),
+            ("upstream_rejected", self.counters.rejected),
+        )
+        return Snapshot(
+            loaded=self._probe[0],
+            running=self.running,
+            active=self.admission.active,
+            upstream_failures=failures,
+        )
 
     def gpu_peak(self) -> int | None:
         return None
