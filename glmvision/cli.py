@@ -1,4 +1,4 @@
-"""Command line: `glmvision demo-model DIR`, `serve`, `audit-read PATH` and `audit-keygen`."""
+"""Command line: `glmvision ask`, `batch`, `serve`, `demo-model DIR`, `audit-read PATH` and `audit-keygen`."""
 
 from __future__ import annotations
 
@@ -57,7 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     read.add_argument("--until", metavar="ISO_TIME", help="only records before this time")
     read.add_argument("--request-id", metavar="ID", help="only the records of this request")
     commands.add_parser("audit-keygen", help="print a new audit log key (for GLMVISION_AUDIT_KEY)")
+    from .client import ask, batch
+
+    ask.add_arguments(
+        commands.add_parser(
+            "ask",
+            help="ask a running server one question about one image",
+            description="Ask a running glmvision one question about one image; the answer streams to "
+            "stdout (reasoning, with --think, to stderr). Exit 0 answered, 1 failed, 2 bad usage.",
+        )
+    )
+    batch.add_arguments(
+        commands.add_parser(
+            "batch",
+            help="ask one question of every image in a folder, into a JSON lines file",
+            description=batch.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "ask":
+        return ask.run(args)
+    if args.command == "batch":
+        return batch.run(args)
 
     if args.command == "audit-keygen":
         from .ops.audit import new_key

@@ -400,6 +400,10 @@ def _is_field(model: type[_Base], name: str) -> bool:
     return name.startswith(PREFIX) and name[len(PREFIX) :].lower() in model.model_fields
 
 
+# Read by `glmvision ask` and `batch`, not the server: a shell may well set them beside it.
+CLIENT_VARIABLES = {"GLMVISION_SERVER", "GLMVISION_KEY"}
+
+
 def known_variables() -> set[str]:
     """Every `GLMVISION_*` variable the app or gunicorn reads."""
     return {PREFIX + name.upper() for model in (Settings, ServerSettings) for name in model.model_fields}
@@ -430,7 +434,8 @@ def load_server_settings(overrides: Mapping[str, Any] | None = None) -> ServerSe
 
 def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """Log a warning for each `GLMVISION_*` variable that nothing reads; return them."""
-    unknown = unknown_variables(os.environ if environ is None else environ)
+    names = os.environ if environ is None else environ
+    unknown = [name for name in unknown_variables(names) if name not in CLIENT_VARIABLES]
     for name in unknown:
         log.warning("%s is not a glmvision setting and is ignored (a typo?)", name)
     return unknown

@@ -320,7 +320,8 @@ def test_too_few_gunicorn_threads_are_refused_naming_the_settings(
 def test_unknown_variables_are_found_and_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     """A typo such as GLMVISION_WORKER is reported; real settings and other variables are not."""
     environ = {"GLMVISION_WORKER": "2", "GLMVISION_WORKERS": "2", "GLMVISION_MAX_QUEUE": "3", "HOME": "/"}
-    assert unknown_variables(environ) == ["GLMVISION_WORKER"]
+    environ |= {"GLMVISION_SERVER": "http://127.0.0.1:8080", "GLMVISION_KEY": "k"}  # the client commands'
+    assert unknown_variables(environ) == ["GLMVISION_KEY", "GLMVISION_SERVER", "GLMVISION_WORKER"]
     with caplog.at_level("WARNING", logger="glmvision"):
         assert warn_unknown_variables(environ) == ["GLMVISION_WORKER"]
     assert "GLMVISION_WORKER is not a glmvision setting" in caplog.text

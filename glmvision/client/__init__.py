@@ -1,0 +1,1 @@
+"""Clients of a running glmvision server: `glmvision ask` and `glmvision batch`."""
