@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -151,6 +152,38 @@ def test_python_example_runs(demo_server, tmp_path: Path) -> None:
     result = run_python_example("python", demo_server.url, tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "'total_tokens'" in result.stdout
+
+
+def run_shell_example(name: str, url: str, **replace: str) -> subprocess.CompletedProcess[str]:
+    """Run a README shell example from the repository root, against `url` through $GLMVISION_SERVER."""
+    script = readme_example(name)
+    for old, value in replace.items():
+        script = script.replace(old, value)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
+    env.update(GLMVISION_SERVER=url, PYTHONIOENCODING="utf-8")
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_ask_example_streams_an_answer(demo_server) -> None:
+    result = run_shell_example("cli-ask", demo_server.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n") and "Traceback" not in result.stderr
+
+
+def test_cli_batch_example_writes_a_line_per_image(demo_server, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    result = run_shell_example("cli-batch", demo_server.url, **{"/tmp/glmvision-results.jsonl": str(out)})
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [record["path"] for record in records] == ["tests/data/screenshot.png"]
+    assert records[0]["error"] is None and records[0]["usage"]["completion_tokens"] >= 1
 
 
 def test_demo_model_info_is_reported(demo_server) -> None:
