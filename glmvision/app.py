@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
-from . import auth, errors, limits, service
+from . import auth, errors, limits, page, service
 from .api import bp as api_bp
 from .config import ConfigError, Settings, load_settings, warn_unknown_variables
 from .guards.allowlist import IpAllowlist
@@ -91,6 +91,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openapi_bp)
+    page.init_app(app)
     requests_log.add_finisher(lambda record, _: _finish(state, record))
     if settings.metrics:
         metrics = Metrics()

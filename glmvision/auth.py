@@ -15,7 +15,11 @@ log = logging.getLogger("glmvision")
 
 # Endpoints anyone may call, never rate-limited: liveness and readiness probes, the OpenAPI document.
 # /metrics has its own key (GLMVISION_METRICS_KEY).
-PUBLIC_ENDPOINTS = frozenset({"api.healthz", "api.readyz", "openapi.openapi_json", "ops.metrics"})
+# The probes, the API document, /metrics (its own key) and the browser page (it holds no data: the
+# key is typed into it, and its requests are checked like any other).
+PUBLIC_ENDPOINTS = frozenset(
+    {"api.healthz", "api.readyz", "openapi.openapi_json", "ops.metrics", "page.index", "static"}
+)
 
 
 def key_digest(key: str) -> bytes:
