@@ -76,10 +76,12 @@ async function renderHistory() {
     if (state.conversation && state.conversation.id === conversation.id) item.classList.add("current");
     const open = button(conversation.title, "open", () => openConversation(conversation.id));
     open.title = conversation.title;
-    const rename = button("Rename", "rename", () => startRename(item, conversation));
+    const rename = button("✎", "rename", () => startRename(item, conversation));
     rename.setAttribute("aria-label", `Rename “${conversation.title}”`);
-    const remove = button("Delete", "delete", () => deleteConversation(conversation));
+    rename.title = "Rename";
+    const remove = button("✕", "delete", () => deleteConversation(conversation));
     remove.setAttribute("aria-label", `Delete “${conversation.title}”`);
+    remove.title = "Delete";
     item.append(open, rename, remove);
     list.append(item);
   }
