@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -291,3 +293,88 @@ def test_usable_on_a_phone_width_screen_and_by_keyboard(browser: Browser, server
         assert phone.evaluate("document.activeElement.id") in ("clear-image", "file-input", "drop-zone")
     finally:
         context.close()
+
+
+def test_large_images_are_downscaled_in_the_browser_to_the_servers_side(
+    page: Page,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_model_dir: Path,
+    runtime_dir: Path,
+    tmp_path: Path,
+) -> None:
+    wide = tmp_path / "wide.png"
+    wide.write_bytes(image_bytes(600, 300))
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None
+    )
+    for small in start_server(
+        tmp_path_factory,
+        demo_model_dir,
+        runtime_dir,
+        "side",
+        MAX_IMAGE_SIDE="256",
+        DEFAULT_MAX_NEW_TOKENS="2",
+    ):
+        open_page(page, small)
+        ask(page, "How wide?", wide)
+        wait_answers(page, 1)
+    url = sent[0]["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    uploaded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert uploaded.size == (256, 128)
+
+
+def test_an_image_can_be_dropped_or_pasted(page: Page, server: LiveServer) -> None:
+    open_page(page, server)
+    script = """([kind, data]) => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], 'shot.png', {type: 'image/png'}));
+        if (kind === 'drop') {
+            document.querySelector('#drop-zone').dispatchEvent(
+                new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        } else {
+            const init = {clipboardData: transfer, bubbles: true, cancelable: true};
+            document.dispatchEvent(new ClipboardEvent('paste', init));
+        }
+    }"""
+    data = base64.b64encode(SCREENSHOT.read_bytes()).decode()
+    for kind in ("drop", "paste"):
+        page.evaluate(script, [kind, data])
+        expect(page.locator("#preview")).to_be_visible()
+        assert (
+            page.locator("#preview").get_attribute("src") == "data:image/png;base64," + data
+        )  # bytes as given
+        page.locator("#clear-image").click()
+        expect(page.locator("#preview")).to_be_hidden()
+
+
+def test_thinking_is_sent_and_its_reasoning_shown_collapsed_apart(page: Page, server: LiveServer) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def answer_with_reasoning(route: Route) -> None:
+        sent.append(route.request.post_data_json)
+        chunks = [
+            {
+                "choices": [
+                    {"index": 0, "delta": {"reasoning_content": "Look at the bars."}, "finish_reason": None}
+                ]
+            },
+            {"choices": [{"index": 0, "delta": {"content": "Wednesday."}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}},
+        ]
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/chat/completions", answer_with_reasoning)
+    open_page(page, server)
+    page.check("#thinking")
+    ask(page, "Which is lowest?", SCREENSHOT)
+    wait_answers(page, 1)
+    assert sent[0]["chat_template_kwargs"] == {"enable_thinking": True}
+    reasoning = page.locator(".message.assistant details.reasoning")
+    expect(reasoning).to_be_visible()
+    assert reasoning.get_attribute("open") is None  # collapsed until opened
+    expect(reasoning.locator("pre")).to_have_text("Look at the bars.")
+    expect(page.locator(".message.assistant .answer")).to_have_text("Wednesday.")
