@@ -192,7 +192,8 @@ def test_boxes_in_the_answer_are_drawn_over_the_image(page: Page, server: LiveSe
     Image.new("RGB", (400, 300), (255, 255, 255)).save(white)
     answer = (
         "The panel is at <|begin_of_box|>[[100,200,500,600]]<|end_of_box|>, "
-        'and {"bbox_2d": [600, 100, 900, 400], "label": "logo"}.'
+        'and {"bbox_2d": [600, 100, 900, 400], "label": "logo"}; '
+        "the buttons, as the server sends boxes (markers taken out): [[10,800,50,900], [60,800,90,900]]."
     )
     page.route("**/v1/chat/completions", lambda route: canned(route, answer))
     open_page(page, server)
@@ -200,8 +201,15 @@ def test_boxes_in_the_answer_are_drawn_over_the_image(page: Page, server: LiveSe
     wait_answers(page, 1)
     figure = page.locator(".message.assistant .boxes")
     expect(figure).to_have_attribute("data-drawn", "true")
-    expect(figure).to_have_attribute("data-count", "2")
-    expect(figure.locator("li")).to_have_text(["box 1: [100, 200, 500, 600]", "logo: [600, 100, 900, 400]"])
+    expect(figure).to_have_attribute("data-count", "4")
+    expect(figure.locator("li")).to_have_text(
+        [
+            "box 1: [100, 200, 500, 600]",
+            "box 2: [10, 800, 50, 900]",
+            "box 3: [60, 800, 90, 900]",
+            "logo: [600, 100, 900, 400]",
+        ]
+    )
     expect(page.locator(".message.assistant .answer")).not_to_contain_text("begin_of_box")
     # The first box's left edge, 10% across, half-way down it: the first colour; its inside stays white.
     pixels = page.evaluate(

@@ -11,6 +11,10 @@ const config = {
 const KEY_STORAGE = "glmvision.apiKey";
 const BOX = /<\|begin_of_box\|>([\s\S]*?)(?:<\|end_of_box\|>|$)/g;
 const QUAD = /\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]/g;
+// What is left of a box once the server has taken its markers out: a list of quadruples, [[...], ...].
+const NUM = "-?\\d+(?:\\.\\d+)?";
+const QUAD_TEXT = `\\[\\s*${NUM}\\s*(?:,\\s*${NUM}\\s*){3}\\]`;
+const GROUP = new RegExp(`\\[\\s*${QUAD_TEXT}\\s*(?:,\\s*${QUAD_TEXT}\\s*)*\\]`, "g");
 const COLOURS = ["#e03131", "#1971c2", "#2f9e44", "#f08c00", "#9c36b5", "#0c8599"];
 
 const state = { conversation: null, image: null, controller: null, busy: false };
@@ -227,6 +231,9 @@ function parseBoxes(text) {
   };
   for (const match of text.matchAll(BOX)) {
     for (const quad of match[1].matchAll(QUAD)) add(quad.slice(1, 5), "");
+  }
+  for (const group of text.replace(BOX, " ").matchAll(GROUP)) {
+    for (const quad of group[0].matchAll(QUAD)) add(quad.slice(1, 5), "");
   }
   for (const candidate of text.match(/\{[^{}]*"bbox_2d"[^{}]*\}/g) || []) {
     try {
