@@ -17,6 +17,7 @@ from .pipeline import (
     ImageRef,
     Turn,
     answer,
+    boxes_of,
     check_prompt,
     client_gone_check,
     generation_params,
@@ -97,6 +98,7 @@ def chat_vision() -> Response:
     answer = VisionResponse(
         result=result.text,
         **_native_fields("vision", generation.model_id, result, body.enable_thinking),
+        boxes=boxes_of(chat, result.text),
         image=ImageSize(width=decoded.width, height=decoded.height, resized_to=list(sent)),
     )
     return jsonify(answer.to_json())
@@ -108,6 +110,7 @@ def chat_seed() -> Response:
     ticket = admit()
     body = parse_body(request, SeedChatRequest)
     image = ImageRef(body.image_url, "image_url")
-    _, generation, result = _answer_one_image(ticket, image, body.prompt, body)
+    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
-    return jsonify(SeedChatResponse(response=result.text, **fields).to_json())
+    answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text), **fields)
+    return jsonify(answer.to_json())

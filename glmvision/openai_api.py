@@ -16,7 +16,16 @@ from .config import Settings
 from .errors import APIError, api_error_object, bad_request, error_object
 from .generation import GenerationParams
 from .ops.record import current_record
-from .pipeline import Answer, ImageRef, Turn, check_prompt_length, generation_params, new_request_id, usage
+from .pipeline import (
+    Answer,
+    ChatInput,
+    ImageRef,
+    Turn,
+    check_prompt_length,
+    generation_params,
+    new_request_id,
+    usage,
+)
 from .responses import (
     AssistantMessage,
     ChatCompletion,
@@ -95,7 +104,7 @@ def chat_completions() -> Response:
     ticket = admit()
     body = parse_body(request, ChatCompletionRequest)
     turns, params = parse_chat(body, settings, state.backend.model_names())
-    _, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
+    chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
     record = current_record()
     meta: dict[str, Any] = {
         "id": new_request_id("chatcmpl"),
@@ -108,11 +117,12 @@ def chat_completions() -> Response:
         if record is not None:
             record.stream = True
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(answer, meta, include_usage, settings)
+        events = _events(answer, chat, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
     result = answer.finish(settings, pipeline.client_gone_check(request.environ))
-    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning)
+    boxes = pipeline.boxes_of(chat, result.text) or None
+    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning, boxes=boxes)
     choice = Choice(message=message, finish_reason=result.finish_reason)
     return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(result)).to_json())
 
@@ -122,7 +132,9 @@ def _sse(payload: ResponseModel, **dump: Any) -> str:
     return f"data: {text}\n\n"
 
 
-def _events(answer: Answer, meta: dict[str, Any], include_usage: bool, settings: Settings) -> Iterator[str]:
+def _events(
+    answer: Answer, chat: ChatInput, meta: dict[str, Any], include_usage: bool, settings: Settings
+) -> Iterator[str]:
     """Chunks as tokens arrive: role first, then deltas, the finish reason, usage if asked, [DONE]."""
     # Without include_usage the chunks carry no `usage` key at all; with it, null until the last.
     dump: dict[str, Any] = {} if include_usage else {"exclude": {"usage"}}
@@ -147,7 +159,7 @@ def _events(answer: Answer, meta: dict[str, Any], include_usage: bool, settings:
             yield "data: [DONE]\n\n"
             return
         result = answer.result
-        yield chunk(Delta(), result.finish_reason)
+        yield chunk(Delta(boxes=pipeline.boxes_of(chat, result.text) or None), result.finish_reason)
         if include_usage:
             yield _sse(ChatCompletionChunk(**meta, choices=[], usage=usage(result)))
         yield "data: [DONE]\n\n"

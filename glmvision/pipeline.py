@@ -30,7 +30,7 @@ from .generation import (
 )
 from .images import DecodedImage, Fit, decode_image, open_image
 from .ops.record import ImageStat, RequestRecord, current_record
-from .responses import Usage
+from .responses import GroundingBox, Usage
 from .service import FALLBACK_CODES
 from .urlfetch import FetchPolicy, fetch_image, is_url
 
@@ -68,6 +68,16 @@ class ChatInput:
     @property
     def images(self) -> list[DecodedImage]:
         return [part for turn in self.turns for part in turn.parts if isinstance(part, DecodedImage)]
+
+
+def boxes_of(chat: ChatInput, text: str) -> list[GroundingBox]:
+    """The answer's grounding boxes on the request's images, in the pixels the user sees."""
+    from .boxes import place_boxes
+
+    sizes = [(image.width, image.height) for image in chat.images]
+    asked = next((turn for turn in reversed(chat.turns) if turn.role == "user"), None)
+    carried = sum(isinstance(part, DecodedImage) for part in asked.parts) if asked is not None else 0
+    return [GroundingBox(**box.to_json()) for box in place_boxes(text, sizes, carried)]
 
 
 def check_prompt_length(characters: int, settings: Settings, param: str) -> None:

@@ -120,6 +120,18 @@ class ImageSize(ResponseModel):
     resized_to: list[int] = Field(min_length=2, max_length=2)
 
 
+class GroundingBox(ResponseModel):
+    """A box the answer drew: on which image, normalised (0..1000), and in that image's pixels."""
+
+    image: int = Field(description="Index of the image among the request's images (0-based).")
+    box: list[float] = Field(description="[x1, y1, x2, y2] normalised to 0..1000, as the model wrote it.")
+    pixels: list[float] = Field(
+        description="[x1, y1, x2, y2] in the image's pixels as the user sees it (EXIF-rotated, "
+        "before any resize)."
+    )
+    label: str | None = None
+
+
 class NativeAnswer(ResponseModel):
     """The fields both native answers share, `reasoning` only when enable_thinking was set."""
 
@@ -130,6 +142,7 @@ class NativeAnswer(ResponseModel):
     usage: Usage
     reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
     degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
+    boxes: list[GroundingBox] = Field(default_factory=list, description="Grounding boxes in the answer.")
 
 
 class VisionResponse(NativeAnswer):
@@ -155,6 +168,8 @@ class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    # glmvision's extension: the answer's grounding boxes, when it has any.
+    boxes: list[GroundingBox] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class Choice(ResponseModel):
@@ -185,6 +200,8 @@ class Delta(ResponseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_omitted_when_none)
     content: str | None = Field(default=None, exclude_if=_omitted_when_none)
     reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    # glmvision's extension, in the finish chunk only: the whole answer's grounding boxes.
+    boxes: list[GroundingBox] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class ChunkChoice(ResponseModel):
