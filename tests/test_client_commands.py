@@ -237,3 +237,37 @@ def _b64(raw: bytes) -> str:
     import base64
 
     return base64.b64encode(raw).decode()
+
+
+def test_ask_draws_the_answers_boxes_over_the_image(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
+) -> None:
+    from PIL import Image
+    from test_upstream import Scripted, chunk
+
+    canned = Scripted()  # the model's words, chosen: a box on the left half, labelled
+    canned.events = [
+        chunk(content='Here: {"bbox_2d": [0, 0, 500, 1000], "label": "left"}'),
+        chunk("stop", {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}),
+    ]
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (200, 100), (255, 255, 255)).save(photo)
+    env = server_env(demo_model_dir, runtime_dir, BACKEND="openai", UPSTREAM_URL=canned.url, CACHE="0")
+    try:
+        with live_server(tmp_path, env, ready_path="/readyz") as front:
+            for stream in ([], ["--no-stream"]):
+                out = tmp_path / f"boxes{len(stream)}.png"
+                result = glmvision(
+                    "ask", str(photo), "Where?", "--server", front.url, "--boxes", str(out), *stream
+                )
+                assert result.returncode == 0, result.stderr
+                assert f"1 box drawn -> {out}" in result.stderr
+                drawn = Image.open(out).convert("RGB")
+                assert drawn.size == (200, 100)
+                assert drawn.getpixel((0, 60)) == (224, 49, 49)  # the box's left edge, in the first colour
+                assert drawn.getpixel((150, 60)) == (255, 255, 255)  # outside it, as it was
+    finally:
+        canned.server.shutdown()
+        canned.server.server_close()
+    url = glmvision("ask", "https://127.0.0.1/x.png", "Where?", "--boxes", str(tmp_path / "x.png"))
+    assert url.returncode == 2 and "--boxes needs a local image file" in url.stderr

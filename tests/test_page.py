@@ -386,3 +386,26 @@ def test_thinking_is_sent_and_its_reasoning_shown_collapsed_apart(page: Page, se
     assert reasoning.get_attribute("open") is None  # collapsed until opened
     expect(reasoning.locator("pre")).to_have_text("Look at the bars.")
     expect(page.locator(".message.assistant .answer")).to_have_text("Wednesday.")
+
+
+def test_the_servers_boxes_are_drawn_when_it_sends_them(page: Page, server: LiveServer) -> None:
+    def boxed(route: Route) -> None:
+        finish_box = {"image": 0, "box": [0, 0, 500, 500], "pixels": [0, 0, 240, 135], "label": "chart"}
+        chunks = [
+            {"choices": [{"index": 0, "delta": {"content": "Top left."}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {"boxes": [finish_box]}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}},
+        ]
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/chat/completions", boxed)
+    open_page(page, server)
+    ask(page, "Where is the chart?", SCREENSHOT)
+    wait_answers(page, 1)
+    figure = page.locator(".message.assistant .boxes")
+    expect(figure).to_have_attribute("data-drawn", "true")
+    expect(figure.locator("li")).to_have_text(["chart: [0, 0, 500, 500]"])
+    page.reload()  # kept with the conversation
+    page.wait_for_selector("body[data-ready='true']")
+    expect(page.locator(".message.assistant .boxes li")).to_have_text(["chart: [0, 0, 500, 500]"])

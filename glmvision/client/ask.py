@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .http import ClientError, Server, chat_body, post, sse_payloads
+from .http import ClientError, Server, chat_body, is_url, post, sse_payloads
 
 PATH = "/v1/chat/completions"
 
@@ -40,10 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="seconds to wait (default 300)"
     )
+    parser.add_argument(
+        "--boxes", metavar="OUT.png", help="draw the answer's grounding boxes over the image into this file"
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Ask, print, and return the exit code: 0 answered, 1 the server or connection failed, 2 bad usage."""
+    if args.boxes and is_url(args.image):
+        print("glmvision ask: --boxes needs a local image file to draw on", file=err)
+        return 2
     try:
         server = Server.from_args(args.server, args.key, args.timeout)
         body = chat_body(
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         print("", file=err)
         return 130
     answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    if args.boxes:
+        _draw(args.image, answer.get("boxes") or [], args.boxes, err)
     if args.json:
         print(json.dumps(answer, ensure_ascii=False), file=out)
     elif not stream:
@@ -82,18 +90,26 @@ def _whole(server: Server, body: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": choice.get("finish_reason"),
         "usage": completion.get("usage"),
         "model": completion.get("model"),
+        "boxes": choice["message"].get("boxes") or [],
     }
 
 
 def _streamed(server: Server, body: dict[str, Any], out: TextIO, err: TextIO) -> dict[str, Any]:
     """Print content to `out` (reasoning to `err`) as it arrives; the whole answer at the end."""
     request = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    answer: dict[str, Any] = {"answer": "", "reasoning": None, "finish_reason": None, "usage": None}
+    answer: dict[str, Any] = {
+        "answer": "",
+        "reasoning": None,
+        "finish_reason": None,
+        "usage": None,
+        "boxes": [],
+    }
     for payload in sse_payloads(post(server, PATH, request, stream=True)):
         answer["model"] = payload.get("model")
         answer["usage"] = payload.get("usage") or answer["usage"]
         for choice in payload.get("choices") or ():
             delta = choice.get("delta") or {}
+            answer["boxes"] = delta.get("boxes") or answer["boxes"]  # in the finish chunk
             if delta.get("reasoning_content"):
                 answer["reasoning"] = (answer["reasoning"] or "") + delta["reasoning_content"]
                 err.write(delta["reasoning_content"])
@@ -107,3 +123,13 @@ def _streamed(server: Server, body: dict[str, Any], out: TextIO, err: TextIO) ->
         err.write("\n")
     out.write("\n")
     return answer
+
+
+def _draw(image: str, boxes: list[dict[str, Any]], out: str, err: TextIO) -> None:
+    from .draw import draw_boxes
+
+    if not boxes:
+        print("no grounding boxes in the answer: nothing drawn", file=err)
+        return
+    drawn = draw_boxes(image, boxes, out)
+    print(f"{drawn} box{'es' if drawn != 1 else ''} drawn -> {out}", file=err)

@@ -206,7 +206,10 @@ function fillAnswer(view, message, image) {
   if (message.usage) parts.push(`${message.usage.prompt_tokens} prompt + ${message.usage.completion_tokens} answer tokens`);
   if (message.stopped) parts.push("stopped");
   view.meta.textContent = parts.join(" · ");
-  const boxes = parseBoxes(message.text || "");
+  // The server's boxes when it sent them (the finish chunk), else what the text holds.
+  const boxes = message.boxes
+    ? message.boxes.map((b) => ({ x1: b.box[0], y1: b.box[1], x2: b.box[2], y2: b.box[3], label: b.label || "" }))
+    : parseBoxes(message.text || "");
   const old = view.root.querySelector(".boxes");
   if (old) old.remove();
   if (boxes.length && image) view.root.append(boxesElement(image, boxes));
@@ -424,6 +427,7 @@ async function ask(event) {
         if (delta) {
           answer.reasoning += delta.reasoning_content || "";
           answer.text += delta.content || "";
+          if (Array.isArray(delta.boxes)) answer.boxes = delta.boxes;
         }
         if (usage) answer.usage = usage;
         fillAnswer(view, answer, lastImage);
