@@ -121,6 +121,9 @@ def test_the_page_is_served_with_strict_headers(page: Page, server: LiveServer) 
 def test_upload_ask_stream_follow_up_and_find_it_in_history(page: Page, server: LiveServer) -> None:
     sent: list[dict[str, Any]] = []
     streamed: list[str] = []
+    problems: list[str] = []  # console errors: a CSP violation, a missing file, a script error
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
     page.on(
         "request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None
     )
@@ -152,6 +155,7 @@ def test_upload_ask_stream_follow_up_and_find_it_in_history(page: Page, server: 
     assert follow_up[2]["content"] == [{"type": "text", "text": "And the lowest bar?"}]
     shown = page.locator(".message.assistant .answer").first.text_content()
     assert follow_up[1]["content"].replace("<|begin_of_box|>", "").replace("<|end_of_box|>", "") == shown
+    assert problems == []
 
     page.reload()
     page.wait_for_selector("body[data-ready='true']")
