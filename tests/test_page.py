@@ -92,6 +92,12 @@ def wait_answers(page: Page, count: int) -> None:
     )
 
 
+def fulfil_stream(route: Route, chunks: list[dict[str, Any]]) -> None:
+    """Answer the page's request with these chunks, as the server streams them."""
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+
 def canned(route: Route, answer: str) -> None:
     """A stand-in for the model: the answer as the server would stream it."""
     chunks = [
@@ -100,8 +106,7 @@ def canned(route: Route, answer: str) -> None:
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
         {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}},
     ]
-    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
-    route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+    fulfil_stream(route, chunks)
 
 
 def test_the_page_is_served_with_strict_headers(page: Page, server: LiveServer) -> None:
@@ -376,8 +381,7 @@ def test_thinking_is_sent_and_its_reasoning_shown_collapsed_apart(page: Page, se
             {"choices": [{"index": 0, "delta": {"content": "Wednesday."}, "finish_reason": "stop"}]},
             {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}},
         ]
-        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+        fulfil_stream(route, chunks)
 
     page.route("**/v1/chat/completions", answer_with_reasoning)
     open_page(page, server)
@@ -400,8 +404,7 @@ def test_the_servers_boxes_are_drawn_when_it_sends_them(page: Page, server: Live
             {"choices": [{"index": 0, "delta": {"boxes": [finish_box]}, "finish_reason": "stop"}]},
             {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}},
         ]
-        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+        fulfil_stream(route, chunks)
 
     page.route("**/v1/chat/completions", boxed)
     open_page(page, server)

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .http import ClientError, Server, chat_body, is_url, post, sse_payloads
+from .http import ClientError, Server, add_server_arguments, chat_body, is_url, post, sse_payloads
 
 PATH = "/v1/chat/completions"
 
@@ -18,12 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "image", metavar="IMAGE_OR_URL", help="an image file, or an http(s) URL the server fetches"
     )
     parser.add_argument("question", help="what to ask about the image")
-    parser.add_argument(
-        "--server",
-        metavar="URL",
-        help="glmvision's base URL (default $GLMVISION_SERVER, else http://127.0.0.1:8080)",
-    )
-    parser.add_argument("--key", metavar="K", help="API key (default $GLMVISION_KEY)")
+    add_server_arguments(parser)
     parser.add_argument(
         "--no-stream", action="store_true", help="wait for the whole answer instead of streaming it"
     )
@@ -32,13 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--think", action="store_true", help="let the model think first; its reasoning goes to stderr"
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, metavar="N", help="most tokens to generate (default: the server's)"
-    )
-    parser.add_argument("--temperature", type=float, metavar="T", help="0 for greedy (default: the server's)")
-    parser.add_argument(
-        "--timeout", type=float, default=300.0, metavar="S", help="seconds to wait (default 300)"
     )
     parser.add_argument(
         "--boxes", metavar="OUT.png", help="draw the answer's grounding boxes over the image into this file"

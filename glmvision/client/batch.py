@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .http import ClientError, Server, chat_body, post, with_retries
+from .http import ClientError, Server, add_server_arguments, chat_body, post, with_retries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 PATH = "/v1/chat/completions"
@@ -38,25 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default 4)"
     )
-    parser.add_argument(
-        "--server",
-        metavar="URL",
-        help="glmvision's base URL (default $GLMVISION_SERVER, else http://127.0.0.1:8080)",
-    )
-    parser.add_argument("--key", metavar="K", help="API key (default $GLMVISION_KEY)")
-    parser.add_argument(
-        "--max-tokens", type=int, metavar="N", help="most tokens per answer (default: the server's)"
-    )
-    parser.add_argument("--temperature", type=float, metavar="T", help="0 for greedy (default: the server's)")
+    add_server_arguments(parser)
     parser.add_argument(
         "--retries",
         type=int,
         default=5,
         metavar="N",
         help="tries again after 429/503, honouring Retry-After (default 5)",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=300.0, metavar="S", help="seconds to wait per request (default 300)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import mimetypes
@@ -61,6 +62,23 @@ class Server:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags both client commands take: the server, its key, how to sample, how long to wait."""
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="glmvision's base URL (default $GLMVISION_SERVER, else http://127.0.0.1:8080)",
+    )
+    parser.add_argument("--key", metavar="K", help="API key (default $GLMVISION_KEY)")
+    parser.add_argument(
+        "--max-tokens", type=int, metavar="N", help="most tokens per answer (default: the server's)"
+    )
+    parser.add_argument("--temperature", type=float, metavar="T", help="0 for greedy (default: the server's)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="seconds to wait per answer (default 300)"
+    )
 
 
 def is_url(source: str) -> bool:
