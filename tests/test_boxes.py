@@ -171,3 +171,15 @@ def test_an_answer_without_boxes_keeps_the_openai_shape(
     message = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]["message"]
     assert set(message) == {"role", "content"}
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["boxes"] == []
+
+
+def test_order_labels_and_bad_json_between_good_boxes() -> None:
+    text = '[[1, 2, 3, 4]] then {"bbox_2d": [1, 2, 3} broken, then {"bbox_2d": [5, 6, 7, 8]} unlabelled'
+    assert find_boxes(text) == [FoundBox((1, 2, 3, 4), None, 1), FoundBox((5, 6, 7, 8), None, 0)]
+    assert to_pixels((333, 1, 999, 1000), 7, 3) == (2.33, 0.0, 6.99, 3.0)  # 0.01 px
+
+
+def test_fewer_groups_than_the_questions_images_go_to_the_newest() -> None:
+    sizes = [(10, 10), (20, 20), (40, 40)]
+    boxes = place_boxes("[[0, 0, 1000, 1000]] and [[0, 0, 500, 500]]", sizes, last_turn_images=3)
+    assert [(b.image, b.pixels) for b in boxes] == [(2, (0, 0, 40, 40)), (2, (0, 0, 20, 20))]

@@ -112,3 +112,28 @@ def test_argument_types_ignore_malformed_tools() -> None:
     assert set(types) == {"bare", "get_weather", "crop"} and types["bare"] == {}
     _, (call,) = parse_tool_calls("<tool_call>bare</tool_call>", tools)
     assert call.name == "bare" and arguments(call) == {}
+
+
+def test_untyped_and_union_arguments_and_the_call_shape() -> None:
+    tools: list[dict[str, Any]] = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"properties": {"free": {}, "maybe": {"type": ["integer", "null"]}}},
+            },
+        }
+    ]
+    text = (
+        "<tool_call>f<arg_key>free</arg_key><arg_value>123</arg_value>"
+        "<arg_key>maybe</arg_key><arg_value>5</arg_value><arg_key>city</arg_key><arg_value>北京</arg_value></tool_call>"
+    )
+    _, (call,) = parse_tool_calls(text, tools)
+    assert arguments(call) == {"free": "123", "maybe": 5, "city": "北京"}  # no type given: text
+    assert "北京" in call.arguments  # as written, not \\u-escaped
+    assert len(call.id) == len("call_") + 24
+    assert call.to_json() == {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": "f", "arguments": call.arguments},
+    }
