@@ -112,5 +112,5 @@ def chat_seed() -> Response:
     image = ImageRef(body.image_url, "image_url")
     chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
-    answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text), **fields)
+    answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text) or None, **fields)
     return jsonify(answer.to_json())

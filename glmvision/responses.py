@@ -154,9 +154,10 @@ class VisionResponse(NativeAnswer):
 
 
 class SeedChatResponse(NativeAnswer):
-    """POST /v1/chat: the answer as `response`."""
+    """POST /v1/chat: the answer as `response`; `boxes` only when it has any (the guides' shape)."""
 
     response: str
+    boxes: list[GroundingBox] | None = Field(default=None, exclude_if=_omitted_when_none)  # type: ignore[assignment]
 
 
 # --- Chat completions ----------------------------------------------------------------------------

@@ -171,6 +171,8 @@ def test_an_answer_without_boxes_keeps_the_openai_shape(
     message = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]["message"]
     assert set(message) == {"role", "content"}
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["boxes"] == []
+    seed = client.post("/v1/chat", json={"image_url": vision_body()["image"], "prompt": "Hi"}).get_json()
+    assert "boxes" not in seed  # the reference guides' shape, unchanged
 
 
 def test_order_labels_and_bad_json_between_good_boxes() -> None:
