@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import ROOT, LiveServer, free_port, image_bytes, live_server, server_env, wait_for
+from helpers import ROOT, LiveServer, b64, free_port, image_bytes, live_server, server_env, wait_for
 
 SCREENSHOT = ROOT / "tests" / "data" / "screenshot.png"
 RUN_TIMEOUT = 240
@@ -63,7 +63,7 @@ def test_ask_streams_the_answer_the_server_gives(server: LiveServer) -> None:
     assert answer["reasoning"] is None and isinstance(answer["latency_ms"], float)
     # The same question asked directly: the command sent the image and the settings as given.
     content = [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _b64(SCREENSHOT.read_bytes())}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(SCREENSHOT.read_bytes())}},
         {"type": "text", "text": "What is shown?"},
     ]
     direct = requests.post(
@@ -231,12 +231,6 @@ def test_batch_usage_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip() == f"glmvision batch: no images found at {empty}"
     missing = glmvision("batch", str(empty))
     assert missing.returncode == 2 and "--prompt" in missing.stderr
-
-
-def _b64(raw: bytes) -> str:
-    import base64
-
-    return base64.b64encode(raw).decode()
 
 
 def test_ask_draws_the_answers_boxes_over_the_image(

@@ -190,12 +190,9 @@ def completion_event(response: requests.Response) -> dict[str, Any]:
         raise upstream_down("The upstream engine's answer is not a chat completion.") from None
     if not isinstance(message, dict):
         raise upstream_down("The upstream engine's answer is not a chat completion.")
-    delta = {
-        "content": message.get("content") or "",
-        "reasoning_content": message.get("reasoning_content") or message.get("reasoning") or "",
-    }
+    # A message has a delta's fields (content, reasoning_content or reasoning): the stream reads it as one.
     event: dict[str, Any] = {
-        "choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]
+        "choices": [{"index": 0, "delta": message, "finish_reason": choice.get("finish_reason")}]
     }
     if isinstance(payload.get("usage"), dict):
         event["usage"] = payload["usage"]
