@@ -9,7 +9,8 @@ from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
 from .backend import Ticket
-from .generation import Generation
+from .config import Settings
+from .generation import Constraint, Generation
 from .ops.record import current_record
 from .pipeline import (
     Answer,
@@ -21,6 +22,7 @@ from .pipeline import (
     check_prompt,
     client_gone_check,
     generation_params,
+    json_constraint,
     new_request_id,
     usage,
 )
@@ -66,10 +68,16 @@ def _answer_one_image(
         top_p=body.top_p,
         seed=body.seed,
         enable_thinking=body.enable_thinking,
+        constraint=_constraint(body.json_schema, state.settings),
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
     chat, generation = answer(state, ticket, turns, params, image.param)
     return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
+
+
+def _constraint(schema: dict[str, Any] | None, settings: Settings) -> Constraint | None:
+    """The native endpoints' json_schema field as a decoding constraint ({} means any JSON)."""
+    return None if schema is None else json_constraint(schema, settings, "json_schema")
 
 
 def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:

@@ -183,6 +183,7 @@ class Prepared:
     inputs: Any
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
     visual_tokens: int = 0  # prompt tokens that stand for image patches
+    constraint: Any = None  # the backend's compiled form of the request's Constraint, if any
 
 
 @dataclass(frozen=True)

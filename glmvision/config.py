@@ -97,6 +97,9 @@ class Settings(_Base):
     )
     max_prompt_chars: int = Field(16_000, gt=0, description="Longest prompt accepted, in characters.")
     max_new_tokens: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
+    max_schema_bytes: int = Field(
+        32_768, gt=0, description="Largest JSON schema (response_format, json_schema) accepted, in bytes."
+    )
     default_max_new_tokens: int = Field(
         512, gt=0, description="max_new_tokens when a request gives none (capped by the above)."
     )

@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from .errors import out_of_time
@@ -18,6 +18,20 @@ log = logging.getLogger("glmvision")
 _END = object()
 # Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
 DEFAULT_TEMPERATURE = 0.7
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What decoding must produce: JSON valid against `schema` (canonical JSON text), or any JSON
+    object when it is None."""
+
+    schema: str | None = None
+    param: str = field(default="response_format", compare=False)  # the field errors about it name
+
+    @property
+    def kind(self) -> str:
+        """OpenAI's name for it: json_schema or json_object."""
+        return "json_object" if self.schema is None else "json_schema"
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,7 @@ class GenerationParams:
     enable_thinking: bool = False
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
+    constraint: Constraint | None = None  # a grammar masks the logits at every step
 
 
 @dataclass(frozen=True)

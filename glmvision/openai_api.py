@@ -14,7 +14,7 @@ from flask.wrappers import Response
 from . import pipeline
 from .config import Settings
 from .errors import APIError, api_error_object, bad_request, error_object
-from .generation import GenerationParams
+from .generation import Constraint, GenerationParams
 from .ops.record import current_record
 from .pipeline import (
     Answer,
@@ -23,6 +23,7 @@ from .pipeline import (
     Turn,
     check_prompt_length,
     generation_params,
+    json_constraint,
     new_request_id,
     usage,
 )
@@ -92,8 +93,19 @@ def parse_chat(
         stop=body.stop_strings,
         min_new_tokens=body.min_tokens,
         param=limit_param,
+        constraint=_constraint(body, settings),
     )
     return _turns(body.messages, settings), params
+
+
+def _constraint(body: ChatCompletionRequest, settings: Settings) -> Constraint | None:
+    """response_format as a decoding constraint (none for text)."""
+    form = body.response_format
+    if form is None or form.type == "text":
+        return None
+    if form.type == "json_object" or form.json_schema is None:
+        return json_constraint(None, settings, "response_format")
+    return json_constraint(form.json_schema.schema_, settings, "response_format.json_schema.schema")
 
 
 @bp.post("/v1/chat/completions")

@@ -7,6 +7,7 @@ prompts and limits, image handling and generation all live here.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import select
 import socket
@@ -22,6 +23,7 @@ from .config import Settings
 from .errors import APIError, bad_request
 from .generation import (
     DEFAULT_TEMPERATURE,
+    Constraint,
     Delta,
     FixedStream,
     Generation,
@@ -108,6 +110,7 @@ def generation_params(
     stop: tuple[str, ...] = (),
     min_new_tokens: int = 0,
     param: str = "max_new_tokens",
+    constraint: Constraint | None = None,
 ) -> GenerationParams:
     """Apply the server's token cap and defaults to a request's sampling settings."""
     cap = settings.max_new_tokens
@@ -116,7 +119,28 @@ def generation_params(
     elif max_new_tokens > cap:
         raise bad_request("invalid_value", f"Field {param!r} may be at most {cap}.", param)
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    return GenerationParams(max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens)
+    if constraint is not None:
+        min_new_tokens = 0  # the grammar decides where the document ends
+    return GenerationParams(
+        max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens, constraint
+    )
+
+
+def json_constraint(schema: dict[str, Any] | None, settings: Settings, param: str) -> Constraint:
+    """The constraint for JSON valid against `schema` (any JSON object when None), its size checked."""
+    if schema is None:
+        return Constraint(None, param)
+    try:
+        # Keys keep their order: the answer's properties follow it.
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise bad_request(
+            "invalid_schema", "The JSON schema holds a number JSON cannot carry.", param
+        ) from None
+    size, limit = len(text.encode()), settings.max_schema_bytes
+    if size > limit:
+        raise bad_request("schema_too_large", f"The JSON schema is {size} bytes; at most {limit}.", param)
+    return Constraint(text, param)
 
 
 def load_image(

@@ -74,6 +74,7 @@ class SamplingFields(RequestModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     enable_thinking: bool = False
+    json_schema: dict[str, Any] | None = None  # the answer is JSON valid against it
 
 
 class VisionRequest(SamplingFields):
@@ -151,6 +152,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(BaseModel):
+    """OpenAI's response_format.json_schema: a named schema the answer must match."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise rule_error(
+                "missing_field", "response_format.json_schema is required with type json_schema."
+            )
+        return self
+
+
 class ChatTemplateKwargs(BaseModel):
     """vLLM's chat_template_kwargs: only enable_thinking is read; other keys are ignored."""
 
@@ -181,6 +210,7 @@ class ChatCompletionRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    response_format: ResponseFormat | None = None
     # Last, so that its error comes after n's and enable_thinking's, as it always has.
     stop: str | list[str] | None = None
 

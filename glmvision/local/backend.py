@@ -199,8 +199,12 @@ class LocalBackend:
         self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
     ) -> Prepared:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
+        constraint = None
+        if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
+            constraint = loaded.grammars().compile(params.constraint)
         inputs = loaded.prepare(messages, params.enable_thinking, param)
-        return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
+        sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
+        return Prepared(loaded.model_id, inputs, sizes, visual, constraint)
 
     def submit(
         self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
@@ -208,4 +212,4 @@ class LocalBackend:
         if self.engine is None:
             raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
         self.admission.submitted(ticket)
-        return self.engine.submit(prepared.inputs, params, ticket)
+        return self.engine.submit(prepared.inputs, params, ticket, prepared.constraint)

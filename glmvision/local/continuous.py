@@ -255,7 +255,7 @@ class ContinuousEngine(QueueEngine):
                 self.beat()
                 if end < chunked.embeds.shape[1]:
                     return
-                sampling = RowSampling.for_params(job.params, model.model.device)
+                sampling = RowSampling.for_params(job.params, model.model.device, job.constraint)
                 row = Row(job, sampling, position=chunked.following)
                 self._choose([row], out.logits[:, -1])
         except torch.OutOfMemoryError:
@@ -279,7 +279,9 @@ class ContinuousEngine(QueueEngine):
         cache = DynamicCache(config=model.model.config)
         out = model.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         rows = [
-            Row(job, RowSampling.for_params(job.params, model.model.device), position=position)
+            Row(
+                job, RowSampling.for_params(job.params, model.model.device, job.constraint), position=position
+            )
             for job, position in zip(jobs, following, strict=True)
         ]
         self._choose(rows, out.logits[:, -1])

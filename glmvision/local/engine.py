@@ -22,6 +22,7 @@ from ..backend import Ticket, retry_after_seconds
 from ..config import Settings
 from ..errors import APIError, out_of_time, unavailable
 from ..generation import GenerationParams, GenerationStream
+from .grammar import CompiledConstraint
 from .vram import cuda_module, maybe_empty_cache
 
 log = logging.getLogger("glmvision")
@@ -38,6 +39,7 @@ class Job:
     ticket: Ticket
     generated: int = 0
     finished: bool = False
+    constraint: CompiledConstraint | None = None  # the grammar its answer must match
 
     @property
     def arrived(self) -> float:
@@ -187,9 +189,16 @@ class QueueEngine:
 
     # Request side.
 
-    def submit(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> GenerationStream:
+    def submit(
+        self,
+        inputs: Any,
+        params: GenerationParams,
+        ticket: Ticket,
+        constraint: CompiledConstraint | None = None,
+    ) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated."""
         job = self._job(inputs, params, ticket)
+        job.constraint = constraint
         with self._cond:
             if self.failed is not None:
                 raise engine_failed()

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
+from .grammar import GrammarBook
 
 log = logging.getLogger("glmvision")
 
@@ -78,6 +79,8 @@ class LoadedModel:
     processor_wait: float = 30.0
     revision: str = ""  # identifies the weights (glmvision.local.loading.model_revision)
     processors: ProcessorPool = field(init=False, repr=False)
+    _grammars: GrammarBook | None = field(default=None, init=False, repr=False)
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -104,6 +107,18 @@ class LoadedModel:
         else:
             self._decode_run = partial(tokenizer.decode, skip_special_tokens=False)
         self.processors = ProcessorPool(self.processor, self.processor_copies, self.processor_wait)
+
+    def grammars(self) -> GrammarBook:
+        """The grammar compiler for this tokenizer, made at the first constrained request."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                tokenizer = self.processor.tokenizer
+                ids = [tokenizer.convert_tokens_to_ids(marker) for marker in ("<think>", "</think>")]
+                known = all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids)
+                think = (ids[0], ids[1]) if known else None
+                vocab_size = int(self.model.config.get_text_config().vocab_size)
+                self._grammars = GrammarBook(tokenizer, vocab_size, self.stop_ids, think)
+            return self._grammars
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation import GenerationParams
+from .grammar import CompiledConstraint, RowGrammar
 
 
 @dataclass
@@ -17,9 +18,12 @@ class RowSampling:
     top_p: float
     min_new_tokens: int
     generator: Any = None  # torch.Generator: a seeded row draws from nobody else's stream
+    grammar: RowGrammar | None = None  # what its answer must match (glmvision.local.grammar)
 
     @classmethod
-    def for_params(cls, params: GenerationParams, device: Any) -> RowSampling:
+    def for_params(
+        cls, params: GenerationParams, device: Any, constraint: CompiledConstraint | None = None
+    ) -> RowSampling:
         generator = None
         if params.temperature > 0 and params.seed is not None:
             import torch
@@ -27,7 +31,10 @@ class RowSampling:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
         top_p = params.top_p if params.top_p is not None else 1.0
-        return cls(params.temperature, top_p, params.min_new_tokens, generator)
+        grammar = None
+        if constraint is not None:
+            grammar = constraint.start(params.max_new_tokens, params.enable_thinking)
+        return cls(params.temperature, top_p, params.min_new_tokens, generator, grammar)
 
     @property
     def greedy(self) -> bool:
@@ -38,14 +45,25 @@ def choose_tokens(
     logits: Any, rows: Sequence[RowSampling], generated: Sequence[int], stop_ids: Any
 ) -> list[int]:
     """Next token per row from last-position logits [rows, vocab]: argmax, or a draw after
-    temperature and top-p, with stop tokens barred until a row has its min_new_tokens."""
+    temperature and top-p, with stop tokens barred until a row has its min_new_tokens, and a
+    constrained row's tokens limited to what its grammar allows."""
     import torch
 
     logits = logits.float()
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None and row.grammar.active]
+    # A grammar decides when a document ends: min_new_tokens does not hold it open.
     pairs = enumerate(zip(rows, generated, strict=True))
-    early = [i for i, (row, count) in pairs if count < row.min_new_tokens]
-    if early:
+    early = [i for i, (row, count) in pairs if count < row.min_new_tokens and row.grammar is None]
+    if early or constrained:
         logits = logits.clone()  # the model's output is not ours to change
+    forced: dict[int, int] = {}
+    for i in constrained:
+        grammar = rows[i].grammar
+        assert grammar is not None
+        token = grammar.constrain(logits[i : i + 1], generated[i])
+        if token is not None:
+            forced[i] = token
+    if early:
         index = torch.tensor(early, device=logits.device)
         logits[index[:, None], stop_ids[None, :]] = -float("inf")
     chosen = logits.argmax(dim=-1)
@@ -66,7 +84,15 @@ def choose_tokens(
             if rows[i].generator is not None:
                 draws[j] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
         chosen[index] = draws
-    return chosen.tolist()
+    tokens = chosen.tolist()
+    for i in constrained:
+        grammar = rows[i].grammar
+        assert grammar is not None
+        tokens[i] = forced[i] if i in forced else grammar.vet(tokens[i], generated[i])
+    for row, token in zip(rows, tokens, strict=True):
+        if row.grammar is not None:
+            row.grammar.accept(token)
+    return tokens
 
 
 def warped_probabilities(logits: Any, temperature: Any, top_p: Any) -> Any:

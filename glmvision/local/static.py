@@ -22,6 +22,7 @@ from .engine import (
     on_device,
     stop_if_gone_or_late,
 )
+from .sampling import warped_probabilities
 from .vram import release_cuda_cache
 
 log = logging.getLogger("glmvision")
@@ -54,6 +55,51 @@ class RowStreamer:
 
     def end(self) -> None:
         pass
+
+
+class GrammarMasks:
+    """A logits processor for generate(): each constrained row's logits masked by its own grammar."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._rows = [
+            (i, job, job.constraint.start(job.params.max_new_tokens, job.params.enable_thinking))
+            for i, job in enumerate(jobs)
+            if job.constraint is not None
+        ]
+        self._first = True
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if not self._first:  # the previous step's tokens are the last column now
+            for i, job, grammar in self._rows:
+                if not job.finished:
+                    grammar.accept(int(input_ids[i, -1]))
+        self._first = False
+        for i, job, grammar in self._rows:
+            if job.finished or not grammar.active:
+                continue
+            token = grammar.constrain(scores[i : i + 1], job.generated)
+            if token is None and grammar.near_end(job.generated):
+                # Near its budget's end a row's choice must be vetted before it is taken, and
+                # generate() takes it after us: so choose here, as generate() would, and vet it.
+                token = grammar.vet(self._draw(scores[i : i + 1], job), job.generated)
+            if token is not None:
+                scores[i] = -float("inf")
+                scores[i, token] = 0.0
+        return scores
+
+    @staticmethod
+    def _draw(scores: Any, job: Job) -> int:
+        import torch
+
+        params = job.params
+        if params.temperature <= 0:
+            return int(scores.argmax())
+        temperature = torch.tensor([params.temperature], device=scores.device)
+        top_p = torch.tensor([params.top_p if params.top_p is not None else 1.0], device=scores.device)
+        return int(torch.multinomial(warped_probabilities(scores, temperature, top_p), 1))
 
 
 class StaticEngine(QueueEngine):
@@ -127,7 +173,7 @@ class StaticEngine(QueueEngine):
 
     def _generate(self, batch: list[Job]) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         model = self._model
         inputs = on_device(model, collate([job.inputs for job in batch], model.pad_id))
@@ -158,6 +204,7 @@ class StaticEngine(QueueEngine):
                 done = [job.finished for job in batch]
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
+        masks = GrammarMasks(batch)
         with torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -168,6 +215,7 @@ class StaticEngine(QueueEngine):
                 pad_token_id=model.pad_id,
                 streamer=RowStreamer(batch, set(model.stop_ids)),
                 stopping_criteria=StoppingCriteriaList([RowsDone()]),
+                logits_processor=LogitsProcessorList([masks] if masks else []),
                 **sampling,
             )
         for job in batch:

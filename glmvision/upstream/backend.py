@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 from ..backend import Admission, PreparationSlots, Prepared, Snapshot, Ticket, preparing_slots
 from ..config import Settings
 from ..errors import APIError, unavailable
-from ..generation import GenerationParams, GenerationStream
+from ..generation import Constraint, GenerationParams, GenerationStream
 from ..images import Fit
 from .client import UpstreamClient, UpstreamCounters, openai_messages, upstream_down
 from .stream import UpstreamStream
@@ -24,6 +25,13 @@ PROBE_EVERY = 2.0
 PROBE_TIMEOUT = 0.8
 # Finished requests over this many seconds make the drain rate behind Retry-After.
 RATE_WINDOW = 30.0
+
+
+def upstream_format(constraint: Constraint) -> dict[str, Any]:
+    """A constraint as OpenAI's response_format: the upstream engine enforces it with its own grammar."""
+    if constraint.schema is None:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": json.loads(constraint.schema)}}
 
 
 class UpstreamBackend:
@@ -202,6 +210,8 @@ class UpstreamBackend:
             body["stop"] = list(params.stop)
         if params.min_new_tokens:
             body["min_tokens"] = params.min_new_tokens
+        if params.constraint is not None:
+            body["response_format"] = upstream_format(params.constraint)
         return body
 
     def submit(

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""What structured outputs cost: compiling a schema (first time vs cached), and decoding under a mask.
+
+Compiles the test schemas on the demo tokenizer, then runs the continuous scheduler on the demo
+model (CPU) with 8 rows per batch: all free, half constrained, all constrained; and prints the
+cost per generated token side by side. Free rows have min_tokens set so that every row runs its
+whole budget; constrained rows end when their document does, so the figure is per token.
+`.venv/bin/python bench/grammar.py [--rounds 3] [--tokens 96]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# This checkout's glmvision, whichever one the venv may have installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from test_structured import SCHEMAS
+
+from glmvision.backend import Admission
+from glmvision.config import load_settings
+from glmvision.generation import Constraint, GenerationParams
+from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.demo import build_demo_model
+from glmvision.local.grammar import GrammarBook
+from glmvision.local.loading import load_model
+from glmvision.local.runtime import LoadedModel
+
+ROWS = 8
+
+
+def compile_costs(model: LoadedModel) -> None:
+    """Milliseconds to compile each schema into a fresh book, and to find it compiled again."""
+    print("compile (demo tokenizer, 512 tokens)        first ms   cached ms")
+    for name, schema in SCHEMAS.items():
+        book = GrammarBook(model.processor.tokenizer, 512, model.stop_ids)
+        constraint = Constraint(json.dumps(schema))
+        started = time.perf_counter()
+        book.compile(constraint)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(100):
+            book.compile(constraint)
+        cached = (time.perf_counter() - started) / 100
+        print(f"  {name:40s} {first * 1000:9.2f} {cached * 1000:11.4f}")
+
+
+def decode_ms_per_token(model: LoadedModel, constrained: int, tokens: int) -> float:
+    """Wall time per generated token of one batch of ROWS rows, `constrained` of them under grammars."""
+    engine = ContinuousEngine(model, load_settings({"GLMVISION_MAX_BATCH_SIZE": str(ROWS)}))
+    admission = Admission(10_000, 600, lambda: 0.0)
+    schemas = list(SCHEMAS.values())
+    jobs = []
+    for row in range(ROWS):
+        prompt = f"question {row}: read the form in this picture, please"
+        inputs = model.prepare([{"role": "user", "content": [{"type": "text", "text": prompt}]}], False)
+        grammar = None
+        if row < constrained:
+            grammar = model.grammars().compile(Constraint(json.dumps(schemas[row % len(schemas)])))
+            params = GenerationParams(max_new_tokens=tokens, temperature=0)
+        else:
+            params = GenerationParams(max_new_tokens=tokens, temperature=0, min_new_tokens=tokens)
+        job = engine._job(inputs, params, admission.admit())
+        job.constraint = grammar
+        jobs.append(job)
+    started = time.perf_counter()
+    engine._join(jobs)
+    while engine._rows:
+        engine._step()
+    elapsed = time.perf_counter() - started
+    return elapsed * 1000 / sum(job.generated for job in jobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        directory = build_demo_model(Path(workdir) / "demo")
+        model = load_model(load_settings({"GLMVISION_MODEL": str(directory), "GLMVISION_DEVICE": "cpu"}))
+        compile_costs(model)
+        decode_ms_per_token(model, ROWS, 8)  # warm: the first model calls are slower
+        rounds = f"median of {args.rounds}"
+        print(f"\ndecode, {ROWS} rows a batch, {args.tokens} tokens a row, {rounds} (ms/token)")
+        free = None
+        for constrained in (0, ROWS // 2, ROWS):
+            runs = [decode_ms_per_token(model, constrained, args.tokens) for _ in range(args.rounds)]
+            median = statistics.median(runs)
+            free = free or median
+            ratio = median / free
+            print(f"  {constrained} of {ROWS} rows constrained: {median:6.3f} ms/token  ({ratio:.2f}x free)")
+
+
+if __name__ == "__main__":
+    main()

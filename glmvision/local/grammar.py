@@ -1,0 +1,237 @@
+"""Constrained decoding: a grammar masks a row's logits at every step, so its answer matches a schema.
+
+The grammar engine is xgrammar (vLLM's and SGLang's default): it compiles a JSON schema against the
+tokenizer's vocabulary once, and then gives each step's allowed tokens as a bitmask in microseconds.
+A row's matcher follows the tokens it takes. Rows are independent, so constrained and free rows
+share a batch under either scheduler.
+
+A mask alone keeps an answer on a valid path, but not within its token budget: a model (the random
+demo one above all) may keep a string open until `max_tokens` cuts it. So a row also knows the
+shortest way to close its document from where it is (a deterministic walk on a copy of its matcher),
+and near the end of its budget takes only tokens that leave that way open: valid by construction
+whenever the budget holds the shortest document at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import bad_request
+from ..generation import Constraint
+
+log = logging.getLogger("glmvision")
+
+# Compiled grammars kept per schema (each is a few KB to a few MB, by schema and vocabulary).
+CACHED_GRAMMARS = 128
+# The characters that close a document soonest, in the order they are tried: end a string, an
+# object, an array; a comma only where the schema needs more (a number ends there too); a 0 is a
+# whole number. Structure comes before digits, or a fraction would never end.
+CLOSING_CHARACTERS = ('"', "}", "]", ",", "0")
+# A row re-measures its shortest closing this often, and every step once its budget is within
+# twice that length plus this margin (where one token could make the closing longer than the budget).
+MEASURE_EVERY = 16
+NEAR_END_MARGIN = 32
+# A closing walk longer than this is treated as "close now".
+LONGEST_CLOSING = 1024
+
+
+# The start of a UTF-16 surrogate (U+D800..U+DFFF) in UTF-8, or a lead byte that could begin one.
+_SURROGATE = re.compile(rb"\xed([\xa0-\xbf]|$)")
+
+
+def json_safe(token: bytes) -> bool:
+    """Whether a token's bytes may appear in compact JSON text, where xgrammar 0.2.9 is too lenient."""
+    # Raw control characters are never valid there, yet that xgrammar allows them in strings with
+    # a minLength or maxLength; and it takes surrogates, which decode to three U+FFFD each (a
+    # real vocabulary spells U+D000..U+D7FF with merged tokens, so the lone lead byte is no loss).
+    return not any(byte < 0x20 for byte in token) and not _SURROGATE.search(token)
+
+
+class GrammarBook:
+    """A tokenizer's grammar compiler, with compiled grammars cached per schema."""
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_ids: list[int], think: tuple[int, int] | None = None
+    ) -> None:
+        import xgrammar
+
+        # Control tokens (<|image|>, <think>, <tool_call>...) are never part of an answer's text:
+        # xgrammar treats tokens whose text is empty as special, and never allows them.
+        special = set(tokenizer.all_special_ids)
+        special |= {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+        detected = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids
+        )
+        vocabulary = [
+            b"" if i in special or not json_safe(text) else text
+            for i, text in enumerate(detected.decoded_vocab)
+        ]
+        self.info = xgrammar.TokenizerInfo(
+            vocabulary, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids
+        )
+        self.vocab_size = vocab_size
+        self.stop_ids = list(stop_ids)
+        self.think = think  # the ids of <think> and </think>, when the model has them
+        # xgrammar caches too, without a count of hits; this cache is ours to size and measure.
+        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.compiled = self.hits = 0
+        self.compile_seconds = 0.0
+        by_text = {text: i for i, text in reversed(list(enumerate(vocabulary))) if len(text) == 1}
+        self._character_token = {chr(text[0]): i for text, i in by_text.items() if text[0] < 0x80}
+        self._closers = [self._character_token[c] for c in CLOSING_CHARACTERS if c in self._character_token]
+
+    def compile(self, constraint: Constraint) -> CompiledConstraint:
+        """The constraint's grammar (compiled once per schema); a 400 on its field if it cannot be."""
+        with self._lock:
+            grammar = self._compiled.get(constraint)
+            if grammar is not None:
+                self._compiled.move_to_end(constraint)
+                self.hits += 1
+                return CompiledConstraint(self, grammar)
+        started = time.perf_counter()
+        schema = constraint.schema if constraint.schema is not None else '{"type": "object"}'
+        try:
+            # No free whitespace: a model could otherwise spend its whole budget on it.
+            grammar = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # xgrammar's messages start with a time and its own source line: the client needs neither.
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0])
+            message = f"The JSON schema cannot be used: {reason[:300]}"
+            raise bad_request("invalid_schema", message, constraint.param) from None
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._compiled[constraint] = grammar
+            while len(self._compiled) > CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+            self.compiled += 1
+            self.compile_seconds += elapsed
+        log.info("compiled a %s grammar in %.1f ms", constraint.kind, elapsed * 1000)
+        return CompiledConstraint(self, grammar)
+
+    def closing_token(self, matcher: Any, bitmask: Any) -> int:
+        """The next token of the shortest way (as this walk finds it) to end the document."""
+        matcher.fill_next_token_bitmask(bitmask)
+        words = bitmask[0]
+
+        def allowed(token_id: int) -> bool:
+            return bool((int(words[token_id >> 5]) >> (token_id & 31)) & 1)
+
+        forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
+        first = self._character_token.get(forced[0]) if forced else None
+        for token_id in ([first] if first is not None else []) + self._closers + self.stop_ids:
+            if allowed(token_id):
+                return token_id
+        import torch
+
+        word = int(torch.nonzero(words)[0, 0])
+        bits = int(words[word]) & 0xFFFFFFFF
+        return word * 32 + (bits & -bits).bit_length() - 1
+
+    def closing_length(self, matcher: Any, bitmask: Any) -> int:
+        """Tokens (its stop token included) the closing walk takes from the matcher's state."""
+        walker = matcher.fork()
+        steps = 0
+        while not walker.is_terminated() and steps < LONGEST_CLOSING:
+            if not walker.accept_token(self.closing_token(walker, bitmask)):
+                return LONGEST_CLOSING
+            steps += 1
+        return steps
+
+
+@dataclass(frozen=True)
+class CompiledConstraint:
+    """A compiled grammar ready to start rows on."""
+
+    book: GrammarBook
+    grammar: Any
+
+    def start(self, budget: int, after_thinking: bool) -> RowGrammar:
+        """A fresh matcher for one row of `budget` tokens."""
+        return RowGrammar(self.book, self.grammar, budget, after_thinking)
+
+
+class RowGrammar:
+    """One row's grammar state: masks its logits, follows its tokens, and closes in time."""
+
+    def __init__(self, book: GrammarBook, grammar: Any, budget: int, after_thinking: bool) -> None:
+        import xgrammar
+
+        self._book = book
+        self._matcher = xgrammar.GrammarMatcher(grammar)
+        self._bitmask = xgrammar.allocate_token_bitmask(1, book.vocab_size)
+        self._scratch = xgrammar.allocate_token_bitmask(1, book.vocab_size)
+        self._budget = budget
+        # With thinking on, the reasoning is free text and the grammar starts after </think>.
+        self.waiting = after_thinking and book.think is not None
+        self._closing: int | None = None
+        self._measured_at = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar still has a say in this row's tokens (it has none once the document ends)."""
+        return not self._matcher.is_terminated()
+
+    def constrain(self, logits: Any, generated: int) -> int | None:
+        """Mask one row's logits [1, vocab] in place, or give the token it must take to close in time."""
+        remaining = self._budget - generated
+        if self.waiting:  # free reasoning, opened and ended in time for the shortest document to follow
+            assert self._book.think is not None
+            think_open, think_end = self._book.think
+            if self._closing is None:
+                self._closing = self._book.closing_length(self._matcher, self._scratch)
+            if generated == 0:
+                return think_open
+            return think_end if remaining <= 2 * self._closing + NEAR_END_MARGIN + 1 else None
+        stale = self._closing is None or generated - self._measured_at >= MEASURE_EVERY
+        if stale or self.near_end(generated):
+            self._closing = self._book.closing_length(self._matcher, self._scratch)
+            self._measured_at = generated
+        assert self._closing is not None
+        if self.near_end(generated) and self._closing >= remaining:
+            return self._book.closing_token(self._matcher, self._scratch)
+        self._matcher.fill_next_token_bitmask(self._bitmask)
+        self._apply(logits)
+        return None
+
+    def near_end(self, generated: int) -> bool:
+        """Whether one token could now leave too little budget to close: each choice is vetted."""
+        if self.waiting or self._closing is None:
+            return False
+        return self._budget - generated <= 2 * self._closing + NEAR_END_MARGIN
+
+    def vet(self, token_id: int, generated: int) -> int:
+        """The token chosen from the masked logits, or near the end, the closing walk's token instead
+        when the document could no longer close within the budget after it."""
+        if self.waiting or not self.near_end(generated):
+            return token_id
+        after = self._matcher.fork()
+        if after.accept_token(token_id):
+            if after.is_terminated():
+                return token_id
+            room = self._book.closing_length(after, self._scratch)
+            if room <= self._budget - generated - 1:
+                return token_id
+        return self._book.closing_token(self._matcher, self._scratch)
+
+    def accept(self, token_id: int) -> None:
+        """Follow the token the row took."""
+        if self.waiting:
+            self.waiting = self._book.think is None or token_id != self._book.think[1]
+        elif not self._matcher.is_terminated() and not self._matcher.accept_token(token_id):
+            log.warning("a constrained row took token %d outside its grammar", token_id)
+
+    def _apply(self, logits: Any) -> None:
+        import xgrammar
+
+        xgrammar.apply_token_bitmask_inplace(
+            logits, self._bitmask.to(logits.device), vocab_size=self._book.vocab_size
+        )
