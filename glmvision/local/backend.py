@@ -199,7 +199,7 @@ class LocalBackend:
         self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
     ) -> Prepared:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
-        inputs = loaded.prepare(messages, params.enable_thinking, param)
+        inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
         return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
 
     def submit(
