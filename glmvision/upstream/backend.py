@@ -202,6 +202,10 @@ class UpstreamBackend:
             body["stop"] = list(params.stop)
         if params.min_new_tokens:
             body["min_tokens"] = params.min_new_tokens
+        if params.tools:
+            body["tools"] = list(params.tools)
+            if params.tool_choice is not None:
+                body["tool_choice"] = params.tool_choice.to_json()
         return body
 
     def submit(
