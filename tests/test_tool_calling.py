@@ -581,3 +581,22 @@ def test_openai_client_round_trip(
                 }
             ]
             assert sent[2] == {"role": "tool", "content": "sunny, 21 C", "tool_call_id": call.id}
+
+
+def test_tools_and_tool_history_are_part_of_the_cache_key() -> None:
+    """Two requests differing only in their tools or an earlier call's arguments never share an answer."""
+    from dataclasses import asdict
+
+    from glmvision.ops.cache import make_key
+    from glmvision.pipeline import conversation
+
+    def key(**fields: Any) -> str:
+        body = ChatCompletionRequest.model_validate({"messages": HISTORY, "tools": TOOLS, **fields})
+        turns, params = parse_chat(body, load_settings({}), ("m",))
+        return make_key("m", "r", [], conversation(turns), asdict(params), False).exact
+
+    history = json.loads(json.dumps(HISTORY))
+    history[2]["tool_calls"][0]["function"]["arguments"] = '{"city": "Lyon"}'
+    keys = {key(), key(tools=[WEATHER]), key(messages=history), key(tool_choice="none")}
+    assert len(keys) == 4
+    assert key() == key()
