@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 from .errors import out_of_time
 from .output import StreamRenderer, render
+from .tools import ToolCall, ToolChoice
 
 log = logging.getLogger("glmvision")
 _END = object()
@@ -45,6 +46,9 @@ class GenerationParams:
     enable_thinking: bool = False
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
+    # OpenAI `tools` (rendered into the prompt) and the resolved `tool_choice`; () / None: no tools.
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: ToolChoice | None = None
     constraint: Constraint | None = None  # a grammar masks the logits at every step
 
 
@@ -57,6 +61,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    # Calls an upstream engine parsed itself (the local model's calls stay in `text`).
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)

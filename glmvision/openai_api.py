@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -14,7 +15,7 @@ from flask.wrappers import Response
 from . import pipeline
 from .config import Settings
 from .errors import APIError, api_error_object, bad_request, error_object
-from .generation import Constraint, GenerationParams
+from .generation import Constraint, Generation, GenerationParams
 from .ops.record import current_record
 from .pipeline import (
     Answer,
@@ -36,21 +37,50 @@ from .responses import (
     Delta,
     ErrorResponse,
     FinishReason,
+    FunctionDelta,
     ResponseModel,
+    ToolCallDelta,
+    ToolCallObject,
 )
 from .schemas import ChatCompletionRequest, ChatMessage, parse_body
 from .service import admit, service
+from .tools import ToolCall, ToolCallStream, ToolChoice, allowed_tools, parse_tool_calls
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
 
 
-def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
+def _tool_calls(message: ChatMessage, index: int) -> tuple[dict[str, Any], ...]:
+    """An assistant message's tool calls, their arguments parsed (the chat template walks them)."""
+    if not message.tool_calls:
+        return ()
+    if message.role != "assistant":
+        raise bad_request(
+            "invalid_value", "Only assistant messages may carry tool_calls.", f"messages.{index}.tool_calls"
+        )
+    calls: list[dict[str, Any]] = []
+    for number, call in enumerate(message.tool_calls):
+        where = f"messages.{index}.tool_calls.{number}.function.arguments"
+        try:
+            arguments = json.loads(call.function.arguments or "{}")
+        except (ValueError, RecursionError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise bad_request("invalid_value", f"Field {where!r} must be a JSON object's text.", where)
+        function = {"name": call.function.name, "arguments": arguments}
+        calls.append({"id": call.id, "type": "function", "function": function})
+    return tuple(calls)
+
+
+def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0) -> list[Turn]:
+    """The conversation as turns; `characters`: the prompt's text outside the messages (the tools)."""
     turns: list[Turn] = []
-    characters = 0
     for index, message in enumerate(messages):
         where = f"messages.{index}.content"
         role = "system" if message.role == "developer" else message.role
+        if role == "tool" and message.tool_call_id is None:
+            where = f"messages.{index}.tool_call_id"
+            raise bad_request("missing_field", f"Field {where!r} is required in a tool message.", where)
         content = message.content
         parts: list[Any] = []
         if isinstance(content, str):
@@ -64,11 +94,13 @@ def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
                 else:
                     parts.append(ImageRef(part.image_url.url, f"{where}.{number}.image_url.url"))
         characters += sum(len(part) for part in parts if isinstance(part, str))
-        turns.append(Turn(role, parts))
-    if turns[-1].role != "user":
-        raise bad_request("invalid_value", "The last message must come from the user.", "messages")
+        characters += sum(len(call.function.arguments) for call in message.tool_calls or ())
+        call_id = message.tool_call_id if role == "tool" else None
+        turns.append(Turn(role, parts, _tool_calls(message, index), call_id))
+    if turns[-1].role not in ("user", "tool"):
+        raise bad_request("invalid_value", "The last message must come from the user or a tool.", "messages")
     last = turns[-1].parts
-    if not any(isinstance(part, ImageRef) or part.strip() for part in last):
+    if turns[-1].role == "user" and not any(isinstance(part, ImageRef) or part.strip() for part in last):
         raise bad_request(
             "invalid_value", "The last user message is empty.", f"messages.{len(turns) - 1}.content"
         )
@@ -95,7 +127,28 @@ def parse_chat(
         param=limit_param,
         constraint=_constraint(body, settings),
     )
-    return _turns(body.messages, settings), params
+    tools, choice = _tools(body)
+    if tools:
+        params = replace(params, tools=tools, tool_choice=choice)
+    return _turns(body.messages, settings, sum(len(json.dumps(tool)) for tool in tools)), params
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...], ToolChoice | None]:
+    """The request's tools as the template renders them, and its tool choice checked against them."""
+    tools = tuple(tool.to_json() for tool in body.tools or ())
+    names = [tool["function"]["name"] for tool in tools]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            where = f"tools.{index}.function.name"
+            raise bad_request("invalid_value", f"Two tools are named {name!r}.", where)
+    choice = body.tool_choice
+    if choice is not None and choice.forces_call and not tools:
+        raise bad_request("invalid_value", f"tool_choice {choice.mode!r} needs 'tools'.", "tool_choice")
+    if choice is not None and choice.mode == "function" and choice.name not in names:
+        raise bad_request(
+            "unknown_tool", f"tool_choice names {choice.name!r}, which is not in 'tools'.", "tool_choice"
+        )
+    return tools, (choice or ToolChoice("auto")) if tools else None
 
 
 def _constraint(body: ChatCompletionRequest, settings: Settings) -> Constraint | None:
@@ -133,10 +186,28 @@ def chat_completions() -> Response:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
     result = answer.finish(settings, pipeline.client_gone_check(request.environ))
-    boxes = pipeline.boxes_of(chat, result.text) or None
-    message = AssistantMessage(content=result.text, reasoning_content=result.reasoning, boxes=boxes)
-    choice = Choice(message=message, finish_reason=result.finish_reason)
+    text, calls = _answer_calls(result, chat.params)
+    boxes = pipeline.boxes_of(chat, text) or None
+    message = AssistantMessage(
+        content=text if text or not calls else None,
+        reasoning_content=result.reasoning,
+        tool_calls=[ToolCallObject.model_validate(call.to_json()) for call in calls] or None,
+        boxes=boxes,
+    )
+    choice = Choice(message=message, finish_reason=_finish_reason(result, calls))
     return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(result)).to_json())
+
+
+def _answer_calls(result: Generation, params: GenerationParams) -> tuple[str, list[ToolCall]]:
+    """The answer's text without its tool calls, and the calls (an upstream's own last, as streamed)."""
+    allowed = allowed_tools(params.tools, params.tool_choice)
+    text, calls = parse_tool_calls(result.text, allowed) if allowed else (result.text, [])
+    return text, [*calls, *result.tool_calls]
+
+
+def _finish_reason(result: Generation, calls: list[ToolCall]) -> FinishReason:
+    # As vLLM does: an answer that called a tool says so, even one cut short after its call.
+    return "tool_calls" if calls else result.finish_reason  # type: ignore[return-value]
 
 
 def _sse(payload: ResponseModel, **dump: Any) -> str:
@@ -155,11 +226,31 @@ def _events(
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
         return _sse(ChatCompletionChunk(**meta, choices=[choice]), **dump)
 
+    params = chat.params
+    allowed = allowed_tools(params.tools, params.tool_choice)
+    calls = ToolCallStream(allowed) if allowed else None
+    sent: list[ToolCall] = []
+
+    def call_chunks(new: list[ToolCall]) -> Iterator[str]:
+        """A call as OpenAI streams one: id, type and name first, then its arguments whole."""
+        for call in new:
+            index = len(sent)
+            sent.append(call)
+            named = FunctionDelta(name=call.name, arguments="")
+            yield chunk(
+                Delta(tool_calls=[ToolCallDelta(index=index, id=call.id, type="function", function=named)])
+            )
+            arguments = FunctionDelta(arguments=call.arguments)
+            yield chunk(Delta(tool_calls=[ToolCallDelta(index=index, function=arguments)]))
+
     try:
         yield chunk(Delta(role="assistant", content=""))
         try:
             for delta in answer.deltas(settings):
-                yield chunk(Delta(reasoning_content=delta.reasoning or None, content=delta.content or None))
+                content, new = calls.feed(delta.content) if calls is not None else (delta.content, [])
+                if delta.reasoning or content:
+                    yield chunk(Delta(reasoning_content=delta.reasoning or None, content=content or None))
+                yield from call_chunks(new)
         except APIError as exc:
             # Headers are gone already: report the failure in the stream, as OpenAI-style servers do.
             yield _sse(ErrorResponse(error=api_error_object(exc)))
@@ -171,7 +262,12 @@ def _events(
             yield "data: [DONE]\n\n"
             return
         result = answer.result
-        yield chunk(Delta(boxes=pipeline.boxes_of(chat, result.text) or None), result.finish_reason)
+        if calls is not None and (rest := calls.finish()):
+            yield chunk(Delta(content=rest))
+        yield from call_chunks(list(result.tool_calls))
+        text, _ = _answer_calls(result, params)
+        finish = "tool_calls" if sent else result.finish_reason
+        yield chunk(Delta(boxes=pipeline.boxes_of(chat, text) or None), finish)  # type: ignore[arg-type]
         if include_usage:
             yield _sse(ChatCompletionChunk(**meta, choices=[], usage=usage(result)))
         yield "data: [DONE]\n\n"

@@ -58,6 +58,9 @@ class Turn:
 
     role: str
     parts: list[Any] = field(default_factory=list)
+    # An assistant turn's calls, OpenAI-shaped with `arguments` as a dict; a tool turn's call id.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def generation_params(
     if constraint is not None:
         min_new_tokens = 0  # the grammar decides where the document ends
     return GenerationParams(
-        max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens, constraint
+        max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens, constraint=constraint
     )
 
 
@@ -175,9 +178,9 @@ def load_turns(
             "messages",
         )
     return [
-        Turn(
-            turn.role,
-            [
+        replace(
+            turn,
+            parts=[
                 load_image(p, settings, policy, fit, max_side) if isinstance(p, ImageRef) else p
                 for p in turn.parts
             ],
@@ -191,7 +194,7 @@ def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for turn in turns:
         if turn.role != "user":
-            messages.append({"role": turn.role, "content": "\n".join(turn.parts)})
+            messages.append({"role": turn.role, "content": "\n".join(turn.parts), **_tool_fields(turn)})
             continue
         content = [
             _image_part(part) if isinstance(part, DecodedImage) else {"type": "text", "text": part}
@@ -199,6 +202,16 @@ def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
         ]
         messages.append({"role": "user", "content": content})
     return messages
+
+
+def _tool_fields(turn: Turn) -> dict[str, Any]:
+    """A turn's tool calls or tool call id, as message fields (none for other turns)."""
+    fields: dict[str, Any] = {}
+    if turn.tool_calls:
+        fields["tool_calls"] = [dict(call) for call in turn.tool_calls]
+    if turn.tool_call_id is not None:
+        fields["tool_call_id"] = turn.tool_call_id
+    return fields
 
 
 def _image_part(image: DecodedImage) -> dict[str, Any]:
@@ -211,7 +224,11 @@ def _image_part(image: DecodedImage) -> dict[str, Any]:
 def conversation(turns: list[Turn]) -> list[dict[str, Any]]:
     """The turns as plain data, images by position only: what the cache key and audit record hold."""
     return [
-        {"role": turn.role, "parts": ["<image>" if isinstance(p, DecodedImage) else p for p in turn.parts]}
+        {
+            "role": turn.role,
+            "parts": ["<image>" if isinstance(p, DecodedImage) else p for p in turn.parts],
+            **_tool_fields(turn),
+        }
         for turn in turns
     ]
 
@@ -435,7 +452,7 @@ def _source_key(
                 parts.append("source:" + hashlib.sha256(part.source.encode()).hexdigest())
             else:
                 parts.append(part)
-        rendered.append({"role": turn.role, "parts": parts})
+        rendered.append({"role": turn.role, "parts": parts, **_tool_fields(turn)})
     from .ops.cache import make_key
 
     limits = {
@@ -466,9 +483,9 @@ def _remembered(
     sizes = iter(hit.images)
     chat = ChatInput(
         [
-            Turn(
-                turn.role,
-                [_remembered_image(next(sizes)) if isinstance(p, ImageRef) else p for p in turn.parts],
+            replace(
+                turn,
+                parts=[_remembered_image(next(sizes)) if isinstance(p, ImageRef) else p for p in turn.parts],
             )
             for turn in turns
         ],
@@ -537,6 +554,7 @@ def _after_answer(
 
     def done(result: Generation) -> None:
         complete = result.finish_reason == "stop" or result.completion_tokens >= params.max_new_tokens
+        complete = complete and not result.tool_calls  # an upstream's parsed calls are not in the text
         if cache is not None and key is not None and complete:
             from .ops.cache import CachedAnswer
 

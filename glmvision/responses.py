@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # "fallback": GLMVISION_FALLBACK_MESSAGE answered because the model was unavailable.
-FinishReason = Literal["stop", "length", "fallback"]
+FinishReason = Literal["stop", "length", "fallback", "tool_calls"]
 
 
 def _omitted_when_none(value: Any) -> bool:
@@ -163,12 +163,31 @@ class SeedChatResponse(NativeAnswer):
 # --- Chat completions ----------------------------------------------------------------------------
 
 
+class CalledFunction(ResponseModel):
+    """The function a tool call calls, its arguments as a JSON object's text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallObject(ResponseModel):
+    """One tool call of an answer."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(ResponseModel):
-    """The answer of a chat completion; `reasoning_content` only when thinking was enabled."""
+    """The answer of a chat completion; `reasoning_content` only when thinking was enabled.
+
+    `content` is null when the answer is only tool calls; `tool_calls` is left out when there are none.
+    """
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    tool_calls: list[ToolCallObject] | None = Field(default=None, exclude_if=_omitted_when_none)
     # glmvision's extension: the answer's grounding boxes, when it has any.
     boxes: list[GroundingBox] | None = Field(default=None, exclude_if=_omitted_when_none)
 
@@ -195,12 +214,29 @@ class ChatCompletion(ResponseModel):
     degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
+class FunctionDelta(ResponseModel):
+    """A piece of a streamed call's function: the name comes first, then its arguments' text."""
+
+    name: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    arguments: str
+
+
+class ToolCallDelta(ResponseModel):
+    """A piece of the streamed call at `index`: its id, type and name in its first piece only."""
+
+    index: int = Field(ge=0)
+    id: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_omitted_when_none)
+    function: FunctionDelta
+
+
 class Delta(ResponseModel):
     """What a streamed chunk adds to the answer; absent keys add nothing."""
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_omitted_when_none)
     content: str | None = Field(default=None, exclude_if=_omitted_when_none)
     reasoning_content: str | None = Field(default=None, exclude_if=_omitted_when_none)
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=_omitted_when_none)
     # glmvision's extension, in the finish chunk only: the whole answer's grounding boxes.
     boxes: list[GroundingBox] | None = Field(default=None, exclude_if=_omitted_when_none)
 

@@ -19,6 +19,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import APIError, bad_request
 from .responses import ErrorDetail
+from .tools import ToolChoice
 
 Model = TypeVar("Model", bound="RequestModel")
 
@@ -135,13 +136,66 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class CalledFunction(BaseModel):
+    """The function of an earlier tool call: its name and arguments (a JSON object's text)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: NonEmptyString
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant message."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: NonEmptyString
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     """One message of a chat completion request."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages only
+    tool_call_id: NonEmptyString | None = None  # tool messages: the call this result answers
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call: OpenAI's name rule, and its arguments' JSON schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    """One entry of `tools`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_json(self) -> dict[str, Any]:
+        """The tool as the chat template renders it (and an upstream engine takes it)."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
+
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+# What `tool_choice` accepts, for the documented schema; the validator reports one error for the field.
+ToolChoiceInput = (
+    Literal["none", "auto", "required"]
+    | Annotated[dict[str, Any], Field(json_schema_extra={"required": ["type", "function"]})]
+    | None
+)
 
 
 class StreamOptions(BaseModel):
@@ -210,6 +264,8 @@ class ChatCompletionRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
     # Last, so that its error comes after n's and enable_thinking's, as it always has.
     stop: str | list[str] | None = None
@@ -233,6 +289,27 @@ class ChatCompletionRequest(RequestModel):
         if len(stops) > MAX_STOP_STRINGS or not all(stops):
             raise rule_error("invalid_value", f"'stop' takes 1 to {MAX_STOP_STRINGS} non-empty strings.")
         return value
+
+    @field_validator("tool_choice", mode="plain", json_schema_input_type=ToolChoiceInput)
+    @classmethod
+    def _tool_choice(cls, value: Any) -> ToolChoice | None:
+        """ "none", "auto", "required", or {"type": "function", "function": {"name": ...}}."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if value not in TOOL_CHOICE_MODES:
+                raise rule_error(
+                    "invalid_value", "'tool_choice' must be 'none', 'auto', 'required' or a function."
+                )
+            return ToolChoice(value)  # type: ignore[arg-type]
+        function = value.get("function") if isinstance(value, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
+            raise rule_error(
+                "invalid_type",
+                '\'tool_choice\' must be a string or {"type": "function", "function": {"name": ...}}.',
+            )
+        return ToolChoice("function", name)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

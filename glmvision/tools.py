@@ -12,9 +12,11 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+# The tags of a call, which the model's output must keep for the parser (special tokens in the demo).
+TOOL_TAGS = (CALL_OPEN, CALL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
 PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
 
@@ -33,6 +35,55 @@ class ToolCall:
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """A request's resolved `tool_choice`: auto, none, required, or one named function."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None  # the function, for mode "function"
+
+    @property
+    def forces_call(self) -> bool:
+        """True when the answer must be a call (required, or a named function)."""
+        return self.mode in ("required", "function")
+
+    def to_json(self) -> str | dict[str, Any]:
+        """The choice as OpenAI's `tool_choice` field."""
+        if self.mode == "function":
+            return {"type": "function", "function": {"name": self.name}}
+        return self.mode
+
+
+def allowed_tools(tools: tuple[dict[str, Any], ...], choice: ToolChoice | None) -> list[dict[str, Any]]:
+    """The tools an answer may call: none for "none", only the named one for a function, else all."""
+    if choice is None or choice.mode in ("auto", "required"):
+        return list(tools)
+    if choice.mode == "none":
+        return []
+    return [tool for tool in tools if tool["function"]["name"] == choice.name]
+
+
+def control_token_key(value: Any, tokens: tuple[str, ...], path: str) -> tuple[str, str] | None:
+    """(where, key) for the first dict key inside `value` that holds one of `tokens`, else None.
+
+    The chat template writes keys (argument names, schema properties) into the prompt as they
+    are; transformers' control-token sanitising only covers values, so keys are checked here.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if any(token in str(key) for token in tokens):
+                return path, str(key)
+            found = control_token_key(item, tokens, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = control_token_key(item, tokens, f"{path}.{index}")
+            if found is not None:
+                return found
+    return None
 
 
 def argument_types(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -97,4 +148,66 @@ def _parse_call(body: str, known: dict[str, dict[str, Any]]) -> ToolCall | None:
         position = pair.end()
     if rest[position:].strip():
         return None
-    return ToolCall("call_" + uuid.uuid4().hex[:24], name, json.dumps(arguments, ensure_ascii=False))
+    return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
+
+
+def new_call_id() -> str:
+    """A fresh tool call id, in OpenAI's style."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+class ToolCallStream:
+    """Answer text in pieces -> (text to send now, calls completed): from `<tool_call>` on, text waits.
+
+    What it sends adds up to `parse_tool_calls(whole text)[0]`, and its calls are that call list:
+    a call that closes and parses is taken out, one that does not is text, and an unclosed one at
+    the end (`finish`) is text too.
+    """
+
+    def __init__(self, tools: list[dict[str, Any]]) -> None:
+        self._known = argument_types(tools)
+        self._text = ""
+        self._at = 0  # the text before this is settled: in `_kept`, or a call taken out
+        self._kept = ""
+        self._sent = 0
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        """Add answer text; return what can be sent now and the calls it completed."""
+        self._text += piece
+        calls: list[ToolCall] = []
+        while (start := self._text.find(CALL_OPEN, self._at)) >= 0:
+            end = self._text.find(CALL_CLOSE, start + len(CALL_OPEN))
+            if end < 0:
+                break
+            self._kept += self._text[self._at : start]
+            call = _parse_call(self._text[start + len(CALL_OPEN) : end], self._known)
+            if call is None:
+                self._kept += self._text[start : end + len(CALL_CLOSE)]
+            else:
+                calls.append(call)
+            self._at = end + len(CALL_CLOSE)
+        tail = self._text[self._at :]
+        opened = tail.find(CALL_OPEN)
+        if opened >= 0:
+            tail = tail[:opened]
+        else:
+            tail = tail[: len(tail) - _opening_suffix(tail)]
+        # Whitespace at the ends is dropped from the whole answer: inner whitespace waits for text.
+        return self._send((self._kept + tail).strip()), calls
+
+    def finish(self) -> str:
+        """The text still to send once the answer is whole (an unclosed call is text)."""
+        return self._send((self._kept + self._text[self._at :]).strip())
+
+    def _send(self, visible: str) -> str:
+        delta = visible[self._sent :]
+        self._sent = max(self._sent, len(visible))
+        return delta
+
+
+def _opening_suffix(text: str) -> int:
+    """Length of the longest end of `text` that could be the start of `<tool_call>`."""
+    for size in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if text.endswith(CALL_OPEN[:size]):
+            return size
+    return 0

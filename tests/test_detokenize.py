@@ -16,6 +16,7 @@ from glmvision.generation import GenerationParams, GenerationStream, Incremental
 from glmvision.local.loading import load_model
 from glmvision.local.runtime import LoadedModel
 from glmvision.output import MARKERS, render
+from glmvision.tools import TOOL_TAGS
 
 TEXTS = [
     "The photo shows a red bicycle.",
@@ -52,11 +53,12 @@ def random_ids(model: LoadedModel, rng: random.Random) -> list[int]:
 
 
 def old_decode(model: LoadedModel, ids: list[int]) -> str:
-    """How generated ids were decoded before: all at once, control tokens replaced away."""
+    """How generated ids were decoded before: all at once, control tokens (not markers or tool-call
+    tags) replaced away."""
     tokenizer = model.processor.tokenizer
     text = tokenizer.decode(ids, skip_special_tokens=False)
     for token in tokenizer.all_special_tokens:
-        if token not in MARKERS:
+        if token not in MARKERS and token not in TOOL_TAGS:
             text = text.replace(token, "")
     return text
 

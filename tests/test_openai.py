@@ -397,15 +397,23 @@ ERRORS = [
         {
             "messages": [
                 user("Hi"),
-                {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+                {"role": "tool", "content": "42"},
                 user("And?"),
             ]
         },
         openai.BadRequestError,
         400,
+        "missing_field",
+        "messages.1.tool_call_id",
+        id="tool-without-call-id",
+    ),
+    pytest.param(
+        {"messages": [user("Hi"), {"role": "function", "content": "42"}]},
+        openai.BadRequestError,
+        400,
         "invalid_value",
         "messages.1.role",
-        id="tool-role",
+        id="function-role",
     ),
     pytest.param(
         {"extra_body": {"chat_template_kwargs": {"enable_thinking": "yes"}}},

@@ -200,3 +200,9 @@ def test_openai_client_example_runs_verbatim(demo_server, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     # One usage from the plain completion, one from the stream's usage chunk.
     assert result.stdout.count("CompletionUsage(") == 2
+
+
+def test_tool_calling_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
+    result = run_python_example("openai-tools", demo_server.url, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("finish_reason: ")

@@ -426,8 +426,9 @@ class Scripted:
 
     def whole(self) -> tuple[int, dict[str, Any]]:
         """The events as one chat completion, as an engine answers `"stream": false` (500 on an error)."""
-        message = {"role": "assistant", "content": "", "reasoning_content": ""}
+        message: dict[str, Any] = {"role": "assistant", "content": "", "reasoning_content": ""}
         finish, usage = None, None
+        calls: dict[int, dict[str, Any]] = {}
         for event in self.events:
             if "error" in event:
                 return 500, {"error": event["error"]}
@@ -435,7 +436,14 @@ class Scripted:
             for choice in event.get("choices") or ():
                 for field in ("content", "reasoning_content"):
                     message[field] += choice["delta"].get(field) or ""
+                for piece in choice["delta"].get("tool_calls") or ():  # OpenAI's pieces, joined
+                    call = calls.setdefault(piece["index"], {"id": "", "type": "function", "function": {}})
+                    call["id"] = piece.get("id") or call["id"]
+                    for key, value in (piece.get("function") or {}).items():
+                        call["function"][key] = call["function"].get(key, "") + value
                 finish = choice.get("finish_reason") or finish
+        if calls:
+            message["tool_calls"] = [calls[index] for index in sorted(calls)]
         completion = {
             "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
@@ -451,7 +459,7 @@ def scripted() -> Iterator[Scripted]:
     server.server.server_close()
 
 
-def chunk(finish: str | None = None, usage: dict[str, int] | None = None, **delta: str) -> dict[str, Any]:
+def chunk(finish: str | None = None, usage: dict[str, int] | None = None, **delta: Any) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": usage}
 
 

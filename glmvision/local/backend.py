@@ -202,7 +202,7 @@ class LocalBackend:
         constraint = None
         if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
             constraint = loaded.grammars().compile(params.constraint)
-        inputs = loaded.prepare(messages, params.enable_thinking, param)
+        inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         return Prepared(loaded.model_id, inputs, sizes, visual, constraint)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 DEMO_MARKER = "glmvision-demo.json"
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: the chat template renders tools and tool calls
 
 # Control tokens of the real GLM-4.6V vocabulary, in its order (there: ids 151329..151364). All are
 # special here: `skip_special_tokens=True` also drops `<think>`, `</think>` and the box tokens, so
@@ -92,8 +92,11 @@ _TRAINING_TEXT: tuple[str, ...] = (
 # only after the last user turn), tool results as `<|observation|>\n<tool_response>...`, and the
 # generation prompt `<|assistant|>\n`. With `enable_thinking=False` (thinking is on when it is left
 # undefined) every user turn ends with `/nothink` and the generation prompt is pre-filled with an
-# empty `<think></think>\n`. Tools passed via `tools=` are not rendered. Newlines are written as
-# `{{ '\n' }}` only: all tags trim the whitespace around them.
+# empty `<think></think>\n`. Tools passed via `tools=` open the prompt with GLM-4.5/4.6's system
+# block (`# Tools`, one JSON line per tool in `<tools>`, the call format), and an assistant turn's
+# `tool_calls` follow its text as `\n<tool_call>NAME\n` + `<arg_key>K</arg_key>\n<arg_value>V
+# </arg_value>\n` per argument (V as JSON unless a string) + `</tool_call>`, as the real template
+# writes them. Newlines are written as `{{ '\n' }}` only: all tags trim the whitespace around them.
 CHAT_TEMPLATE = "".join(
     (
         "{%- macro render_content(content) -%}",
@@ -117,6 +120,19 @@ CHAT_TEMPLATE = "".join(
         "{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}",
         "{%- endfor -%}",
         "[gMASK]<sop>",
+        "{%- if tools -%}",
+        "<|system|>{{ '\\n' }}# Tools{{ '\\n\\n' }}",
+        "You may call one or more functions to assist with the user query.{{ '\\n\\n' }}",
+        "You are provided with function signatures within <tools></tools> XML tags:{{ '\\n' }}",
+        "<tools>{{ '\\n' }}",
+        "{%- for tool in tools -%}{{ tool | tojson(ensure_ascii=False) }}{{ '\\n' }}{%- endfor -%}",
+        "</tools>{{ '\\n\\n' }}",
+        "For each function call, output the function name and arguments within the following XML format:",
+        "{{ '\\n' }}<tool_call>{function-name}{{ '\\n' }}",
+        "<arg_key>{arg-key-1}</arg_key>{{ '\\n' }}<arg_value>{arg-value-1}</arg_value>{{ '\\n' }}",
+        "<arg_key>{arg-key-2}</arg_key>{{ '\\n' }}<arg_value>{arg-value-2}</arg_value>{{ '\\n' }}",
+        "...{{ '\\n' }}</tool_call>",
+        "{%- endif -%}",
         "{%- for m in messages -%}",
         "{%- if m.role == 'system' -%}",
         "<|system|>{{ '\\n' }}{{ render_content(m.content) }}",
@@ -139,6 +155,15 @@ CHAT_TEMPLATE = "".join(
         "{%- endif -%}",
         "</think>",
         "{%- if text.strip() -%}{{ '\\n' }}{{ text.strip() }}{%- endif -%}",
+        "{%- for call in m.tool_calls or [] -%}",
+        "{%- set f = call.function if call.function is defined else call -%}",
+        "{{ '\\n' }}<tool_call>{{ f.name }}{{ '\\n' }}",
+        "{%- for k, v in f.arguments.items() -%}",
+        "<arg_key>{{ k }}</arg_key>{{ '\\n' }}",
+        "<arg_value>{{ v if v is string else v | tojson(ensure_ascii=False) }}</arg_value>{{ '\\n' }}",
+        "{%- endfor -%}",
+        "</tool_call>",
+        "{%- endfor -%}",
         "{%- elif m.role == 'tool' or m.role == 'observation' -%}",
         "{%- if loop.first or messages[loop.index0 - 1].role != m.role -%}",
         "<|observation|>",

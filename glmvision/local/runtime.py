@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
+from ..tools import TOOL_TAGS, control_token_key
 from .grammar import GrammarBook
 
 log = logging.getLogger("glmvision")
@@ -93,12 +94,14 @@ class LoadedModel:
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
         # Added tokens decode to their own text, apart from the bytes around them. Control tokens
-        # decode to nothing; the think/box markers are kept for glmvision.output to handle.
-        noise = {t for t in tokenizer.all_special_tokens if t and t not in MARKERS}
+        # decode to nothing; the think/box markers are kept for glmvision.output to handle, and the
+        # tool-call tags for glmvision.tools.
+        noise = {t for t in tokenizer.all_special_tokens if t and t not in MARKERS and t not in TOOL_TAGS}
         self._added: dict[int, str] = {
             token_id: "" if token.content in noise else token.content
             for token_id, token in tokenizer.added_tokens_decoder.items()
         }
+        self._control_tokens = tuple(token.content for token in tokenizer.added_tokens_decoder.values())
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._decode_run: Callable[[list[int]], str]
         if backend is not None:
@@ -124,12 +127,20 @@ class LoadedModel:
         """Describe the loaded model for /v1/models."""
         return {"id": self.model_id, "demo": self.demo, "device": self.device, "dtype": self.dtype}
 
-    def prepare(self, messages: list[dict[str, Any]], enable_thinking: bool, param: str = "image") -> Any:
+    def prepare(
+        self,
+        messages: list[dict[str, Any]],
+        enable_thinking: bool,
+        param: str = "image",
+        tools: tuple[dict[str, Any], ...] = (),
+    ) -> Any:
         """Build model inputs from chat messages holding PIL images (runs outside the generation lock)."""
+        self._check_keys(messages, tools)
         try:
             with self.processors.checkout() as processor:
                 return processor.apply_chat_template(
                     messages,
+                    tools=list(tools) or None,
                     add_generation_prompt=True,
                     tokenize=True,
                     return_dict=True,
@@ -141,6 +152,17 @@ class LoadedModel:
             # The processor validates images (e.g. aspect ratio); that is the client's input.
             log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
             raise bad_request("image_rejected", "The model's processor refused an image.", param) from None
+
+    def _check_keys(self, messages: list[dict[str, Any]], tools: tuple[dict[str, Any], ...]) -> None:
+        """Refuse control tokens in the keys the template writes as they are (values are sanitised)."""
+        tokens = self._control_tokens
+        found = control_token_key(list(tools), tokens, "tools")
+        for index, message in enumerate(messages):
+            if found is None and "tool_calls" in message:
+                found = control_token_key(message["tool_calls"], tokens, f"messages.{index}.tool_calls")
+        if found is not None:
+            where, key = found
+            raise bad_request("invalid_value", f"The key {key!r} in {where!r} holds a control token.", where)
 
     def image_sizes(self, inputs: Any) -> list[tuple[int, int]]:
         """The (width, height) of each image as the processor handed it to the model."""

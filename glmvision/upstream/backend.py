@@ -212,6 +212,10 @@ class UpstreamBackend:
             body["min_tokens"] = params.min_new_tokens
         if params.constraint is not None:
             body["response_format"] = upstream_format(params.constraint)
+        if params.tools:
+            body["tools"] = list(params.tools)
+            if params.tool_choice is not None:
+                body["tool_choice"] = params.tool_choice.to_json()
         return body
 
     def submit(

@@ -99,7 +99,7 @@ def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for message in messages:
         content = message["content"]
         if isinstance(content, str):
-            out.append({"role": message["role"], "content": content})
+            out.append({"role": message["role"], "content": content, **_tool_fields(message)})
             continue
         parts = [
             {"type": "image_url", "image_url": {"url": data_url(part["image"], part.get("original"))}}
@@ -109,6 +109,19 @@ def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
         out.append({"role": message["role"], "content": parts})
     return out
+
+
+def _tool_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """A message's tool calls (arguments back as JSON text, as OpenAI sends them) and call id."""
+    fields: dict[str, Any] = {}
+    if message.get("tool_calls"):
+        fields["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+            for call in message["tool_calls"]
+        ]
+    if message.get("tool_call_id") is not None:
+        fields["tool_call_id"] = message["tool_call_id"]
+    return fields
 
 
 class UpstreamClient:

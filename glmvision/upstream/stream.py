@@ -12,6 +12,7 @@ import requests
 from ..errors import APIError, out_of_time
 from ..generation import DEADLINE_GRACE, Delta, Generation, GenerationParams
 from ..output import THINK_CLOSE, THINK_OPEN, StreamRenderer, render
+from ..tools import ToolCall, new_call_id
 from .client import completion_event, sse_events, upstream_down
 
 log = logging.getLogger("glmvision")
@@ -47,6 +48,7 @@ class UpstreamStream:
         self._sent_answer = ""
         self._pieces = 0
         self._usage: dict[str, Any] | None = None
+        self._calls: dict[int, dict[str, str]] = {}  # the upstream's own parsed tool calls, by index
         self._upstream_finish: str | None = None
         self._done = False
         self.prompt_tokens = 0
@@ -113,6 +115,11 @@ class UpstreamStream:
             self.prompt_tokens,
             int(completion) if completion is not None else self._pieces,
             self.finish_reason,
+            tuple(
+                ToolCall(call["id"] or new_call_id(), call["name"], call["arguments"] or "{}")
+                for _, call in sorted(self._calls.items())
+                if call["name"]
+            ),
         )
         self._finish()
 
@@ -131,6 +138,7 @@ class UpstreamStream:
                 delta = choice.get("delta") or {}
                 # vLLM's newer releases call the field `reasoning`.
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                self._take_calls(delta.get("tool_calls"))
                 piece = self._piece(reasoning, delta.get("content") or "")
                 if piece and stopped_at is None:
                     self._pieces += 1
@@ -158,6 +166,25 @@ class UpstreamStream:
                 return
         if not finished and stopped_at is None:
             raise upstream_down("The upstream engine ended the answer without finishing it.")
+
+    def _take_calls(self, calls: Any) -> None:
+        """Add an event's tool calls: whole ones (an answer), or OpenAI's pieces by index (a stream)."""
+        if not isinstance(calls, list):
+            return
+        for position, call in enumerate(calls):
+            if not isinstance(call, dict):
+                continue
+            index = call.get("index", position)
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            known = self._calls.setdefault(
+                int(index) if isinstance(index, int) else position, {"id": "", "name": "", "arguments": ""}
+            )
+            if isinstance(call.get("id"), str):
+                known["id"] = known["id"] or call["id"]
+            if isinstance(function.get("name"), str):
+                known["name"] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                known["arguments"] += function["arguments"]
 
     def _piece(self, reasoning: str, content: str) -> str:
         """Raw text for a chunk: reasoning_content goes inside <think> tags, as the model writes it."""
