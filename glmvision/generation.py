@@ -23,15 +23,18 @@ DEFAULT_TEMPERATURE = 0.7
 
 @dataclass(frozen=True)
 class Constraint:
-    """What decoding must produce: JSON valid against `schema` (canonical JSON text), or any JSON
-    object when it is None."""
+    """What decoding must produce: one call of one of `tools` (their JSON text) when given, else
+    JSON valid against `schema` (canonical JSON text), or any JSON object when that is None too."""
 
     schema: str | None = None
+    tools: str | None = None
     param: str = field(default="response_format", compare=False)  # the field errors about it name
 
     @property
     def kind(self) -> str:
-        """OpenAI's name for it: json_schema or json_object."""
+        """What it asks for: tool_call, or OpenAI's json_schema or json_object."""
+        if self.tools is not None:
+            return "tool_call"
         return "json_object" if self.schema is None else "json_schema"
 
 

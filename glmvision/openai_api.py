@@ -26,6 +26,7 @@ from .pipeline import (
     generation_params,
     json_constraint,
     new_request_id,
+    tool_constraint,
     usage,
 )
 from .responses import (
@@ -130,6 +131,9 @@ def parse_chat(
     tools, choice = _tools(body)
     if tools:
         params = replace(params, tools=tools, tool_choice=choice)
+    if choice is not None and choice.forces_call:  # a call, whatever response_format says of text
+        allowed = allowed_tools(tools, choice)
+        params = replace(params, constraint=tool_constraint(allowed, settings), min_new_tokens=0)
     return _turns(body.messages, settings, sum(len(json.dumps(tool)) for tool in tools)), params
 
 

@@ -132,18 +132,26 @@ def generation_params(
 def json_constraint(schema: dict[str, Any] | None, settings: Settings, param: str) -> Constraint:
     """The constraint for JSON valid against `schema` (any JSON object when None), its size checked."""
     if schema is None:
-        return Constraint(None, param)
+        return Constraint(None, param=param)
+    return Constraint(_schema_text(schema, settings, param), param=param)
+
+
+def tool_constraint(tools: list[dict[str, Any]], settings: Settings) -> Constraint:
+    """The constraint for one well-formed call of one of `tools`, its arguments valid for that tool."""
+    return Constraint(tools=_schema_text(tools, settings, "tools"), param="tools")
+
+
+def _schema_text(schema: Any, settings: Settings, param: str) -> str:
     try:
         # Keys keep their order: the answer's properties follow it.
         text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError:
-        raise bad_request(
-            "invalid_schema", "The JSON schema holds a number JSON cannot carry.", param
-        ) from None
+        message = "The JSON schema holds a number JSON cannot carry."
+        raise bad_request("invalid_schema", message, param) from None
     size, limit = len(text.encode()), settings.max_schema_bytes
     if size > limit:
         raise bad_request("schema_too_large", f"The JSON schema is {size} bytes; at most {limit}.", param)
-    return Constraint(text, param)
+    return text
 
 
 def load_image(

@@ -326,9 +326,8 @@ def test_noise_under_a_grammar_closes_within_any_budget_that_holds_the_document(
     compiled = book.compile(Constraint(json.dumps(schema)))
     import xgrammar
 
-    shortest = book.closing_length(
-        xgrammar.GrammarMatcher(compiled.grammar), xgrammar.allocate_token_bitmask(1, 512)
-    )
+    bitmask = xgrammar.allocate_token_bitmask(1, 512)
+    shortest = book.closing_length(xgrammar.GrammarMatcher(compiled.grammar), bitmask, compiled.closers)
     rng = random.Random(name)
     for budget in [shortest, shortest + 1, shortest + 7, *(rng.randrange(shortest, 300) for _ in range(4))]:
         for temperature in (0.0, 1.0):
@@ -466,3 +465,89 @@ def test_the_openai_clients_parse_helper_gets_its_model(server: LiveServer) -> N
     ) as stream:
         final = stream.get_final_completion()
     assert isinstance(final.choices[0].message.parsed, Invoice)
+
+
+# Forced tool calls: the same engine, over GLM's <tool_call> format.
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "units": {"enum": ["c", "f"]},
+                "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]},
+            },
+            "required": ["city", "days", "units", "where"],
+        },
+    },
+}
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["query", "tags"],
+        },
+    },
+}
+PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, LOOKUP)}
+
+
+def streamed_calls(app: Flask, body: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """Tool calls accumulated from a stream's deltas, as OpenAI clients do, and the finish reason."""
+    response = app.test_client().post("/v1/chat/completions", json={**body, "stream": True})
+    calls: dict[int, dict[str, str]] = {}
+    finish = ""
+    for line in response.get_data(as_text=True).splitlines():
+        if line.startswith("data: {"):
+            choice = json.loads(line[6:])["choices"][0]
+            for delta in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(delta["index"], {"name": "", "arguments": ""})
+                call["name"] += delta.get("function", {}).get("name") or ""
+                call["arguments"] += delta.get("function", {}).get("arguments") or ""
+            finish = choice["finish_reason"] or finish
+    return list(calls.values()), finish
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "names"),
+    [
+        ("required", {"get_weather", "lookup"}),
+        ({"type": "function", "function": {"name": "lookup"}}, {"lookup"}),
+    ],
+)
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_forced_tool_choice_gets_a_call_whose_arguments_validate(
+    app: Flask, tool_choice: Any, names: set[str], temperature: float
+) -> None:
+    body = chat(tools=[WEATHER, LOOKUP], tool_choice=tool_choice, max_tokens=200, temperature=temperature)
+    response = app.test_client().post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.get_json()
+    choice = response.get_json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] in names
+    jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS[call["function"]["name"]])
+    calls, finish = streamed_calls(app, body)
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0]["name"] in names
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMETERS[calls[0]["name"]])
+
+
+def test_langchain_function_calling_returns_an_object_from_the_demo_model(server: LiveServer) -> None:
+    """with_structured_output(method="function_calling") forces a call of the model's schema."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=server.url + "/v1", api_key="unused", model="glm-4.6v-flash-demo", max_tokens=150
+    )
+    gauge = llm.with_structured_output(Gauge, method="function_calling").invoke("Read the gauge.")
+    assert isinstance(gauge, Gauge)

@@ -14,6 +14,7 @@ whenever the budget holds the shortest document at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 from ..errors import bad_request
 from ..generation import Constraint
+from ..tools import CALL_CLOSE, CALL_OPEN, TOOL_TAGS
 
 log = logging.getLogger("glmvision")
 
@@ -53,6 +55,29 @@ def json_safe(token: bytes) -> bool:
     return not any(byte < 0x20 for byte in token) and not _SURROGATE.search(token)
 
 
+# One character of a string value that can hold no tag and needs no JSON escape.
+TAG_FREE_CHARACTER = r'[^<"\\\x00-\x1f]'
+
+
+def tag_free(schema: Any) -> Any:
+    """A tool's schema with its length-bounded strings as patterns without '<' (so without tags).
+
+    xgrammar drops minLength/maxLength from strings it must keep tags out of; a pattern keeps both.
+    """
+    if isinstance(schema, list):
+        return [tag_free(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: tag_free(value) for key, value in schema.items()}
+    kinds = schema.get("type")
+    is_string = kinds == "string" or (isinstance(kinds, list) and "string" in kinds)
+    bounded = "minLength" in schema or "maxLength" in schema
+    if is_string and bounded and not {"pattern", "format", "enum", "const"} & schema.keys():
+        least, most = schema.pop("minLength", 0), schema.pop("maxLength", "")
+        schema["pattern"] = f"^{TAG_FREE_CHARACTER}{{{least},{most}}}$"
+    return schema
+
+
 class GrammarBook:
     """A tokenizer's grammar compiler, with compiled grammars cached per schema."""
 
@@ -61,10 +86,14 @@ class GrammarBook:
     ) -> None:
         import xgrammar
 
-        # Control tokens (<|image|>, <think>, <tool_call>...) are never part of an answer's text:
-        # xgrammar treats tokens whose text is empty as special, and never allows them.
-        special = set(tokenizer.all_special_ids)
-        special |= {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+        # Control tokens (<|image|>, <think>...) are never part of an answer's text: xgrammar treats
+        # tokens whose text is empty as special, and never allows them. A call grammar's vocabulary
+        # has the tool-call tags too, so that it can take them whole; a JSON one does not.
+        added = tokenizer.added_tokens_decoder
+        tags = {token.content: token_id for token_id, token in added.items() if token.content in TOOL_TAGS}
+        special = set(tokenizer.all_special_ids) | {
+            token_id for token_id, token in added.items() if token.special
+        }
         detected = xgrammar.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids
         )
@@ -72,35 +101,47 @@ class GrammarBook:
             b"" if i in special or not json_safe(text) else text
             for i, text in enumerate(detected.decoded_vocab)
         ]
-        self.info = xgrammar.TokenizerInfo(
-            vocabulary, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids
-        )
+        with_tags = list(vocabulary)
+        for tag, token_id in tags.items():
+            with_tags[token_id] = tag.encode()
+
+        def compiler(words: list[bytes]) -> Any:
+            info = xgrammar.TokenizerInfo(
+                words, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids
+            )
+            # xgrammar caches too, without a count of hits; this cache is ours to size and measure.
+            return xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+
+        self._json_compiler, self._call_compiler = compiler(vocabulary), compiler(with_tags)
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
         self.think = think  # the ids of <think> and </think>, when the model has them
-        # xgrammar caches too, without a count of hits; this cache is ours to size and measure.
-        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.compiled = self.hits = 0
         self.compile_seconds = 0.0
         by_text = {text: i for i, text in reversed(list(enumerate(vocabulary))) if len(text) == 1}
         self._character_token = {chr(text[0]): i for text, i in by_text.items() if text[0] < 0x80}
-        self._closers = [self._character_token[c] for c in CLOSING_CHARACTERS if c in self._character_token]
+        json_closers = [self._character_token[c] for c in CLOSING_CHARACTERS if c in self._character_token]
+        self._json_closers = json_closers
+        # In a call, JSON's closers for values that are JSON; then the tags that end a value, the call,
+        # and open the next argument.
+        ending = [tags[tag] for tag in ("</arg_value>", "</tool_call>", "<arg_key>") if tag in tags]
+        self._call_closers = json_closers + ending
+        self._tags = tags
+        self._probe = xgrammar.allocate_token_bitmask(1, vocab_size)  # the model thread's scratch
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
         """The constraint's grammar (compiled once per schema); a 400 on its field if it cannot be."""
         with self._lock:
-            grammar = self._compiled.get(constraint)
-            if grammar is not None:
+            compiled = self._compiled.get(constraint)
+            if compiled is not None:
                 self._compiled.move_to_end(constraint)
                 self.hits += 1
-                return CompiledConstraint(self, grammar)
+                return compiled
         started = time.perf_counter()
-        schema = constraint.schema if constraint.schema is not None else '{"type": "object"}'
         try:
-            # No free whitespace: a model could otherwise spend its whole budget on it.
-            grammar = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+            compiled = self._compile(constraint)
         except (RuntimeError, ValueError, TypeError) as exc:
             # xgrammar's messages start with a time and its own source line: the client needs neither.
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
@@ -109,15 +150,39 @@ class GrammarBook:
             raise bad_request("invalid_schema", message, constraint.param) from None
         elapsed = time.perf_counter() - started
         with self._lock:
-            self._compiled[constraint] = grammar
+            self._compiled[constraint] = compiled
             while len(self._compiled) > CACHED_GRAMMARS:
                 self._compiled.popitem(last=False)
             self.compiled += 1
             self.compile_seconds += elapsed
         log.info("compiled a %s grammar in %.1f ms", constraint.kind, elapsed * 1000)
-        return CompiledConstraint(self, grammar)
+        return compiled
 
-    def closing_token(self, matcher: Any, bitmask: Any) -> int:
+    def _compile(self, constraint: Constraint) -> CompiledConstraint:
+        if constraint.tools is None:
+            schema = constraint.schema if constraint.schema is not None else '{"type": "object"}'
+            # No free whitespace: a model could otherwise spend its whole budget on it.
+            grammar = self._json_compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+            return CompiledConstraint(self, grammar, self._json_closers)
+        from xgrammar.structural_tag import JSONSchemaFormat, OrFormat, StructuralTag, TagFormat
+
+        calls = [
+            TagFormat(
+                begin=CALL_OPEN + tool["function"]["name"],
+                content=JSONSchemaFormat(
+                    json_schema=tag_free(tool["function"].get("parameters") or {"type": "object"}),
+                    style="glm_xml",  # GLM-4.5/4.6's <arg_key>k</arg_key><arg_value>v</arg_value>
+                    max_whitespace_cnt=1,
+                    excludes=list(TOOL_TAGS),  # or a value could end its call early, for the parser
+                ),
+                end=CALL_CLOSE,
+            )
+            for tool in json.loads(constraint.tools)
+        ]
+        grammar = self._call_compiler.compile_structural_tag(StructuralTag(format=OrFormat(elements=calls)))
+        return CompiledConstraint(self, grammar, self._call_closers)
+
+    def closing_token(self, matcher: Any, bitmask: Any, closers: list[int]) -> int:
         """The next token of the shortest way (as this walk finds it) to end the document."""
         matcher.fill_next_token_bitmask(bitmask)
         words = bitmask[0]
@@ -126,22 +191,37 @@ class GrammarBook:
             return bool((int(words[token_id >> 5]) >> (token_id & 31)) & 1)
 
         forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
-        first = self._character_token.get(forced[0]) if forced else None
-        for token_id in ([first] if first is not None else []) + self._closers + self.stop_ids:
-            if allowed(token_id):
-                return token_id
+        first = next((i for tag, i in self._tags.items() if forced.startswith(tag)), None) if forced else None
+        if forced and first is None:
+            first = self._character_token.get(forced[0])
         import torch
+
+        candidates = [token_id for token_id in closers + self.stop_ids if allowed(token_id)]
+        if first is not None and allowed(first):
+            return first
+        # A closer only helps where it changes what may follow: in free text (a call's string value)
+        # a quote is one more character, and the value's end tag is what closes it.
+        for token_id in candidates:
+            after = matcher.fork()
+            after.accept_token(token_id)
+            if after.is_terminated():
+                return token_id
+            after.fill_next_token_bitmask(self._probe)
+            if not torch.equal(self._probe, bitmask):
+                return token_id
+        if candidates:
+            return candidates[0]
 
         word = int(torch.nonzero(words)[0, 0])
         bits = int(words[word]) & 0xFFFFFFFF
         return word * 32 + (bits & -bits).bit_length() - 1
 
-    def closing_length(self, matcher: Any, bitmask: Any) -> int:
+    def closing_length(self, matcher: Any, bitmask: Any, closers: list[int]) -> int:
         """Tokens (its stop token included) the closing walk takes from the matcher's state."""
         walker = matcher.fork()
         steps = 0
         while not walker.is_terminated() and steps < LONGEST_CLOSING:
-            if not walker.accept_token(self.closing_token(walker, bitmask)):
+            if not walker.accept_token(self.closing_token(walker, bitmask, closers)):
                 return LONGEST_CLOSING
             steps += 1
         return steps
@@ -153,20 +233,23 @@ class CompiledConstraint:
 
     book: GrammarBook
     grammar: Any
+    closers: list[int]  # the tokens its closing walk tries, in order
 
     def start(self, budget: int, after_thinking: bool) -> RowGrammar:
         """A fresh matcher for one row of `budget` tokens."""
-        return RowGrammar(self.book, self.grammar, budget, after_thinking)
+        return RowGrammar(self, budget, after_thinking)
 
 
 class RowGrammar:
     """One row's grammar state: masks its logits, follows its tokens, and closes in time."""
 
-    def __init__(self, book: GrammarBook, grammar: Any, budget: int, after_thinking: bool) -> None:
+    def __init__(self, compiled: CompiledConstraint, budget: int, after_thinking: bool) -> None:
         import xgrammar
 
+        book = compiled.book
         self._book = book
-        self._matcher = xgrammar.GrammarMatcher(grammar)
+        self._closers = compiled.closers
+        self._matcher = xgrammar.GrammarMatcher(compiled.grammar)
         self._bitmask = xgrammar.allocate_token_bitmask(1, book.vocab_size)
         self._scratch = xgrammar.allocate_token_bitmask(1, book.vocab_size)
         self._budget = budget
@@ -187,17 +270,17 @@ class RowGrammar:
             assert self._book.think is not None
             think_open, think_end = self._book.think
             if self._closing is None:
-                self._closing = self._book.closing_length(self._matcher, self._scratch)
+                self._closing = self._length_to_close(self._matcher)
             if generated == 0:
                 return think_open
             return think_end if remaining <= 2 * self._closing + NEAR_END_MARGIN + 1 else None
         stale = self._closing is None or generated - self._measured_at >= MEASURE_EVERY
         if stale or self.near_end(generated):
-            self._closing = self._book.closing_length(self._matcher, self._scratch)
+            self._closing = self._length_to_close(self._matcher)
             self._measured_at = generated
         assert self._closing is not None
         if self.near_end(generated) and self._closing >= remaining:
-            return self._book.closing_token(self._matcher, self._scratch)
+            return self._closing_token()
         self._matcher.fill_next_token_bitmask(self._bitmask)
         self._apply(logits)
         return None
@@ -217,10 +300,10 @@ class RowGrammar:
         if after.accept_token(token_id):
             if after.is_terminated():
                 return token_id
-            room = self._book.closing_length(after, self._scratch)
+            room = self._length_to_close(after)
             if room <= self._budget - generated - 1:
                 return token_id
-        return self._book.closing_token(self._matcher, self._scratch)
+        return self._closing_token()
 
     def accept(self, token_id: int) -> None:
         """Follow the token the row took."""
@@ -228,6 +311,12 @@ class RowGrammar:
             self.waiting = self._book.think is None or token_id != self._book.think[1]
         elif not self._matcher.is_terminated() and not self._matcher.accept_token(token_id):
             log.warning("a constrained row took token %d outside its grammar", token_id)
+
+    def _length_to_close(self, matcher: Any) -> int:
+        return self._book.closing_length(matcher, self._scratch, self._closers)
+
+    def _closing_token(self) -> int:
+        return self._book.closing_token(self._matcher, self._scratch, self._closers)
 
     def _apply(self, logits: Any) -> None:
         import xgrammar

@@ -210,7 +210,7 @@ class UpstreamBackend:
             body["stop"] = list(params.stop)
         if params.min_new_tokens:
             body["min_tokens"] = params.min_new_tokens
-        if params.constraint is not None:
+        if params.constraint is not None and params.constraint.tools is None:  # tool_choice says it for calls
             body["response_format"] = upstream_format(params.constraint)
         if params.tools:
             body["tools"] = list(params.tools)
