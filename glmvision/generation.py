@@ -31,6 +31,7 @@ class GenerationParams:
     enable_thinking: bool = False
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
+    adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
+
+if TYPE_CHECKING:
+    from .adapters import Adapters
 
 log = logging.getLogger("glmvision")
 
@@ -77,6 +80,7 @@ class LoadedModel:
     processor_copies: int = 4
     processor_wait: float = 30.0
     revision: str = ""  # identifies the weights (glmvision.local.loading.model_revision)
+    adapters: Adapters | None = None  # GLMVISION_LORA's, when set
     processors: ProcessorPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,18 @@ class LoadedModel:
         else:
             self._decode_run = partial(tokenizer.decode, skip_special_tokens=False)
         self.processors = ProcessorPool(self.processor, self.processor_copies, self.processor_wait)
+
+    def forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """The model's forward on a batch whose rows use these adapters (None: the base model)."""
+        if self.adapters is None:
+            return self.model(**kwargs)
+        return self.adapters.forward(adapters, **kwargs)
+
+    def generate(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """The model's generate() on a batch whose rows use these adapters (None: the base model)."""
+        if self.adapters is None:
+            return self.model.generate(**kwargs)
+        return self.adapters.generate(adapters, **kwargs)
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""
