@@ -29,6 +29,7 @@ from .generation import (
     GenerationStream,
 )
 from .images import DecodedImage, Fit, decode_image, open_image
+from .lora import model_name
 from .ops.record import ImageStat, RequestRecord, current_record
 from .responses import GroundingBox, Usage
 from .service import FALLBACK_CODES
@@ -108,6 +109,7 @@ def generation_params(
     stop: tuple[str, ...] = (),
     min_new_tokens: int = 0,
     param: str = "max_new_tokens",
+    adapter: str | None = None,
 ) -> GenerationParams:
     """Apply the server's token cap and defaults to a request's sampling settings."""
     cap = settings.max_new_tokens
@@ -116,7 +118,9 @@ def generation_params(
     elif max_new_tokens > cap:
         raise bad_request("invalid_value", f"Field {param!r} may be at most {cap}.", param)
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    return GenerationParams(max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens)
+    return GenerationParams(
+        max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens, adapter
+    )
 
 
 def load_image(
@@ -380,7 +384,7 @@ def _fixed(
     """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
     ticket.release()
     return Answer(
-        state.backend.model_names()[0],
+        model_name(state.backend.model_names()[0], chat.params.adapter),
         FixedStream(generation),
         time.perf_counter(),
         _model_sizes(state, chat),

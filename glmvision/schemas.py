@@ -74,6 +74,7 @@ class SamplingFields(RequestModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     enable_thinking: bool = False
+    adapter: str | None = Field(default=None, min_length=1)  # a GLMVISION_LORA adapter's name
 
 
 class VisionRequest(SamplingFields):

@@ -20,6 +20,7 @@ from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
 from ..images import Fit
+from ..lora import model_name
 from .continuous import ContinuousEngine
 from .engine import QueueEngine, engine_failed
 from .holder import ModelHolder
@@ -52,6 +53,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._adapters = tuple(settings.lora_adapters)
         self.engine: QueueEngine | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
@@ -110,6 +112,9 @@ class LocalBackend:
     def model_names(self) -> tuple[str, ...]:
         served = model_id_for(self.settings.model, self.settings.model_id)
         return (served, *self.settings.model_aliases)
+
+    def adapters(self) -> tuple[str, ...] | None:
+        return self._adapters
 
     def model_card(self) -> dict[str, Any]:
         loaded = self.holder.loaded
@@ -200,7 +205,8 @@ class LocalBackend:
     ) -> Prepared:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
         inputs = loaded.prepare(messages, params.enable_thinking, param)
-        return Prepared(loaded.model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
+        model_id = model_name(loaded.model_id, params.adapter)
+        return Prepared(model_id, inputs, loaded.image_sizes(inputs), loaded.visual_tokens(inputs))
 
     def submit(
         self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
