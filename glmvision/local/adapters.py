@@ -76,17 +76,27 @@ class Adapters:
     def __init__(self, peft_model: Any, names: Sequence[str]) -> None:
         self.peft = peft_model
         self.names = tuple(names)
+        self._active: str = names[0]  # PeftModel.from_pretrained makes the first one active
 
-    def _per_row(self, adapters: Sequence[str | None]) -> list[str]:
-        return [adapter or BASE_ADAPTER for adapter in adapters]
+    def _choose(self, adapters: Sequence[str | None]) -> dict[str, Any]:
+        """The call's PEFT arguments: per-row names, or none when every row uses one adapter."""
+        first = adapters[0]
+        if first is not None and all(adapter == first for adapter in adapters):
+            # One adapter for the whole batch: PEFT's plain path through the active adapter is the
+            # same arithmetic without per-call hooks on every LoRA layer and a gather per adapter.
+            if first != self._active:
+                self.peft.set_adapter(first, inference_mode=True)
+                self._active = first
+            return {}
+        return {"adapter_names": [adapter or BASE_ADAPTER for adapter in adapters]}
 
     def forward(self, adapters: Sequence[str | None], **kwargs: Any) -> Any:
         """The base model's forward, each row through its own adapter (None: the base model)."""
-        return self.peft(**kwargs, adapter_names=self._per_row(adapters))
+        return self.peft(**kwargs, **self._choose(adapters))
 
     def generate(self, adapters: Sequence[str | None], **kwargs: Any) -> Any:
         """The base model's generate(), each row through its own adapter (None: the base model)."""
-        return self.peft.generate(**kwargs, adapter_names=self._per_row(adapters))
+        return self.peft.generate(**kwargs, **self._choose(adapters))
 
 
 def load_adapters(model: Any, adapters: Mapping[str, str]) -> Adapters:
