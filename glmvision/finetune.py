@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -138,8 +139,7 @@ def split(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list
 
 
 def learning_rate(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over the first tenth of the steps, then linear decay to zero (a function of the step
-    alone, so a resumed run follows the same schedule)."""
+    """Warm-up over the first tenth of the steps, then linear decay to 0: a function of the step alone."""
     warmup = max(1, int(total * WARMUP_SHARE))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -161,6 +161,8 @@ def _device_and_dtype(requested: str) -> tuple[str, str]:
 
     from .local.hardware import resolve_device
 
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", requested):
+        raise FinetuneError(f"--device {requested}: auto, cpu, cuda or cuda:N")
     cuda = torch.cuda.is_available()
     device = resolve_device(requested, cuda, torch.cuda.device_count() if cuda else 0)
     if device == "cpu":
@@ -505,11 +507,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
     """Run `glmvision finetune`; print the figures. Exit 0 trained, 2 bad usage or data, 130 interrupted."""
+    from .config import ConfigError
+
     names = {name for name in Options.__dataclass_fields__} - {"data", "out"}
     options = Options(Path(args.data), Path(args.out), **{name: getattr(args, name) for name in names})
     try:
         report = finetune(options, log=lambda line: print(line, file=err))
-    except FinetuneError as exc:
+    except (FinetuneError, ConfigError) as exc:  # bad data or options, or a setting they lead to
         print(f"glmvision finetune: {exc}", file=err)
         return 2
     except KeyboardInterrupt:

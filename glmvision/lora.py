@@ -20,9 +20,7 @@ def _unknown(adapter: str, served: tuple[str, ...] | None) -> str:
 def adapter_of_model(
     model: str | None, model_names: tuple[str, ...], adapters: tuple[str, ...] | None
 ) -> str | None:
-    """The adapter a request's `model` asks for (None: the base model); 404 model_not_found if none fits.
-
-    `adapters` None means any name goes through (an upstream engine knows its own)."""
+    """The adapter `model` asks for (None: the base model; `adapters` None: any); else 404 model_not_found."""
     if model is None or model in model_names:
         return None
     for name in model_names:

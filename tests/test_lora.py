@@ -196,6 +196,11 @@ def test_bad_data_lines_are_named(tmp_path: Path) -> None:
     data.write_text(json.dumps(good) + "\n")
     train, held = split(read_examples(data), 0.5, 0)
     assert len(train) == 1 and held == []  # one example is never held out from itself
+    from glmvision.cli import main
+
+    assert main(["finetune", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["finetune", str(data), "--out", str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 # Serving: GLMVISION_LORA, per-row adapters.
