@@ -11,6 +11,7 @@ from flask.wrappers import Response
 from .backend import Ticket
 from .config import Settings
 from .generation import Constraint, Generation
+from .lora import check_adapter, model_name
 from .ops.record import current_record
 from .pipeline import (
     Answer,
@@ -53,8 +54,18 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
     state = service()
-    card = ModelCard(**state.backend.model_card(), created=int(state.started), owned_by="glmvision")
-    return jsonify(ModelList(data=[card]).to_json())
+    base = state.backend.model_card()
+    cards = [ModelCard(**base, created=int(state.started), owned_by="glmvision")]
+    cards += [
+        ModelCard(
+            **{**base, "id": model_name(base["id"], adapter)},
+            parent=base["id"],
+            created=int(state.started),
+            owned_by="glmvision",
+        )
+        for adapter in state.backend.adapters() or ()
+    ]
+    return jsonify(ModelList(data=cards).to_json())
 
 
 def _answer_one_image(
@@ -69,6 +80,7 @@ def _answer_one_image(
         seed=body.seed,
         enable_thinking=body.enable_thinking,
         constraint=_constraint(body.json_schema, state.settings),
+        adapter=check_adapter(body.adapter, state.backend.adapters()),
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
     chat, generation = answer(state, ticket, turns, params, image.param)

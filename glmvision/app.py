@@ -17,6 +17,7 @@ from .guards.allowlist import IpAllowlist
 from .guards.breaker import CircuitBreaker
 from .guards.proxy import trusted_proxy_app
 from .guards.watchdog import Watchdog
+from .local.adapters import check_adapters
 from .local.backend import LocalBackend
 from .local.loading import check_source
 from .openai_api import bp as openai_bp
@@ -61,6 +62,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     warn_unknown_variables()
     if settings.backend == "local":
         check_source(settings.model)
+        check_adapters(settings.lora_adapters)
     app = Flask(__name__)
     app.config.update(
         {key: value for key, value in (overrides or {}).items() if not key.startswith("GLMVISION_")}

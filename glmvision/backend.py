@@ -226,6 +226,10 @@ class Backend(Protocol):
         """The model as /v1/models lists it (id, demo, device, dtype, ready)."""
         ...
 
+    def adapters(self) -> tuple[str, ...] | None:
+        """The LoRA adapters a request may name; None: any name, passed on to an engine that knows its own."""
+        ...
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """(ready, details) for /readyz; never waits."""
         ...

@@ -1,4 +1,4 @@
-"""Command line: `glmvision ask`, `batch`, `serve`, `demo-model DIR`, `audit-read PATH` and `audit-keygen`."""
+"""Command line: `glmvision ask`, `batch`, `serve`, `finetune`, `demo-model`, `audit-read`, `audit-keygen`."""
 
 from __future__ import annotations
 
@@ -75,12 +75,24 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from . import finetune
+
+    finetune.add_arguments(
+        commands.add_parser(
+            "finetune",
+            help="train a LoRA adapter on image/prompt/answer lines, for GLMVISION_LORA",
+            description=finetune.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     args = parser.parse_args(argv)
 
     if args.command == "ask":
         return ask.run(args)
     if args.command == "batch":
         return batch.run(args)
+    if args.command == "finetune":
+        return finetune.run(args)
 
     if args.command == "audit-keygen":
         from .ops.audit import new_key

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,30 @@ RETIRED = {
 
 CommaList = Annotated[list[str], NoDecode]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
+# A LoRA adapter's name: what follows `<model>:` in a request, so no ':' ',' '=' or spaces in it.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# PEFT's name for "no adapter" in a mixed batch: never an adapter's own.
+BASE_ADAPTER = "__base__"
+
+
+def parse_lora(value: str) -> dict[str, str]:
+    """GLMVISION_LORA's `name=dir,name2=dir2` as {name: dir}; ValueError naming what is wrong."""
+    adapters: dict[str, str] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, equals, path = (piece.strip() for piece in item.partition("="))
+        if not equals or not path:
+            raise ValueError(f"{item!r} is not name=directory")
+        if not ADAPTER_NAME.fullmatch(name) or name == BASE_ADAPTER:
+            raise ValueError(
+                f"adapter name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit"
+            )
+        if name in adapters:
+            raise ValueError(f"adapter name {name!r} given twice")
+        adapters[name] = os.path.expanduser(path)
+    return adapters
 
 
 def _split_commas(value: Any) -> Any:
@@ -278,6 +303,11 @@ class Settings(_Base):
     redact: CommaList = Field(
         [], description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email."
     )
+    lora: str = Field(
+        "",
+        description="LoRA adapters (PEFT directories, as glmvision finetune writes) loaded on the base "
+        "model: name=dir,name2=dir2; a request picks one with model <id>:<name> or adapter.",
+    )
     backend: Literal["local", "openai"] = Field(
         "local",
         description="local: load the model in each worker; openai: load none and forward every "
@@ -315,6 +345,12 @@ class Settings(_Base):
             raise ValueError(f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(REDACT_KINDS)}")
         return value
 
+    @field_validator("lora")
+    @classmethod
+    def _lora_pairs(cls, value: str) -> str:
+        parse_lora(value)
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -326,6 +362,11 @@ class Settings(_Base):
             raise ValueError("GLMVISION_BACKEND=openai needs GLMVISION_UPSTREAM_URL")
         if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
             raise ValueError(f"GLMVISION_UPSTREAM_URL must be an http(s) URL, got {self.upstream_url!r}")
+        if self.backend == "openai" and self.lora:
+            raise ValueError(
+                "GLMVISION_LORA loads adapters into the local model; with GLMVISION_BACKEND=openai the "
+                "upstream serves its own (vLLM's --lora-modules) and <model>:<name> asks it for <name>"
+            )
         return self
 
     @model_validator(mode="after")
@@ -333,6 +374,11 @@ class Settings(_Base):
         if bool(self.audit_log) != bool(self.audit_key.get_secret_value()):
             raise ValueError("GLMVISION_AUDIT_LOG and GLMVISION_AUDIT_KEY go together: set both or neither")
         return self
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """GLMVISION_LORA as {name: directory}, in the order given."""
+        return parse_lora(self.lora)
 
     @property
     def admission_capacity(self) -> int:

@@ -53,6 +53,7 @@ class GenerationParams:
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: ToolChoice | None = None
     constraint: Constraint | None = None  # a grammar masks the logits at every step
+    adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
 
 
 @dataclass(frozen=True)

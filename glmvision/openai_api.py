@@ -16,6 +16,7 @@ from . import pipeline
 from .config import Settings
 from .errors import APIError, api_error_object, bad_request, error_object
 from .generation import Constraint, Generation, GenerationParams
+from .lora import adapter_of_model
 from .ops.record import current_record
 from .pipeline import (
     Answer,
@@ -110,11 +111,13 @@ def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0)
 
 
 def parse_chat(
-    body: ChatCompletionRequest, settings: Settings, model_names: tuple[str, ...]
+    body: ChatCompletionRequest,
+    settings: Settings,
+    model_names: tuple[str, ...],
+    adapters: tuple[str, ...] | None = (),
 ) -> tuple[list[Turn], GenerationParams]:
     """Translate a validated chat completion request into the shared pipeline's input."""
-    if body.model is not None and body.model not in model_names:
-        raise APIError(404, "model_not_found", f"The model {body.model!r} does not exist.", "model")
+    adapter = adapter_of_model(body.model, model_names, adapters)
     limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = generation_params(
         settings,
@@ -127,6 +130,7 @@ def parse_chat(
         min_new_tokens=body.min_tokens,
         param=limit_param,
         constraint=_constraint(body, settings),
+        adapter=adapter,
     )
     tools, choice = _tools(body)
     if tools:
@@ -172,7 +176,7 @@ def chat_completions() -> Response:
     settings = state.settings
     ticket = admit()
     body = parse_body(request, ChatCompletionRequest)
-    turns, params = parse_chat(body, settings, state.backend.model_names())
+    turns, params = parse_chat(body, settings, state.backend.model_names(), state.backend.adapters())
     chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
     record = current_record()
     meta: dict[str, Any] = {

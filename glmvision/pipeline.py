@@ -31,6 +31,7 @@ from .generation import (
     GenerationStream,
 )
 from .images import DecodedImage, Fit, decode_image, open_image
+from .lora import model_name
 from .ops.record import ImageStat, RequestRecord, current_record
 from .responses import GroundingBox, Usage
 from .service import FALLBACK_CODES
@@ -114,6 +115,7 @@ def generation_params(
     min_new_tokens: int = 0,
     param: str = "max_new_tokens",
     constraint: Constraint | None = None,
+    adapter: str | None = None,
 ) -> GenerationParams:
     """Apply the server's token cap and defaults to a request's sampling settings."""
     cap = settings.max_new_tokens
@@ -125,7 +127,15 @@ def generation_params(
     if constraint is not None:
         min_new_tokens = 0  # the grammar decides where the document ends
     return GenerationParams(
-        max_new_tokens, temperature, top_p, seed, enable_thinking, stop, min_new_tokens, constraint=constraint
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        enable_thinking,
+        stop,
+        min_new_tokens,
+        adapter=adapter,
+        constraint=constraint,
     )
 
 
@@ -429,7 +439,7 @@ def _fixed(
     """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
     ticket.release()
     return Answer(
-        state.backend.model_names()[0],
+        model_name(state.backend.model_names()[0], chat.params.adapter),
         FixedStream(generation),
         time.perf_counter(),
         _model_sizes(state, chat),

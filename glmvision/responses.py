@@ -92,6 +92,8 @@ class ModelCard(ModelInfo):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # A LoRA adapter's entry names the model it adapts, as vLLM lists its LoRA modules.
+    parent: str | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class ModelList(ResponseModel):

@@ -76,6 +76,7 @@ class SamplingFields(RequestModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     enable_thinking: bool = False
     json_schema: dict[str, Any] | None = None  # the answer is JSON valid against it
+    adapter: str | None = Field(default=None, min_length=1)  # a GLMVISION_LORA adapter's name
 
 
 class VisionRequest(SamplingFields):

@@ -620,3 +620,19 @@ def test_the_openai_backend_needs_an_upstream_url_and_keeps_its_key_secret() -> 
     assert "s3cret" not in repr(settings)
     assert settings.upstream_key.get_secret_value() == "s3cret"
     assert load_settings().backend == "local"
+
+
+def test_an_adapter_is_asked_of_the_upstream_by_its_name(
+    scripted: Scripted, make_app: Callable[..., Flask]
+) -> None:
+    """vLLM serves a LoRA module as a model of its own name: `<id>:<name>` and `adapter` send `<name>`."""
+    scripted.events = [chunk(content="42 bar"), chunk("stop", {"prompt_tokens": 3, "completion_tokens": 2})]
+    client = make_app(backend="openai", upstream_url=scripted.url, cache=False).test_client()
+    body = {"model": "scripted:gauges", "messages": [user("What?")], "max_tokens": 5}
+    answer = client.post("/v1/chat/completions", json=body).get_json()
+    assert answer["model"] == "scripted:gauges" and scripted.bodies[-1]["model"] == "gauges"
+    native = client.post("/v1/chat/vision", json=vision_body(adapter="dials")).get_json()
+    assert native["model"] == "scripted:dials" and scripted.bodies[-1]["model"] == "dials"
+    client.post("/v1/chat/vision", json=vision_body())
+    assert scripted.bodies[-1]["model"] == "scripted"  # no adapter: the upstream's own model
+    assert client.post("/v1/chat/completions", json={**body, "model": "other:gauges"}).status_code == 404

@@ -20,6 +20,7 @@ from ..config import Settings
 from ..errors import APIError
 from ..generation import GenerationParams, GenerationStream
 from ..images import Fit
+from ..lora import model_name
 from .continuous import ContinuousEngine
 from .engine import QueueEngine, engine_failed
 from .holder import ModelHolder
@@ -52,6 +53,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._adapters = tuple(settings.lora_adapters)
         self.engine: QueueEngine | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
@@ -110,6 +112,9 @@ class LocalBackend:
     def model_names(self) -> tuple[str, ...]:
         served = model_id_for(self.settings.model, self.settings.model_id)
         return (served, *self.settings.model_aliases)
+
+    def adapters(self) -> tuple[str, ...] | None:
+        return self._adapters
 
     def model_card(self) -> dict[str, Any]:
         loaded = self.holder.loaded
@@ -204,7 +209,7 @@ class LocalBackend:
             constraint = loaded.grammars().compile(params.constraint)
         inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
-        return Prepared(loaded.model_id, inputs, sizes, visual, constraint)
+        return Prepared(model_name(loaded.model_id, params.adapter), inputs, sizes, visual, constraint)
 
     def submit(
         self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True

@@ -243,7 +243,8 @@ class ContinuousEngine(QueueEngine):
         model = self._model
         try:
             with torch.inference_mode():
-                out = model.model(
+                out = model.forward(
+                    [job.params.adapter],
                     inputs_embeds=chunked.embeds[:, start:end],
                     position_ids=chunked.positions[:, :, start:end],
                     attention_mask=mask,
@@ -277,7 +278,10 @@ class ContinuousEngine(QueueEngine):
         inputs = on_device(model, collate([job.inputs for job in jobs], model.pad_id))
         positions, following = prompt_positions(model, inputs)
         cache = DynamicCache(config=model.model.config)
-        out = model.model(**inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        adapters = [job.params.adapter for job in jobs]
+        out = model.forward(
+            adapters, **inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
         rows = [
             Row(
                 job, RowSampling.for_params(job.params, model.model.device, job.constraint), position=position
@@ -304,7 +308,8 @@ class ContinuousEngine(QueueEngine):
                     # One query per row attends to every column its mask keeps: that is the whole
                     # 4D mask, and handing it over spares transformers building it every step.
                     mask = mask[:, None, None, :].bool()
-                out = model.model(
+                out = model.forward(
+                    [row.job.params.adapter for row in self._rows],
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=positions.view(1, -1, 1).expand(3, -1, -1),

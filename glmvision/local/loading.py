@@ -207,6 +207,13 @@ def load_model(settings: Settings) -> LoadedModel:
         torch.set_num_threads(threads)
     processor.tokenizer.padding_side = "left"
     model_id = model_id_for(source, settings.model_id)
+    revision = model_revision(source, model)
+    adapters = None
+    if settings.lora_adapters:
+        from .adapters import adapters_revision, load_adapters
+
+        adapters = load_adapters(model, settings.lora_adapters)
+        revision += "+lora:" + adapters_revision(settings.lora_adapters)
     loaded = LoadedModel(
         processor=processor,
         model=model,
@@ -216,7 +223,8 @@ def load_model(settings: Settings) -> LoadedModel:
         demo=demo,
         load_seconds=time.perf_counter() - started,
         processor_copies=preparing_slots(settings.max_batch_size),  # one per request being prepared
-        revision=model_revision(source, model),
+        revision=revision,
+        adapters=adapters,
     )
     log.info(
         "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",

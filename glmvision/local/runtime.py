@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
 from ..tools import TOOL_TAGS, control_token_key
 from .grammar import GrammarBook
+
+if TYPE_CHECKING:
+    from .adapters import Adapters
 
 log = logging.getLogger("glmvision")
 
@@ -79,6 +82,7 @@ class LoadedModel:
     processor_copies: int = 4
     processor_wait: float = 30.0
     revision: str = ""  # identifies the weights (glmvision.local.loading.model_revision)
+    adapters: Adapters | None = None  # GLMVISION_LORA's, when set
     processors: ProcessorPool = field(init=False, repr=False)
     _grammars: GrammarBook | None = field(default=None, init=False, repr=False)
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -122,6 +126,18 @@ class LoadedModel:
                 vocab_size = int(self.model.config.get_text_config().vocab_size)
                 self._grammars = GrammarBook(tokenizer, vocab_size, self.stop_ids, think)
             return self._grammars
+
+    def forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """The model's forward on a batch whose rows use these adapters (None: the base model)."""
+        if self.adapters is None:
+            return self.model(**kwargs)
+        return self.adapters.forward(adapters, **kwargs)
+
+    def generate(self, adapters: list[str | None], **kwargs: Any) -> Any:
+        """The model's generate() on a batch whose rows use these adapters (None: the base model)."""
+        if self.adapters is None:
+            return self.model.generate(**kwargs)
+        return self.adapters.generate(adapters, **kwargs)
 
     def info(self) -> dict[str, Any]:
         """Describe the loaded model for /v1/models."""

@@ -208,7 +208,8 @@ class StaticEngine(QueueEngine):
         with torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            model.model.generate(
+            model.generate(
+                [job.params.adapter for job in batch],
                 **inputs,
                 max_new_tokens=longest,
                 eos_token_id=model.stop_ids,

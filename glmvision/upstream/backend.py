@@ -15,6 +15,7 @@ from ..config import Settings
 from ..errors import APIError, unavailable
 from ..generation import Constraint, GenerationParams, GenerationStream
 from ..images import Fit
+from ..lora import model_name
 from .client import UpstreamClient, UpstreamCounters, openai_messages, upstream_down
 from .stream import UpstreamStream
 
@@ -104,6 +105,9 @@ class UpstreamBackend:
         served = self.settings.model_id or self._model or self.settings.upstream_model or "upstream"
         return (served, *self.settings.model_aliases)
 
+    def adapters(self) -> tuple[str, ...] | None:
+        return None  # the upstream serves its own LoRA modules by name
+
     def model_card(self) -> dict[str, Any]:
         ready, _ = self._probed()
         return {
@@ -186,8 +190,11 @@ class UpstreamBackend:
             for part in message["content"]
             if part["type"] == "image"
         ]
-        inputs = {"model": self._upstream_model(ticket), "messages": openai_messages(messages)}
-        return Prepared(self.model_names()[0], inputs, sizes)  # named as we serve it (GLMVISION_MODEL_ID)
+        # An adapter is asked for by its own name, as vLLM's --lora-modules serves it.
+        model = params.adapter or self._upstream_model(ticket)
+        inputs = {"model": model, "messages": openai_messages(messages)}
+        # Named as we serve it (GLMVISION_MODEL_ID).
+        return Prepared(model_name(self.model_names()[0], params.adapter), inputs, sizes)
 
     def _body(self, prepared: Prepared, params: GenerationParams, streamed: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
