@@ -202,7 +202,16 @@ def test_openai_client_example_runs_verbatim(demo_server, tmp_path: Path) -> Non
     assert result.stdout.count("CompletionUsage(") == 2
 
 
+def test_structured_outputs_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
+    result = run_python_example("structured", demo_server.url, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    parsed, plain = result.stdout.splitlines()
+    assert parsed.startswith("Gauge(reading=")
+    assert plain.startswith("{'total': ")
+
+
 def test_tool_calling_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
     result = run_python_example("openai-tools", demo_server.url, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("finish_reason: ")
+    # tool_choice="required": even the demo model calls the tool, and answers after its result.
+    assert result.stdout.startswith("finish_reason: tool_calls\n")

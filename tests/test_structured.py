@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import torch
 from flask import Flask
 from helpers import LiveServer, image_b64, live_server, server_env
 from pydantic import BaseModel, Field
+from test_upstream import Scripted, chunk, scripted  # noqa: F401 - the fixture, a canned upstream
 
 from glmvision.app import create_app
 from glmvision.backend import Admission
@@ -23,7 +25,7 @@ from glmvision.config import load_settings
 from glmvision.generation import Constraint, GenerationParams
 from glmvision.local.continuous import ContinuousEngine
 from glmvision.local.engine import Job
-from glmvision.local.grammar import GrammarBook, json_safe
+from glmvision.local.grammar import TAG_FREE_CHARACTER, GrammarBook, json_safe, tag_free
 from glmvision.local.loading import load_model
 from glmvision.local.runtime import LoadedModel
 from glmvision.local.sampling import RowSampling, choose_tokens
@@ -551,3 +553,47 @@ def test_langchain_function_calling_returns_an_object_from_the_demo_model(server
     )
     gauge = llm.with_structured_output(Gauge, method="function_calling").invoke("Read the gauge.")
     assert isinstance(gauge, Gauge)
+
+
+def test_length_bounded_strings_in_tool_schemas_become_tag_free_patterns() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 2, "maxLength": 5},
+            "any": {"type": ["string", "null"], "maxLength": 3},
+            "code": {"type": "string", "maxLength": 4, "pattern": "^[A-Z]+$"},
+            "kind": {"type": "string", "maxLength": 9, "enum": ["a", "b"]},
+            "free": {"type": "string"},
+            "list": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        },
+    }
+    converted = tag_free(schema)["properties"]
+    assert converted["name"] == {"type": "string", "pattern": f"^{TAG_FREE_CHARACTER}{{2,5}}$"}
+    assert converted["any"] == {"type": ["string", "null"], "pattern": f"^{TAG_FREE_CHARACTER}{{0,3}}$"}
+    assert converted["code"] == schema["properties"]["code"]  # a pattern of its own is kept as it is
+    assert converted["kind"] == schema["properties"]["kind"]
+    assert converted["free"] == {"type": "string"}
+    assert converted["list"]["items"] == {"type": "string", "pattern": f"^{TAG_FREE_CHARACTER}{{1,}}$"}
+    assert schema["properties"]["name"]["maxLength"] == 5  # the request's own schema is untouched
+    pattern = re.compile(converted["name"]["pattern"])
+    assert pattern.match("abcde") and not pattern.match("a") and not pattern.match("abcdef")
+    assert not pattern.match("a<b") and not pattern.match('a"b') and not pattern.match("a\\b")
+
+
+def test_the_upstream_gets_the_response_format_and_enforces_it(scripted: Scripted) -> None:  # noqa: F811
+    """With GLMVISION_BACKEND=openai the engine upstream holds the grammar: the format goes to it."""
+    scripted.events = [chunk(role="assistant"), chunk(content='{"total": 3}'), chunk("stop")]
+    app = create_app({"GLMVISION_BACKEND": "openai", "GLMVISION_UPSTREAM_URL": scripted.url})
+    client = app.test_client()
+    answer = client.post("/v1/chat/completions", json=chat(GAUGE, max_tokens=40)).get_json()
+    assert answer["choices"][0]["message"]["content"] == '{"total": 3}'
+    assert scripted.bodies[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": GAUGE},
+    }
+    client.post("/v1/chat/completions", json=chat(response_format={"type": "json_object"}))
+    assert scripted.bodies[-1]["response_format"] == {"type": "json_object"}
+    client.post("/v1/chat/completions", json=chat())
+    assert "response_format" not in scripted.bodies[-1]
+    client.post("/v1/chat/completions", json=chat(tools=[LOOKUP], tool_choice="required"))
+    assert "response_format" not in scripted.bodies[-1] and scripted.bodies[-1]["tool_choice"] == "required"

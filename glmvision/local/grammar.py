@@ -184,6 +184,8 @@ class GrammarBook:
 
     def closing_token(self, matcher: Any, bitmask: Any, closers: list[int]) -> int:
         """The next token of the shortest way (as this walk finds it) to end the document."""
+        import torch
+
         matcher.fill_next_token_bitmask(bitmask)
         words = bitmask[0]
 
@@ -191,14 +193,12 @@ class GrammarBook:
             return bool((int(words[token_id >> 5]) >> (token_id & 31)) & 1)
 
         forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
-        first = next((i for tag, i in self._tags.items() if forced.startswith(tag)), None) if forced else None
-        if forced and first is None:
-            first = self._character_token.get(forced[0])
-        import torch
-
+        if forced:  # its first tag whole where one starts it, else its first character
+            tag = next((i for tag, i in self._tags.items() if forced.startswith(tag) and allowed(i)), None)
+            first = tag if tag is not None else self._character_token.get(forced[0])
+            if first is not None and allowed(first):
+                return first
         candidates = [token_id for token_id in closers + self.stop_ids if allowed(token_id)]
-        if first is not None and allowed(first):
-            return first
         # A closer only helps where it changes what may follow: in free text (a call's string value)
         # a quote is one more character, and the value's end tag is what closes it.
         for token_id in candidates:
@@ -273,7 +273,10 @@ class RowGrammar:
                 self._closing = self._length_to_close(self._matcher)
             if generated == 0:
                 return think_open
-            return think_end if remaining <= 2 * self._closing + NEAR_END_MARGIN + 1 else None
+            if remaining <= 2 * self._closing + NEAR_END_MARGIN + 1:
+                return think_end
+            logits[0, self._book.stop_ids] = -float("inf")  # a document must still follow
+            return None
         stale = self._closing is None or generated - self._measured_at >= MEASURE_EVERY
         if stale or self.near_end(generated):
             self._closing = self._length_to_close(self._matcher)
