@@ -5,7 +5,7 @@ Compiles the test schemas on the demo tokenizer, then runs the continuous schedu
 model (CPU) with 8 rows per batch: all free, half constrained, all constrained; and prints the
 cost per generated token side by side. Free rows have min_tokens set so that every row runs its
 whole budget; constrained rows end when their document does, so the figure is per token.
-`.venv/bin/python bench/grammar.py [--rounds 3] [--tokens 96]`
+`.venv/bin/python bench/grammar.py [--rounds 5] [--tokens 96 384]`
 """
 
 from __future__ import annotations
@@ -84,22 +84,26 @@ def decode_ms_per_token(model: LoadedModel, constrained: int, tokens: int) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[96, 384])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         directory = build_demo_model(Path(workdir) / "demo")
         model = load_model(load_settings({"GLMVISION_MODEL": str(directory), "GLMVISION_DEVICE": "cpu"}))
         compile_costs(model)
         decode_ms_per_token(model, ROWS, 8)  # warm: the first model calls are slower
-        rounds = f"median of {args.rounds}"
-        print(f"\ndecode, {ROWS} rows a batch, {args.tokens} tokens a row, {rounds} (ms/token)")
-        free = None
-        for constrained in (0, ROWS // 2, ROWS):
-            runs = [decode_ms_per_token(model, constrained, args.tokens) for _ in range(args.rounds)]
-            median = statistics.median(runs)
-            free = free or median
-            ratio = median / free
-            print(f"  {constrained} of {ROWS} rows constrained: {median:6.3f} ms/token  ({ratio:.2f}x free)")
+        for tokens in args.tokens:
+            print(f"\ndecode, {ROWS} rows a batch, {tokens} tokens a row, median of {args.rounds}")
+            free = None
+            for constrained in (0, ROWS // 2, ROWS):
+                runs = [decode_ms_per_token(model, constrained, tokens) for _ in range(args.rounds)]
+                median = statistics.median(runs)
+                free = free or median
+                ratio = median / free
+                line = f"  {constrained} of {ROWS} rows constrained: {median:6.3f} ms/token ({ratio:.2f}x)"
+                if constrained:  # what a constrained token adds, whatever the model's own cost
+                    added = (median - free) * ROWS / constrained * 1000
+                    line += f", +{added:.0f} us per constrained token"
+                print(line)
 
 
 if __name__ == "__main__":

@@ -329,7 +329,9 @@ def test_noise_under_a_grammar_closes_within_any_budget_that_holds_the_document(
     import xgrammar
 
     bitmask = xgrammar.allocate_token_bitmask(1, 512)
-    shortest = book.closing_length(xgrammar.GrammarMatcher(compiled.grammar), bitmask, compiled.closers)
+    shortest = book.closing_length(
+        xgrammar.GrammarMatcher(compiled.grammar), bitmask, compiled.closers, compiled.probe
+    )
     rng = random.Random(name)
     for budget in [shortest, shortest + 1, shortest + 7, *(rng.randrange(shortest, 300) for _ in range(4))]:
         for temperature in (0.0, 1.0):

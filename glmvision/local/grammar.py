@@ -163,7 +163,7 @@ class GrammarBook:
             schema = constraint.schema if constraint.schema is not None else '{"type": "object"}'
             # No free whitespace: a model could otherwise spend its whole budget on it.
             grammar = self._json_compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            return CompiledConstraint(self, grammar, self._json_closers)
+            return CompiledConstraint(self, grammar, self._json_closers, probe=False)
         from xgrammar.structural_tag import JSONSchemaFormat, OrFormat, StructuralTag, TagFormat
 
         calls = [
@@ -180,28 +180,36 @@ class GrammarBook:
             for tool in json.loads(constraint.tools)
         ]
         grammar = self._call_compiler.compile_structural_tag(StructuralTag(format=OrFormat(elements=calls)))
-        return CompiledConstraint(self, grammar, self._call_closers)
+        return CompiledConstraint(self, grammar, self._call_closers, probe=True)
 
-    def closing_token(self, matcher: Any, bitmask: Any, closers: list[int]) -> int:
+    def closing_token(self, matcher: Any, bitmask: Any, closers: list[int], probe: bool = False) -> int:
         """The next token of the shortest way (as this walk finds it) to end the document."""
         import torch
 
         matcher.fill_next_token_bitmask(bitmask)
         words = bitmask[0]
+        bits = words.numpy()  # a view: reading it costs far less than indexing the tensor
 
         def allowed(token_id: int) -> bool:
-            return bool((int(words[token_id >> 5]) >> (token_id & 31)) & 1)
+            return bool((int(bits[token_id >> 5]) >> (token_id & 31)) & 1)
 
         forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
         if forced:  # its first tag whole where one starts it, else its first character
-            tag = next((i for tag, i in self._tags.items() if forced.startswith(tag) and allowed(i)), None)
-            first = tag if tag is not None else self._character_token.get(forced[0])
-            if first is not None and allowed(first):
+            tags = [i for tag, i in self._tags.items() if forced[0] == "<" and forced.startswith(tag)]
+            for token_id in [*tags, self._character_token.get(forced[0])]:
+                if token_id is not None and allowed(token_id):
+                    return token_id
+        candidates = (token_id for token_id in closers + self.stop_ids if allowed(token_id))
+        if not probe:
+            # JSON has no free text: its first allowed closer always changes what may follow.
+            first = next(candidates, None)
+            if first is not None:
                 return first
-        candidates = [token_id for token_id in closers + self.stop_ids if allowed(token_id)]
-        # A closer only helps where it changes what may follow: in free text (a call's string value)
-        # a quote is one more character, and the value's end tag is what closes it.
+        # In free text (a call's string value) a quote is one more character, and only the value's
+        # end tag closes it: a closer helps only where it changes what may follow.
+        fallback = None
         for token_id in candidates:
+            fallback = token_id if fallback is None else fallback
             after = matcher.fork()
             after.accept_token(token_id)
             if after.is_terminated():
@@ -209,19 +217,19 @@ class GrammarBook:
             after.fill_next_token_bitmask(self._probe)
             if not torch.equal(self._probe, bitmask):
                 return token_id
-        if candidates:
-            return candidates[0]
+        if fallback is not None:
+            return fallback
 
         word = int(torch.nonzero(words)[0, 0])
         bits = int(words[word]) & 0xFFFFFFFF
         return word * 32 + (bits & -bits).bit_length() - 1
 
-    def closing_length(self, matcher: Any, bitmask: Any, closers: list[int]) -> int:
+    def closing_length(self, matcher: Any, bitmask: Any, closers: list[int], probe: bool = False) -> int:
         """Tokens (its stop token included) the closing walk takes from the matcher's state."""
         walker = matcher.fork()
         steps = 0
         while not walker.is_terminated() and steps < LONGEST_CLOSING:
-            if not walker.accept_token(self.closing_token(walker, bitmask, closers)):
+            if not walker.accept_token(self.closing_token(walker, bitmask, closers, probe)):
                 return LONGEST_CLOSING
             steps += 1
         return steps
@@ -234,6 +242,7 @@ class CompiledConstraint:
     book: GrammarBook
     grammar: Any
     closers: list[int]  # the tokens its closing walk tries, in order
+    probe: bool  # whether a closer is checked to change what may follow (a grammar with free text)
 
     def start(self, budget: int, after_thinking: bool) -> RowGrammar:
         """A fresh matcher for one row of `budget` tokens."""
@@ -249,14 +258,17 @@ class RowGrammar:
         book = compiled.book
         self._book = book
         self._closers = compiled.closers
+        self._probe = compiled.probe
         self._matcher = xgrammar.GrammarMatcher(compiled.grammar)
         self._bitmask = xgrammar.allocate_token_bitmask(1, book.vocab_size)
         self._scratch = xgrammar.allocate_token_bitmask(1, book.vocab_size)
         self._budget = budget
         # With thinking on, the reasoning is free text and the grammar starts after </think>.
         self.waiting = after_thinking and book.think is not None
-        self._closing: int | None = None
+        self._closing: int | None = None  # the closing walk's length from the matcher's state
         self._measured_at = 0
+        self._fresh = False  # whether _closing was measured from the matcher's current state
+        self._next: tuple[int, int] | None = None  # a vetted token and the closing after it
 
     @property
     def active(self) -> bool:
@@ -278,12 +290,12 @@ class RowGrammar:
             logits[0, self._book.stop_ids] = -float("inf")  # a document must still follow
             return None
         stale = self._closing is None or generated - self._measured_at >= MEASURE_EVERY
-        if stale or self.near_end(generated):
+        if stale or (self.near_end(generated) and not self._fresh):
             self._closing = self._length_to_close(self._matcher)
-            self._measured_at = generated
+            self._measured_at, self._fresh = generated, True
         assert self._closing is not None
         if self.near_end(generated) and self._closing >= remaining:
-            return self._closing_token()
+            return self._follow_the_walk()
         self._matcher.fill_next_token_bitmask(self._bitmask)
         self._apply(logits)
         return None
@@ -305,21 +317,31 @@ class RowGrammar:
                 return token_id
             room = self._length_to_close(after)
             if room <= self._budget - generated - 1:
+                self._next = (token_id, room)  # the next step need not walk again
                 return token_id
-        return self._closing_token()
+        return self._follow_the_walk()
 
     def accept(self, token_id: int) -> None:
         """Follow the token the row took."""
+        known, self._next = self._next, None
+        self._fresh = known is not None and known[0] == token_id
+        if self._fresh:
+            assert known is not None
+            self._closing = known[1]
         if self.waiting:
             self.waiting = self._book.think is None or token_id != self._book.think[1]
         elif not self._matcher.is_terminated() and not self._matcher.accept_token(token_id):
             log.warning("a constrained row took token %d outside its grammar", token_id)
 
     def _length_to_close(self, matcher: Any) -> int:
-        return self._book.closing_length(matcher, self._scratch, self._closers)
+        return self._book.closing_length(matcher, self._scratch, self._closers, self._probe)
 
-    def _closing_token(self) -> int:
-        return self._book.closing_token(self._matcher, self._scratch, self._closers)
+    def _follow_the_walk(self) -> int:
+        """The closing walk's next token; the walk after it is one token shorter."""
+        assert self._closing is not None
+        token_id = self._book.closing_token(self._matcher, self._scratch, self._closers, self._probe)
+        self._next = (token_id, max(self._closing - 1, 0))
+        return token_id
 
     def _apply(self, logits: Any) -> None:
         import xgrammar
