@@ -274,6 +274,13 @@ def test_errors_and_stop_in_words(
         expect(page.locator("#error")).to_contain_text("10,000 pixels")
 
         page.fill("#question", "")
+
+        def long_answer(route: Route) -> None:
+            # The random model may draw a stop token any time: min_tokens keeps it talking until stopped.
+            body = {**json.loads(route.request.post_data or "{}"), "min_tokens": 2048}
+            route.continue_(post_data=json.dumps(body))
+
+        page.route("**/v1/chat/completions", long_answer)
         ask(page, "Talk for a long time.", small)
         page.wait_for_function(
             "() => (document.querySelector('.message.assistant:last-of-type .answer') || {}).textContent"
@@ -281,6 +288,7 @@ def test_errors_and_stop_in_words(
         page.locator("#stop").click()
         expect(page.locator(".message.assistant .meta").last).to_contain_text("stopped")
         expect(page.locator("#send")).to_be_enabled()
+        page.unroute("**/v1/chat/completions", long_answer)
 
         page.route(
             "**/v1/chat/completions",
