@@ -299,6 +299,21 @@ def test_control_tokens_never_appear_in_constrained_text(model: LoadedModel) -> 
     assert int(logits.argmax()) not in specials
 
 
+def test_a_token_outside_the_grammar_is_reported_and_following_it_is_quiet(
+    model: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    compiled = model.grammars().compile(Constraint(json.dumps(GAUGE)))
+    tokenizer = model.processor.tokenizer
+    row = compiled.start(budget=100, after_thinking=False)
+    with caplog.at_level("WARNING", logger="glmvision"):
+        for token in tokenizer.encode('{"reading": 1', add_special_tokens=False):
+            row.accept(token)
+        assert "outside its grammar" not in caplog.text
+        (letter,) = tokenizer.encode("x", add_special_tokens=False)
+        row.accept(letter)  # a number cannot go on with a letter
+    assert f"a constrained row took token {letter} outside its grammar" in caplog.text
+
+
 def random_walk(
     model: LoadedModel, schema: dict[str, Any], budget: int, seed: int, temperature: float
 ) -> list[int]:
@@ -565,6 +580,8 @@ def test_length_bounded_strings_in_tool_schemas_become_tag_free_patterns() -> No
             "any": {"type": ["string", "null"], "maxLength": 3},
             "code": {"type": "string", "maxLength": 4, "pattern": "^[A-Z]+$"},
             "kind": {"type": "string", "maxLength": 9, "enum": ["a", "b"]},
+            "day": {"type": "string", "maxLength": 10, "format": "date"},
+            "fixed": {"type": "string", "maxLength": 3, "const": "abc"},
             "free": {"type": "string"},
             "list": {"type": "array", "items": {"type": "string", "minLength": 1}},
         },
@@ -573,7 +590,8 @@ def test_length_bounded_strings_in_tool_schemas_become_tag_free_patterns() -> No
     assert converted["name"] == {"type": "string", "pattern": f"^{TAG_FREE_CHARACTER}{{2,5}}$"}
     assert converted["any"] == {"type": ["string", "null"], "pattern": f"^{TAG_FREE_CHARACTER}{{0,3}}$"}
     assert converted["code"] == schema["properties"]["code"]  # a pattern of its own is kept as it is
-    assert converted["kind"] == schema["properties"]["kind"]
+    for kept in ("kind", "day", "fixed"):  # an enum, format or const says more than a pattern could
+        assert converted[kept] == schema["properties"][kept]
     assert converted["free"] == {"type": "string"}
     assert converted["list"]["items"] == {"type": "string", "pattern": f"^{TAG_FREE_CHARACTER}{{1,}}$"}
     assert schema["properties"]["name"]["maxLength"] == 5  # the request's own schema is untouched
