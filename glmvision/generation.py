@@ -53,6 +53,12 @@ class GenerationParams:
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: ToolChoice | None = None
     constraint: Constraint | None = None  # a grammar masks the logits at every step
+
+    def __post_init__(self) -> None:
+        if self.constraint is not None and self.min_new_tokens:
+            # The grammar decides where the document ends: min_new_tokens cannot hold it open.
+            object.__setattr__(self, "min_new_tokens", 0)
+
     adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
 
 

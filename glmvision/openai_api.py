@@ -137,7 +137,7 @@ def parse_chat(
         params = replace(params, tools=tools, tool_choice=choice)
     if choice is not None and choice.forces_call:  # a call, whatever response_format says of text
         allowed = allowed_tools(tools, choice)
-        params = replace(params, constraint=tool_constraint(allowed, settings), min_new_tokens=0)
+        params = replace(params, constraint=tool_constraint(allowed, settings))
     return _turns(body.messages, settings, sum(len(json.dumps(tool)) for tool in tools)), params
 
 

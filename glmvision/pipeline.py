@@ -124,8 +124,6 @@ def generation_params(
     elif max_new_tokens > cap:
         raise bad_request("invalid_value", f"Field {param!r} may be at most {cap}.", param)
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    if constraint is not None:
-        min_new_tokens = 0  # the grammar decides where the document ends
     return GenerationParams(
         max_new_tokens,
         temperature,

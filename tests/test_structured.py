@@ -7,6 +7,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import torch
 from flask import Flask
 from helpers import LiveServer, image_b64, live_server, server_env
 from pydantic import BaseModel, Field
+from test_continuous import tokens
 from test_upstream import Scripted, chunk, scripted  # noqa: F401 - the fixture, a canned upstream
 
 from glmvision.app import create_app
@@ -250,6 +252,19 @@ def test_the_schema_is_canonical_text_keeping_its_key_order() -> None:
     assert json_constraint(None, settings, "response_format") == Constraint(None)
 
 
+def test_a_constraint_drops_min_tokens_wherever_params_are_made() -> None:
+    """The grammar decides where the document ends, for a response_format and a forced call alike."""
+    free = GenerationParams(max_new_tokens=50, min_new_tokens=20)
+    assert free.min_new_tokens == 20
+    assert replace(free, constraint=Constraint(None)).min_new_tokens == 0
+    assert (
+        GenerationParams(
+            max_new_tokens=50, min_new_tokens=20, constraint=Constraint(tools="[]")
+        ).min_new_tokens
+        == 0
+    )
+
+
 # The grammar book and rows, on the demo model's tokenizer.
 
 
@@ -383,13 +398,6 @@ def job(engine: ContinuousEngine | StaticEngine, request: tuple[Any, ...]) -> Jo
     return one
 
 
-def drained(jobs: list[Job]) -> Iterator[list[int]]:
-    for one in jobs:
-        for _ in one.stream:
-            pass
-        yield one.stream.token_ids
-
-
 def test_constrained_and_free_rows_share_a_batch_under_both_schedulers(model: LoadedModel) -> None:
     requests = requests_for(model)
     settings = load_settings({"GLMVISION_MAX_BATCH_SIZE": "8"})
@@ -398,12 +406,12 @@ def test_constrained_and_free_rows_share_a_batch_under_both_schedulers(model: Lo
         single = StaticEngine(model, settings)
         one = job(single, request)
         single._serve_alone(one)
-        alone.append(next(drained([one])))
+        alone.append(tokens(one.stream))
     static = StaticEngine(model, settings)
     batch = [job(static, request) for request in requests]
     static._run(batch)
     assert static.stats.largest_batch == len(requests)
-    assert list(drained(batch)) == alone
+    assert [tokens(one.stream) for one in batch] == alone
     continuous = ContinuousEngine(model, settings)
     rows = [job(continuous, request) for request in requests]
     continuous._join(rows[:2])
@@ -412,7 +420,7 @@ def test_constrained_and_free_rows_share_a_batch_under_both_schedulers(model: Lo
     while continuous._rows:
         continuous._step()
     assert continuous.stats.largest_batch == len(requests)
-    assert list(drained(rows)) == alone
+    assert [tokens(one.stream) for one in rows] == alone
     for one, (*_, schema) in zip(rows, requests, strict=True):
         if schema is not None:
             jsonschema.validate(json.loads(model.decode(one.stream.token_ids[:-1])), schema)

@@ -26,6 +26,12 @@ log = logging.getLogger("glmvision")
 _STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of one token of the vocabulary, None when the tokenizer does not have it."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
+
+
 class ProcessorPool:
     """Private copies of a processor, each used by one thread at a time, made as they are needed."""
 
@@ -92,8 +98,8 @@ class LoadedModel:
         ids = self.model.generation_config.eos_token_id
         ids = [ids] if isinstance(ids, int) else list(ids or [])
         for token in _STOP_TOKENS:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            token_id = _token_id(tokenizer, token)
+            if token_id is not None and token_id not in ids:
                 ids.append(token_id)
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
@@ -120,9 +126,10 @@ class LoadedModel:
         with self._grammar_lock:
             if self._grammars is None:
                 tokenizer = self.processor.tokenizer
-                ids = [tokenizer.convert_tokens_to_ids(marker) for marker in ("<think>", "</think>")]
-                known = all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids)
-                think = (ids[0], ids[1]) if known else None
+                think_open, think_end = _token_id(tokenizer, "<think>"), _token_id(tokenizer, "</think>")
+                think = None
+                if think_open is not None and think_end is not None:
+                    think = (think_open, think_end)
                 vocab_size = int(self.model.config.get_text_config().vocab_size)
                 self._grammars = GrammarBook(tokenizer, vocab_size, self.stop_ids, think)
             return self._grammars

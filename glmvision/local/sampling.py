@@ -50,16 +50,15 @@ def choose_tokens(
     import torch
 
     logits = logits.float()
-    constrained = [i for i, row in enumerate(rows) if row.grammar is not None and row.grammar.active]
-    # A grammar decides when a document ends: min_new_tokens does not hold it open.
+    constrained = [
+        (i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None and row.grammar.active
+    ]
     pairs = enumerate(zip(rows, generated, strict=True))
-    early = [i for i, (row, count) in pairs if count < row.min_new_tokens and row.grammar is None]
+    early = [i for i, (row, count) in pairs if count < row.min_new_tokens]
     if early or constrained:
         logits = logits.clone()  # the model's output is not ours to change
     forced: dict[int, int] = {}
-    for i in constrained:
-        grammar = rows[i].grammar
-        assert grammar is not None
+    for i, grammar in constrained:
         token = grammar.constrain(logits[i : i + 1], generated[i])
         if token is not None:
             forced[i] = token
@@ -85,9 +84,7 @@ def choose_tokens(
                 draws[j] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
         chosen[index] = draws
     tokens = chosen.tolist()
-    for i in constrained:
-        grammar = rows[i].grammar
-        assert grammar is not None
+    for i, grammar in constrained:
         tokens[i] = forced[i] if i in forced else grammar.vet(tokens[i], generated[i])
     for row, token in zip(rows, tokens, strict=True):
         if row.grammar is not None:
