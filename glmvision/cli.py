@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     read.add_argument("--since", metavar="ISO_TIME", help="only records from this time on (UTC if no zone)")
     read.add_argument("--until", metavar="ISO_TIME", help="only records before this time")
     read.add_argument("--request-id", metavar="ID", help="only the records of this request")
-    commands.add_parser("audit-keygen", help="print a new audit log key (for GLMVISION_AUDIT_KEY)")
+    keygen = commands.add_parser("audit-keygen", help="make a new audit log key (for GLMVISION_AUDIT_KEY)")
+    keygen.add_argument(
+        "--out", metavar="FILE", help="write it to this new file, mode 0600 (else print it to stdout)"
+    )
     from .client import ask, batch
 
     ask.add_arguments(
@@ -95,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         return finetune.run(args)
 
     if args.command == "audit-keygen":
-        from .ops.audit import new_key
+        from .ops.audit import new_key, write_secret
 
-        print(new_key())
+        if args.out is None:
+            print(new_key())
+            return 0
+        try:
+            write_secret(args.out, new_key() + "\n")
+        except OSError as exc:  # FileExistsError included: a key is never overwritten
+            return _fail(f"cannot write {args.out}: {exc.strerror or exc}", "audit-keygen")
         return 0
     if args.command == "audit-read":
         return _audit_read(args)
@@ -121,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-def _fail(message: str) -> int:
-    print(f"glmvision audit-read: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "audit-read") -> int:
+    print(f"glmvision {command}: {message}", file=sys.stderr)
     return 2
 
 

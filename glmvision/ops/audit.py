@@ -48,6 +48,19 @@ def new_key() -> str:
     return Fernet.generate_key().decode("ascii")
 
 
+def write_secret(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to a new file that only its owner may read or write (mode 0600, whatever the umask).
+
+    An existing file is never replaced: FileExistsError. Every secret glmvision writes goes through here.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the creation mode is 0600 already; this states it whatever the umask did
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 def _split_keys(keys: str) -> list[str]:
     # Commas separate keys in the environment; a key file may also hold one per line.
     return [key for key in re.split(r"[,\s]+", keys.strip()) if key]
