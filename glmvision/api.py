@@ -110,7 +110,8 @@ def _native_fields(prefix: str, model_id: str, result: Generation, thinking: boo
 def chat_vision() -> Response:
     """Answer one question about one image."""
     ticket = admit()
-    body = parse_body(request, VisionRequest)  # exactly one of image and image_url: the model checks
+    # Exactly one of image and image_url: the model checks.
+    body = parse_body(request, VisionRequest, service().settings.max_json_depth)
     image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
     chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     decoded = chat.images[0]
@@ -128,7 +129,7 @@ def chat_vision() -> Response:
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     ticket = admit()
-    body = parse_body(request, SeedChatRequest)
+    body = parse_body(request, SeedChatRequest, service().settings.max_json_depth)
     image = ImageRef(body.image_url, "image_url")
     chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
     fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)

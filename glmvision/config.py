@@ -121,6 +121,16 @@ class Settings(_Base):
         description="Largest image (width x height) accepted, checked before decoding.",
     )
     max_prompt_chars: int = Field(16_000, gt=0, description="Longest prompt accepted, in characters.")
+    max_prompt_tokens: int = Field(
+        0,
+        ge=0,
+        description="Longest prompt accepted, in tokens after the chat template, image tokens included; "
+        "0: the model's context minus the request's max_new_tokens (never more than that).",
+    )
+    max_messages: int = Field(256, gt=0, description="Most messages one chat completion request may carry.")
+    max_json_depth: int = Field(
+        64, ge=2, le=512, description="Deepest nesting of arrays and objects a request body may have."
+    )
     max_new_tokens: int = Field(2048, gt=0, description="Largest max_new_tokens a request may ask for.")
     max_schema_bytes: int = Field(
         32_768, gt=0, description="Largest JSON schema (response_format, json_schema) accepted, in bytes."
@@ -251,6 +261,11 @@ class Settings(_Base):
         3600.0, gt=0, allow_inf_nan=False, description="Seconds a cached answer is kept."
     )
     cache_size: int = Field(1024, gt=0, description="Answers the in-process cache holds (least recent out).")
+    cache_scope: Literal["key", "global"] = Field(
+        "key",
+        description="Whose cached answers a request may get: `key`, only those to its own API key; "
+        "`global`, any key's (more hits, but one key learns what another asked).",
+    )
     cache_phash_distance: int = Field(
         -1,
         ge=-1,

@@ -44,7 +44,7 @@ from .responses import (
     ToolCallDelta,
     ToolCallObject,
 )
-from .schemas import ChatCompletionRequest, ChatMessage, parse_body
+from .schemas import ChatCompletionRequest, ChatMessage, parse_body, parse_json_text
 from .service import admit, service
 from .tools import ToolCall, ToolCallStream, ToolChoice, allowed_tools, parse_tool_calls
 
@@ -52,7 +52,7 @@ log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
 
 
-def _tool_calls(message: ChatMessage, index: int) -> tuple[dict[str, Any], ...]:
+def _tool_calls(message: ChatMessage, index: int, max_depth: int) -> tuple[dict[str, Any], ...]:
     """An assistant message's tool calls, their arguments parsed (the chat template walks them)."""
     if not message.tool_calls:
         return ()
@@ -64,9 +64,10 @@ def _tool_calls(message: ChatMessage, index: int) -> tuple[dict[str, Any], ...]:
     for number, call in enumerate(message.tool_calls):
         where = f"messages.{index}.tool_calls.{number}.function.arguments"
         try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except (ValueError, RecursionError):
-            arguments = None
+            arguments = parse_json_text(call.function.arguments or "{}", max_depth - 1)
+        except ValueError as exc:
+            message = f"Field {where!r} must be a JSON object's text ({exc})."
+            raise bad_request("invalid_value", message, where) from None
         if not isinstance(arguments, dict):
             raise bad_request("invalid_value", f"Field {where!r} must be a JSON object's text.", where)
         function = {"name": call.function.name, "arguments": arguments}
@@ -76,6 +77,9 @@ def _tool_calls(message: ChatMessage, index: int) -> tuple[dict[str, Any], ...]:
 
 def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0) -> list[Turn]:
     """The conversation as turns; `characters`: the prompt's text outside the messages (the tools)."""
+    if len(messages) > settings.max_messages:
+        refusal = f"The request has {len(messages)} messages; at most {settings.max_messages} are accepted."
+        raise bad_request("too_many_messages", refusal, "messages")
     turns: list[Turn] = []
     for index, message in enumerate(messages):
         where = f"messages.{index}.content"
@@ -98,7 +102,7 @@ def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0)
         characters += sum(len(part) for part in parts if isinstance(part, str))
         characters += sum(len(call.function.arguments) for call in message.tool_calls or ())
         call_id = message.tool_call_id if role == "tool" else None
-        turns.append(Turn(role, parts, _tool_calls(message, index), call_id))
+        turns.append(Turn(role, parts, _tool_calls(message, index, settings.max_json_depth), call_id))
     if turns[-1].role not in ("user", "tool"):
         raise bad_request("invalid_value", "The last message must come from the user or a tool.", "messages")
     last = turns[-1].parts
@@ -175,7 +179,7 @@ def chat_completions() -> Response:
     state = service()
     settings = state.settings
     ticket = admit()
-    body = parse_body(request, ChatCompletionRequest)
+    body = parse_body(request, ChatCompletionRequest, settings.max_json_depth)
     turns, params = parse_chat(body, settings, state.backend.model_names(), state.backend.adapters())
     chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
     record = current_record()

@@ -448,6 +448,15 @@ def _fixed(
     )
 
 
+def cache_scope(settings: Settings, record: RequestRecord | None) -> str:
+    """Whose answers a request may be given from the cache: its own API key's, or everyone's."""
+    # Scoped by default: a shared cache tells one tenant what another asked (a hit is an oracle).
+    if settings.cache_scope == "global":
+        return "global"
+    key_id = record.key_id if record is not None else None
+    return f"key:{key_id}" if key_id else "anonymous"
+
+
 def _source_key(
     state: Service, turns: list[Turn], params: GenerationParams, max_side: int | None
 ) -> CacheKey | None:
@@ -475,6 +484,7 @@ def _source_key(
         "by": "source",
         "max_side": max_side or state.settings.max_image_side,
         "max_pixels": state.settings.max_image_pixels,
+        "scope": cache_scope(state.settings, current_record()),
     }
     return make_key(
         state.backend.model_names()[0], revision, [], rendered, {**asdict(params), **limits}, False
@@ -548,7 +558,7 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
         revision,
         [image.image for image in chat.images],
         conversation(chat.turns),
-        asdict(chat.params),
+        {**asdict(chat.params), "scope": cache_scope(state.settings, record)},
         cache.perceptual,
     )
     if record is not None:

@@ -24,6 +24,9 @@ from .tools import ToolChoice
 Model = TypeVar("Model", bound="RequestModel")
 
 MAX_STOP_STRINGS = 8
+# Default of GLMVISION_MAX_JSON_DEPTH: how deeply a body's arrays and objects may nest. Deeper bodies
+# exhaust recursion in pydantic, dataclasses.asdict or the chat template; no real request needs it.
+MAX_JSON_DEPTH = 64
 # Error types our own rules raise: they are the API's codes already, and come after pydantic's own
 # errors so that the first error is the one earlier versions reported first.
 RULE_CODES = ("invalid_value", "invalid_type", "missing_field")
@@ -357,8 +360,39 @@ def validation_error(exc: ValidationError) -> APIError:
     return error
 
 
-def read_json(request: Request) -> Any:
-    """Return the parsed JSON body, or raise 415 (not JSON) / 400 (malformed)."""
+def _refuse_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity are not JSON: Python's parser takes them unless told not to."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar is 0), counted up to `limit` + 1 at most."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:  # a walk of our own: recursion is what a hostile body would exhaust
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json_text(text: str | bytes, max_depth: int) -> Any:
+    """Strict JSON, nested at most `max_depth` deep; ValueError for anything else (NaN, Infinity too)."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if json_depth(value, max_depth) > max_depth:
+        raise ValueError(f"nested more than {max_depth} deep")
+    return value
+
+
+def read_json(request: Request, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Return the parsed JSON body, or raise 415 (not JSON) / 400 (malformed, non-finite, too deep)."""
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise APIError(
@@ -366,15 +400,28 @@ def read_json(request: Request) -> Any:
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise bad_request("invalid_json", f"The body is not valid JSON{where}.") from None
+    except ValueError:  # NaN / Infinity, which JSON does not have
+        message = "The body holds NaN or Infinity, which are not JSON numbers."
+        raise bad_request("invalid_json", message) from None
+    except RecursionError:
+        raise _too_deep(max_depth, None) from None
+    if json_depth(body, max_depth) > max_depth:
+        raise _too_deep(max_depth, None)
+    return body
 
 
-def parse_body(request: Request, model: type[Model]) -> Model:
+def _too_deep(limit: int, param: str | None) -> APIError:
+    message = f"Arrays and objects nest more than {limit} deep (GLMVISION_MAX_JSON_DEPTH)."
+    return bad_request("json_too_deep", message, param)
+
+
+def parse_body(request: Request, model: type[Model], max_depth: int = MAX_JSON_DEPTH) -> Model:
     """Read the JSON body and validate it into `model`."""
-    body = read_json(request)
+    body = read_json(request, max_depth)
     if not isinstance(body, dict):
         raise bad_request("invalid_body", "The JSON body must be an object.")
     try:

@@ -208,8 +208,24 @@ class LocalBackend:
         if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
             constraint = loaded.grammars().compile(params.constraint)
         inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
+        self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         return Prepared(model_name(loaded.model_id, params.adapter), inputs, sizes, visual, constraint)
+
+    def _check_prompt_tokens(
+        self, tokens: int, loaded: LoadedModel, params: GenerationParams, param: str
+    ) -> None:
+        """Refuse a prompt (after the chat template, image tokens included) that leaves no room to answer."""
+        room = loaded.context_tokens - params.max_new_tokens
+        limit = min(self.settings.max_prompt_tokens or room, room)
+        if tokens > limit:
+            where = "messages" if param == "messages" else "prompt"
+            message = (
+                f"The prompt is {tokens} tokens (after the chat template, images included); at most "
+                f"{limit} are accepted with max_tokens {params.max_new_tokens} "
+                f"(the model's context is {loaded.context_tokens} tokens)."
+            )
+            raise APIError(400, "prompt_too_long", message, where)
 
     def submit(
         self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True

@@ -187,6 +187,11 @@ class LoadedModel:
             where, key = found
             raise bad_request("invalid_value", f"The key {key!r} in {where!r} holds a control token.", where)
 
+    @property
+    def context_tokens(self) -> int:
+        """The longest sequence (prompt and answer together) the language model takes."""
+        return int(self.model.config.get_text_config().max_position_embeddings)
+
     def image_sizes(self, inputs: Any) -> list[tuple[int, int]]:
         """The (width, height) of each image as the processor handed it to the model."""
         grids = inputs.get("image_grid_thw")
