@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal, TypeVar
 
 from flask import Request
@@ -365,6 +366,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (1e999) would be infinity, so it is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is too large a number")
+    return value
+
+
 def json_depth(value: Any, limit: int) -> int:
     """How deeply arrays and objects nest in `value` (a scalar is 0), counted up to `limit` + 1 at most."""
     deepest, pending = 0, [(value, 1)]
@@ -383,7 +392,7 @@ def json_depth(value: Any, limit: int) -> int:
 def parse_json_text(text: str | bytes, max_depth: int) -> Any:
     """Strict JSON, nested at most `max_depth` deep; ValueError for anything else (NaN, Infinity too)."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     if json_depth(value, max_depth) > max_depth:
@@ -400,12 +409,12 @@ def read_json(request: Request, max_depth: int = MAX_JSON_DEPTH) -> Any:
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise bad_request("invalid_json", f"The body is not valid JSON{where}.") from None
     except ValueError:  # NaN / Infinity, which JSON does not have
-        message = "The body holds NaN or Infinity, which are not JSON numbers."
+        message = "The body holds NaN, Infinity or a number too large for a float (1e999)."
         raise bad_request("invalid_json", message) from None
     except RecursionError:
         raise _too_deep(max_depth, None) from None
