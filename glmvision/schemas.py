@@ -417,15 +417,15 @@ def read_json(request: Request, max_depth: int = MAX_JSON_DEPTH) -> Any:
         message = "The body holds NaN, Infinity or a number too large for a float (1e999)."
         raise bad_request("invalid_json", message) from None
     except RecursionError:
-        raise _too_deep(max_depth, None) from None
+        raise _too_deep(max_depth) from None
     if json_depth(body, max_depth) > max_depth:
-        raise _too_deep(max_depth, None)
+        raise _too_deep(max_depth)
     return body
 
 
-def _too_deep(limit: int, param: str | None) -> APIError:
+def _too_deep(limit: int) -> APIError:
     message = f"Arrays and objects nest more than {limit} deep (GLMVISION_MAX_JSON_DEPTH)."
-    return bad_request("json_too_deep", message, param)
+    return bad_request("json_too_deep", message)
 
 
 def parse_body(request: Request, model: type[Model], max_depth: int = MAX_JSON_DEPTH) -> Model:

@@ -99,6 +99,7 @@ class TestBodies:
         text = json.dumps(BODIES[route])[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
         response = post_raw(client, route, text)
         assert (response.status_code, error_of(response)["code"]) == (400, "json_too_deep")
+        assert f"more than {MAX_JSON_DEPTH} deep" in error_of(response)["message"]
 
     def test_the_depth_limit_is_exact_and_a_setting(self, make_app: Callable[..., Flask]) -> None:
         client = make_app(max_json_depth=8).test_client()
@@ -110,7 +111,13 @@ class TestBodies:
 
     def test_earlier_tool_call_arguments_are_parsed_strictly(self, client: FlaskClient) -> None:
         where = "messages.1.tool_calls.0.function.arguments"
-        for arguments in (json.dumps({"a": nested(900)}), '{"a": NaN}', '{"a": Infinity}', '{"a": 1e999}'):
+        cases = {
+            json.dumps({"a": nested(900)}): "nested more than",
+            '{"a": NaN}': "NaN is not a JSON value",
+            '{"a": Infinity}': "Infinity is not a JSON value",
+            '{"a": 1e999}': "1e999 is too large a number",
+        }
+        for arguments, reason in cases.items():
             call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
             messages = [
                 {"role": "user", "content": "Hi"},
@@ -120,11 +127,13 @@ class TestBodies:
             response = client.post(COMPLETIONS, json={"messages": messages, "max_tokens": 2})
             assert response.status_code == 400, arguments
             assert (error_of(response)["code"], error_of(response)["param"]) == ("invalid_value", where)
+            assert reason in error_of(response)["message"]
 
     def test_json_depth_counts_arrays_and_objects(self) -> None:
         assert json_depth(1, 10) == 0
         assert json_depth([], 10) == 1
         assert json_depth({"a": [1, {"b": []}]}, 10) == 4
+        assert json_depth([[[0]], 1], 10) == 3  # a scalar met first does not end the walk
         assert json_depth(nested(50), 10) == 11  # stops counting just past the limit
         with pytest.raises(ValueError):
             parse_json_text('{"a": [[1]]}', 2)
