@@ -19,6 +19,9 @@ log = logging.getLogger("glmvision")
 _END = object()
 # Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
 DEFAULT_TEMPERATURE = 0.7
+# A temperature below this means greedy: float32 logits divided by much less overflow to inf or
+# divide by zero (1e-300 is 0 in float32), and a sample that cold is the argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class GenerationParams:
     constraint: Constraint | None = None  # a grammar masks the logits at every step
 
     def __post_init__(self) -> None:
+        if not self.temperature >= GREEDY_BELOW:  # NaN too
+            # Here, so that both schedulers, their batching and the cache all see a greedy request.
+            object.__setattr__(self, "temperature", 0.0)
         if self.constraint is not None and self.min_new_tokens:
             # The grammar decides where the document ends: min_new_tokens cannot hold it open.
             object.__setattr__(self, "min_new_tokens", 0)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..generation import GenerationParams
+from ..generation import GREEDY_BELOW, GenerationParams
 from .grammar import CompiledConstraint, RowGrammar
 
 
@@ -49,14 +50,12 @@ def choose_tokens(
     constrained row's tokens limited to what its grammar allows."""
     import torch
 
-    logits = logits.float()
+    logits = ordered_logits(logits.float())  # a copy: the model's output is not ours to change
     constrained = [
         (i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None and row.grammar.active
     ]
     pairs = enumerate(zip(rows, generated, strict=True))
     early = [i for i, (row, count) in pairs if count < row.min_new_tokens]
-    if early or constrained:
-        logits = logits.clone()  # the model's output is not ours to change
     forced: dict[int, int] = {}
     for i, grammar in constrained:
         token = grammar.constrain(logits[i : i + 1], generated[i])
@@ -92,17 +91,28 @@ def choose_tokens(
     return tokens
 
 
+def ordered_logits(logits: Any) -> Any:
+    """A copy of logits with NaN, which no comparison orders, as the least likely (-inf); +inf stays
+    the most likely, so argmax and the draw agree on any row the model may put out."""
+    return logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 def warped_probabilities(logits: Any, temperature: Any, top_p: Any) -> Any:
     """Softmax of logits / temperature, keeping per row the fewest most likely tokens whose
-    probabilities reach top_p (the most likely one always); the same rule as transformers' warpers."""
+    probabilities reach top_p (the most likely one always); the same rule as transformers' warpers.
+    A row with no finite distribution (huge logits over a small temperature, no finite logit) is
+    all on its argmax, as a colder sample would be: every row can be drawn from."""
     import torch
 
-    scaled = logits / temperature[:, None]
+    logits = ordered_logits(logits)
+    scaled = logits / temperature.clamp(min=GREEDY_BELOW)[:, None]
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
     drop = before >= top_p[:, None]
     drop[:, 0] = False
     ordered = ordered.masked_fill(drop, -float("inf"))
-    kept = torch.empty_like(scaled).scatter_(-1, order, ordered)
-    return kept.softmax(dim=-1)
+    kept = torch.empty_like(scaled).scatter_(-1, order, ordered).softmax(dim=-1)
+    usable = kept.isfinite().all(dim=-1) & (kept.sum(dim=-1) > 0)
+    argmax = torch.zeros_like(kept).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(usable[:, None], kept, argmax)

@@ -22,7 +22,7 @@ from .engine import (
     on_device,
     stop_if_gone_or_late,
 )
-from .sampling import warped_probabilities
+from .sampling import ordered_logits, warped_probabilities
 from .vram import release_cuda_cache
 
 log = logging.getLogger("glmvision")
@@ -96,7 +96,7 @@ class GrammarMasks:
 
         params = job.params
         if params.temperature <= 0:
-            return int(scores.argmax())
+            return int(ordered_logits(scores).argmax())
         temperature = torch.tensor([params.temperature], device=scores.device)
         top_p = torch.tensor([params.top_p if params.top_p is not None else 1.0], device=scores.device)
         return int(torch.multinomial(warped_probabilities(scores, temperature, top_p), 1))

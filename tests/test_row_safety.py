@@ -1,0 +1,136 @@
+"""No single request can stall or kill the engine: sampling is safe for every value the API accepts,
+and one row's failure ends only that row's request (issue 19, findings 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+from helpers import LiveServer, image_b64, live_server, server_env, vision_body
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_continuous import ADMISSION, alone, inputs, tokens
+
+from glmvision.config import load_settings
+from glmvision.generation import GREEDY_BELOW, GenerationParams
+from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.loading import load_model
+from glmvision.local.runtime import LoadedModel
+from glmvision.local.sampling import RowSampling, choose_tokens, ordered_logits, warped_probabilities
+from glmvision.local.static import StaticEngine, sampling_group
+from glmvision.pipeline import cacheable
+
+# Inside the accepted range 0..2, and each once killed the model thread.
+TINY = [1e-300, 5e-324, 1e-45]
+VOCAB = 8
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64()}}
+    content = [image, {"type": "text", "text": "What is in this picture?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0, **fields}
+
+
+# Sampling numerics: every value the schemas accept, and any logits the model may put out.
+
+temperatures = st.sampled_from(
+    [0.0, 5e-324, 1e-320, 1e-300, 1e-45, 1e-38, 9.99e-6, 1e-5, 0.7, 2.0]
+) | st.floats(0.0, 2.0)
+top_ps = st.sampled_from([None, 5e-324, 1e-300, 1e-45, 0.5, 1.0]) | st.floats(0.0, 1.0, exclude_min=True)
+logit = st.sampled_from([math.inf, -math.inf, math.nan, 3.4e38, -3.4e38, 1e30, 0.0]) | st.floats(width=32)
+row_logits = st.lists(logit, min_size=VOCAB, max_size=VOCAB) | logit.map(lambda value: [value] * VOCAB)
+rows = st.lists(
+    st.tuples(row_logits, temperatures, top_ps, st.none() | st.integers(0, 2**63 - 1)), min_size=1, max_size=4
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows)
+def test_choose_tokens_never_raises_and_is_greedy_below_the_floor(
+    batch: list[tuple[list[float], float, float | None, int | None]],
+) -> None:
+    logits = torch.tensor([values for values, *_ in batch], dtype=torch.float32)
+    params = [GenerationParams(4, temperature=t, top_p=p, seed=seed) for _, t, p, seed in batch]
+    sampling = [RowSampling.for_params(one, "cpu") for one in params]
+    chosen = choose_tokens(logits, sampling, [0] * len(batch), torch.tensor([VOCAB - 1]))
+    ordered = ordered_logits(logits)
+    for i, (token, one, (_, temperature, *_)) in enumerate(zip(chosen, params, batch, strict=True)):
+        assert isinstance(token, int) and 0 <= token < VOCAB
+        assert (one.temperature == 0) == (not temperature >= GREEDY_BELOW)
+        if one.temperature == 0:
+            assert token == int(ordered[i].argmax())
+        # A token no logit allows (-inf, or NaN) is taken only when no token is allowed.
+        assert ordered[i, token] > -math.inf or bool((ordered[i] == -math.inf).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(row_logits, st.floats(0.0, 2.0), st.floats(0.0, 1.0)), min_size=1, max_size=4))
+def test_warped_probabilities_can_always_be_drawn_from(batch: list[tuple[list[float], float, float]]) -> None:
+    """Even with a temperature under the floor handed straight to it: what multinomial takes."""
+    logits = torch.tensor([values for values, *_ in batch], dtype=torch.float32)
+    temperature = torch.tensor([t for _, t, _ in batch])
+    probs = warped_probabilities(logits, temperature, torch.tensor([p for *_, p in batch]))
+    assert bool(probs.isfinite().all()) and bool((probs >= 0).all()) and bool((probs.sum(dim=-1) > 0).all())
+    torch.multinomial(probs, 1)
+
+
+@pytest.fixture(scope="module")
+def model(demo_model_dir: Path) -> LoadedModel:
+    return load_model(load_settings({"GLMVISION_MODEL": str(demo_model_dir), "GLMVISION_DEVICE": "cpu"}))
+
+
+@pytest.mark.parametrize("temperature", TINY)
+def test_a_tiny_temperature_is_greedy_under_both_schedulers(model: LoadedModel, temperature: float) -> None:
+    """The floor applies before either scheduler sees the request: generate() gets do_sample off, the
+    static batch groups it with greedy rows and the cache may answer it."""
+    prompt = inputs(model, [(64, 48)], "what is this")
+    greedy = GenerationParams(6, temperature=0, min_new_tokens=6)
+    tiny = GenerationParams(6, temperature=temperature, top_p=5e-324, min_new_tokens=6)
+    assert tiny.temperature == 0 and cacheable(tiny)
+    expected = alone(model, (prompt, greedy))
+    static = StaticEngine(model, load_settings({}))
+    one = static._job(prompt, tiny, ADMISSION.admit())
+    assert sampling_group(one) == sampling_group(static._job(prompt, greedy, ADMISSION.admit()))
+    static._serve_alone(one)
+    assert tokens(one.stream) == expected
+    continuous = ContinuousEngine(model, load_settings({}))
+    row = continuous._job(prompt, tiny, ADMISSION.admit())
+    continuous._serve_alone(row)
+    assert tokens(row.stream) == expected
+
+
+# The regression on real gunicorn.
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, runtime_dir: Path
+) -> Iterator[LiveServer]:
+    env = server_env(demo_model_dir, runtime_dir, MAX_NEW_TOKENS="8")
+    with live_server(tmp_path_factory.mktemp("row-safety"), env, ready_path="/readyz") as live:
+        yield live
+
+
+def test_tiny_temperatures_are_answered_and_the_worker_lives(server: LiveServer) -> None:
+    workers = server.worker_pids()
+    assert len(workers) == 1
+    for temperature in TINY:
+        for path, body in (
+            ("/v1/chat/completions", completion(temperature=temperature)),
+            ("/v1/chat/vision", vision_body(temperature=temperature)),
+            ("/v1/chat/completions", completion(temperature=temperature, top_p=5e-324, stream=True)),
+        ):
+            response = requests.post(server.url + path, json=body, timeout=60)
+            assert response.status_code == 200, (path, temperature, response.text)
+            if body.get("stream"):  # an error mid-stream still comes with 200
+                events = [line for line in response.text.splitlines() if line.startswith("data: {")]
+                assert not any("error" in json.loads(line[len("data: ") :]) for line in events)
+    assert server.worker_pids() == workers
+    ready = requests.get(server.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
