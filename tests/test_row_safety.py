@@ -6,20 +6,23 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import torch
-from helpers import LiveServer, image_b64, live_server, server_env, vision_body
+from helpers import LiveServer, image_b64, live_server, server_env, vision_body, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_continuous import ADMISSION, alone, inputs, tokens
 
 from glmvision.config import load_settings
+from glmvision.errors import APIError
 from glmvision.generation import GREEDY_BELOW, GenerationParams
 from glmvision.local.continuous import ContinuousEngine
+from glmvision.local.engine import Job, QueueEngine
 from glmvision.local.loading import load_model
 from glmvision.local.runtime import LoadedModel
 from glmvision.local.sampling import RowSampling, choose_tokens, ordered_logits, warped_probabilities
@@ -103,6 +106,100 @@ def test_a_tiny_temperature_is_greedy_under_both_schedulers(model: LoadedModel, 
     row = continuous._job(prompt, tiny, ADMISSION.admit())
     continuous._serve_alone(row)
     assert tokens(row.stream) == expected
+
+
+# One row's failure fails only that row.
+
+
+@dataclass
+class FailingGrammar:
+    """A grammar that leaves the logits alone until `method` raises once `at` tokens are generated."""
+
+    method: str
+    at: int
+    generated: int = 0
+    active: bool = True
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self.method and self.generated >= self.at:
+            raise RuntimeError(f"{method} failed (injected)")
+
+    def constrain(self, logits: Any, generated: int) -> int | None:
+        self.generated = generated
+        self._maybe_fail("constrain")
+        return None
+
+    def near_end(self, generated: int) -> bool:
+        return False
+
+    def vet(self, token_id: int, generated: int) -> int:
+        return token_id
+
+    def accept(self, token_id: int) -> None:
+        self._maybe_fail("accept")
+
+
+@dataclass(frozen=True)
+class FailingConstraint:
+    """A compiled constraint stand-in whose rows fail in `method` (start: when the row's grammar starts)."""
+
+    method: str
+    at: int = 0
+
+    def start(self, budget: int, after_thinking: bool) -> FailingGrammar:
+        if self.method == "start":
+            raise RuntimeError("start failed (injected)")
+        return FailingGrammar(self.method, self.at)
+
+
+def fail_put_at(job: Job, at: int) -> None:
+    """Handing this job its `at`-th token raises (in the model thread)."""
+    real, count = job.stream.put, [0]
+
+    def put(token_ids: list[int]) -> None:
+        count[0] += 1
+        if count[0] >= at:
+            raise RuntimeError("put failed (injected)")
+        real(token_ids)
+
+    job.stream.put = put  # type: ignore[method-assign]
+
+
+PROMPTS = ["what is this", "describe it", "the colours", "any text", "read it", "how many", "where"]
+
+
+@pytest.mark.parametrize("scheduler", [StaticEngine, ContinuousEngine])
+def test_a_failing_row_fails_alone_and_the_others_equal_their_solo_runs(
+    model: LoadedModel, scheduler: type[QueueEngine]
+) -> None:
+    """Through the model thread: failures in a grammar's start, constrain and accept and in handing a
+    token over, each in its own row of one batch; the healthy rows are exact and the engine serves on."""
+    params = GenerationParams(8, temperature=0, min_new_tokens=8)
+    requests_ = [(inputs(model, [(40 + 8 * n, 48)], prompt), params) for n, prompt in enumerate(PROMPTS)]
+    expected = {i: alone(model, requests_[i]) for i in (0, 2, 4)}
+    engine = scheduler(model, load_settings({"GLMVISION_MAX_BATCH_SIZE": "8"}))
+    held = ADMISSION.active
+    jobs = [engine._job(prompt, one, ADMISSION.admit()) for prompt, one in requests_]
+    jobs[1].constraint = FailingConstraint("constrain", at=3)  # type: ignore[assignment]
+    jobs[3].constraint = FailingConstraint("start")  # type: ignore[assignment]
+    jobs[5].constraint = FailingConstraint("accept", at=2)  # type: ignore[assignment]
+    fail_put_at(jobs[6], 2)
+    with engine._cond:
+        engine._queue.extend(jobs)
+        engine._ensure_thread()
+        engine._cond.notify()
+    for i, want in expected.items():
+        assert tokens(jobs[i].stream) == want
+    for i in (1, 3, 5, 6):
+        with pytest.raises(APIError) as caught:
+            tokens(jobs[i].stream)
+        error = caught.value
+        assert (error.code, error.error_code, error.headers["Retry-After"]) == (503, "row_failed", "1")
+    assert engine.stats.batches == 1  # they all shared one batch (a row whose start failed never joined)
+    assert len(jobs[1].stream.token_ids) == 3  # it ran until its grammar failed
+    assert wait_for(lambda: ADMISSION.active == held)  # every place was given back
+    after = engine.submit(*requests_[0], ADMISSION.admit())
+    assert tokens(after) == expected[0] and engine.failed is None
 
 
 # The regression on real gunicorn.
