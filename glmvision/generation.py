@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from .errors import out_of_time
+from .errors import APIError, out_of_time, row_failed
 from .output import StreamRenderer, render
 from .tools import ToolCall, ToolChoice
 
@@ -305,6 +305,17 @@ class GenerationStream:
                 item = self._get()
 
     def _deltas(self, patient: bool) -> Iterator[Delta]:
+        """The answer's deltas; a failure turning its tokens into text is this request's 503 row_failed
+        (its row stops within a step: the caller closes the stream), never a 500."""
+        try:
+            yield from self._decoded(patient)
+        except APIError:
+            raise
+        except Exception as exc:
+            log.exception("turning a row's tokens into text failed: that request alone fails")
+            raise row_failed() from exc
+
+    def _decoded(self, patient: bool) -> Iterator[Delta]:
         if patient:
             # Nobody reads deltas and no stop string can end the answer early from our side: let
             # tokens pile up rather than waking this thread (and taking the GIL) once per token.

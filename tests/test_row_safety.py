@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 import torch
+from flask import Flask
 from helpers import LiveServer, image_b64, live_server, server_env, vision_body, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from test_continuous import ADMISSION, alone, inputs, tokens
 
 from glmvision.config import load_settings
 from glmvision.errors import APIError
-from glmvision.generation import GREEDY_BELOW, GenerationParams
+from glmvision.generation import GREEDY_BELOW, GenerationParams, GenerationStream
 from glmvision.local.continuous import ContinuousEngine
 from glmvision.local.engine import Job, QueueEngine
 from glmvision.local.loading import load_model
@@ -202,6 +203,47 @@ def test_a_failing_row_fails_alone_and_the_others_equal_their_solo_runs(
     assert tokens(after) == expected[0] and engine.failed is None
 
 
+def break_detokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turning tokens into text fails (in the request thread) after the first text went out."""
+
+    class Broken:
+        def __init__(self, decoder: Any) -> None:
+            self._pushed = 0
+
+        def push(self, token_ids: list[int]) -> str:
+            self._pushed += 1
+            if self._pushed > 1:
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+            return "x"
+
+        def flush(self) -> str:  # an answer that is only its stop token still gets here
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+
+    monkeypatch.setattr(GenerationStream, "detokenizer", Broken)
+
+
+def test_a_failing_detokenizer_gives_that_request_a_clean_503(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app()
+    client = app.test_client()
+    assert client.post("/v1/chat/vision", json=vision_body()).status_code == 200  # loaded and warmed up
+    break_detokenizer(monkeypatch)
+    for path, body in (
+        ("/v1/chat/completions", completion()),
+        ("/v1/chat/vision", vision_body(temperature=0)),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.get_json()["error"]["code"] == "row_failed" and response.headers["Retry-After"] == "1"
+    # Streamed, the headers (200) are out with the first text: the error comes as an event.
+    streamed = client.post("/v1/chat/completions", json=completion(stream=True, min_tokens=4))
+    assert streamed.status_code == 200, streamed.get_data(as_text=True)
+    events = [line[len("data: ") :] for line in streamed.get_data(as_text=True).splitlines() if line]
+    assert json.loads(events[-2])["error"]["code"] == "row_failed" and events[-1] == "[DONE]"
+    assert app.extensions["glmvision"].backend.engine.failed is None
+
+
 # The regression on real gunicorn.
 
 
@@ -231,3 +273,12 @@ def test_tiny_temperatures_are_answered_and_the_worker_lives(server: LiveServer)
     assert server.worker_pids() == workers
     ready = requests.get(server.url + "/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_a_warm_up_that_cannot_detokenize_fails_the_load(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a row's failure but the model's: the load fails (and backs off), as before."""
+    break_detokenizer(monkeypatch)
+    response = make_app().test_client().post("/v1/chat/vision", json=vision_body())
+    assert (response.status_code, response.get_json()["error"]["code"]) == (503, "model_unavailable")

@@ -229,7 +229,13 @@ class QueueEngine:
         assert self._thread is None, "warm up before serving"
         job = self._job(inputs, params, ticket)
         self._serve_alone(job)
-        job.stream.whole()
+        try:
+            job.stream.whole()
+        except APIError as exc:
+            if exc.error_code != "row_failed":
+                raise
+            # Its one row failed: this model cannot answer at all, and the load must fail as such.
+            raise RuntimeError("the warm-up answer failed (see the trace above)") from exc
         self.stats = EngineStats(self.scheduler)
 
     def nudge(self) -> None:
