@@ -109,6 +109,20 @@ def test_a_tiny_temperature_is_greedy_under_both_schedulers(model: LoadedModel, 
     assert tokens(row.stream) == expected
 
 
+def test_at_the_floor_itself_both_schedulers_sample_safely(model: LoadedModel) -> None:
+    """The coldest temperature that still samples, with the smallest top_p: transformers' own warpers
+    (static) and ours (continuous) both draw, from the most likely token alone: the greedy answer."""
+    prompt = inputs(model, [(64, 48)], "what is this")
+    cold = GenerationParams(6, temperature=GREEDY_BELOW, top_p=5e-324, seed=3, min_new_tokens=6)
+    assert cold.temperature == GREEDY_BELOW
+    expected = alone(model, (prompt, GenerationParams(6, temperature=0, min_new_tokens=6)))
+    for scheduler in (StaticEngine, ContinuousEngine):
+        engine = scheduler(model, load_settings({}))
+        one = engine._job(prompt, cold, ADMISSION.admit())
+        engine._serve_alone(one)
+        assert tokens(one.stream) == expected
+
+
 # One row's failure fails only that row.
 
 
