@@ -17,7 +17,7 @@ from flask import Flask
 from helpers import LiveServer, image_b64, live_server, server_env, vision_body, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_continuous import ADMISSION, alone, inputs, tokens
+from test_continuous import ADMISSION, alone, inputs, run_cycles, tokens
 
 from glmvision.config import load_settings
 from glmvision.errors import APIError
@@ -215,6 +215,27 @@ def test_a_failing_row_fails_alone_and_the_others_equal_their_solo_runs(
     assert wait_for(lambda: ADMISSION.active == held)  # every place was given back
     after = engine.submit(*requests_[0], ADMISSION.admit())
     assert tokens(after) == expected[0] and engine.failed is None
+
+
+@pytest.mark.parametrize("failing", [FailingConstraint("start"), FailingConstraint("constrain", at=0)])
+def test_a_long_prompt_whose_row_fails_after_its_chunked_prefill_fails_alone(
+    model: LoadedModel, failing: FailingConstraint
+) -> None:
+    """Its sampling is made, and its first token chosen, once its last chunk is in: a failure there is
+    its own; the row already running stays exact."""
+    short = (inputs(model, [(40, 40)], "hi"), GenerationParams(12, temperature=0, min_new_tokens=12))
+    long = (inputs(model, [(160, 160)], "describe " * 20), GenerationParams(6, temperature=0))
+    expected = alone(model, short)
+    engine = ContinuousEngine(model, load_settings({"GLMVISION_MAX_PREFILL_TOKENS": "32"}))
+    first, second = (engine._job(*request, ADMISSION.admit()) for request in (short, long))
+    second.constraint = failing  # type: ignore[assignment]
+    engine._join([first])
+    run_cycles(engine, {0: [second]})
+    assert second.prompt_tokens > 32 and engine.stats.steps >= 2  # chunked while the short row ran
+    assert tokens(first.stream) == expected
+    with pytest.raises(APIError) as caught:
+        tokens(second.stream)
+    assert caught.value.error_code == "row_failed" and engine._chunked is None and not engine._rows
 
 
 def break_detokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
