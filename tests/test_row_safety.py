@@ -84,6 +84,14 @@ def test_warped_probabilities_can_always_be_drawn_from(batch: list[tuple[list[fl
     torch.multinomial(probs, 1)
 
 
+def test_a_row_whose_draw_fails_gets_its_error_and_the_others_their_tokens() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    broken = RowSampling(1.0, 1.0, 0, generator=object())  # multinomial refuses it
+    rows = [RowSampling(0.0, 1.0, 0), broken, RowSampling(1.0, 1e-9, 0)]
+    greedy, failed, sampled = choose_tokens(logits, rows, [0, 0, 0], torch.tensor([2]))
+    assert greedy == 1 and isinstance(failed, TypeError) and sampled == 0
+
+
 @pytest.fixture(scope="module")
 def model(demo_model_dir: Path) -> LoadedModel:
     return load_model(load_settings({"GLMVISION_MODEL": str(demo_model_dir), "GLMVISION_DEVICE": "cpu"}))
