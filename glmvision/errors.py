@@ -81,6 +81,11 @@ def out_of_time() -> APIError:
     return APIError(504, "request_timeout", "The request ran out of time before any output.")
 
 
+def row_failed() -> APIError:
+    """Return the 503 for one request whose own part of a batch failed (the others go on)."""
+    return unavailable("row_failed", "Generating this answer failed on the server; retry.", 1)
+
+
 def error_type(status: int) -> str:
     """The OpenAI-style error `type` for an HTTP status."""
     return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from .errors import out_of_time
+from .errors import APIError, out_of_time, row_failed
 from .output import StreamRenderer, render
 from .tools import ToolCall, ToolChoice
 
@@ -19,6 +19,9 @@ log = logging.getLogger("glmvision")
 _END = object()
 # Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
 DEFAULT_TEMPERATURE = 0.7
+# A temperature below this means greedy: float32 logits divided by much less overflow to inf or
+# divide by zero (1e-300 is 0 in float32), and a sample that cold is the argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class GenerationParams:
     constraint: Constraint | None = None  # a grammar masks the logits at every step
 
     def __post_init__(self) -> None:
+        if not self.temperature >= GREEDY_BELOW:  # NaN too
+            # Here, so that both schedulers, their batching and the cache all see a greedy request.
+            object.__setattr__(self, "temperature", 0.0)
         if self.constraint is not None and self.min_new_tokens:
             # The grammar decides where the document ends: min_new_tokens cannot hold it open.
             object.__setattr__(self, "min_new_tokens", 0)
@@ -299,6 +305,17 @@ class GenerationStream:
                 item = self._get()
 
     def _deltas(self, patient: bool) -> Iterator[Delta]:
+        """The answer's deltas; a failure turning its tokens into text is this request's 503 row_failed
+        (its row stops within a step: the caller closes the stream), never a 500."""
+        try:
+            yield from self._decoded(patient)
+        except APIError:
+            raise
+        except Exception as exc:
+            log.exception("turning a row's tokens into text failed: that request alone fails")
+            raise row_failed() from exc
+
+    def _decoded(self, patient: bool) -> Iterator[Delta]:
         if patient:
             # Nobody reads deltas and no stop string can end the answer early from our side: let
             # tokens pile up rather than waking this thread (and taking the GIL) once per token.

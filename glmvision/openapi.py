@@ -79,6 +79,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "model_unavailable": (503, "The model failed to load; Retry-After."),
     "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
     "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
+    "row_failed": (503, "This request's own part of a batch failed; the others went on. Retry-After."),
     "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
     "upstream_unavailable": (
         503,
@@ -120,6 +121,7 @@ GENERATION = (
     "model_unavailable",
     "gpu_out_of_memory",
     "engine_failed",
+    "row_failed",
     "preprocessing_busy",
     "upstream_rejected",
     "upstream_unavailable",

@@ -26,6 +26,7 @@ from .engine import (
     Job,
     QueueEngine,
     collate,
+    fail_row,
     fail_unfinished,
     gpu_out_of_memory,
     mark_started,
@@ -177,24 +178,41 @@ class ContinuousEngine(QueueEngine):
 
     def _join(self, jobs: list[Job]) -> None:
         """Prefill newcomers together, give each its first token, and merge them into the batch."""
+        mark_started(jobs)
+        rows = [Row(job, sampling) for job in jobs if (sampling := self._sampling(job)) is not None]
+        if len(rows) < len(jobs):
+            self._record(len(jobs) - len(rows))
+        if rows:
+            self._join_rows(rows)
+
+    def _join_rows(self, rows: list[Row]) -> None:
         import torch
 
-        mark_started(jobs)
         try:
             with torch.inference_mode():
-                rows, cache = self._prefill(jobs)
+                cache = self._prefill(rows)
         except torch.OutOfMemoryError:
-            if len(jobs) > 1:
+            if len(rows) > 1:
                 release_cuda_cache()
                 self.stats.oom_splits += 1
-                log.warning("out of GPU memory prefilling %d requests: retrying in halves", len(jobs))
-                half = len(jobs) // 2
-                self._join(jobs[:half])
-                self._join(jobs[half:])
+                log.warning("out of GPU memory prefilling %d requests: retrying in halves", len(rows))
+                half = len(rows) // 2
+                self._join_rows(rows[:half])
+                self._join_rows(rows[half:])
             else:
-                self._out_of_memory_alone(jobs[0])
+                self._out_of_memory_alone(rows[0].job)
             return
         self._merge(rows, cache)
+
+    def _sampling(self, job: Job) -> RowSampling | None:
+        """A newcomer's sampling (its grammar started, its generator seeded); None, with the request
+        answered, when making it failed."""
+        try:
+            return RowSampling.for_params(job.params, self._model.model.device, job.constraint)
+        except Exception:
+            log.exception("preparing a row's sampling failed: that row alone fails")
+            fail_row(job)
+            return None
 
     def _merge(self, rows: list[Row], cache: PaddedCache) -> None:
         """Add prefilled rows (their first token chosen) to the running batch."""
@@ -256,7 +274,11 @@ class ContinuousEngine(QueueEngine):
                 self.beat()
                 if end < chunked.embeds.shape[1]:
                     return
-                sampling = RowSampling.for_params(job.params, model.model.device, job.constraint)
+                sampling = self._sampling(job)
+                if sampling is None:
+                    self._chunked = None
+                    self._record(1)
+                    return
                 row = Row(job, sampling, position=chunked.following)
                 self._choose([row], out.logits[:, -1])
         except torch.OutOfMemoryError:
@@ -271,25 +293,22 @@ class ContinuousEngine(QueueEngine):
         log.warning("out of GPU memory prefilling one request; cache emptied")
         fail_unfinished([job], gpu_out_of_memory())
 
-    def _prefill(self, jobs: list[Job]) -> tuple[list[Row], PaddedCache]:
+    def _prefill(self, rows: list[Row]) -> PaddedCache:
+        """One forward pass over the newcomers' prompts; each row gets its position and first token."""
         from transformers import DynamicCache
 
         model = self._model
-        inputs = on_device(model, collate([job.inputs for job in jobs], model.pad_id))
+        inputs = on_device(model, collate([row.job.inputs for row in rows], model.pad_id))
         positions, following = prompt_positions(model, inputs)
         cache = DynamicCache(config=model.model.config)
-        adapters = [job.params.adapter for job in jobs]
+        adapters = [row.job.params.adapter for row in rows]
         out = model.forward(
             adapters, **inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
-        rows = [
-            Row(
-                job, RowSampling.for_params(job.params, model.model.device, job.constraint), position=position
-            )
-            for job, position in zip(jobs, following, strict=True)
-        ]
+        for row, position in zip(rows, following, strict=True):
+            row.position = position
         self._choose(rows, out.logits[:, -1])
-        return rows, PaddedCache(cache, inputs["attention_mask"])
+        return PaddedCache(cache, inputs["attention_mask"])
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -346,6 +365,9 @@ class ContinuousEngine(QueueEngine):
             logits, [row.sampling for row in rows], [row.job.generated for row in rows], self._stop_tensor
         )
         for row, token in zip(rows, tokens, strict=True):
+            if isinstance(token, Exception):  # that row alone fails; it leaves at _leave_if_done
+                fail_row(row.job)
+                continue
             row.next_token = token
             row.job.take(token, self._stop_ids)
 

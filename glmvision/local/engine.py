@@ -20,7 +20,7 @@ from typing import Any
 
 from ..backend import Ticket, retry_after_seconds
 from ..config import Settings
-from ..errors import APIError, out_of_time, unavailable
+from ..errors import APIError, out_of_time, row_failed, unavailable
 from ..generation import GenerationParams, GenerationStream
 from .grammar import CompiledConstraint
 from .vram import cuda_module, maybe_empty_cache
@@ -55,11 +55,16 @@ class Job:
         return self.prompt_tokens + self.params.max_new_tokens
 
     def take(self, token_id: int, stop_ids: set[int] | frozenset[int]) -> None:
-        """Hand one generated token to the request; answer it if that was its last."""
-        self.generated += 1
-        self.stream.put([token_id])
-        if token_id in stop_ids or self.generated >= self.params.max_new_tokens:
-            finish(self)
+        """Hand one generated token to the request; answer it if that was its last. Should that
+        fail, this row alone fails."""
+        try:
+            self.generated += 1
+            self.stream.put([token_id])
+            if token_id in stop_ids or self.generated >= self.params.max_new_tokens:
+                finish(self)
+        except Exception:
+            log.exception("handing a token to its request failed: that row alone fails")
+            fail_row(self)
 
 
 @dataclass
@@ -136,6 +141,12 @@ def engine_failed() -> APIError:
 def gpu_out_of_memory() -> APIError:
     """The 503 for a request the GPU had no room for."""
     return unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
+
+
+def fail_row(job: Job) -> None:
+    """Answer one row whose own work failed (its grammar, its draw, its token's hand-over) with 503
+    row_failed; the batch, the other rows and the model thread go on."""
+    fail_unfinished([job], row_failed())
 
 
 def fail_unfinished(jobs: list[Job], error: APIError) -> None:
@@ -218,7 +229,13 @@ class QueueEngine:
         assert self._thread is None, "warm up before serving"
         job = self._job(inputs, params, ticket)
         self._serve_alone(job)
-        job.stream.whole()
+        try:
+            job.stream.whole()
+        except APIError as exc:
+            if exc.error_code != "row_failed":
+                raise
+            # Its one row failed: this model cannot answer at all, and the load must fail as such.
+            raise RuntimeError("the warm-up answer failed (see the trace above)") from exc
         self.stats = EngineStats(self.scheduler)
 
     def nudge(self) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..generation import GenerationParams
+from ..generation import GREEDY_BELOW, GenerationParams
 from .grammar import CompiledConstraint, RowGrammar
+
+log = logging.getLogger("glmvision")
 
 
 @dataclass
@@ -43,30 +47,39 @@ class RowSampling:
 
 def choose_tokens(
     logits: Any, rows: Sequence[RowSampling], generated: Sequence[int], stop_ids: Any
-) -> list[int]:
+) -> list[int | Exception]:
     """Next token per row from last-position logits [rows, vocab]: argmax, or a draw after
     temperature and top-p, with stop tokens barred until a row has its min_new_tokens, and a
-    constrained row's tokens limited to what its grammar allows."""
+    constrained row's tokens limited to what its grammar allows. A row whose own part fails (its
+    grammar, its draw) gets the exception in place of a token; the other rows are not touched."""
     import torch
 
-    logits = logits.float()
-    constrained = [
-        (i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None and row.grammar.active
-    ]
-    pairs = enumerate(zip(rows, generated, strict=True))
-    early = [i for i, (row, count) in pairs if count < row.min_new_tokens]
-    if early or constrained:
-        logits = logits.clone()  # the model's output is not ours to change
+    logits = ordered_logits(logits.float())  # a copy: the model's output is not ours to change
+    failed: dict[int, Exception] = {}
+    constrained: list[int] = []
     forced: dict[int, int] = {}
-    for i, grammar in constrained:
-        token = grammar.constrain(logits[i : i + 1], generated[i])
+    for i, row in enumerate(rows):
+        if row.grammar is None:
+            continue
+        try:
+            if not row.grammar.active:
+                continue
+            token = row.grammar.constrain(logits[i : i + 1], generated[i])
+        except Exception as exc:
+            log.exception("a row's grammar failed to constrain its logits: that row alone fails")
+            failed[i] = exc
+            continue
+        constrained.append(i)
         if token is not None:
             forced[i] = token
+    early = [
+        i for i, (row, count) in enumerate(zip(rows, generated, strict=True)) if count < row.min_new_tokens
+    ]
     if early:
         index = torch.tensor(early, device=logits.device)
         logits[index[:, None], stop_ids[None, :]] = -float("inf")
     chosen = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if not row.greedy]
+    sampled = [i for i, row in enumerate(rows) if not row.greedy and i not in failed]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         probs = warped_probabilities(
@@ -74,35 +87,66 @@ def choose_tokens(
             torch.tensor([rows[i].temperature for i in sampled], device=logits.device),
             torch.tensor([rows[i].top_p for i in sampled], device=logits.device),
         )
-        draws = torch.empty(len(sampled), dtype=torch.long, device=logits.device)
+        draws = chosen[index]
         shared = [j for j, i in enumerate(sampled) if rows[i].generator is None]
         if shared:  # unseeded rows draw together from torch's global generator
             at = torch.tensor(shared, device=logits.device)
             draws[at] = torch.multinomial(probs[at], 1).squeeze(1)
         for j, i in enumerate(sampled):
             if rows[i].generator is not None:
-                draws[j] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
+                try:
+                    draws[j] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
+                except Exception as exc:
+                    log.exception("a seeded row's draw failed: that row alone fails")
+                    failed[i] = exc
         chosen[index] = draws
-    tokens = chosen.tolist()
-    for i, grammar in constrained:
-        tokens[i] = forced[i] if i in forced else grammar.vet(tokens[i], generated[i])
-    for row, token in zip(rows, tokens, strict=True):
-        if row.grammar is not None:
-            row.grammar.accept(token)
-    return tokens
+    tokens: list[int | Exception] = list(chosen.tolist())
+    for i in constrained:
+        grammar = rows[i].grammar
+        assert grammar is not None
+        try:
+            tokens[i] = forced[i] if i in forced else grammar.vet(chosen_id(tokens[i]), generated[i])
+        except Exception as exc:
+            log.exception("a row's grammar failed to vet its token: that row alone fails")
+            failed[i] = exc
+    for i, row in enumerate(rows):
+        if row.grammar is not None and i not in failed:
+            try:
+                row.grammar.accept(chosen_id(tokens[i]))
+            except Exception as exc:
+                log.exception("a row's grammar failed to follow its token: that row alone fails")
+                failed[i] = exc
+    return [failed.get(i, token) for i, token in enumerate(tokens)]
+
+
+def chosen_id(token: int | Exception) -> int:
+    """A token id that choose_tokens gave (not a row's failure)."""
+    assert isinstance(token, int)
+    return token
+
+
+def ordered_logits(logits: Any) -> Any:
+    """A copy of logits with NaN, which no comparison orders, as the least likely (-inf); +inf stays
+    the most likely, so argmax and the draw agree on any row the model may put out."""
+    return logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def warped_probabilities(logits: Any, temperature: Any, top_p: Any) -> Any:
     """Softmax of logits / temperature, keeping per row the fewest most likely tokens whose
-    probabilities reach top_p (the most likely one always); the same rule as transformers' warpers."""
+    probabilities reach top_p (the most likely one always); the same rule as transformers' warpers.
+    A row with no finite distribution (huge logits over a small temperature, no finite logit) is
+    all on its argmax, as a colder sample would be: every row can be drawn from."""
     import torch
 
-    scaled = logits / temperature[:, None]
+    logits = ordered_logits(logits)
+    scaled = logits / temperature.clamp(min=GREEDY_BELOW)[:, None]
     ordered, order = scaled.sort(dim=-1, descending=True)
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
     drop = before >= top_p[:, None]
     drop[:, 0] = False
     ordered = ordered.masked_fill(drop, -float("inf"))
-    kept = torch.empty_like(scaled).scatter_(-1, order, ordered)
-    return kept.softmax(dim=-1)
+    kept = torch.empty_like(scaled).scatter_(-1, order, ordered).softmax(dim=-1)
+    usable = kept.isfinite().all(dim=-1) & (kept.sum(dim=-1) > 0)
+    argmax = torch.zeros_like(kept).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(usable[:, None], kept, argmax)

@@ -15,6 +15,7 @@ from .engine import (
     Job,
     QueueEngine,
     collate,
+    fail_row,
     fail_unfinished,
     finish,
     gpu_out_of_memory,
@@ -22,7 +23,8 @@ from .engine import (
     on_device,
     stop_if_gone_or_late,
 )
-from .sampling import warped_probabilities
+from .grammar import RowGrammar
+from .sampling import ordered_logits, warped_probabilities
 from .vram import release_cuda_cache
 
 log = logging.getLogger("glmvision")
@@ -58,37 +60,51 @@ class RowStreamer:
 
 
 class GrammarMasks:
-    """A logits processor for generate(): each constrained row's logits masked by its own grammar."""
+    """A logits processor for generate(): each constrained row's logits masked by its own grammar.
+    A row whose grammar fails is answered with row_failed and left alone; the batch goes on."""
 
     def __init__(self, jobs: list[Job]) -> None:
-        self._rows = [
-            (i, job, job.constraint.start(job.params.max_new_tokens, job.params.enable_thinking))
-            for i, job in enumerate(jobs)
-            if job.constraint is not None
-        ]
+        self._rows: list[tuple[int, Job, RowGrammar]] = []
+        for i, job in enumerate(jobs):
+            if job.constraint is None:
+                continue
+            try:
+                grammar = job.constraint.start(job.params.max_new_tokens, job.params.enable_thinking)
+            except Exception:
+                log.exception("starting a row's grammar failed: that row alone fails")
+                fail_row(job)
+                continue
+            self._rows.append((i, job, grammar))
         self._first = True
 
     def __bool__(self) -> bool:
         return bool(self._rows)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if not self._first:  # the previous step's tokens are the last column now
-            for i, job, grammar in self._rows:
-                if not job.finished:
-                    grammar.accept(int(input_ids[i, -1]))
-        self._first = False
+        first, self._first = self._first, False
         for i, job, grammar in self._rows:
-            if job.finished or not grammar.active:
+            if job.finished:  # its tokens from here on are padding, and a failed row's are ignored
                 continue
-            token = grammar.constrain(scores[i : i + 1], job.generated)
-            if token is None and grammar.near_end(job.generated):
-                # Near its budget's end a row's choice must be vetted before it is taken, and
-                # generate() takes it after us: so choose here, as generate() would, and vet it.
-                token = grammar.vet(self._draw(scores[i : i + 1], job), job.generated)
-            if token is not None:
-                scores[i] = -float("inf")
-                scores[i, token] = 0.0
+            try:
+                if not first:  # the previous step's token is the last column now
+                    grammar.accept(int(input_ids[i, -1]))
+                self._constrain(scores, i, job, grammar)
+            except Exception:
+                log.exception("a row's grammar failed: that row alone fails")
+                fail_row(job)
         return scores
+
+    def _constrain(self, scores: Any, i: int, job: Job, grammar: RowGrammar) -> None:
+        if not grammar.active:
+            return
+        token = grammar.constrain(scores[i : i + 1], job.generated)
+        if token is None and grammar.near_end(job.generated):
+            # Near its budget's end a row's choice must be vetted before it is taken, and
+            # generate() takes it after us: so choose here, as generate() would, and vet it.
+            token = grammar.vet(self._draw(scores[i : i + 1], job), job.generated)
+        if token is not None:
+            scores[i] = -float("inf")
+            scores[i, token] = 0.0
 
     @staticmethod
     def _draw(scores: Any, job: Job) -> int:
@@ -96,7 +112,7 @@ class GrammarMasks:
 
         params = job.params
         if params.temperature <= 0:
-            return int(scores.argmax())
+            return int(ordered_logits(scores).argmax())
         temperature = torch.tensor([params.temperature], device=scores.device)
         top_p = torch.tensor([params.top_p if params.top_p is not None else 1.0], device=scores.device)
         return int(torch.multinomial(warped_probabilities(scores, temperature, top_p), 1))
