@@ -79,6 +79,8 @@ class Ticket:
     _submitted: bool = False
     _released: bool = False
     _holds_slot: bool = False
+    # Whether its client hung up (the server sets it where it can tell): work for it may stop.
+    client_gone: Callable[[], bool] = field(default=lambda: False, repr=False)
 
     @classmethod
     def unheld(cls, timeout: float) -> Ticket:
