@@ -53,8 +53,10 @@ CLOSING_CHARACTERS = ('"', "}", "]", ",", "0")
 # twice that length plus this margin (where one token could make the closing longer than the budget).
 MEASURE_EVERY = 16
 NEAR_END_MARGIN = 32
-# A closing walk longer than this is treated as "close now".
+# A closing walk longer than this, or taking longer than this many seconds, is treated as "close
+# now": the row follows the walk from then on, and ends by its token budget if the walk never closes.
 LONGEST_CLOSING = 1024
+LONGEST_CLOSING_SECONDS = 0.1
 
 
 # The start of a UTF-16 surrogate (U+D800..U+DFFF) in UTF-8, or a lead byte that could begin one.
@@ -150,6 +152,13 @@ class GrammarBook:
         self._call_closers = json_closers + ending
         self._tags = tags
         self._probe = xgrammar.allocate_token_bitmask(1, vocab_size)  # the model thread's scratch
+        # Every token whose text does not start with "<", as bitmask words: a state whose allowed
+        # tokens all miss it must spell a tag next.
+        import numpy
+
+        not_angle = numpy.zeros(self._probe.shape[1] * 32, dtype=bool)
+        not_angle[: len(with_tags)] = [not word.startswith(b"<") for word in with_tags]
+        self._not_angle = numpy.packbits(not_angle, bitorder="little").view(numpy.int32)
 
     def compile(
         self, constraint: Constraint, deadline: float | None = None, gone: Callable[[], bool] = lambda: False
@@ -283,12 +292,12 @@ class GrammarBook:
         def allowed(token_id: int) -> bool:
             return bool((int(bits[token_id >> 5]) >> (token_id & 31)) & 1)
 
-        forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
-        if forced:  # its first tag whole where one starts it, else its first character
-            tags = [i for tag, i in self._tags.items() if forced[0] == "<" and forced.startswith(tag)]
-            for token_id in [*tags, self._character_token.get(forced[0])]:
-                if token_id is not None and allowed(token_id):
-                    return token_id
+        # A tag the grammar requires next is taken whole. (Not found with xgrammar's
+        # find_jump_forward_string: on a grammar that recurses with no way out, it never returns.)
+        if probe and not (bits & self._not_angle).any():  # every allowed token starts with "<"
+            tags = [token_id for token_id in self._tags.values() if allowed(token_id)]
+            if len(tags) == 1:
+                return tags[0]
         candidates = (token_id for token_id in closers + self.stop_ids if allowed(token_id))
         if not probe:
             # JSON has no free text: its first allowed closer always changes what may follow.
@@ -318,7 +327,10 @@ class GrammarBook:
         """Tokens (its stop token included) the closing walk takes from the matcher's state."""
         walker = matcher.fork()
         steps = 0
-        while not walker.is_terminated() and steps < LONGEST_CLOSING:
+        until = time.perf_counter() + LONGEST_CLOSING_SECONDS
+        while not walker.is_terminated():
+            if steps >= LONGEST_CLOSING or time.perf_counter() > until:
+                return LONGEST_CLOSING
             if not walker.accept_token(self.closing_token(walker, bitmask, closers, probe)):
                 return LONGEST_CLOSING
             steps += 1
