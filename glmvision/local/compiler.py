@@ -33,6 +33,9 @@ POLL_SECONDS = 0.02
 START_SECONDS = 60.0
 # How many threads one compiler process compiles with (xgrammar's token-mask cache, per rule).
 COMPILE_THREADS = 2
+# The largest compiled grammar sent back, serialized: reading one back costs the worker ~20 ms of
+# CPU per MB (its JSON grows with the square of an array's nesting: 8 MB at 100 deep, 512 tokens).
+LARGEST_GRAMMAR = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class CompileFailed(Exception):
 
 class TooSlow(Exception):
     """The compile ran past its budget; its process was killed."""
+
+
+class TooLarge(Exception):
+    """The compiled grammar is too large to send back (LARGEST_GRAMMAR, serialized)."""
 
 
 class Died(Exception):
@@ -114,7 +121,7 @@ def serve(inbox: Connection, outbox: Connection) -> None:
     outbox.send(("ready", ""))
     while True:
         try:
-            kind, text = inbox.recv()
+            kind, text, largest = inbox.recv()
         except (EOFError, OSError):
             return  # the worker is gone or let this process go
         try:
@@ -123,7 +130,11 @@ def serve(inbox: Connection, outbox: Connection) -> None:
                 grammar = compilers["json"].compile_json_schema(text, any_whitespace=False, strict_mode=True)
             else:
                 grammar = compilers["call"].compile_structural_tag(text)
-            outbox.send(("ok", grammar.serialize_json()))
+            serialized = grammar.serialize_json()
+            if len(serialized) > largest:
+                outbox.send(("too_large", str(len(serialized))))
+            else:
+                outbox.send(("ok", serialized))
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's errors (and their subclasses)
             outbox.send(("error", str(exc) or type(exc).__name__))
 
@@ -169,8 +180,9 @@ class _Process:
 class CompilerPool:
     """A few compiler processes, lent out one compile at a time."""
 
-    def __init__(self, vocabularies: Vocabularies, workers: int = 1) -> None:
+    def __init__(self, vocabularies: Vocabularies, workers: int = 1, largest: int = LARGEST_GRAMMAR) -> None:
         self._vocabularies = vocabularies
+        self._largest = largest  # bytes of the largest grammar sent back, serialized
         self._size = max(1, workers)
         self._idle: list[_Process] = []
         self._lent = 0
@@ -189,12 +201,13 @@ class CompilerPool:
 
         Waits up to `budget` seconds for a free process (else Busy), then gives the compile itself
         `budget` seconds (else TooSlow); stops at once when `gone()` or the monotonic `deadline`
-        passes (Abandoned). CompileFailed carries xgrammar's message."""
+        passes (Abandoned). CompileFailed carries xgrammar's message; TooLarge, the size of a
+        grammar too large to send back."""
         process = self._borrow(min(time.monotonic() + budget, deadline), deadline, gone)
         healthy = False
         try:
             self._wait_ready(process, deadline, gone)
-            process.inbox.send((kind, text))
+            process.inbox.send((kind, text, self._largest))
             try:
                 outcome, payload = self._result(process, time.monotonic() + budget, deadline, gone)
             except Died as exc:  # a schema that takes the compiler down is too complex as well
@@ -204,6 +217,8 @@ class CompilerPool:
             self._give_back(process, healthy)
         if outcome == "error":
             raise CompileFailed(payload)
+        if outcome == "too_large":
+            raise TooLarge(payload)
         return payload
 
     def close(self) -> None:

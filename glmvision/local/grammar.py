@@ -31,12 +31,14 @@ from ..errors import APIError, bad_request, out_of_time, unavailable
 from ..generation import Constraint
 from ..tools import CALL_CLOSE, CALL_OPEN, TOOL_TAGS
 from .compiler import (
+    LARGEST_GRAMMAR,
     START_SECONDS,
     Abandoned,
     Busy,
     CompileFailed,
     CompilerPool,
     GrammarLimits,
+    TooLarge,
     TooSlow,
     Vocabularies,
 )
@@ -220,6 +222,12 @@ class GrammarBook:
                 f"The schema takes over {timeout:g} s (GLMVISION_GRAMMAR_TIMEOUT) to compile into a "
                 "grammar: make it simpler (less nesting, smaller repetition counts)."
             )
+            raise bad_request("schema_too_complex", message, constraint.param) from None
+        except TooLarge:
+            log.warning(
+                "a %s grammar was too large to use (over %d MiB serialized)", kind, LARGEST_GRAMMAR >> 20
+            )
+            message = "The schema compiles into too large a grammar: make it simpler (less nesting)."
             raise bad_request("schema_too_complex", message, constraint.param) from None
         except Busy:
             message = "Every grammar compiler is busy with other schemas; retry shortly."
