@@ -148,6 +148,11 @@ def test_a_compile_past_the_budget_is_a_400_and_kills_its_process(model: LoadedM
         assert elapsed < 3.0, "not stopped at its budget"
         assert process.process.poll() is not None, "the compiler process still runs"
         assert grammars._pool.killed == 1
+        # Its successor starts at once, in the background, and lives on.
+        assert wait(lambda: len(grammars._pool._idle) == 1)
+        successor = grammars._pool._idle[0].process
+        time.sleep(0.5)
+        assert successor.poll() is None
         # A fresh process takes the next schema; the cached one needs none.
         assert grammars.compile(Constraint(json.dumps({"type": "integer"}))).grammar is not None
         assert grammars.compile(Constraint(json.dumps(PERSON))).grammar is not None
@@ -237,6 +242,46 @@ def test_a_grammar_too_large_to_send_back_is_refused(shared: GrammarBook) -> Non
         assert pool.compile("json", '{"type": "integer"}', 5.0, time.monotonic() + 60)
     finally:
         pool.close()
+
+
+ORPHAN = """
+import json, sys, time
+from glmvision.local.compiler import CompilerPool, Vocabularies
+
+words = [bytes([i]) for i in range(256)]
+pool = CompilerPool(Vocabularies(words, words, 256, [0]))
+pool.compile("json", '{"type": "integer"}', 30.0, time.monotonic() + 120)
+print(pool.processes()[0], flush=True)
+pool.compile("json", sys.argv[1], 300.0, time.monotonic() + 300)
+"""
+
+
+def test_a_compiler_process_ends_with_its_worker(tmp_path: Path) -> None:
+    """A worker killed mid-compile (by gunicorn's timeout, say) leaves no compile running."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, json.dumps(HOSTILE)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert worker.stdout is not None
+        compiler = int(worker.stdout.readline())
+        time.sleep(0.3)
+        assert running(compiler)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert wait(lambda: not running(compiler), timeout=10)
+
+
+def running(pid: int) -> bool:
+    """Whether the process runs (a zombie left for an init that does not reap does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

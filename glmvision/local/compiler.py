@@ -29,6 +29,8 @@ log = logging.getLogger("glmvision")
 NICENESS = 10
 # How often a waiting request looks at its client and its deadline.
 POLL_SECONDS = 0.02
+# How often a compiler process checks that its worker is still there.
+PARENT_CHECK_SECONDS = 0.5
 # A compiler process that is not ready this long after starting is taken for broken.
 START_SECONDS = 60.0
 # How many threads one compiler process compiles with (xgrammar's token-mask cache, per rule).
@@ -94,20 +96,23 @@ class Abandoned(Exception):
         self.gone = gone
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when its parent dies (a worker killed with SIGKILL, say)."""
-    try:
-        import ctypes
+def _die_with_parent(parent: int) -> None:
+    """Exit once the worker is gone (killed with SIGKILL, say), even in the middle of a compile."""
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the closed pipe ends the loop instead
-        pass
+    # Not PR_SET_PDEATHSIG: that fires when the thread that started this process ends, and threads
+    # that start compilers come and go.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def serve(inbox: Connection, outbox: Connection) -> None:
     """A compiler process: compile what arrives, send back the serialized grammar or the error."""
     os.nice(NICENESS)
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the worker's to handle
     vocabularies: Vocabularies = inbox.recv()
     import xgrammar
@@ -150,7 +155,7 @@ class _Process:
         worker_reads, child_writes = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-P", __file__, str(child_reads), str(child_writes)],
+                [sys.executable, "-P", __file__, str(child_reads), str(child_writes), str(os.getpid())],
                 pass_fds=(child_reads, child_writes),
                 stdin=subprocess.DEVNULL,
             )
@@ -244,8 +249,11 @@ class CompilerPool:
                     raise Busy()
                 self._cond.wait(min(until - now, POLL_SECONDS * 5))
             self._lent += 1
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                process = self._idle.pop()
+                if process.process.poll() is None:
+                    return process
+                process.kill()  # it died idle (the OOM killer, say): not this schema's fault
         try:
             return _Process(self._vocabularies)  # started outside the lock: it takes ~0.1 s
         except BaseException:
