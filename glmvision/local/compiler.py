@@ -25,8 +25,8 @@ from typing import Any
 
 log = logging.getLogger("glmvision")
 
-# How much lower than the worker a compiler runs (os.nice): the model thread keeps the CPU.
-NICENESS = 10
+# How much lower than the worker a compiler runs (os.nice): the lowest, so the model keeps the CPU.
+NICENESS = 19
 # How often a waiting request looks at its client and its deadline.
 POLL_SECONDS = 0.02
 # How often a compiler process checks that its worker is still there.
@@ -113,7 +113,10 @@ def serve(inbox: Connection, outbox: Connection) -> None:
     """A compiler process: compile what arrives, send back the serialized grammar or the error."""
     os.nice(NICENESS)
     _die_with_parent(int(sys.argv[3]) if len(sys.argv) > 3 else os.getppid())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the worker's to handle
+    # Ctrl-C in a terminal, or a SIGTERM to gunicorn's whole process group, is the worker's to handle:
+    # this process ends with it, and dying first would fail the compile of a request still served.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     vocabularies: Vocabularies = inbox.recv()
     import xgrammar
 

@@ -186,7 +186,8 @@ class GrammarBook:
                     flight.compiled = compiled
                     return compiled
                 except APIError as exc:
-                    flight.error = exc
+                    if exc.code == 400:  # the schema's own fault; a hang-up or a deadline is the request's
+                        flight.error = exc
                     raise
                 finally:
                     with self._lock:
@@ -200,7 +201,7 @@ class GrammarBook:
                 with self._lock:
                     self.hits += 1
                 return flight.compiled
-            # Its request was abandoned before the compile ended: compile it for this one.
+            # Its request ended first (a hang-up, its deadline, a busy pool): try again for this one.
 
     def _lead(self, constraint: Constraint, deadline: float, gone: Callable[[], bool]) -> CompiledConstraint:
         import xgrammar
