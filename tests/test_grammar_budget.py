@@ -21,6 +21,7 @@ import requests
 from flask import Flask
 from helpers import live_server, server_env
 
+from glmvision.backend import Admission, PreparationSlots
 from glmvision.config import load_settings
 from glmvision.errors import APIError
 from glmvision.generation import Constraint
@@ -244,6 +245,23 @@ def test_a_grammar_too_large_to_send_back_is_refused(shared: GrammarBook) -> Non
         pool.close()
 
 
+def test_a_request_lends_its_preparation_slot_while_its_grammar_compiles() -> None:
+    """Compiling happens elsewhere: the slot a request prepares in is free for others meanwhile."""
+    admission = Admission(8, 30.0, lambda: 0.0, slots=PreparationSlots(2, lambda: 0, 1))
+    compiling, other, late = admission.admit(), admission.admit(), admission.admit()
+    compiling.take_slot()
+    other.take_slot()
+    with compiling.slot_lent():
+        late.take_slot()  # at once: without the loan it would wait for one of the two
+        late.release()
+    assert compiling._holds_slot
+    with pytest.raises(APIError), compiling.slot_lent():
+        raise APIError(400, "schema_too_complex", "no")
+    assert not compiling._holds_slot  # an ended request takes none back
+    compiling.release()
+    other.release()
+
+
 ORPHAN = """
 import json, sys, time
 from glmvision.local.compiler import CompilerPool, Vocabularies
@@ -296,6 +314,7 @@ def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
 WALK = """
 import json, resource, sys, time
 import torch
+from glmvision.backend import Admission, PreparationSlots
 from glmvision.config import load_settings
 from glmvision.generation import Constraint
 from glmvision.local.loading import load_model

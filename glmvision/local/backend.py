@@ -206,8 +206,13 @@ class LocalBackend:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
         constraint = None
         if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
-            # In compiler processes, within GLMVISION_GRAMMAR_TIMEOUT; a hang-up or the deadline ends it.
-            constraint = loaded.grammars().compile(params.constraint, ticket.deadline, ticket.client_gone)
+            grammars = loaded.grammars()
+            constraint = grammars.cached(params.constraint)
+            if constraint is None:
+                # In compiler processes, within GLMVISION_GRAMMAR_TIMEOUT; a hang-up or the deadline
+                # ends it. Meanwhile other requests may prepare: this one only waits.
+                with ticket.slot_lent():
+                    constraint = grammars.compile(params.constraint, ticket.deadline, ticket.client_gone)
         inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         return Prepared(model_name(loaded.model_id, params.adapter), inputs, sizes, visual, constraint)

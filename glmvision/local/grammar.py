@@ -140,7 +140,7 @@ class GrammarBook:
         self._compiled: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
         self._sizes: dict[Constraint, int] = {}
         self._flights: dict[Constraint, _Flight] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # cached() is called with it held, too
         self.compiled = self.hits = self.evicted = 0
         self.compile_seconds = 0.0
         self.cached_bytes = 0
@@ -171,10 +171,8 @@ class GrammarBook:
             deadline = time.monotonic() + START_SECONDS + 2 * self.limits.timeout
         while True:
             with self._lock:
-                compiled = self._compiled.get(constraint)
+                compiled = self.cached(constraint)
                 if compiled is not None:
-                    self._compiled.move_to_end(constraint)
-                    self.hits += 1
                     return compiled
                 flight = self._flights.get(constraint)
                 leading = flight is None
@@ -202,6 +200,15 @@ class GrammarBook:
                     self.hits += 1
                 return flight.compiled
             # Its request ended first (a hang-up, its deadline, a busy pool): try again for this one.
+
+    def cached(self, constraint: Constraint) -> CompiledConstraint | None:
+        """The constraint's grammar if it is compiled already (a hit), else None."""
+        with self._lock:
+            compiled = self._compiled.get(constraint)
+            if compiled is not None:
+                self._compiled.move_to_end(constraint)
+                self.hits += 1
+            return compiled
 
     def _lead(self, constraint: Constraint, deadline: float, gone: Callable[[], bool]) -> CompiledConstraint:
         import xgrammar
