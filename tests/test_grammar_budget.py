@@ -245,6 +245,18 @@ def test_a_grammar_too_large_to_send_back_is_refused(shared: GrammarBook) -> Non
         pool.close()
 
 
+def test_a_compiler_that_cannot_start_is_a_503(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    grammars = book(model, workers=1)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # the child exits at once
+    try:
+        with pytest.raises(APIError) as refused:
+            grammars.compile(Constraint(json.dumps(PERSON)))
+        assert (refused.value.code, refused.value.error_code) == (503, "grammar_busy")
+        assert "Retry-After" in refused.value.headers
+    finally:
+        grammars._pool.close()
+
+
 def test_a_request_lends_its_preparation_slot_while_its_grammar_compiles() -> None:
     """Compiling happens elsewhere: the slot a request prepares in is free for others meanwhile."""
     admission = Admission(8, 30.0, lambda: 0.0, slots=PreparationSlots(2, lambda: 0, 1))

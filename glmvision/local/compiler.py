@@ -84,6 +84,10 @@ class Died(Exception):
     """The compiler process ended without an answer (killed for memory, say)."""
 
 
+class NotStarted(Exception):
+    """A compiler process could not be started (or died starting: the worker shutting down, say)."""
+
+
 class Busy(Exception):
     """Every compiler process stayed busy for as long as the request could wait."""
 
@@ -259,6 +263,9 @@ class CompilerPool:
                 process.kill()  # it died idle (the OOM killer, say): not this schema's fault
         try:
             return _Process(self._vocabularies)  # started outside the lock: it takes ~0.1 s
+        except OSError as exc:
+            self._give_back(None, False)
+            raise NotStarted(f"starting a grammar compiler process failed: {exc!r}") from None
         except BaseException:
             self._give_back(None, False)
             raise
@@ -269,7 +276,10 @@ class CompilerPool:
             with self._cond:
                 self.killed += 1
             # Its successor starts now, in the background: the next compile need not wait as long.
-            threading.Thread(target=self._replace, name="glmvision-grammar-start", daemon=True).start()
+            try:
+                threading.Thread(target=self._replace, name="glmvision-grammar-start", daemon=True).start()
+            except RuntimeError:  # the interpreter is shutting down: no successor is needed
+                pass
         with self._cond:
             self._lent -= 1
             keep = process is not None and healthy and len(self._idle) + self._lent < self._size
@@ -301,9 +311,9 @@ class CompilerPool:
         try:
             outcome, _ = self._result(process, process.started + START_SECONDS, deadline, gone)
         except (TooSlow, Died) as exc:
-            raise RuntimeError(f"the grammar compiler process did not start: {exc!r}") from None
+            raise NotStarted(f"the grammar compiler process did not start: {exc!r}") from None
         if outcome != "ready":
-            raise RuntimeError(f"the grammar compiler process started badly: {outcome}")
+            raise NotStarted(f"the grammar compiler process started badly: {outcome}")
         process.ready = True
 
     def _result(

@@ -38,6 +38,7 @@ from .compiler import (
     CompileFailed,
     CompilerPool,
     GrammarLimits,
+    NotStarted,
     TooLarge,
     TooSlow,
     Vocabularies,
@@ -240,6 +241,9 @@ class GrammarBook:
         except Busy:
             message = "Every grammar compiler is busy with other schemas; retry shortly."
             raise unavailable("grammar_busy", message, max(1, math.ceil(timeout))) from None
+        except NotStarted as exc:
+            log.error("%s", exc)
+            raise unavailable("grammar_busy", "No grammar compiler is available; retry shortly.", 1) from None
         except Abandoned as exc:
             if not exc.gone:
                 raise out_of_time() from None
