@@ -292,8 +292,8 @@ def test_a_compiler_process_ends_with_its_worker(tmp_path: Path) -> None:
         [sys.executable, "-c", ORPHAN, json.dumps(HOSTILE)],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,  # where its glmvision is found: not on PYTHONPATH, so not by its compiler's either
+        env={name: value for name, value in os.environ.items() if name != "PYTHONPATH"},
     )
     try:
         assert worker.stdout is not None

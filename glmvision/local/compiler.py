@@ -121,7 +121,7 @@ def serve(inbox: Connection, outbox: Connection) -> None:
     # this process ends with it, and dying first would fail the compile of a request still served.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    vocabularies: Vocabularies = inbox.recv()
+    vocabularies = Vocabularies(*inbox.recv())
     import xgrammar
 
     compilers = {
@@ -177,7 +177,10 @@ class _Process:
         self.outbox = Connection(worker_reads, writable=False)  # what it answers
         self.started = time.monotonic()
         self.ready = False
-        self.inbox.send(vocabularies)
+        # Plain values: a pickled Vocabularies would name glmvision's module, which this process,
+        # running the file alone, may not find on its path.
+        words = vocabularies
+        self.inbox.send((words.json, words.call, words.vocab_size, words.stop_ids))
 
     def kill(self) -> None:
         """Stop it now, whatever it is doing (SIGKILL), and reap it."""
