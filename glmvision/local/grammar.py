@@ -2,8 +2,9 @@
 
 The grammar engine is xgrammar (vLLM's and SGLang's default): it compiles a JSON schema against the
 tokenizer's vocabulary once, and then gives each step's allowed tokens as a bitmask in microseconds.
-A row's matcher follows the tokens it takes. Rows are independent, so constrained and free rows
-share a batch under either scheduler.
+Compiling happens in processes that can be killed, within a time budget (`compiler`), never in
+the model's thread. A row's matcher follows the tokens it takes. Rows are independent, so
+constrained and free rows share a batch under either scheduler.
 
 A mask alone keeps an answer on a valid path, but not within its token budget: a model (the random
 demo one above all) may keep a string open until `max_tokens` cuts it. So a row also knows the
