@@ -7,7 +7,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,8 @@ class Ticket:
     _submitted: bool = False
     _released: bool = False
     _holds_slot: bool = False
+    # Whether its client hung up (the server sets it where it can tell): work for it may stop.
+    client_gone: Callable[[], bool] = field(default=lambda: False, repr=False)
 
     @classmethod
     def unheld(cls, timeout: float) -> Ticket:
@@ -104,6 +107,18 @@ class Ticket:
         if not self._slots.take(self.remaining()):
             raise out_of_time()
         self._holds_slot = True
+
+    @contextmanager
+    def slot_lent(self) -> Iterator[None]:
+        """Lend the preparation slot to other requests while this one waits on another process (its
+        grammar compiling), and take one again after (an error ends the request: none is taken)."""
+        held = self._holds_slot
+        if held:
+            self._holds_slot = False
+            self._slots.give()
+        yield
+        if held:
+            self.take_slot()
 
     def _give_slot_back(self) -> None:
         # Called under the admission's lock.

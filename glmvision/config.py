@@ -135,6 +135,26 @@ class Settings(_Base):
     max_schema_bytes: int = Field(
         32_768, gt=0, description="Largest JSON schema (response_format, json_schema) accepted, in bytes."
     )
+    grammar_timeout: float = Field(
+        5.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds a JSON schema or tool list may take to compile into a grammar (400 "
+        "schema_too_complex past it); as long again to wait for a free compiler (503 grammar_busy).",
+    )
+    grammar_workers: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Grammar compiler processes per worker, started when needed (each ~0.3 GB of its "
+        "own: xgrammar loads torch).",
+    )
+    grammar_cache_mb: float = Field(
+        256.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Compiled grammars a worker keeps, in MiB (least recent out).",
+    )
     default_max_new_tokens: int = Field(
         512, gt=0, description="max_new_tokens when a request gives none (capped by the above)."
     )

@@ -39,6 +39,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "prompt_too_long": (400, "The prompt is over GLMVISION_MAX_PROMPT_CHARS."),
     "invalid_schema": (400, "The JSON schema cannot be compiled into a grammar."),
     "schema_too_large": (400, "The JSON schema is over GLMVISION_MAX_SCHEMA_BYTES."),
+    "schema_too_complex": (
+        400,
+        "The JSON schema (or tools) took over GLMVISION_GRAMMAR_TIMEOUT to compile, or compiled too large.",
+    ),
     "invalid_base64": (400, "The image is not strict base64."),
     "unsupported_image_format": (400, "Not PNG/JPEG/WebP/GIF/BMP, or a non-image data URL."),
     "invalid_image": (400, "Corrupt or truncated image data."),
@@ -81,6 +85,8 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
     "row_failed": (503, "This request's own part of a batch failed; the others went on. Retry-After."),
     "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
+    "grammar_busy": (503, "Every grammar compiler stayed busy for GLMVISION_GRAMMAR_TIMEOUT; Retry-After."),
+    "client_closed": (499, "Logged only: the client hung up while its schema compiled."),
     "upstream_unavailable": (
         503,
         "GLMVISION_BACKEND=openai: the upstream engine is down, slow or failing; Retry-After.",
@@ -99,6 +105,7 @@ BODY = (
     "prompt_too_long",
     "invalid_schema",
     "schema_too_large",
+    "schema_too_complex",
     "bad_request",
     "request_too_large",
     "unsupported_media_type",
@@ -123,6 +130,8 @@ GENERATION = (
     "engine_failed",
     "row_failed",
     "preprocessing_busy",
+    "grammar_busy",
+    "client_closed",
     "upstream_rejected",
     "upstream_unavailable",
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app, g, request
 
 from .backend import Backend, Ticket
 from .config import Settings
@@ -78,6 +78,9 @@ def admit() -> Ticket:
     ):
         record.degraded = True
     ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
+    from .pipeline import client_gone_check  # the pipeline imports this module
+
+    ticket.client_gone = client_gone_check(request.environ)
     return ticket
 
 

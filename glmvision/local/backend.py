@@ -206,7 +206,13 @@ class LocalBackend:
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
         constraint = None
         if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
-            constraint = loaded.grammars().compile(params.constraint)
+            grammars = loaded.grammars()
+            constraint = grammars.cached(params.constraint)
+            if constraint is None:
+                # In compiler processes, within GLMVISION_GRAMMAR_TIMEOUT; a hang-up or the deadline
+                # ends it. Meanwhile other requests may prepare: this one only waits.
+                with ticket.slot_lent():
+                    constraint = grammars.compile(params.constraint, ticket.deadline, ticket.client_gone)
         inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
         self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)

@@ -2,8 +2,9 @@
 
 The grammar engine is xgrammar (vLLM's and SGLang's default): it compiles a JSON schema against the
 tokenizer's vocabulary once, and then gives each step's allowed tokens as a bitmask in microseconds.
-A row's matcher follows the tokens it takes. Rows are independent, so constrained and free rows
-share a batch under either scheduler.
+Compiling happens in processes that can be killed, within a time budget (`compiler`), never in
+the model's thread. A row's matcher follows the tokens it takes. Rows are independent, so
+constrained and free rows share a batch under either scheduler.
 
 A mask alone keeps an answer on a valid path, but not within its token budget: a model (the random
 demo one above all) may keep a string open until `max_tokens` cuts it. So a row also knows the
@@ -14,23 +15,40 @@ whenever the budget holds the shortest document at all.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import bad_request
+from ..errors import APIError, bad_request, out_of_time, unavailable
 from ..generation import Constraint
 from ..tools import CALL_CLOSE, CALL_OPEN, TOOL_TAGS
+from .compiler import (
+    LARGEST_GRAMMAR,
+    START_SECONDS,
+    Abandoned,
+    Busy,
+    CompileFailed,
+    CompilerPool,
+    GrammarLimits,
+    NotStarted,
+    TooLarge,
+    TooSlow,
+    Vocabularies,
+)
 
 log = logging.getLogger("glmvision")
 
-# Compiled grammars kept per schema (each is a few KB to a few MB, by schema and vocabulary).
-CACHED_GRAMMARS = 128
+# How often a request waiting for another's compile of the same schema looks at its client.
+FOLLOW_POLL = 0.05
 # The characters that close a document soonest, in the order they are tried: end a string, an
 # object, an array; a comma only where the schema needs more (a number ends there too); a 0 is a
 # whole number. Structure comes before digits, or a fraction would never end.
@@ -39,8 +57,10 @@ CLOSING_CHARACTERS = ('"', "}", "]", ",", "0")
 # twice that length plus this margin (where one token could make the closing longer than the budget).
 MEASURE_EVERY = 16
 NEAR_END_MARGIN = 32
-# A closing walk longer than this is treated as "close now".
+# A closing walk longer than this, or taking longer than this many seconds, is treated as "close
+# now": the row follows the walk from then on, and ends by its token budget if the walk never closes.
 LONGEST_CLOSING = 1024
+LONGEST_CLOSING_SECONDS = 0.1
 
 
 # The start of a UTF-16 surrogate (U+D800..U+DFFF) in UTF-8, or a lead byte that could begin one.
@@ -79,10 +99,15 @@ def tag_free(schema: Any) -> Any:
 
 
 class GrammarBook:
-    """A tokenizer's grammar compiler, with compiled grammars cached per schema."""
+    """A tokenizer's grammars: compiled in killable processes within a budget, cached by size."""
 
     def __init__(
-        self, tokenizer: Any, vocab_size: int, stop_ids: list[int], think: tuple[int, int] | None = None
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_ids: list[int],
+        think: tuple[int, int] | None = None,
+        limits: GrammarLimits | None = None,
     ) -> None:
         import xgrammar
 
@@ -104,22 +129,23 @@ class GrammarBook:
         with_tags = list(vocabulary)
         for tag, token_id in tags.items():
             with_tags[token_id] = tag.encode()
-
-        def compiler(words: list[bytes]) -> Any:
-            info = xgrammar.TokenizerInfo(
-                words, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_ids
-            )
-            # xgrammar caches too, without a count of hits; this cache is ours to size and measure.
-            return xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-
-        self._json_compiler, self._call_compiler = compiler(vocabulary), compiler(with_tags)
+        self.limits = limits or GrammarLimits()
+        vocabularies = Vocabularies(vocabulary, with_tags, vocab_size, list(stop_ids))
+        # The compiler processes build the same two tokenizers from these; a grammar they send back
+        # is read against ours.
+        self._infos = {kind: vocabularies.tokenizer_info(kind) for kind in ("json", "call")}
+        self._pool = CompilerPool(vocabularies, self.limits.workers)
+        weakref.finalize(self, self._pool.close)  # a book let go takes its processes with it
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
         self.think = think  # the ids of <think> and </think>, when the model has them
-        self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.compiled = self.hits = 0
+        self._compiled: OrderedDict[Constraint, CompiledConstraint] = OrderedDict()
+        self._sizes: dict[Constraint, int] = {}
+        self._flights: dict[Constraint, _Flight] = {}
+        self._lock = threading.RLock()  # cached() is called with it held, too
+        self.compiled = self.hits = self.evicted = 0
         self.compile_seconds = 0.0
+        self.cached_bytes = 0
         by_text = {text: i for i, text in reversed(list(enumerate(vocabulary))) if len(text) == 1}
         self._character_token = {chr(text[0]): i for text, i in by_text.items() if text[0] < 0x80}
         json_closers = [self._character_token[c] for c in CLOSING_CHARACTERS if c in self._character_token]
@@ -130,40 +156,135 @@ class GrammarBook:
         self._call_closers = json_closers + ending
         self._tags = tags
         self._probe = xgrammar.allocate_token_bitmask(1, vocab_size)  # the model thread's scratch
+        # Every token whose text does not start with "<", as bitmask words: a state whose allowed
+        # tokens all miss it must spell a tag next.
+        import numpy
 
-    def compile(self, constraint: Constraint) -> CompiledConstraint:
-        """The constraint's grammar (compiled once per schema); a 400 on its field if it cannot be."""
+        not_angle = numpy.zeros(self._probe.shape[1] * 32, dtype=bool)
+        not_angle[: len(with_tags)] = [not word.startswith(b"<") for word in with_tags]
+        self._not_angle = numpy.packbits(not_angle, bitorder="little").view(numpy.int32)
+
+    def compile(
+        self, constraint: Constraint, deadline: float | None = None, gone: Callable[[], bool] = lambda: False
+    ) -> CompiledConstraint:
+        """The constraint's grammar (compiled once per schema); a 400 on its field if it cannot be,
+        or if it takes over the budget. `deadline` (monotonic) and `gone()` end the wait early."""
+        if deadline is None:  # no request's: a new compiler's start, a wait and a compile
+            deadline = time.monotonic() + START_SECONDS + 2 * self.limits.timeout
+        while True:
+            with self._lock:
+                compiled = self.cached(constraint)
+                if compiled is not None:
+                    return compiled
+                flight = self._flights.get(constraint)
+                leading = flight is None
+                if flight is None:
+                    flight = self._flights[constraint] = _Flight()
+            if leading:
+                try:
+                    compiled = self._lead(constraint, deadline, gone)
+                    flight.compiled = compiled
+                    return compiled
+                except APIError as exc:
+                    if exc.code == 400:  # the schema's own fault; a hang-up or a deadline is the request's
+                        flight.error = exc
+                    raise
+                finally:
+                    with self._lock:
+                        del self._flights[constraint]
+                    flight.done.set()
+            # The same schema is compiling for another request: its outcome is this one's too.
+            self._follow(flight, deadline, gone)
+            if flight.error is not None:
+                raise copy.copy(flight.error)
+            if flight.compiled is not None:
+                with self._lock:
+                    self.hits += 1
+                return flight.compiled
+            # Its request ended first (a hang-up, its deadline, a busy pool): try again for this one.
+
+    def cached(self, constraint: Constraint) -> CompiledConstraint | None:
+        """The constraint's grammar if it is compiled already (a hit), else None."""
         with self._lock:
             compiled = self._compiled.get(constraint)
             if compiled is not None:
                 self._compiled.move_to_end(constraint)
                 self.hits += 1
-                return compiled
+            return compiled
+
+    def _lead(self, constraint: Constraint, deadline: float, gone: Callable[[], bool]) -> CompiledConstraint:
+        import xgrammar
+
         started = time.perf_counter()
+        kind, text = self._source(constraint)
+        timeout = self.limits.timeout
         try:
-            compiled = self._compile(constraint)
-        except (RuntimeError, ValueError, TypeError) as exc:
+            serialized = self._pool.compile(kind, text, timeout, deadline, gone)
+        except CompileFailed as exc:
             # xgrammar's messages start with a time and its own source line: the client needs neither.
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            lines = str(exc).strip().splitlines() or ["unknown error"]
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0])
             message = f"The JSON schema cannot be used: {reason[:300]}"
             raise bad_request("invalid_schema", message, constraint.param) from None
+        except TooSlow:
+            log.warning("a %s grammar took over %g s to compile: its compiler was killed", kind, timeout)
+            message = (
+                f"The schema takes over {timeout:g} s (GLMVISION_GRAMMAR_TIMEOUT) to compile into a "
+                "grammar: make it simpler (less nesting, smaller repetition counts)."
+            )
+            raise bad_request("schema_too_complex", message, constraint.param) from None
+        except TooLarge:
+            log.warning(
+                "a %s grammar was too large to use (over %d MiB serialized)", kind, LARGEST_GRAMMAR >> 20
+            )
+            message = "The schema compiles into too large a grammar: make it simpler (less nesting)."
+            raise bad_request("schema_too_complex", message, constraint.param) from None
+        except Busy:
+            message = "Every grammar compiler is busy with other schemas; retry shortly."
+            raise unavailable("grammar_busy", message, max(1, math.ceil(timeout))) from None
+        except NotStarted as exc:
+            log.error("%s", exc)
+            raise unavailable("grammar_busy", "No grammar compiler is available; retry shortly.", 1) from None
+        except Abandoned as exc:
+            if not exc.gone:
+                raise out_of_time() from None
+            raise APIError(499, "client_closed", "The client closed the connection.") from None
+        grammar = xgrammar.CompiledGrammar.deserialize_json(serialized, self._infos[kind])
+        closers = self._json_closers if kind == "json" else self._call_closers
+        compiled = CompiledConstraint(self, grammar, closers, probe=kind == "call")
         elapsed = time.perf_counter() - started
+        self._keep(constraint, compiled)
         with self._lock:
-            self._compiled[constraint] = compiled
-            while len(self._compiled) > CACHED_GRAMMARS:
-                self._compiled.popitem(last=False)
             self.compiled += 1
             self.compile_seconds += elapsed
         log.info("compiled a %s grammar in %.1f ms", constraint.kind, elapsed * 1000)
         return compiled
 
-    def _compile(self, constraint: Constraint) -> CompiledConstraint:
+    def _follow(self, flight: _Flight, deadline: float, gone: Callable[[], bool]) -> None:
+        while not flight.done.wait(max(0.0, min(deadline - time.monotonic(), FOLLOW_POLL))):
+            if time.monotonic() >= deadline:
+                raise out_of_time()
+            if gone():
+                raise APIError(499, "client_closed", "The client closed the connection.")
+
+    def _keep(self, constraint: Constraint, compiled: CompiledConstraint) -> None:
+        """Cache it, the least recently used grammars out beyond the byte budget."""
+        size = int(compiled.grammar.memory_size_bytes)
+        with self._lock:
+            if size > self.limits.cache_bytes or constraint in self._compiled:
+                return
+            self._compiled[constraint] = compiled
+            self._sizes[constraint] = size
+            self.cached_bytes += size
+            while self.cached_bytes > self.limits.cache_bytes:
+                old, _ = self._compiled.popitem(last=False)
+                self.cached_bytes -= self._sizes.pop(old)
+                self.evicted += 1
+
+    def _source(self, constraint: Constraint) -> tuple[str, str]:
+        """What a compiler process compiles: ("json", a schema) or ("call", a structural tag)."""
         if constraint.tools is None:
-            schema = constraint.schema if constraint.schema is not None else '{"type": "object"}'
-            # No free whitespace: a model could otherwise spend its whole budget on it.
-            grammar = self._json_compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-            return CompiledConstraint(self, grammar, self._json_closers, probe=False)
+            return "json", constraint.schema if constraint.schema is not None else '{"type": "object"}'
         from xgrammar.structural_tag import JSONSchemaFormat, OrFormat, StructuralTag, TagFormat
 
         calls = [
@@ -179,8 +300,7 @@ class GrammarBook:
             )
             for tool in json.loads(constraint.tools)
         ]
-        grammar = self._call_compiler.compile_structural_tag(StructuralTag(format=OrFormat(elements=calls)))
-        return CompiledConstraint(self, grammar, self._call_closers, probe=True)
+        return "call", StructuralTag(format=OrFormat(elements=calls)).model_dump_json()
 
     def closing_token(self, matcher: Any, bitmask: Any, closers: list[int], probe: bool = False) -> int:
         """The next token of the shortest way (as this walk finds it) to end the document."""
@@ -193,12 +313,12 @@ class GrammarBook:
         def allowed(token_id: int) -> bool:
             return bool((int(bits[token_id >> 5]) >> (token_id & 31)) & 1)
 
-        forced = matcher.find_jump_forward_string()  # what the grammar allows only one way
-        if forced:  # its first tag whole where one starts it, else its first character
-            tags = [i for tag, i in self._tags.items() if forced[0] == "<" and forced.startswith(tag)]
-            for token_id in [*tags, self._character_token.get(forced[0])]:
-                if token_id is not None and allowed(token_id):
-                    return token_id
+        # A tag the grammar requires next is taken whole. (Not found with xgrammar's
+        # find_jump_forward_string: on a grammar that recurses with no way out, it never returns.)
+        if probe and not (bits & self._not_angle).any():  # every allowed token starts with "<"
+            tags = [token_id for token_id in self._tags.values() if allowed(token_id)]
+            if len(tags) == 1:
+                return tags[0]
         candidates = (token_id for token_id in closers + self.stop_ids if allowed(token_id))
         if not probe:
             # JSON has no free text: its first allowed closer always changes what may follow.
@@ -228,11 +348,23 @@ class GrammarBook:
         """Tokens (its stop token included) the closing walk takes from the matcher's state."""
         walker = matcher.fork()
         steps = 0
-        while not walker.is_terminated() and steps < LONGEST_CLOSING:
+        until = time.perf_counter() + LONGEST_CLOSING_SECONDS
+        while not walker.is_terminated():
+            if steps >= LONGEST_CLOSING or time.perf_counter() > until:
+                return LONGEST_CLOSING
             if not walker.accept_token(self.closing_token(walker, bitmask, closers, probe)):
                 return LONGEST_CLOSING
             steps += 1
         return steps
+
+
+@dataclass
+class _Flight:
+    """One compile under way, and its outcome for the requests that wait on it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    compiled: CompiledConstraint | None = None
+    error: APIError | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..backend import preparing_slots
 from ..config import ConfigError, Settings
+from .compiler import GrammarLimits
 from .demo import DEMO_MARKER, ensure_demo_model
 from .runtime import LoadedModel
 
@@ -225,6 +226,9 @@ def load_model(settings: Settings) -> LoadedModel:
         processor_copies=preparing_slots(settings.max_batch_size),  # one per request being prepared
         revision=revision,
         adapters=adapters,
+        grammar_limits=GrammarLimits(
+            settings.grammar_timeout, settings.grammar_workers, int(settings.grammar_cache_mb * 2**20)
+        ),
     )
     log.info(
         "model loaded: id=%s device=%s dtype=%s (%s) torch threads=%d in %.2fs pid=%d",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import bad_request, unavailable
 from ..output import MARKERS
 from ..tools import TOOL_TAGS, control_token_key
+from .compiler import GrammarLimits
 from .grammar import GrammarBook
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class LoadedModel:
     revision: str = ""  # identifies the weights (glmvision.local.loading.model_revision)
     adapters: Adapters | None = None  # GLMVISION_LORA's, when set
     processors: ProcessorPool = field(init=False, repr=False)
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)  # GLMVISION_GRAMMAR_*
     _grammars: GrammarBook | None = field(default=None, init=False, repr=False)
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -131,7 +133,7 @@ class LoadedModel:
                 if think_open is not None and think_end is not None:
                     think = (think_open, think_end)
                 vocab_size = int(self.model.config.get_text_config().vocab_size)
-                self._grammars = GrammarBook(tokenizer, vocab_size, self.stop_ids, think)
+                self._grammars = GrammarBook(tokenizer, vocab_size, self.stop_ids, think, self.grammar_limits)
             return self._grammars
 
     def forward(self, adapters: list[str | None], **kwargs: Any) -> Any:
