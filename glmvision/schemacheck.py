@@ -321,6 +321,7 @@ class _Vetting:
             pending.extend(reversed(node.children))
         for path in self.one_of:
             self.disjoint(path)
+        self.guarded()
         self.expand()
         self.shortest()
         schema = self.root
@@ -669,6 +670,34 @@ class _Vetting:
                     f"'oneOf' at {pointer(path)} is supported only when no value can match two of "
                     f"its schemas; branches {other} and {one} may overlap (use 'anyOf')."
                 )
+
+    def guarded(self) -> None:
+        """Refuse a recursion that reaches itself without entering an object or array (`{"anyOf":
+        [{"$ref": "#"}, ...]}`): validators loop on it, and it says nothing a value could hold."""
+        within: dict[Path, list[Path]] = {}  # a node -> the nodes it is read as, value unchanged
+        for path, node in self.nodes.items():
+            schema = node.schema
+            if isinstance(schema, dict) and any(key in schema for key in ("$ref", "anyOf", "oneOf", "allOf")):
+                within[path] = node.children
+        entering = {path: 0 for path in within}
+        for children in within.values():
+            for child in children:
+                if child in entering:
+                    entering[child] += 1
+        free = [path for path, count in entering.items() if count == 0]
+        while free:  # peel off nodes no unguarded edge enters: what stays is on a cycle
+            path = free.pop()
+            del entering[path]
+            for child in within[path]:
+                if child in entering:
+                    entering[child] -= 1
+                    if entering[child] == 0:
+                        free.append(child)
+        if entering:
+            raise unsupported(
+                f"The schema at {pointer(min(entering, key=len))} refers to itself without an object or "
+                "array in between (validators would loop on it)."
+            )
 
     def expand(self) -> None:
         """Count the $refs met expanding the schema inline, each recursion followed once."""
