@@ -86,6 +86,8 @@ APPLICATORS = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf")
 # xgrammar's integer multipleOf holds without bounds, or within a range this wide and a step this big.
 MULTIPLE_OF_RANGE = 10_000
 MULTIPLE_OF_STEP = 1024
+# A oneOf's schemas are compared pairwise for overlap: this many at most (const/enum ones aside).
+ONE_OF_BRANCHES = 64
 
 _YEAR = r"(000[1-9]|00[1-9]\d|0[1-9]\d{2}|[1-9]\d{3})"
 _LEAP_YEAR = r"(\d{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
@@ -250,6 +252,13 @@ def _bound(bounds: dict[str, float], closed: str, opened: str, stricter: Any) ->
     return value, any(is_open and bound == value for bound, is_open in candidates)
 
 
+def _canonical_value(value: Any) -> str:
+    """A JSON value as text that is equal for values JSON Schema holds equal (1 and 1.0)."""
+    if _is_number(value) and _is_integer(value):
+        value = int(value)
+    return json.dumps(value, sort_keys=True)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -319,9 +328,9 @@ class _Vetting:
             self.nodes[path] = node
             node.children = list(self.vet(path, node))
             pending.extend(reversed(node.children))
+        self.guarded()
         for path in self.one_of:
             self.disjoint(path)
-        self.guarded()
         self.expand()
         self.shortest()
         schema = self.root
@@ -461,9 +470,9 @@ class _Vetting:
         return tuple(target)
 
     def count(self, schema: dict[str, Any], path: Path, keyword: str) -> int | None:
-        value = schema.get(keyword)
-        if value is None:
+        if keyword not in schema:
             return None
+        value = schema[keyword]
         if not _is_integer(value) or value < 0:
             raise invalid(f"{keyword!r} at {pointer(path)} must be a non-negative integer.")
         if value > self.limits.max_repeat:
@@ -477,8 +486,8 @@ class _Vetting:
             raise unsupported(f"minLength > maxLength at {pointer(path)}: no string satisfies the schema.")
         lengths = [keyword for keyword in ("minLength", "maxLength") if keyword in schema]
         form = schema.get("format")
-        if form is not None:
-            if form not in FORMATS:
+        if "format" in schema:
+            if not isinstance(form, str) or form not in FORMATS:
                 raise unsupported(
                     f"'format' {form!r} at {pointer(path)} is not supported; these are: "
                     f"{', '.join(sorted(FORMATS))}."
@@ -492,7 +501,7 @@ class _Vetting:
             if form in FORMAT_PATTERNS:
                 self.rewrites.append((path, ("format",), {"pattern": FORMAT_PATTERNS[form]}))
         pattern = schema.get("pattern")
-        if pattern is None:
+        if "pattern" not in schema:
             return
         if not isinstance(pattern, str):
             raise invalid(f"'pattern' at {pointer(path)} must be a string.")
@@ -525,7 +534,7 @@ class _Vetting:
                 f"The bounds at {pointer(path)} hold no number: no document satisfies the schema."
             )
         step = schema.get("multipleOf")
-        if step is None:
+        if "multipleOf" not in schema:
             return
         if not _is_number(step) or step <= 0:
             raise invalid(f"'multipleOf' at {pointer(path)} must be a number above 0.")
@@ -588,18 +597,20 @@ class _Vetting:
                 f"More properties are required at {pointer(path)} than maxProperties allows: no "
                 "object satisfies the schema."
             )
-        extra = schema.get("additionalProperties")
-        if extra is not None and not isinstance(extra, dict | bool):
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(extra, dict | bool):
             raise invalid(f"'additionalProperties' at {pointer(path)} must be a schema.")
         yield from ((*path, "properties", name) for name in properties)
         if isinstance(extra, dict):
             yield (*path, "additionalProperties")
         node.rules.append((1, [((*path, "properties", name), 1) for name in required]))
 
-    def types(self, path: Path, seen: dict[Path, frozenset[str]]) -> frozenset[str]:
+    def types(self, path: Path, seen: dict[Path, frozenset[str]], hops: int = 0) -> frozenset[str]:
         """The JSON types a subschema's values can have (an integer is a number too)."""
         if path in seen:
             return seen[path]
+        if hops > self.limits.max_depth:
+            return ALL_TYPES
         seen[path] = ALL_TYPES  # while a recursion is open, assume anything
         schema = self.nodes[path].schema
         found: frozenset[str] = ALL_TYPES
@@ -608,7 +619,8 @@ class _Vetting:
         elif isinstance(schema, dict):
             head = next((keyword for keyword in APPLICATORS if keyword in schema), None)
             if head in ("$ref", "anyOf", "oneOf", "allOf"):
-                found = frozenset().union(*(self.types(child, seen) for child in self.nodes[path].children))
+                children = self.nodes[path].children
+                found = frozenset().union(*(self.types(child, seen, hops + 1) for child in children))
             elif head in ("const", "enum"):
                 values = [schema["const"]] if head == "const" else schema["enum"]
                 found = frozenset(kind for kind in TYPES for one in values if of_type(one, kind))
@@ -629,17 +641,19 @@ class _Vetting:
             return self.values(self.refs[path], hops + 1)
         if "const" in schema or "enum" in schema:
             values = [schema["const"]] if "const" in schema else schema["enum"]
-            return {json.dumps(one, sort_keys=True) for one in values}
+            return {_canonical_value(one) for one in values}
         return None
 
     def tags(self, path: Path) -> dict[str, set[str]]:
-        """An object subschema's required properties that have a finite set of values."""
+        """An object-only subschema's required properties that have a finite set of values."""
         for _ in range(self.limits.max_depth):  # through $refs to the object
             if path not in self.refs:
                 break
             path = self.refs[path]
         schema = self.nodes[path].schema
         if not isinstance(schema, dict) or any(keyword in schema for keyword in APPLICATORS):
+            return {}
+        if self.kinds(schema, path) != ["object"]:
             return {}
         found = {}
         for name in schema.get("required", []):
@@ -652,9 +666,17 @@ class _Vetting:
         """A oneOf the grammar can take: no value can match two of its branches (xgrammar reads it
         as anyOf), by their types, their values, or a required property with distinct values."""
         branches = self.nodes[path].children
+        values = [self.values(branch) for branch in branches]
+        finite = [found for found in values if found is not None]
+        if len(finite) == len(values) and sum(map(len, finite)) == len(set().union(*finite)):
+            return  # values only, none repeated
+        if len(branches) > ONE_OF_BRANCHES:
+            raise unsupported(
+                f"'oneOf' at {pointer(path)} has {len(branches)} schemas: at most {ONE_OF_BRANCHES} "
+                "unless they are distinct const/enum values (or use 'anyOf')."
+            )
         seen: dict[Path, frozenset[str]] = {}
         types = [self.types(branch, seen) for branch in branches]
-        values = [self.values(branch) for branch in branches]
         tags = [self.tags(branch) for branch in branches]
         for one in range(len(branches)):
             for other in range(one):
@@ -757,8 +779,11 @@ class _Vetting:
                 waiting[user] -= 1
                 if waiting[user] == 0:
                     heapq.heappush(heap, (values[user], user))
+        # `false` is no document: xgrammar refuses it where it is optional, and it cannot be the root.
         endless = [
-            path for path, node in self.nodes.items() if path not in sizes and node.schema is not False
+            path
+            for path, node in self.nodes.items()
+            if path not in sizes and (node.schema is not False or not path)
         ]
         if endless:  # the deepest names the recursion or the part best
             raise unsupported(

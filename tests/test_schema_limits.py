@@ -113,6 +113,13 @@ REFUSALS = [
         "schema_unsupported",
         "'oneOf'",
     ),
+    ({"oneOf": [{"const": 1}, {"const": 1.0}]}, "schema_unsupported", "'oneOf'"),
+    (
+        {"oneOf": [{**obj({"k": {"const": "a"}}, "k"), "type": ["object", "null"]}, {"type": "null"}]},
+        "schema_unsupported",
+        "'oneOf'",
+    ),
+    ({"oneOf": [{"type": "integer", "minimum": i} for i in range(65)]}, "schema_unsupported", "65 schemas"),
     ({"$ref": "https://example.com/s.json"}, "schema_unsupported", "'$ref'"),
     ({"properties": {"a": {"$id": "x", "type": "string"}}}, "schema_unsupported", "'$id'"),
     ({"$ref": "#/nowhere"}, "invalid_schema", "points nowhere"),
@@ -121,6 +128,9 @@ REFUSALS = [
     ({"type": "array", "items": [{}]}, "invalid_schema", "'prefixItems'"),
     ({"type": "string", "minLength": -1}, "invalid_schema", "'minLength'"),
     ([], "invalid_schema", "neither"),
+    (False, "schema_unsupported", "finite"),
+    ({"type": "object", "additionalProperties": None}, "invalid_schema", "'additionalProperties'"),
+    (string(format=None), "schema_unsupported", "'format' None"),
     # The limits, each naming its setting.
     (deep_arrays(33), "schema_too_complex", "GLMVISION_SCHEMA_MAX_DEPTH"),
     (string(pattern="^a{1001}$"), "schema_too_complex", "GLMVISION_SCHEMA_MAX_REPEAT"),
@@ -180,6 +190,11 @@ def test_each_rule_refuses_with_its_code_and_reason(schema: Any, code: str, word
             ]
         },
         {"oneOf": [{"const": 1}, {"enum": [2, 3]}]},
+        {"oneOf": [{"const": i} for i in range(2000)]},
+        {
+            "$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(900)} | {"d900": {}},
+            "$ref": "#/$defs/d0",
+        },
         {"anyOf": [{"type": "string", "title": "S"}, {"type": "null"}], "default": None, "description": "d"},
         {"allOf": [{"$ref": "#/definitions/a"}], "definitions": {"a": {"type": "boolean"}}},
         {"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 1},
@@ -370,6 +385,58 @@ def test_what_xgrammar_would_let_through_is_refused_or_rewritten(schema: Any, do
     assert not admits(grammar, document)
 
 
+KEYWORDS = st.sampled_from(
+    [
+        "type",
+        "properties",
+        "required",
+        "items",
+        "prefixItems",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "enum",
+        "const",
+        "format",
+        "pattern",
+        "minLength",
+        "maxItems",
+        "minimum",
+        "multipleOf",
+        "additionalProperties",
+        "$defs",
+        "not",
+        "uniqueItems",
+        "a",
+        "title",
+    ]
+)
+JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 2000),
+        st.floats(allow_nan=False),
+        st.text(max_size=8),
+        st.sampled_from(["string", "object", "array", "integer", "#", "#/$defs/a", "date", "^(a+b)?$"]),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYWORDS, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=JSON)
+def test_any_json_is_vetted_or_refused_never_an_error(schema: Any) -> None:
+    try:
+        vetted = vet_schema(schema, LIMITS)
+    except SchemaRefused as problem:
+        assert problem.code in {"schema_unsupported", "schema_too_complex", "invalid_schema"}
+        return
+    json.dumps(vetted)
+
+
 def test_vetting_is_fast_on_the_largest_schemas() -> None:
     wide = obj({f"p{i}": {"$ref": "#/$defs/leaf"} for i in range(1000)}, *(f"p{i}" for i in range(1000)))
     wide["$defs"] = {
@@ -475,6 +542,23 @@ def test_dates_and_times_in_answers_are_real(app: Flask, seed: int) -> None:
     jsonschema.Draft202012Validator(DATES, format_checker=FORMAT_CHECKER).validate(
         json.loads(choice["message"]["content"])
     )
+
+
+def test_a_forced_call_gets_real_dates_too(app: Flask) -> None:
+    tool = {"type": "function", "function": {"name": "book", "parameters": DATES}}
+    body = {
+        "messages": [{"role": "user", "content": "Book it."}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "max_tokens": 160,
+        "temperature": 1.0,
+        "seed": 3,
+    }
+    response = app.test_client().post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.get_json()
+    (call,) = response.get_json()["choices"][0]["message"]["tool_calls"]
+    arguments = json.loads(call["function"]["arguments"])
+    jsonschema.Draft202012Validator(DATES, format_checker=FORMAT_CHECKER).validate(arguments)
 
 
 # The property: whatever schema a client sends, the answer is a 400 or validates.
