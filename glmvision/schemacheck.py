@@ -282,7 +282,6 @@ class _Node:
     """One subschema as the grammar reads it, and how its shortest document is made."""
 
     schema: Any
-    depth: int
     children: list[Path] = field(default_factory=list)  # subschemas read from it ($ref: the target)
     # Ways to make its shortest document: values of its own plus (subschema, times) terms.
     rules: list[tuple[int, list[tuple[Path, int]]]] = field(default_factory=list)
@@ -324,7 +323,7 @@ class _Vetting:
                 raise too_complex(
                     "nesting depth", f"at least {depth}", self.limits.max_depth, "GLMVISION_SCHEMA_MAX_DEPTH"
                 )
-            node = _Node(self.at(path), depth)
+            node = _Node(self.at(path))
             self.nodes[path] = node
             node.children = list(self.vet(path, node))
             pending.extend(reversed(node.children))
@@ -695,7 +694,7 @@ class _Vetting:
 
     def guarded(self) -> None:
         """Refuse a recursion that reaches itself without entering an object or array (`{"anyOf":
-        [{"$ref": "#"}, ...]}`): validators loop on it, and it says nothing a value could hold."""
+        [{"$ref": "#"}, ...]}`): validators (jsonschema's too) loop on it forever."""
         within: dict[Path, list[Path]] = {}  # a node -> the nodes it is read as, value unchanged
         for path, node in self.nodes.items():
             schema = node.schema
