@@ -137,7 +137,7 @@ class Settings(_Base):
         "minLength/maxLength, minItems/maxItems, minProperties/maxProperties.",
     )
     schema_max_properties: int = Field(
-        1000, gt=0, description="Most properties a JSON schema names, all its objects together."
+        500, gt=0, description="Most properties a JSON schema names, all its objects together."
     )
     schema_max_refs: int = Field(
         1000,

@@ -131,7 +131,7 @@ class SchemaLimits:
 
     max_depth: int = 32  # subschemas nested in each other
     max_repeat: int = 1000  # any repetition count, nested pattern counts multiplied
-    max_properties: int = 1000  # properties named, all objects together
+    max_properties: int = 500  # properties named, all objects together
     max_refs: int = 1000  # $refs met when the schema is expanded (each recursion once)
     max_shortest: int = 10_000  # JSON values in the shortest document of any part
 
