@@ -23,6 +23,7 @@ from xgrammar.testing import _is_grammar_accept_string
 
 from glmvision.app import create_app
 from glmvision.config import load_settings
+from glmvision.errors import APIError
 from glmvision.pipeline import json_constraint
 from glmvision.schemacheck import (
     FORMAT_PATTERNS,
@@ -228,7 +229,7 @@ def test_limits_are_the_settings() -> None:
             "GLMVISION_SCHEMA_MAX_SHORTEST": "3",
         }
     )
-    with pytest.raises(Exception, match="GLMVISION_SCHEMA_MAX_REPEAT") as caught:
+    with pytest.raises(APIError, match="GLMVISION_SCHEMA_MAX_REPEAT") as caught:
         json_constraint(string(pattern="^a{6}$"), settings, "json_schema")
     assert caught.value.error_code == "schema_too_complex" and caught.value.param == "json_schema"
 
