@@ -155,6 +155,31 @@ class Settings(_Base):
         allow_inf_nan=False,
         description="Compiled grammars a worker keeps, in MiB (least recent out).",
     )
+    schema_max_depth: int = Field(
+        32,
+        gt=0,
+        description="Deepest nesting of subschemas in a JSON schema (400 schema_too_complex above it).",
+    )
+    schema_max_repeat: int = Field(
+        1000,
+        gt=0,
+        description="Largest repetition count in a JSON schema: a pattern's {n,m} (nested ones multiplied), "
+        "minLength/maxLength, minItems/maxItems, minProperties/maxProperties.",
+    )
+    schema_max_properties: int = Field(
+        500, gt=0, description="Most properties a JSON schema names, all its objects together."
+    )
+    schema_max_refs: int = Field(
+        1000,
+        gt=0,
+        description="Most $refs met expanding a JSON schema inline (each recursion followed once).",
+    )
+    schema_max_shortest: int = Field(
+        10_000,
+        gt=0,
+        description="Most JSON values in the shortest document of any part of a JSON schema (minItems and "
+        "required properties multiply).",
+    )
     default_max_new_tokens: int = Field(
         512, gt=0, description="max_new_tokens when a request gives none (capped by the above)."
     )

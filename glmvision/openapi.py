@@ -36,13 +36,21 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "missing_field": (400, "A required field is absent."),
     "invalid_type": (400, "A field has the wrong type."),
     "invalid_value": (400, "A field's value is out of range."),
-    "prompt_too_long": (400, "The prompt is over GLMVISION_MAX_PROMPT_CHARS."),
+    "json_too_deep": (400, "Arrays and objects in the body nest deeper than GLMVISION_MAX_JSON_DEPTH."),
+    "prompt_too_long": (
+        400,
+        "The prompt is over GLMVISION_MAX_PROMPT_CHARS, or over GLMVISION_MAX_PROMPT_TOKENS tokens after "
+        "the chat template (images included).",
+    ),
+    "too_many_messages": (400, "More messages than GLMVISION_MAX_MESSAGES."),
     "invalid_schema": (400, "The JSON schema cannot be compiled into a grammar."),
     "schema_too_large": (400, "The JSON schema is over GLMVISION_MAX_SCHEMA_BYTES."),
     "schema_too_complex": (
         400,
-        "The JSON schema (or tools) took over GLMVISION_GRAMMAR_TIMEOUT to compile, or compiled too large.",
+        "The JSON schema is over a GLMVISION_SCHEMA_MAX_* limit, took over GLMVISION_GRAMMAR_TIMEOUT to "
+        "compile, or compiled too large.",
     ),
+    "schema_unsupported": (400, "A keyword the grammar cannot enforce, or no finite document satisfies it."),
     "invalid_base64": (400, "The image is not strict base64."),
     "unsupported_image_format": (400, "Not PNG/JPEG/WebP/GIF/BMP, or a non-image data URL."),
     "invalid_image": (400, "Corrupt or truncated image data."),
@@ -98,14 +106,17 @@ GUARDED = ("ip_not_allowed",)
 KEYED = (*GUARDED, "missing_api_key", "invalid_api_key", "rate_limit_exceeded", "ratelimit_unavailable")
 BODY = (
     "invalid_json",
+    "json_too_deep",
     "invalid_body",
     "missing_field",
     "invalid_type",
     "invalid_value",
     "prompt_too_long",
+    "too_many_messages",
     "invalid_schema",
     "schema_too_large",
     "schema_too_complex",
+    "schema_unsupported",
     "bad_request",
     "request_too_large",
     "unsupported_media_type",

@@ -34,6 +34,7 @@ from .images import DecodedImage, Fit, decode_image, open_image
 from .lora import model_name
 from .ops.record import ImageStat, RequestRecord, current_record
 from .responses import GroundingBox, Usage
+from .schemacheck import SchemaLimits, SchemaRefused, vet_schema
 from .service import FALLBACK_CODES
 from .urlfetch import FetchPolicy, fetch_image, is_url
 
@@ -138,21 +139,46 @@ def generation_params(
 
 
 def json_constraint(schema: dict[str, Any] | None, settings: Settings, param: str) -> Constraint:
-    """The constraint for JSON valid against `schema` (any JSON object when None), its size checked."""
+    """The constraint for JSON valid against `schema` (any JSON object when None), size-checked and vetted."""
     if schema is None:
         return Constraint(None, param=param)
-    return Constraint(_schema_text(schema, settings, param), param=param)
+    text = _schema_text(schema, settings, param)  # its size first: vetting is linear in it
+    grammar = vetted(schema, settings, param)
+    return Constraint(text if grammar is schema else _canonical(grammar), param=param)
 
 
 def tool_constraint(tools: list[dict[str, Any]], settings: Settings) -> Constraint:
     """The constraint for one well-formed call of one of `tools`, its arguments valid for that tool."""
-    return Constraint(tools=_schema_text(tools, settings, "tools"), param="tools")
+    text = _schema_text(tools, settings, "tools")
+    checked = []
+    for tool in tools:
+        function = tool["function"]
+        if function.get("parameters") is not None:
+            where = f"tool {function['name']!r}'s parameters"
+            function = {**function, "parameters": vetted(function["parameters"], settings, "tools", where)}
+        checked.append({**tool, "function": function})
+    return Constraint(tools=text if checked == tools else _canonical(checked), param="tools")
+
+
+def vetted(schema: Any, settings: Settings, param: str, where: str = "") -> Any:
+    """The schema as its grammar compiles it; a 400 on `param` when the grammar cannot take it."""
+    limits = SchemaLimits(
+        max_depth=settings.schema_max_depth,
+        max_repeat=settings.schema_max_repeat,
+        max_properties=settings.schema_max_properties,
+        max_refs=settings.schema_max_refs,
+        max_shortest=settings.schema_max_shortest,
+    )
+    try:
+        return vet_schema(schema, limits)
+    except SchemaRefused as refused:
+        message = f"In {where}: {refused.message}" if where else refused.message
+        raise bad_request(refused.code, message, param) from None
 
 
 def _schema_text(schema: Any, settings: Settings, param: str) -> str:
     try:
-        # Keys keep their order: the answer's properties follow it.
-        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _canonical(schema)
     except ValueError:
         message = "The JSON schema holds a number JSON cannot carry."
         raise bad_request("invalid_schema", message, param) from None
@@ -160,6 +186,11 @@ def _schema_text(schema: Any, settings: Settings, param: str) -> str:
     if size > limit:
         raise bad_request("schema_too_large", f"The JSON schema is {size} bytes; at most {limit}.", param)
     return text
+
+
+def _canonical(schema: Any) -> str:
+    # Keys keep their order: the answer's properties follow it.
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def load_image(
