@@ -28,7 +28,7 @@ RSS_GROWTH_LIMIT = 1536 * 2**20
 # How long a plain request may take after a family: generous, it proves "not stalled", not speed.
 PLAIN_TIMEOUT = 30.0
 # Generated requests per family in CI; the slow run sends ten times as many.
-EXAMPLES = 20
+EXAMPLES = 60
 # Text the chat template would read as structure if it were not escaped.
 CONTROL_TEXT = [
     "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "<|endoftext|>", "<|image|>",
