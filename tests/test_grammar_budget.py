@@ -19,7 +19,7 @@ import numpy
 import pytest
 import requests
 from flask import Flask
-from helpers import live_server, server_env
+from helpers import live_server, server_env, wait_for
 
 from glmvision.backend import Admission, PreparationSlots
 from glmvision.config import load_settings
@@ -150,7 +150,7 @@ def test_a_compile_past_the_budget_is_a_400_and_kills_its_process(model: LoadedM
         assert process.process.poll() is not None, "the compiler process still runs"
         assert grammars._pool.killed == 1
         # Its successor starts at once, in the background, and lives on.
-        assert wait(lambda: len(grammars._pool._idle) == 1)
+        assert wait_for(lambda: len(grammars._pool._idle) == 1)
         successor = grammars._pool._idle[0].process
         time.sleep(0.5)
         assert successor.poll() is None
@@ -223,7 +223,7 @@ def test_a_request_waits_for_a_free_compiler_only_so_long(shared: GrammarBook) -
     worker = threading.Thread(target=occupy)
     worker.start()
     try:
-        assert wait(lambda: pool._lent == 1)
+        assert wait_for(lambda: pool._lent == 1)
         started = time.monotonic()
         with pytest.raises(Busy):
             pool.compile("json", '{"type": "integer"}', 0.3, time.monotonic() + 30)
@@ -303,7 +303,7 @@ def test_a_compiler_process_ends_with_its_worker(tmp_path: Path) -> None:
     finally:
         worker.kill()
         worker.wait()
-    assert wait(lambda: not running(compiler), timeout=10)
+    assert wait_for(lambda: not running(compiler), timeout=10)
 
 
 def running(pid: int) -> bool:
@@ -312,15 +312,6 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-def wait(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 WALK = """
