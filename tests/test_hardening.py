@@ -295,3 +295,52 @@ def test_on_gunicorn_each_hostile_body_is_a_400_and_the_worker_stays(server: Liv
     assert [r.headers["X-Cache"] for r in (first, repeat, other)] == ["miss", "hit", "miss"]
     assert server.worker_pids() == workers
     assert "Traceback" not in server.log()
+
+
+class TestGrammarDeadEnd:
+    """A schema the vocabulary cannot spell (the fuzz test found one) is that request's 400, not a 503."""
+
+    # U+D7FF is ED 9F BF in UTF-8: the vocabulary's lone 0xED token is barred (it may begin a
+    # surrogate), and the demo vocabulary has no merged token for it. Nothing can follow the quote.
+    SCHEMA: dict[str, Any] = {"enum": ["\ud7ff"]}
+
+    @pytest.mark.parametrize("scheduler", ["continuous", "static"])
+    def test_the_request_gets_schema_unsupported(
+        self, make_app: Callable[..., Flask], scheduler: str
+    ) -> None:
+        client = make_app(scheduler=scheduler, cache=False).test_client()
+        body = {**BODIES[VISION], "json_schema": self.SCHEMA, "temperature": 0, "max_new_tokens": 8}
+        response = client.post(VISION, json=body)
+        assert response.status_code == 400, response.get_json()
+        error = error_of(response)
+        assert (error["code"], error["param"]) == ("schema_unsupported", "json_schema")
+        assert "vocabulary" in error["message"]
+        fine = client.post(VISION, json={**body, "json_schema": {"enum": ["ok", 3]}})
+        assert fine.status_code == 200 and json.loads(fine.get_json()["result"]) in ("ok", 3)
+
+    def test_streamed_it_ends_with_the_error_event(self, client: FlaskClient) -> None:
+        response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": self.SCHEMA}}
+        body = {**BODIES[COMPLETIONS], "response_format": response_format, "stream": True, "temperature": 0}
+        events = [line[6:] for line in client.post(COMPLETIONS, json=body).get_data(as_text=True).splitlines()
+                  if line.startswith("data: ")]  # fmt: skip
+        errors = [json.loads(event)["error"] for event in events if event != "[DONE]" and "error" in event]
+        assert [error["code"] for error in errors] == ["schema_unsupported"]
+
+    def test_the_closing_walk_counts_a_dead_end_as_no_way_to_close(
+        self, make_app: Callable[..., Flask]
+    ) -> None:
+        import torch
+
+        from glmvision.generation import Constraint
+        from glmvision.local.grammar import LONGEST_CLOSING, DeadEnd
+
+        app = make_app()
+        app.test_client().post(VISION, json=BODIES[VISION])  # loads the model
+        loaded = app.extensions["glmvision"].backend.holder.loaded
+        compiled = loaded.grammars().compile(Constraint(json.dumps(self.SCHEMA)))
+        row = compiled.start(budget=64, after_thinking=False)
+        quote = loaded.processor.tokenizer.convert_tokens_to_ids('"')
+        assert row._length_to_close(row._matcher) == LONGEST_CLOSING
+        row.accept(quote)
+        with pytest.raises(DeadEnd):
+            row.constrain(torch.zeros(1, compiled.book.vocab_size), generated=1)

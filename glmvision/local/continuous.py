@@ -209,9 +209,9 @@ class ContinuousEngine(QueueEngine):
         answered, when making it failed."""
         try:
             return RowSampling.for_params(job.params, self._model.model.device, job.constraint)
-        except Exception:
+        except Exception as exc:
             log.exception("preparing a row's sampling failed: that row alone fails")
-            fail_row(job)
+            fail_row(job, exc)
             return None
 
     def _merge(self, rows: list[Row], cache: PaddedCache) -> None:
@@ -366,7 +366,7 @@ class ContinuousEngine(QueueEngine):
         )
         for row, token in zip(rows, tokens, strict=True):
             if isinstance(token, Exception):  # that row alone fails; it leaves at _leave_if_done
-                fail_row(row.job)
+                fail_row(row.job, token)
                 continue
             row.next_token = token
             row.job.take(token, self._stop_ids)

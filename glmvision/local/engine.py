@@ -20,9 +20,9 @@ from typing import Any
 
 from ..backend import Ticket, retry_after_seconds
 from ..config import Settings
-from ..errors import APIError, out_of_time, row_failed, unavailable
+from ..errors import APIError, bad_request, out_of_time, row_failed, unavailable
 from ..generation import GenerationParams, GenerationStream
-from .grammar import CompiledConstraint
+from .grammar import CompiledConstraint, DeadEnd
 from .vram import cuda_module, maybe_empty_cache
 
 log = logging.getLogger("glmvision")
@@ -143,10 +143,19 @@ def gpu_out_of_memory() -> APIError:
     return unavailable("gpu_out_of_memory", "The GPU ran out of memory; retry shortly.", 5)
 
 
-def fail_row(job: Job) -> None:
+def fail_row(job: Job, exc: BaseException | None = None) -> None:
     """Answer one row whose own work failed (its grammar, its draw, its token's hand-over) with 503
-    row_failed; the batch, the other rows and the model thread go on."""
-    fail_unfinished([job], row_failed())
+    row_failed, or 400 schema_unsupported when its grammar reached a dead end; the batch, the other
+    rows and the model thread go on."""
+    error = row_failed()
+    if isinstance(exc, DeadEnd):  # the same request would fail again: the client's to change, not retry
+        param = job.params.constraint.param if job.params.constraint is not None else None
+        message = (
+            "The JSON schema needs text here that the model's vocabulary cannot spell "
+            "(a character no allowed token holds); change the schema."
+        )
+        error = bad_request("schema_unsupported", message, param)
+    fail_unfinished([job], error)
 
 
 def fail_unfinished(jobs: list[Job], error: APIError) -> None:

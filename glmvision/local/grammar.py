@@ -47,6 +47,11 @@ from .compiler import (
 
 log = logging.getLogger("glmvision")
 
+
+class DeadEnd(Exception):
+    """A row's grammar allows no token at all: the vocabulary cannot spell what the schema needs next
+    (a character whose bytes no allowed token holds, say). The row cannot go on; the schema is at fault."""
+
 # How often a request waiting for another's compile of the same schema looks at its client.
 FOLLOW_POLL = 0.05
 # The characters that close a document soonest, in the order they are tried: end a string, an
@@ -340,7 +345,10 @@ class GrammarBook:
         if fallback is not None:
             return fallback
 
-        word = int(torch.nonzero(words)[0, 0])
+        allowed_words = torch.nonzero(words)
+        if allowed_words.numel() == 0:
+            raise DeadEnd
+        word = int(allowed_words[0, 0])
         bits = int(words[word]) & 0xFFFFFFFF
         return word * 32 + (bits & -bits).bit_length() - 1
 
@@ -352,7 +360,11 @@ class GrammarBook:
         while not walker.is_terminated():
             if steps >= LONGEST_CLOSING or time.perf_counter() > until:
                 return LONGEST_CLOSING
-            if not walker.accept_token(self.closing_token(walker, bitmask, closers, probe)):
+            try:
+                token_id = self.closing_token(walker, bitmask, closers, probe)
+            except DeadEnd:  # this walk led where the vocabulary cannot go on: no way to close by it
+                return LONGEST_CLOSING
+            if not walker.accept_token(token_id):
                 return LONGEST_CLOSING
             steps += 1
         return steps
@@ -429,6 +441,8 @@ class RowGrammar:
         if self.near_end(generated) and self._closing >= remaining:
             return self._follow_the_walk()
         self._matcher.fill_next_token_bitmask(self._bitmask)
+        if not bool(self._bitmask.any()):
+            raise DeadEnd
         self._apply(logits)
         return None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation import GREEDY_BELOW, GenerationParams
-from .grammar import CompiledConstraint, RowGrammar
+from .grammar import CompiledConstraint, DeadEnd, RowGrammar
 
 log = logging.getLogger("glmvision")
 
@@ -65,8 +65,8 @@ def choose_tokens(
             if not row.grammar.active:
                 continue
             token = row.grammar.constrain(logits[i : i + 1], generated[i])
-        except Exception as exc:
-            log.exception("a row's grammar failed to constrain its logits: that row alone fails")
+        except Exception as exc:  # noqa: BLE001 - logged, and that row alone is answered
+            note_row_failure("a row's grammar failed to constrain its logits", exc)
             failed[i] = exc
             continue
         constrained.append(i)
@@ -106,17 +106,25 @@ def choose_tokens(
         assert grammar is not None
         try:
             tokens[i] = forced[i] if i in forced else grammar.vet(chosen_id(tokens[i]), generated[i])
-        except Exception as exc:
-            log.exception("a row's grammar failed to vet its token: that row alone fails")
+        except Exception as exc:  # noqa: BLE001 - logged, and that row alone is answered
+            note_row_failure("a row's grammar failed to vet its token", exc)
             failed[i] = exc
     for i, row in enumerate(rows):
         if row.grammar is not None and i not in failed:
             try:
                 row.grammar.accept(chosen_id(tokens[i]))
-            except Exception as exc:
-                log.exception("a row's grammar failed to follow its token: that row alone fails")
+            except Exception as exc:  # noqa: BLE001 - logged, and that row alone is answered
+                note_row_failure("a row's grammar failed to follow its token", exc)
                 failed[i] = exc
     return [failed.get(i, token) for i, token in enumerate(tokens)]
+
+
+def note_row_failure(what: str, exc: BaseException) -> None:
+    """Log one row's failure: a grammar's dead end is the schema's doing (no trace), the rest is ours."""
+    if isinstance(exc, DeadEnd):
+        log.info("%s: its grammar allows no token here (a dead end); that row alone ends", what)
+    else:
+        log.error("%s: that row alone fails", what, exc_info=exc)
 
 
 def chosen_id(token: int | Exception) -> int:

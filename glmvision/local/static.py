@@ -24,7 +24,7 @@ from .engine import (
     stop_if_gone_or_late,
 )
 from .grammar import RowGrammar
-from .sampling import ordered_logits, warped_probabilities
+from .sampling import note_row_failure, ordered_logits, warped_probabilities
 from .vram import release_cuda_cache
 
 log = logging.getLogger("glmvision")
@@ -70,9 +70,9 @@ class GrammarMasks:
                 continue
             try:
                 grammar = job.constraint.start(job.params.max_new_tokens, job.params.enable_thinking)
-            except Exception:
+            except Exception as exc:
                 log.exception("starting a row's grammar failed: that row alone fails")
-                fail_row(job)
+                fail_row(job, exc)
                 continue
             self._rows.append((i, job, grammar))
         self._first = True
@@ -89,9 +89,9 @@ class GrammarMasks:
                 if not first:  # the previous step's token is the last column now
                     grammar.accept(int(input_ids[i, -1]))
                 self._constrain(scores, i, job, grammar)
-            except Exception:
-                log.exception("a row's grammar failed: that row alone fails")
-                fail_row(job)
+            except Exception as exc:  # noqa: BLE001 - logged, and that row alone is answered
+                note_row_failure("a row's grammar failed", exc)
+                fail_row(job, exc)
         return scores
 
     def _constrain(self, scores: Any, i: int, job: Job, grammar: RowGrammar) -> None:
