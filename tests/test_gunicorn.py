@@ -361,7 +361,7 @@ BAD_INPUTS = [
     ),
     bad("malformed-json", 400, "invalid_json", data='{"image": "abc", "prompt": '),
     bad("invalid-utf8", 400, "invalid_json", data=b'{"image": "\xff\xfe", "prompt": "x"}'),
-    bad("deeply-nested-json", 400, "invalid_json", data="[" * 50_000 + "]" * 50_000),
+    bad("deeply-nested-json", 400, "json_too_deep", data="[" * 50_000 + "]" * 50_000),
     bad("json-array", 400, "invalid_body", data="[]"),
     bad("json-string", 400, "invalid_body", data='"text"'),
     bad("GET-endpoint", 405, "method_not_allowed", method="GET"),
