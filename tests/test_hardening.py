@@ -266,7 +266,7 @@ def server(
 
 
 def test_on_gunicorn_each_hostile_body_is_a_400_and_the_worker_stays(server: LiveServer) -> None:
-    """The reproductions of findings 6, 7 and 8 against real gunicorn, then a plain answer."""
+    """The reproductions of findings 3, 6, 7 and 8 and a row's dead end on real gunicorn, then answers."""
     alpha, beta = ({"Authorization": f"Bearer {key}"} for key in ("alpha", "beta"))
     json_headers = {**alpha, "Content-Type": "application/json"}
     workers = server.worker_pids()
@@ -286,6 +286,14 @@ def test_on_gunicorn_each_hostile_body_is_a_400_and_the_worker_stays(server: Liv
         server.url + COMPLETIONS, json={"messages": messages, "max_tokens": 2}, headers=alpha, timeout=60
     )
     assert (response.status_code, response.json()["error"]["code"]) == (400, "too_many_messages")
+
+    # A schema that recurses with no way out (it grew a worker to 22 GB) and one the vocabulary cannot
+    # spell (a row that fails alone): each is its own 400, and the worker goes on.
+    recursive = {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}
+    for schema in (recursive, TestGrammarDeadEnd.SCHEMA):
+        constrained = {**BODIES[VISION], "json_schema": schema, "temperature": 0}
+        response = requests.post(server.url + VISION, json=constrained, headers=alpha, timeout=60)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, "schema_unsupported")
 
     body = vision_body(temperature=0, max_new_tokens=3)
     first = requests.post(server.url + VISION, json=body, headers=alpha, timeout=60)
