@@ -35,7 +35,10 @@ SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `glmvision` command."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="glmvision", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"glmvision {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model to DIR")
     demo.add_argument("directory")
