@@ -21,7 +21,6 @@ from .pipeline import (
     answer,
     boxes_of,
     check_prompt,
-    client_gone_check,
     generation_params,
     json_constraint,
     new_request_id,
@@ -84,7 +83,7 @@ def _answer_one_image(
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
     chat, generation = answer(state, ticket, turns, params, image.param)
-    return chat, generation, generation.finish(state.settings, client_gone_check(request.environ))
+    return chat, generation, generation.finish(state.settings, ticket.client_gone)
 
 
 def _constraint(schema: dict[str, Any] | None, settings: Settings) -> Constraint | None:

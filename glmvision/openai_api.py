@@ -197,7 +197,7 @@ def chat_completions() -> Response:
         events = _events(answer, chat, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
-    result = answer.finish(settings, pipeline.client_gone_check(request.environ))
+    result = answer.finish(settings, ticket.client_gone)
     text, calls = _answer_calls(result, chat.params)
     boxes = pipeline.boxes_of(chat, text) or None
     message = AssistantMessage(

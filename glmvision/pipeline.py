@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import select
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -686,22 +684,3 @@ def usage(generation: Generation) -> Usage:
         completion_tokens=generation.completion_tokens,
         total_tokens=generation.prompt_tokens + generation.completion_tokens,
     )
-
-
-def client_gone_check(environ: dict[str, Any]) -> Callable[[], bool]:
-    """A check that the client of this WSGI request hung up (gunicorn exposes its socket)."""
-    sock = environ.get("gunicorn.socket")
-    if not isinstance(sock, socket.socket):
-        return lambda: False  # another server (or Flask's test client): cannot tell
-
-    def gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            # The body was read already: a readable socket with nothing to read is a closed one.
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-
-    return gone

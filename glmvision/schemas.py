@@ -374,6 +374,11 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def strict_loads(text: str | bytes) -> Any:
+    """json.loads that refuses NaN, Infinity and numbers past a float's range (ValueError)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def json_depth(value: Any, limit: int) -> int:
     """How deeply arrays and objects nest in `value` (a scalar is 0), counted up to `limit` + 1 at most."""
     deepest, pending = 0, [(value, 1)]
@@ -392,7 +397,7 @@ def json_depth(value: Any, limit: int) -> int:
 def parse_json_text(text: str | bytes, max_depth: int) -> Any:
     """Strict JSON, nested at most `max_depth` deep; ValueError for anything else (NaN, Infinity too)."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = strict_loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     if json_depth(value, max_depth) > max_depth:
@@ -409,7 +414,7 @@ def read_json(request: Request, max_depth: int = MAX_JSON_DEPTH) -> Any:
         )
     raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        body = strict_loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise bad_request("invalid_json", f"The body is not valid JSON{where}.") from None

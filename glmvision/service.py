@@ -3,8 +3,11 @@ operations parts (cache, audit log, redaction, circuit breaker) that the pipelin
 
 from __future__ import annotations
 
+import select
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, g, request
 
@@ -78,8 +81,6 @@ def admit() -> Ticket:
     ):
         record.degraded = True
     ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
-    from .pipeline import client_gone_check  # the pipeline imports this module
-
     ticket.client_gone = client_gone_check(request.environ)
     return ticket
 
@@ -114,3 +115,22 @@ def _abandon_unsubmitted(_: BaseException | None) -> None:
 def init_app(app: Flask) -> None:
     """Give back the places of requests that ended before reaching the model."""
     app.teardown_request(_abandon_unsubmitted)
+
+
+def client_gone_check(environ: dict[str, Any]) -> Callable[[], bool]:
+    """A check that the client of this WSGI request hung up (gunicorn exposes its socket)."""
+    sock = environ.get("gunicorn.socket")
+    if not isinstance(sock, socket.socket):
+        return lambda: False  # another server (or Flask's test client): cannot tell
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # The body was read already: a readable socket with nothing to read is a closed one.
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    return gone

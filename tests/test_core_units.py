@@ -24,8 +24,8 @@ from glmvision.local.continuous import ContinuousEngine
 from glmvision.local.engine import Job
 from glmvision.local.loading import check_source, load_model, looks_like_path
 from glmvision.local.static import StaticEngine
-from glmvision.pipeline import client_gone_check
 from glmvision.server import AccessLogger, ProbeFirstWorker, is_probe
+from glmvision.service import client_gone_check
 
 # Admission and tickets.
 

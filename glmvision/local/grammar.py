@@ -52,6 +52,7 @@ class DeadEnd(Exception):
     """A row's grammar allows no token at all: the vocabulary cannot spell what the schema needs next
     (a character whose bytes no allowed token holds, say). The row cannot go on; the schema is at fault."""
 
+
 # How often a request waiting for another's compile of the same schema looks at its client.
 FOLLOW_POLL = 0.05
 # The characters that close a document soonest, in the order they are tried: end a string, an
