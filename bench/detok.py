@@ -24,12 +24,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # This checkout's glmvision, whichever one the venv may have installed.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glmvision.config import load_settings
-from glmvision.generation import Decoder, GenerationParams, GenerationStream
-from glmvision.local.demo import build_demo_model
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.output import MARKERS, render
+from glmvision.backends.local.demo import build_demo_model
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.config import load_settings
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.output import MARKERS, render
+from glmvision.postprocess.stream import Decoder, GenerationStream
 
 TOKENS = 2048
 RANGES = ((1, 256), (768, 1024), (1792, 2048))

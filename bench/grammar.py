@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from test_structured import SCHEMAS
 
-from glmvision.backend import Admission
-from glmvision.config import load_settings
-from glmvision.generation import Constraint, GenerationParams
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.demo import build_demo_model
-from glmvision.local.grammar import GrammarBook
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.demo import build_demo_model
+from glmvision.backends.local.grammar import GrammarBook
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.backend import Admission
+from glmvision.core.config import load_settings
+from glmvision.core.generation import Constraint, GenerationParams
 
 ROWS = 8
 

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logs", type=Path, help="keep each server's log in this folder")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from glmvision.local.demo import build_demo_model
+    from glmvision.backends.local.demo import build_demo_model
 
     with tempfile.TemporaryDirectory(prefix="gv-hostile-") as tmp:
         model_dir = build_demo_model(Path(tmp) / "demo")

@@ -33,15 +33,15 @@ from typing import Any
 
 from PIL import Image
 
-from glmvision.backend import Admission
-from glmvision.config import load_settings
-from glmvision.generation import GenerationParams
-from glmvision.local.adapters import Adapters
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.demo import build_demo_model
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.static import StaticEngine
+from glmvision.backends.local.adapters import Adapters
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.demo import build_demo_model
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.static import StaticEngine
+from glmvision.core.backend import Admission
+from glmvision.core.config import load_settings
+from glmvision.core.generation import GenerationParams
 
 ADMISSION = Admission(100_000, 3600, lambda: 0.0)
 
@@ -59,7 +59,7 @@ def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> dict[st
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from glmvision.local.adapters import LANGUAGE_TARGETS, quiet_peft
+    from glmvision.backends.local.adapters import LANGUAGE_TARGETS, quiet_peft
 
     adapters = {}
     for number in range(count):

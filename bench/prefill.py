@@ -20,12 +20,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from glmvision.backend import Admission
-from glmvision.config import load_settings
-from glmvision.generation import GenerationParams
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.demo import build_demo_model
-from glmvision.local.loading import load_model
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.demo import build_demo_model
+from glmvision.backends.local.loading import load_model
+from glmvision.core.backend import Admission
+from glmvision.core.config import load_settings
+from glmvision.core.generation import GenerationParams
 
 
 def main(argv: list[str] | None = None) -> int:

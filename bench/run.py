@@ -747,7 +747,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_model(directory: Path) -> None:
     """Build the demo model in a subprocess (the load-driving process never imports torch)."""
-    code = "import sys; from glmvision.local.demo import build_demo_model; build_demo_model(sys.argv[1])"
+    code = (
+        "import sys; from glmvision.backends.local.demo import build_demo_model; "
+        "build_demo_model(sys.argv[1])"
+    )
     subprocess.run(
         [sys.executable, "-c", code, str(directory)], cwd=REPO, env=base_env(), check=True, timeout=300
     )

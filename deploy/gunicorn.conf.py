@@ -16,9 +16,9 @@ import signal
 import tempfile
 from typing import TYPE_CHECKING
 
-from glmvision.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
-from glmvision.local.gpus import pick_gpu, visible_gpu_count, worker_device
-from glmvision.local.loading import check_source
+from glmvision.backends.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.backends.local.loading import check_source
+from glmvision.core.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -50,7 +50,7 @@ _gpu_count = visible_gpu_count()
 bind = _server.bind
 workers = _server.workers
 # gthread, plus a lane of its own for /healthz and /readyz so probes never queue behind model work.
-worker_class = "glmvision.server.ProbeFirstWorker"
+worker_class = "glmvision.server.workers.ProbeFirstWorker"
 preload_app = False
 # A loading model does not block the worker's heartbeat (it loads in a thread), so this only
 # catches workers that are truly stuck.
@@ -66,7 +66,7 @@ errorlog = "-"
 control_socket_disable = True
 # Method, path, status, size, milliseconds and the worker's pid: never bodies, never keys.
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms pid=%(p)s'
-logger_class = "glmvision.server.AccessLogger"
+logger_class = "glmvision.server.workers.AccessLogger"
 
 
 def post_worker_init(worker):  # gunicorn passes the worker
@@ -77,7 +77,7 @@ def post_worker_init(worker):  # gunicorn passes the worker
     state.backend.on_fatal = lambda: os.kill(os.getpid(), signal.SIGTERM)
     if state.settings.warmup:
         state.backend.warm_up()
-    from glmvision.app import start_worker_threads
+    from glmvision.web.app import start_worker_threads
 
     start_worker_threads(worker.wsgi)
 

@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from drills import fault, fault_hook_env, overload, soak  # noqa: E402
 from helpers import live_server, server_env  # noqa: E402
 
-from glmvision.local.demo import build_demo_model  # noqa: E402
+from glmvision.backends.local.demo import build_demo_model  # noqa: E402
 
 
 def _table(figures: dict[str, Any]) -> str:

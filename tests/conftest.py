@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from glmvision import create_app
-from glmvision.local.demo import build_demo_model
+from glmvision.backends.local.demo import build_demo_model
 
 
 @pytest.fixture(autouse=True)

@@ -343,8 +343,8 @@ FAULT_HOOK = """
 import os
 _marker = os.environ.get("DRILL_FAULT_FILE")
 if _marker:
-    import glmvision.local.continuous as _continuous
-    import glmvision.local.static as _static
+    import glmvision.backends.local.continuous as _continuous
+    import glmvision.backends.local.static as _static
 
     def _faulty(real):
         def run(self, *args):

@@ -155,7 +155,7 @@ def _demo_image_processor() -> Any:
 
     from transformers import AutoProcessor
 
-    from glmvision.local.demo import build_demo_model
+    from glmvision.backends.local.demo import build_demo_model
 
     return AutoProcessor.from_pretrained(
         build_demo_model(tempfile.mkdtemp(prefix="gv-sizes-"))

@@ -15,11 +15,12 @@ from flask.testing import FlaskClient
 from helpers import image_b64, image_bytes, model_sees, vision_body, wait_for
 from PIL import Image
 
-import glmvision.local.continuous
-import glmvision.local.static
-from glmvision.config import ConfigError
-from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.local.runtime import LoadedModel
+import glmvision.backends.local.continuous
+import glmvision.backends.local.static
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.config import ConfigError
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import GenerationStream
 
 
 def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
@@ -269,7 +270,7 @@ def test_out_of_memory_is_a_503_and_the_worker_recovers(
 ) -> None:
     model = _loaded(client)
     released: list[bool] = []
-    for scheduler in (glmvision.local.continuous, glmvision.local.static):
+    for scheduler in (glmvision.backends.local.continuous, glmvision.backends.local.static):
         monkeypatch.setattr(scheduler, "release_cuda_cache", lambda: released.append(True))
 
     def out_of_memory(*args: Any, **kwargs: Any) -> None:
@@ -520,7 +521,7 @@ def test_a_full_worker_refuses_before_reading_the_body(make_app: Callable[..., F
 
 def test_preparation_slots_open_a_batch_s_worth_only_while_the_queue_is_short() -> None:
     """A batch's worth prepare at once while the model may wait for work; two once a batch is queued."""
-    from glmvision.backend import PreparationSlots
+    from glmvision.core.backend import PreparationSlots
 
     queued = [0]
     slots = PreparationSlots(8, lambda: queued[0], batch=8)

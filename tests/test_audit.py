@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from glmvision.config import ConfigError, load_settings
+from glmvision.core.config import ConfigError, load_settings
 from glmvision.ops.audit import AuditError, AuditLog, new_key, read_audit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -348,7 +348,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "glmvision.cli", *args],
+        [sys.executable, "-m", "glmvision.cli.main", *args],
         capture_output=True,
         text=True,
         encoding="utf-8",

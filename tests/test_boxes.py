@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from test_upstream import Scripted, chunk, scripted  # noqa: F401 - the fixture, a canned upstream
 
-from glmvision.boxes import FoundBox, find_boxes, normalised, place_boxes, to_pixels
+from glmvision.postprocess.boxes import FoundBox, find_boxes, normalised, place_boxes, to_pixels
 
 
 def test_marker_lists_and_labelled_json_are_found_in_order() -> None:

@@ -17,16 +17,9 @@ import redis
 from helpers import redis_server, wait_for
 from PIL import Image
 
-from glmvision.config import ConfigError, load_settings
-from glmvision.ops import cache as cache_module
-from glmvision.ops.cache import (
-    BUCKET_SIZE,
-    REDIS_PREFIX,
-    CachedAnswer,
-    CacheKey,
-    ResponseCache,
-    make_key,
-)
+from glmvision.core.config import ConfigError, load_settings
+from glmvision.serving import cache as cache_module
+from glmvision.serving.cache import BUCKET_SIZE, REDIS_PREFIX, CachedAnswer, CacheKey, ResponseCache, make_key
 
 T = TypeVar("T")
 

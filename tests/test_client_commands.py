@@ -36,7 +36,7 @@ def command_env() -> dict[str, str]:
 
 def glmvision(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "glmvision.cli", *args],
+        [sys.executable, "-m", "glmvision.cli.main", *args],
         cwd=cwd,
         env=command_env(),
         capture_output=True,
@@ -111,7 +111,7 @@ def test_ask_reads_server_and_key_from_the_environment(
         base = [
             sys.executable,
             "-m",
-            "glmvision.cli",
+            "glmvision.cli.main",
             "ask",
             str(SCREENSHOT),
             "Hi?",
@@ -176,7 +176,7 @@ def test_batch_resumes_after_an_interrupt(server: LiveServer, tmp_path: Path) ->
     images = make_folder(tmp_path / "many", 10)
     out = tmp_path / "results.jsonl"
     command = [
-        sys.executable, "-m", "glmvision.cli", "batch", str(tmp_path / "many"), "--prompt", "Describe.",
+        sys.executable, "-m", "glmvision.cli.main", "batch", str(tmp_path / "many"), "--prompt", "Describe.",
         "--out", str(out), "--server", server.url, "--max-tokens", "24", "--temperature", "0.7",
         "--concurrency", "1",
     ]  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from glmvision import create_app
-from glmvision.config import (
+from glmvision.core.config import (
     SPARE_THREADS,
     ConfigError,
     ServerSettings,
@@ -20,7 +20,7 @@ from glmvision.config import (
     unknown_variables,
     warn_unknown_variables,
 )
-from glmvision.config import load_settings as _load_settings
+from glmvision.core.config import load_settings as _load_settings
 
 SERVER_FIELDS = set(ServerSettings.model_fields)
 

@@ -18,17 +18,18 @@ import torch
 from helpers import image_b64, wait_for
 from PIL import Image
 
-from glmvision.backend import Admission
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import Job
-from glmvision.local.kvcache import PaddedCache, kv_bytes_per_token, kv_token_budget
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.sampling import RowSampling, choose_tokens, warped_probabilities
-from glmvision.local.static import StaticEngine
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import Job
+from glmvision.backends.local.kvcache import PaddedCache, kv_bytes_per_token, kv_token_budget
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.sampling import RowSampling, choose_tokens, warped_probabilities
+from glmvision.backends.local.static import StaticEngine
+from glmvision.core.backend import Admission
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import GenerationStream
 
 WORDS = "what is in this picture describe the colours shapes and any text you can read please".split()
 
@@ -447,8 +448,8 @@ def test_kv_size_uses_an_explicit_head_dim_and_counts_whole_bytes() -> None:
 def test_the_memory_cap_reads_the_gpu_and_leaves_the_cpu_alone(
     monkeypatch: pytest.MonkeyPatch, model: LoadedModel
 ) -> None:
-    from glmvision.local.backend import make_engine
-    from glmvision.local.kvcache import memory_token_budget
+    from glmvision.backends.local.backend import make_engine
+    from glmvision.backends.local.kvcache import memory_token_budget
 
     gib = 1 << 30
     asked: list[Any] = []

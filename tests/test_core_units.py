@@ -16,16 +16,17 @@ import torch
 from flask import Flask
 from helpers import vision_body, wait_for
 
-from glmvision.backend import Admission, PreparationSlots
-from glmvision.config import ConfigError, load_settings
-from glmvision.errors import APIError
-from glmvision.generation import DEADLINE_GRACE, GenerationParams, GenerationStream, IncrementalDecoder
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import Job
-from glmvision.local.loading import check_source, load_model, looks_like_path
-from glmvision.local.static import StaticEngine
-from glmvision.server import AccessLogger, ProbeFirstWorker, is_probe
-from glmvision.service import client_gone_check
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import Job
+from glmvision.backends.local.loading import check_source, load_model, looks_like_path
+from glmvision.backends.local.static import StaticEngine
+from glmvision.core.backend import Admission, PreparationSlots
+from glmvision.core.config import ConfigError, load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import DEADLINE_GRACE, GenerationStream, IncrementalDecoder
+from glmvision.server.workers import AccessLogger, ProbeFirstWorker, is_probe
+from glmvision.serving.service import client_gone_check
 
 # Admission and tickets.
 

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
-from glmvision.local import demo
+from glmvision.backends.local import demo
 
 hf_logging.disable_progress_bar()
 
@@ -368,7 +368,7 @@ _RACER = textwrap.dedent(
     """
     import pathlib, sys, time
     from transformers import Glm4vForConditionalGeneration, Glm46VProcessor
-    from glmvision.local.demo import ensure_demo_model
+    from glmvision.backends.local.demo import ensure_demo_model
 
     cache, me, other = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     (cache.parent / me).touch()

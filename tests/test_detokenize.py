@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from glmvision.config import load_settings
-from glmvision.generation import GenerationParams, GenerationStream, IncrementalDecoder
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.output import MARKERS, render
-from glmvision.tools import TOOL_TAGS
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.config import load_settings
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.output import MARKERS, render
+from glmvision.postprocess.stream import GenerationStream, IncrementalDecoder
+from glmvision.postprocess.tools import TOOL_TAGS
 
 TEXTS = [
     "The photo shows a red bicycle.",

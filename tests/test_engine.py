@@ -17,15 +17,16 @@ import torch
 from helpers import image_b64, live_server, wait_for
 from PIL import Image
 
-from glmvision.backend import Admission, Ticket
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import Job, QueueEngine
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.static import RowStreamer, StaticEngine
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import Job, QueueEngine
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.static import RowStreamer, StaticEngine
+from glmvision.core.backend import Admission, Ticket
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import GenerationStream
 
 GREEDY = {"temperature": 0.0}
 SCHEDULERS = {"continuous": ContinuousEngine, "static": StaticEngine}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from glmvision.local.gpulock import gpu_load_lock, lock_directory, lock_name
+from glmvision.backends.local.gpulock import gpu_load_lock, lock_directory, lock_name
 
 # fork: the children only run the lock's pure-Python code, and start without re-importing anything.
 CONTEXT = multiprocessing.get_context("fork")
@@ -162,9 +162,9 @@ def test_load_model_reads_and_loads_under_the_gpus_lock(
     import torch
     import transformers
 
-    from glmvision.config import load_settings
-    from glmvision.local import hardware
-    from glmvision.local.loading import load_model
+    from glmvision.backends.local import hardware
+    from glmvision.backends.local.loading import load_model
+    from glmvision.core.config import load_settings
 
     # No GPU here: torch is told there are two, and the weights, asked onto cuda:1, load on the CPU.
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import LiveServer, live_server, wait_for
 
-from glmvision.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.backends.local.gpus import pick_gpu, visible_gpu_count, worker_device
 
 USES = re.compile(r"worker pid=(?P<pid>\d+) uses (?P<device>\S+)")
 

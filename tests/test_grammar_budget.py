@@ -21,14 +21,14 @@ import requests
 from flask import Flask
 from helpers import live_server, server_env, wait_for
 
-from glmvision.backend import Admission, PreparationSlots
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.generation import Constraint
-from glmvision.local.compiler import Abandoned, Busy, CompilerPool, GrammarLimits, TooLarge
-from glmvision.local.grammar import GrammarBook
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
+from glmvision.backends.local.compiler import Abandoned, Busy, CompilerPool, GrammarLimits, TooLarge
+from glmvision.backends.local.grammar import GrammarBook
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.backend import Admission, PreparationSlots
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import Constraint
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSON = {
@@ -276,7 +276,7 @@ def test_a_request_lends_its_preparation_slot_while_its_grammar_compiles() -> No
 
 ORPHAN = """
 import json, sys, time
-from glmvision.local.compiler import CompilerPool, Vocabularies
+from glmvision.backends.local.compiler import CompilerPool, Vocabularies
 
 words = [bytes([i]) for i in range(256)]
 pool = CompilerPool(Vocabularies(words, words, 256, [0]))
@@ -317,10 +317,10 @@ def running(pid: int) -> bool:
 WALK = """
 import json, resource, sys, time
 import torch
-from glmvision.backend import Admission, PreparationSlots
-from glmvision.config import load_settings
-from glmvision.generation import Constraint
-from glmvision.local.loading import load_model
+from glmvision.core.backend import Admission, PreparationSlots
+from glmvision.core.config import load_settings
+from glmvision.core.generation import Constraint
+from glmvision.backends.local.loading import load_model
 
 model = load_model(load_settings({"GLMVISION_MODEL": sys.argv[1], "GLMVISION_DEVICE": "cpu"}))
 compiled = model.grammars().compile(Constraint(sys.argv[2]))

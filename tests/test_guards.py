@@ -13,11 +13,11 @@ from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 from helpers import redis_server, wait_for
 
-from glmvision.config import ConfigError, load_settings
-from glmvision.guards import breaker as breaker_module
-from glmvision.guards.allowlist import IpAllowlist
-from glmvision.guards.breaker import KEY_PREFIX, CircuitBreaker, client_hash
-from glmvision.guards.proxy import ORIGINAL, trusted_proxy_app
+from glmvision.core.config import ConfigError, load_settings
+from glmvision.ops import breaker as breaker_module
+from glmvision.ops.breaker import KEY_PREFIX, CircuitBreaker, client_hash
+from glmvision.web.security.allowlist import IpAllowlist
+from glmvision.web.security.proxy import ORIGINAL, trusted_proxy_app
 
 
 class FakeClock:

@@ -21,7 +21,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import ROOT, LiveServer, image_b64, live_server, server_env, vision_body
 
-from glmvision.schemas import MAX_JSON_DEPTH, json_depth, parse_json_text
+from glmvision.core.jsontext import MAX_JSON_DEPTH, json_depth, parse_json_text
 
 VISION, SEED, COMPLETIONS = "/v1/chat/vision", "/v1/chat", "/v1/chat/completions"
 # One minimal valid body per POST route with a JSON body.
@@ -236,7 +236,7 @@ class TestCacheScope:
 def keygen(*args: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
     return subprocess.run(
-        [sys.executable, "-c", "import os, sys; os.umask(0o022); from glmvision.cli import main; "
+        [sys.executable, "-c", "import os, sys; os.umask(0o022); from glmvision.cli.main import main; "
          "sys.exit(main(sys.argv[1:]))", "audit-keygen", *args],
         capture_output=True, text=True, env=environ, cwd=ROOT, timeout=60,
     )  # fmt: skip
@@ -339,8 +339,8 @@ class TestGrammarDeadEnd:
     ) -> None:
         import torch
 
-        from glmvision.generation import Constraint
-        from glmvision.local.grammar import LONGEST_CLOSING, DeadEnd
+        from glmvision.backends.local.grammar import LONGEST_CLOSING, DeadEnd
+        from glmvision.core.generation import Constraint
 
         app = make_app()
         app.test_client().post(VISION, json=BODIES[VISION])  # loads the model

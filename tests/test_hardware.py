@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from helpers import ROOT
 
-from glmvision.config import ConfigError
-from glmvision.local.hardware import (
+from glmvision.backends.local.hardware import (
     GIB,
     CudaFacts,
     DtypeChoice,
@@ -27,6 +26,7 @@ from glmvision.local.hardware import (
     resolve_device,
     weight_bytes_16bit,
 )
+from glmvision.core.config import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -357,7 +357,10 @@ def test_weight_bytes_16bit_looks_where_huggingface_hub_caches(tmp_path: Path, v
     """Without cache_dir, huggingface_hub's own cache is searched, so its environment variables count."""
     cache = tmp_path if variable == "HF_HUB_CACHE" else tmp_path / "hub"
     _hub_snapshot(cache, REPO, {INDEX: json.dumps({"metadata": {"total_size": 987_654}})})
-    code = f"from glmvision.local.hardware import weight_bytes_16bit; print(weight_bytes_16bit({REPO!r}))"
+    code = (
+        "from glmvision.backends.local.hardware import weight_bytes_16bit; "
+        f"print(weight_bytes_16bit({REPO!r}))"
+    )
     # huggingface_hub reads its cache location once, at import: hence a fresh interpreter.
     env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_CACHE", "HF_HOME"}}
     env[variable] = str(tmp_path)
@@ -379,7 +382,7 @@ def test_weight_bytes_16bit_of_a_file_is_unknown(tmp_path: Path) -> None:
     [(0, 225_000, 1), (0, 10_290_000_000, 0), (4, 225_000, 4), (3, 10_290_000_000, 3)],
 )
 def test_torch_threads(configured: int, parameters: int, threads: int) -> None:
-    from glmvision.local.loading import torch_threads
+    from glmvision.backends.local.loading import torch_threads
 
     assert torch_threads(configured, parameters) == threads
 

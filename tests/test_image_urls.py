@@ -24,7 +24,7 @@ from helpers import LiveServer, image_bytes, live_server, model_sees, wait_for
 from PIL import Image
 
 from glmvision import create_app
-from glmvision.config import ConfigError
+from glmvision.core.config import ConfigError
 
 PROMPT = "What is in this picture?"
 HTTP_TIMEOUT = 60.0

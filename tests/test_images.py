@@ -14,8 +14,8 @@ import pytest
 from helpers import b64, image_b64, image_bytes
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from glmvision.errors import APIError
-from glmvision.images import (
+from glmvision.core.errors import APIError
+from glmvision.core.images import (
     MAX_ASPECT_RATIO,
     DecodedImage,
     decode_base64,
@@ -512,7 +512,7 @@ def test_damaged_bytes_raise_only_api_errors(raw: bytes) -> None:
 
 
 def test_fit_shrinks_the_decoded_image_and_reports_that_size() -> None:
-    from glmvision.images import open_image
+    from glmvision.core.images import open_image
 
     raw = image_bytes(1600, 1200, "JPEG", quality=90)
     decoded = open_image(raw, max_side=1024, max_pixels=50_000_000, fit=lambda w, h: (w // 4, h // 4))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from glmvision.limits import rate_limit_key
+from glmvision.web.security.limits import rate_limit_key
 
 RAW_KEY = "raw-secret-key-Zq7"  # "-" and capitals: no sha256 hex digest can contain it
 OTHER_KEY = "another-secret-key-Wx3"

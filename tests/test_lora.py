@@ -24,14 +24,14 @@ from helpers import ROOT, image_b64, live_server, server_env
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from glmvision.backend import Admission
-from glmvision.config import ConfigError, load_settings
-from glmvision.finetune import Options, finetune, latest_checkpoint, read_examples, split
-from glmvision.generation import GenerationParams
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.static import StaticEngine
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.static import StaticEngine
+from glmvision.core.backend import Admission
+from glmvision.core.config import ConfigError, load_settings
+from glmvision.core.generation import GenerationParams
+from glmvision.training.finetune import Options, finetune, latest_checkpoint, read_examples, split
 
 MODEL_ID = "glm-4.6v-flash-demo"
 PROMPT = "What does the gauge read?"
@@ -182,7 +182,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(
 
 
 def test_bad_data_lines_are_named(tmp_path: Path) -> None:
-    from glmvision.finetune import FinetuneError
+    from glmvision.training.finetune import FinetuneError
 
     gauge(10).save(tmp_path / "a.png")
     good = {"image": "a.png", "prompt": "p", "answer": "a"}
@@ -196,7 +196,7 @@ def test_bad_data_lines_are_named(tmp_path: Path) -> None:
     data.write_text(json.dumps(good) + "\n")
     train, held = split(read_examples(data), 0.5, 0)
     assert len(train) == 1 and held == []  # one example is never held out from itself
-    from glmvision.cli import main
+    from glmvision.cli.main import main
 
     assert main(["finetune", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out")]) == 2
     assert main(["finetune", str(data), "--out", str(tmp_path / "out"), "--device", "gpu"]) == 2
@@ -403,7 +403,7 @@ def test_the_readme_walk_through_trains_an_adapter_that_serves(
     import runpy
     import shlex
 
-    from glmvision.cli import main
+    from glmvision.cli.main import main
 
     commands = [shlex.split(line) for line in readme_example("finetune").strip().splitlines()]
     assert [command[:2] for command in commands] == [

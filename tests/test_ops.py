@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import image_b64, vision_body, wait_for
 
-from glmvision.ops.cache import CachedAnswer
+from glmvision.serving.cache import CachedAnswer
 
 VISION = "/v1/chat/vision"
 CHAT = "/v1/chat/completions"
@@ -256,12 +256,12 @@ class TestCache:
         model_calls(app)
         body = vision_body(temperature=0)
         first = client.post(VISION, json=body).get_json()
-        import glmvision.pipeline
+        import glmvision.serving.pipeline
 
         def no_decoding(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("decoded an image the cache knew by its bytes")
 
-        monkeypatch.setattr(glmvision.pipeline, "decode_image", no_decoding)
+        monkeypatch.setattr(glmvision.serving.pipeline, "decode_image", no_decoding)
         again = client.post(VISION, json=body)
         assert again.headers["X-Cache"] == "hit"
         assert again.get_json()["image"] == first["image"] and again.get_json()["result"] == first["result"]
@@ -341,12 +341,12 @@ class TestDegradation:
 class TestFallback:
     @pytest.fixture
     def broken_model(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import glmvision.local.backend
+        import glmvision.backends.local.backend
 
         def fail(settings: Any) -> Any:
             raise RuntimeError("weights are missing")
 
-        monkeypatch.setattr(glmvision.local.backend, "load_model", fail)
+        monkeypatch.setattr(glmvision.backends.local.backend, "load_model", fail)
 
     @pytest.mark.usefixtures("broken_model")
     def test_a_polite_answer_instead_of_503(self, make_app: Callable[..., Flask]) -> None:
@@ -396,7 +396,7 @@ ID = "11010519491231002X"
 class TestRedaction:
     def _app_with_answer(self, make_app: Callable[..., Flask], text: str, **settings: Any) -> FlaskClient:
         """An app whose cache answers the greedy test body with `text`."""
-        import glmvision.pipeline as pipeline
+        import glmvision.serving.pipeline as pipeline
 
         app = make_app(**settings)
         client = app.test_client()

@@ -217,7 +217,7 @@ STALL_HOOK = """
 import os, time
 _marker = os.environ.get("DRILL_STALL_FILE")
 if _marker:
-    import glmvision.local.continuous as _continuous
+    import glmvision.backends.local.continuous as _continuous
 
     _real = _continuous.ContinuousEngine._step
 
@@ -268,7 +268,7 @@ def test_the_audit_log_keeps_content_encrypted_and_the_key_holder_reads_it(
     assert prompt not in log  # the request log never holds content
     assert prompt.encode() not in audit.read_bytes()
     read = subprocess.run(
-        [sys.executable, "-m", "glmvision.cli", "audit-read", str(audit)],
+        [sys.executable, "-m", "glmvision.cli.main", "audit-read", str(audit)],
         env={**os.environ, "GLMVISION_AUDIT_KEY": key},
         capture_output=True,
         text=True,

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from glmvision.backend import GpuMemory, Snapshot
-from glmvision.generation import Delta, FixedStream, Generation
-from glmvision.guards.watchdog import Watchdog
+from glmvision.core.backend import GpuMemory, Snapshot
+from glmvision.core.generation import Delta, Generation
 from glmvision.ops.metrics import REJECTION_REASONS, Metrics
 from glmvision.ops.record import ImageStat, RequestRecord, request_id_from
 from glmvision.ops.reqlog import key_id
+from glmvision.ops.watchdog import Watchdog
+from glmvision.postprocess.stream import FixedStream
 
 
 @pytest.mark.parametrize("given", ["abc", "a" * 128, "req-1.2_3:4@x/y+z=", "0"])
@@ -149,9 +150,9 @@ def test_metrics_count_a_record() -> None:
 
 
 def test_an_answer_streams_redacted_text_and_counts_the_matches() -> None:
-    from glmvision.config import load_settings
-    from glmvision.guards.redact import Redactor
-    from glmvision.pipeline import Answer
+    from glmvision.core.config import load_settings
+    from glmvision.postprocess.redact import Redactor
+    from glmvision.serving.pipeline import Answer
 
     card = "4111 1111 1111 1111"
     raw = Generation(f"pay with {card} now", f"the card is {card}", 9, 7, "stop")
@@ -187,7 +188,7 @@ class GaugeBackend:
 
 
 def test_gauges_follow_the_backend_and_empty_cache_calls_count_once() -> None:
-    from glmvision.config import load_settings
+    from glmvision.core.config import load_settings
 
     metrics = Metrics()
     backend = GaugeBackend(Snapshot(loaded=False, active=3))
@@ -215,8 +216,8 @@ def test_gauges_follow_the_backend_and_empty_cache_calls_count_once() -> None:
 
 
 def test_only_the_clients_own_timeouts_count_for_the_breaker() -> None:
-    from glmvision.guards.breaker import CircuitBreaker
-    from glmvision.service import record_outcome
+    from glmvision.ops.breaker import CircuitBreaker
+    from glmvision.serving.service import record_outcome
 
     breaker = CircuitBreaker(2, 60.0)
     state = type("State", (), {"breaker": breaker})()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from glmvision.output import MARKERS, render
+from glmvision.postprocess.output import MARKERS, render
 
 PIECES = [
     "<think>",
@@ -114,7 +114,8 @@ def test_split_reasoning(text: str, thinking: bool, reasoning: str | None, answe
 
 def test_stop_string_token_count_does_not_depend_on_grouping() -> None:
     """Tokens may reach a stream one by one or several at once; the stop lands on the same token."""
-    from glmvision.generation import GenerationParams, GenerationStream
+    from glmvision.core.generation import GenerationParams
+    from glmvision.postprocess.stream import GenerationStream
 
     class Letters:
         stop_ids = [0]
@@ -211,7 +212,7 @@ def test_a_stop_string_that_starts_think_does_not_end_a_reasoning_output(stop: s
 
 def test_the_stream_renderer_matches_render_at_every_step() -> None:
     """Rendering only the new text gives what rendering all of it gives, piece after piece."""
-    from glmvision.output import StreamRenderer
+    from glmvision.postprocess.output import StreamRenderer
 
     rng = random.Random(11)
     pieces_pool = [*SPLIT_PIECES, *PIECES, "\ufffd\ufffd", "  \n", "STO", "<|end", "_of_box|>"]

@@ -52,7 +52,7 @@ def test_the_version_is_defined_once_and_printed() -> None:
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     assert config["metadata"]["version"] == "attr: glmvision.__version__"
-    for command in (["-m", "glmvision", "--version"], ["-m", "glmvision.cli", "--version"]):
+    for command in (["-m", "glmvision", "--version"], ["-m", "glmvision.cli.main", "--version"]):
         result = subprocess.run(
             [sys.executable, *command], capture_output=True, text=True, cwd=ROOT, timeout=120
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, live_server, model_sees
 
-from glmvision.config import settings_table
+from glmvision.core.config import settings_table
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glmvision.config import REDACT_KINDS
-from glmvision.guards import redact
-from glmvision.guards.redact import MAX_EMAIL, MAX_HOLD, Redactor, StreamRedactor
+from glmvision.core.config import REDACT_KINDS
+from glmvision.postprocess import redact
+from glmvision.postprocess.redact import MAX_EMAIL, MAX_HOLD, Redactor, StreamRedactor
 
 ALL = list(REDACT_KINDS)
 NUMBERS = ["cn_id", "bank_card", "phone"]

@@ -19,16 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_continuous import ADMISSION, alone, inputs, run_cycles, tokens
 
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.generation import GREEDY_BELOW, GenerationParams, GenerationStream
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import Job, QueueEngine
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.sampling import RowSampling, choose_tokens, ordered_logits, warped_probabilities
-from glmvision.local.static import StaticEngine, sampling_group
-from glmvision.pipeline import cacheable
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import Job, QueueEngine
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.sampling import RowSampling, choose_tokens, ordered_logits, warped_probabilities
+from glmvision.backends.local.static import StaticEngine, sampling_group
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import GREEDY_BELOW, GenerationParams
+from glmvision.postprocess.stream import GenerationStream
+from glmvision.serving.pipeline import cacheable
 
 # Inside the accepted range 0..2, and each once killed the model thread.
 TINY = [1e-300, 5e-324, 1e-45]

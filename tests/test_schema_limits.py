@@ -21,11 +21,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string
 
-from glmvision.app import create_app
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.pipeline import json_constraint
-from glmvision.schemacheck import (
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.schemacheck import (
     FORMAT_PATTERNS,
     SchemaLimits,
     SchemaRefused,
@@ -33,6 +31,8 @@ from glmvision.schemacheck import (
     pattern_repeat,
     vet_schema,
 )
+from glmvision.serving.pipeline import json_constraint
+from glmvision.web.app import create_app
 
 RECURSIVE = {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}  # 73 bytes
 LIMITS = SchemaLimits()

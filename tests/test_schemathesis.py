@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from glmvision.openapi import ROUTES
+from glmvision.web.openapi import ROUTES
 
 # What every response is held to: never a 5xx, and status, content type and body as documented.
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -21,7 +21,7 @@ def test_serve_flags_override_the_environment_and_extras_go_to_gunicorn(
     env.update(server_env(demo_model_dir, runtime_dir))
     env.update(GLMVISION_BIND=f"127.0.0.1:{other}", GLMVISION_WORKERS="3", GLMVISION_MODEL="/no/such/model")
     command = [
-        sys.executable, "-m", "glmvision.cli", "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+        sys.executable, "-m", "glmvision.cli.main", "serve", "--bind", f"127.0.0.1:{port}", "--workers", "1",
         "--model", str(demo_model_dir), "--device", "cpu", "--", "--log-level", "warning",
     ]  # fmt: skip
     log_path = tmp_path / "serve.log"
@@ -57,7 +57,7 @@ def test_serve_flags_override_the_environment_and_extras_go_to_gunicorn(
 
 def test_serve_refuses_a_bad_flag_in_one_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "glmvision.cli", "serve", "--workers", "many"],
+        [sys.executable, "-m", "glmvision.cli.main", "serve", "--workers", "many"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
@@ -68,7 +68,7 @@ def test_serve_refuses_a_bad_flag_in_one_line() -> None:
 def test_serve_names_a_bad_model_directory_and_exits(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
     result = subprocess.run(
-        [sys.executable, "-m", "glmvision.cli", "serve", "--model", str(tmp_path / "nothing")],
+        [sys.executable, "-m", "glmvision.cli.main", "serve", "--model", str(tmp_path / "nothing")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0

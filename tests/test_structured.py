@@ -21,18 +21,18 @@ from pydantic import BaseModel, Field
 from test_continuous import tokens
 from test_upstream import Scripted, chunk, scripted  # noqa: F401 - the fixture, a canned upstream
 
-from glmvision.app import create_app
-from glmvision.backend import Admission
-from glmvision.config import load_settings
-from glmvision.generation import Constraint, GenerationParams
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import Job
-from glmvision.local.grammar import TAG_FREE_CHARACTER, GrammarBook, json_safe, tag_free
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.local.sampling import RowSampling, choose_tokens
-from glmvision.local.static import StaticEngine
-from glmvision.pipeline import json_constraint
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import Job
+from glmvision.backends.local.grammar import TAG_FREE_CHARACTER, GrammarBook, json_safe, tag_free
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.sampling import RowSampling, choose_tokens
+from glmvision.backends.local.static import StaticEngine
+from glmvision.core.backend import Admission
+from glmvision.core.config import load_settings
+from glmvision.core.generation import Constraint, GenerationParams
+from glmvision.serving.pipeline import json_constraint
+from glmvision.web.app import create_app
 
 PERSON = {
     "type": "object",

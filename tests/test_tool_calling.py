@@ -18,14 +18,15 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 from test_upstream import Scripted, chunk, scripted, sse  # noqa: F401 - the fixture, a canned upstream
 
-from glmvision.config import load_settings
-from glmvision.generation import GenerationParams, GenerationStream
-from glmvision.local.loading import load_model
-from glmvision.local.runtime import LoadedModel
-from glmvision.openai_api import parse_chat
-from glmvision.pipeline import to_messages
-from glmvision.schemas import ChatCompletionRequest
-from glmvision.tools import ToolCallStream, parse_tool_calls
+from glmvision.backends.local.loading import load_model
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.core.config import load_settings
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import GenerationStream
+from glmvision.postprocess.tools import ToolCallStream, parse_tool_calls
+from glmvision.serving.pipeline import to_messages
+from glmvision.web.openai.routes import parse_chat
+from glmvision.web.protocol import ChatCompletionRequest
 
 CHAT = "/v1/chat/completions"
 WEATHER: dict[str, Any] = {
@@ -587,8 +588,8 @@ def test_tools_and_tool_history_are_part_of_the_cache_key() -> None:
     """Two requests differing only in their tools or an earlier call's arguments never share an answer."""
     from dataclasses import asdict
 
-    from glmvision.ops.cache import make_key
-    from glmvision.pipeline import conversation
+    from glmvision.serving.cache import make_key
+    from glmvision.serving.pipeline import conversation
 
     def key(**fields: Any) -> str:
         body = ChatCompletionRequest.model_validate({"messages": HISTORY, "tools": TOOLS, **fields})

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from glmvision.tools import argument_types, parse_tool_calls
+from glmvision.postprocess.tools import argument_types, parse_tool_calls
 
 TOOLS: list[dict[str, Any]] = [
     {

@@ -340,7 +340,7 @@ def transformers_serve(tmp_path: Path, demo_model_dir: Path) -> Iterator[str]:
 
 
 def test_transformers_serve_as_the_upstream(transformers_serve: str, make_app: Callable[..., Flask]) -> None:
-    from glmvision.output import render
+    from glmvision.postprocess.output import render
 
     app = make_app(backend="openai", upstream_url=transformers_serve + "/v1", cache="0")
     client = app.test_client()
@@ -602,7 +602,7 @@ def test_a_slow_upstream_is_unavailable_and_not_ready(
 
 
 def test_the_openai_backend_needs_an_upstream_url_and_keeps_its_key_secret() -> None:
-    from glmvision.config import ConfigError, load_settings
+    from glmvision.core.config import ConfigError, load_settings
 
     with pytest.raises(ConfigError, match="GLMVISION_UPSTREAM_URL"):
         load_settings({"GLMVISION_BACKEND": "openai"})

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from helpers import free_port, image_bytes
 
-from glmvision import urlfetch
-from glmvision.config import load_settings
-from glmvision.errors import APIError
-from glmvision.urlfetch import (
+from glmvision.core import urlfetch
+from glmvision.core.config import load_settings
+from glmvision.core.errors import APIError
+from glmvision.core.urlfetch import (
     FetchPolicy,
     IPAddress,
     fetch_image,

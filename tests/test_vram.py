@@ -13,11 +13,11 @@ import pytest
 from flask import Flask
 from helpers import vision_body, wait_for
 
-import glmvision.local.engine
-from glmvision.config import load_settings
-from glmvision.local.continuous import ContinuousEngine
-from glmvision.local.engine import QueueEngine
-from glmvision.local.vram import maybe_empty_cache
+import glmvision.backends.local.engine
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import QueueEngine
+from glmvision.backends.local.vram import maybe_empty_cache
+from glmvision.core.config import load_settings
 
 
 class FakeCuda:
@@ -96,7 +96,7 @@ def _install(monkeypatch: pytest.MonkeyPatch, cuda: FakeCuda) -> list[str]:
         lookups.append(threading.current_thread().name)
         return cuda
 
-    monkeypatch.setattr(glmvision.local.engine, "cuda_module", fake_module)
+    monkeypatch.setattr(glmvision.backends.local.engine, "cuda_module", fake_module)
     return lookups
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from glmvision.config import ConfigError
-from glmvision.local.loading import INDEX, check_source, weight_problems
+from glmvision.backends.local.loading import INDEX, check_source, weight_problems
+from glmvision.core.config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,15 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .http import ClientError, Server, add_server_arguments, chat_body, is_url, post, sse_payloads
+from glmvision.client.http import (
+    ClientError,
+    Server,
+    add_server_arguments,
+    chat_body,
+    is_url,
+    post,
+    sse_payloads,
+)
 
 PATH = "/v1/chat/completions"
 
@@ -114,7 +122,7 @@ def _streamed(server: Server, body: dict[str, Any], out: TextIO, err: TextIO) ->
 
 
 def _draw(image: str, boxes: list[dict[str, Any]], out: str, err: TextIO) -> None:
-    from .draw import draw_boxes
+    from glmvision.client.draw import draw_boxes
 
     if not boxes:
         print("no grounding boxes in the answer: nothing drawn", file=err)

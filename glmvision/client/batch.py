@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .http import ClientError, Server, add_server_arguments, chat_body, post, with_retries
+from glmvision.client.http import ClientError, Server, add_server_arguments, chat_body, post, with_retries
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 PATH = "/v1/chat/completions"

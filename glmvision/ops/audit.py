@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from ..config import ConfigError
+from glmvision.core.config import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import Settings
+    from glmvision.core.config import Settings
 
 log = logging.getLogger("glmvision")
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from ..backend import Backend
-from ..config import Settings
-from ..errors import APIError
-from .record import RequestRecord
+from glmvision.core.backend import Backend
+from glmvision.core.config import Settings
+from glmvision.core.errors import APIError
+from glmvision.ops.record import RequestRecord
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("ops", __name__)

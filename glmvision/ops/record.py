@@ -60,7 +60,7 @@ class RequestRecord:
     redactions: dict[str, int] = field(default_factory=dict)  # masked matches per kind
     breaker_client: str | None = None  # whom the circuit breaker counts, once admitted
     circuit_tripped: bool = False
-    cache_key: Any = None  # glmvision.ops.cache.CacheKey, made once per request
+    cache_key: Any = None  # glmvision.serving.cache.CacheKey, made once per request
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""

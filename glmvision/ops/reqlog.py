@@ -12,8 +12,8 @@ from collections.abc import Callable
 from flask import Flask, g, request
 from flask.wrappers import Response
 
-from ..auth import key_digest, presented_key
-from .record import RequestRecord, current_record, request_id_from
+from glmvision.core.keys import key_digest, presented_key
+from glmvision.ops.record import RequestRecord, current_record, request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 Finisher = Callable[[RequestRecord, float], None]
@@ -71,7 +71,7 @@ class RequestLog:
             route=rule.rule if rule is not None else "unmatched",
             client=request.remote_addr,
         )
-        key = presented_key()
+        key = presented_key(request.headers)
         if key is not None:
             record.key_id = key_id(key)
         g.glmvision_record = record

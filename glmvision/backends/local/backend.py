@@ -1,0 +1,243 @@
+"""The in-process backend: the model loaded in this worker, fed by the batching engine."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from glmvision.backends.local.continuous import ContinuousEngine
+from glmvision.backends.local.engine import QueueEngine, engine_failed
+from glmvision.backends.local.holder import ModelHolder
+from glmvision.backends.local.kvcache import memory_token_budget
+from glmvision.backends.local.loading import is_demo, load_model, model_id_for
+from glmvision.backends.local.runtime import LoadedModel
+from glmvision.backends.local.static import StaticEngine
+from glmvision.backends.local.vram import cuda_module, memory_report
+from glmvision.core.backend import (
+    Admission,
+    GpuMemory,
+    PreparationSlots,
+    Prepared,
+    Snapshot,
+    Ticket,
+    preparing_slots,
+)
+from glmvision.core.config import Settings
+from glmvision.core.errors import APIError
+from glmvision.core.generation import GenerationParams
+from glmvision.core.images import Fit
+from glmvision.core.lora import model_name
+from glmvision.postprocess.stream import GenerationStream
+
+log = logging.getLogger("glmvision")
+
+
+def make_engine(
+    loaded: LoadedModel,
+    settings: Settings,
+    arriving: Callable[[], int] = lambda: 0,
+    on_fatal: Callable[[], None] = lambda: None,
+) -> QueueEngine:
+    """The engine GLMVISION_SCHEDULER names, its KV budget capped by the GPU memory left after loading."""
+    budget = min(settings.max_batch_tokens, memory_token_budget(loaded.model, loaded.device))
+    if budget < settings.max_batch_tokens:
+        log.info("KV-cache budget %d tokens: what the free GPU memory holds", budget)
+    if settings.scheduler == "static":
+        return StaticEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
+    return ContinuousEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
+
+
+class LocalBackend:
+    """GLM-4.6V-Flash in this process: lazily loaded, one engine thread, admission in front."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._adapters = tuple(settings.lora_adapters)
+        self.engine: QueueEngine | None = None
+        self.holder = ModelHolder(settings, self._load)
+        self.admission = Admission(
+            settings.admission_capacity,
+            settings.request_timeout,
+            self._drain_rate,
+            self._abandoned,
+            PreparationSlots(preparing_slots(settings.max_batch_size), self._queued, settings.max_batch_size),
+        )
+        # What to do when the model thread fails: gunicorn's post_worker_init sets "exit this worker".
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.on_batch: Callable[[int], None] = lambda rows: None
+
+    def _load(self, settings: Settings) -> LoadedModel:
+        loaded = load_model(settings)
+        engine = make_engine(
+            loaded, settings, arriving=lambda: self.admission.preparing, on_fatal=lambda: self.on_fatal()
+        )
+        self._first_answer(loaded, engine)
+        engine.on_batch = lambda rows: self.on_batch(rows)  # after the warm-up, which metrics forget
+        self.engine = engine
+        # torch and transformers leave ~450k long-lived objects behind; a full collection walking
+        # them holds the GIL for ~0.3 s, stalling probes and refusals. They live as long as the worker.
+        gc.collect()
+        gc.freeze()
+        return loaded
+
+    def _first_answer(self, loaded: LoadedModel, engine: QueueEngine) -> None:
+        """Answer one tiny request before reporting ready, so no client pays for first-call set-up."""
+        # The first decode, preprocess and generate import modules and initialise kernels, holding
+        # the GIL for a few hundred milliseconds; under a burst every request waited behind that.
+        from PIL import Image
+
+        Image.init()
+        image = Image.new("RGB", (56, 56), (128, 128, 128))
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}
+        ]
+        params = GenerationParams(max_new_tokens=2, temperature=0.0)
+        ticket = self.admission.admit()
+        try:
+            engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, ticket)
+        finally:
+            ticket.release()
+
+    def _abandoned(self) -> None:
+        if self.engine is not None:
+            self.engine.nudge()  # a batch waiting for this request need not wait any longer
+
+    def _queued(self) -> int:
+        return self.engine.queued() if self.engine is not None else 0
+
+    def _drain_rate(self) -> float:
+        return self.engine.stats.drain_rate if self.engine is not None else 0.0
+
+    def model_names(self) -> tuple[str, ...]:
+        served = model_id_for(self.settings.model, self.settings.model_id)
+        return (served, *self.settings.model_aliases)
+
+    def adapters(self) -> tuple[str, ...] | None:
+        return self._adapters
+
+    def model_card(self) -> dict[str, Any]:
+        loaded = self.holder.loaded
+        if loaded is not None:
+            return {**loaded.info(), "ready": True}
+        return {
+            "id": self.model_names()[0],
+            "demo": is_demo(self.settings.model),
+            "device": None,
+            "dtype": None,
+            "ready": False,
+        }
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        loaded, holder = self.holder.loaded, self.holder
+        if loaded is None or self.engine is None:
+            status = "loading" if holder.loading else ("failed" if holder.error else "not_loaded")
+            return False, {"status": status}
+        engine = {"queued": self.engine.queued(), **self.engine.stats.as_dict(), **self.admission.as_dict()}
+        if self.engine.failed is not None:
+            engine["error"] = self.engine.failed
+            return False, {"status": "unhealthy", "model": loaded.info(), "engine": engine}
+        return True, {"status": "ready", "model": loaded.info(), "engine": engine}
+
+    def warm_up(self) -> None:
+        self.holder.warm_up()
+
+    def admit(self) -> Ticket:
+        if self.engine is not None and self.engine.failed is not None:
+            raise engine_failed()
+        return self.admission.admit()
+
+    def image_fit(self) -> Fit | None:
+        loaded = self.holder.loaded
+        return loaded.fit_image if loaded is not None else None
+
+    def model_revision(self) -> str | None:
+        loaded = self.holder.loaded
+        return None if loaded is None else f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
+
+    def occupancy(self) -> float:
+        return self.admission.active / self.admission.capacity
+
+    def snapshot(self) -> Snapshot:
+        loaded, engine = self.holder.loaded, self.engine
+        if loaded is None or engine is None:
+            return Snapshot(loaded=False, active=self.admission.active)
+        gpus: tuple[GpuMemory, ...] = ()
+        if loaded.device.startswith("cuda"):
+            try:
+                report = memory_report(cuda_module(), loaded.device)
+            except Exception:  # a metrics scrape must never fail on a CUDA hiccup
+                log.exception("reading GPU memory failed")
+                report = None
+            if report is not None:
+                gpus = (GpuMemory(loaded.device, *report),)
+        return Snapshot(
+            loaded=True,
+            queued=engine.queued(),
+            running=engine.running(),
+            active=self.admission.active,
+            cache_empties=engine.stats.cache_empties,
+            gpus=gpus,
+        )
+
+    def gpu_peak(self) -> int | None:
+        loaded = self.holder.loaded
+        if loaded is None or not loaded.device.startswith("cuda"):
+            return None
+        try:
+            return int(cuda_module().max_memory_allocated(loaded.device))
+        except Exception:  # the log line goes without it rather than the request failing
+            log.debug("reading the GPU memory peak failed", exc_info=True)
+            return None
+
+    def stalled_for(self, now: float) -> float:
+        engine = self.engine
+        if engine is None or engine.failed is not None:
+            return 0.0
+        return engine.stalled_for(now)
+
+    def stall(self, seconds: float) -> None:
+        if self.engine is not None:
+            self.engine.stall(seconds)
+
+    def prepare(
+        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
+    ) -> Prepared:
+        loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
+        constraint = None
+        if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
+            grammars = loaded.grammars()
+            constraint = grammars.cached(params.constraint)
+            if constraint is None:
+                # In compiler processes, within GLMVISION_GRAMMAR_TIMEOUT; a hang-up or the deadline
+                # ends it. Meanwhile other requests may prepare: this one only waits.
+                with ticket.slot_lent():
+                    constraint = grammars.compile(params.constraint, ticket.deadline, ticket.client_gone)
+        inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
+        self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
+        sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
+        return Prepared(model_name(loaded.model_id, params.adapter), inputs, sizes, visual, constraint)
+
+    def _check_prompt_tokens(
+        self, tokens: int, loaded: LoadedModel, params: GenerationParams, param: str
+    ) -> None:
+        """Refuse a prompt (after the chat template, image tokens included) that leaves no room to answer."""
+        room = loaded.context_tokens - params.max_new_tokens
+        limit = min(self.settings.max_prompt_tokens or room, room)
+        if tokens > limit:
+            where = "messages" if param == "messages" else "prompt"
+            message = (
+                f"The prompt is {tokens} tokens (after the chat template, images included); at most "
+                f"{limit} are accepted with max_tokens {params.max_new_tokens} "
+                f"(the model's context is {loaded.context_tokens} tokens)."
+            )
+            raise APIError(400, "prompt_too_long", message, where)
+
+    def submit(
+        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
+    ) -> GenerationStream:
+        if self.engine is None:
+            raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
+        self.admission.submitted(ticket)
+        return self.engine.submit(prepared.inputs, params, ticket, prepared.constraint)

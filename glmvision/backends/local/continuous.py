@@ -1,0 +1,389 @@
+"""The continuous scheduler: waiting requests join the running batch between decode steps.
+
+Each cycle of the model thread does a bounded amount of work: the newcomers' prefill (one padded
+forward pass over their prompts, images included), then one decode step for every running row.
+A row leaves the moment it is done, so a short request behind long ones waits for at most one
+prefill and one step. The loop is ours because generate() cannot take rows in mid-flight:
+
+- positions: GLM-4.6V's rotary positions are 3D (M-RoPE). A prompt's come from the model's own
+  `get_rope_index`; after it, every row counts on from its own last position, so each row carries
+  its next position rather than sharing the batch's column count;
+- cache: `kvcache.PaddedCache` keeps the rows left-padded to one length, with the mask to match;
+- sampling: `sampling.choose_tokens` applies each row's own settings, so any rows can share a step;
+- prefill: at most `prefill_tokens` prompt tokens a cycle. A prompt longer than that (many images)
+  is prefilled alone, a chunk per cycle, its images encoded once, while the batch goes on decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from glmvision.backends.local.engine import (
+    Job,
+    QueueEngine,
+    collate,
+    fail_row,
+    fail_unfinished,
+    gpu_out_of_memory,
+    mark_started,
+    on_device,
+    stop_if_gone_or_late,
+)
+from glmvision.backends.local.kvcache import PaddedCache
+from glmvision.backends.local.sampling import RowSampling, choose_tokens
+from glmvision.backends.local.vram import release_cuda_cache
+from glmvision.core.config import Settings
+
+log = logging.getLogger("glmvision")
+
+
+@dataclass(eq=False)
+class Row:
+    """A request in the running batch: its sampling, the token to feed next and that token's position."""
+
+    job: Job
+    sampling: RowSampling
+    next_token: int = -1
+    position: int = 0
+
+
+def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]]:
+    """3D positions [3, rows, columns] of left-padded prompts, and each row's next position."""
+    import torch
+
+    mask = inputs["attention_mask"]
+    if "mm_token_type_ids" in inputs:
+        positions, _ = model.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=mask,
+        )
+    else:  # text only, as the processor of a text-only model gives it
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    # Padding sits at position 0, so a row's largest position is that of its last prompt token.
+    following = positions.amax(dim=(0, 2)) + 1
+    return positions.to(torch.long), following.tolist()
+
+
+def prompt_embeddings(model: Any, inputs: dict[str, Any]) -> Any:
+    """One prompt's input embeddings [1, tokens, hidden], its images' features in place."""
+    inner = model.model.model
+    ids = inputs["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    if "pixel_values" in inputs:
+        import torch
+
+        images = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        features = torch.cat(list(images.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+        where, _ = inner.get_placeholder_mask(ids, embeds, image_features=features)
+        embeds = embeds.masked_scatter(where, features)
+    return embeds
+
+
+@dataclass(eq=False)
+class ChunkedPrefill:
+    """A newcomer whose prompt is longer than one cycle's prefill budget, prefilled a chunk per cycle."""
+
+    job: Job
+    embeds: Any  # [1, tokens, hidden]
+    positions: Any  # [3, 1, tokens]
+    following: int  # the position of its first generated token
+    cache: Any  # its own DynamicCache until it joins the batch
+    done: int = 0  # prompt tokens in its cache so far
+
+
+class ContinuousEngine(QueueEngine):
+    """Iteration-level scheduling: rows join at the next decode step and leave when they finish."""
+
+    scheduler = "continuous"
+
+    def __init__(self, model: Any, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, settings, *args, **kwargs)
+        self.prefill_tokens = settings.max_prefill_tokens  # per cycle; a longer prompt goes in chunks
+        self._rows: list[Row] = []
+        self._joining: list[Job] = []
+        self._chunked: ChunkedPrefill | None = None
+        self._cache: PaddedCache | None = None
+        self._stop_tensor: Any = None
+        self._stop_ids: frozenset[int] = frozenset()
+        config = getattr(getattr(self._model, "model", None), "config", None)
+        self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+
+    def _held(self) -> list[Job]:
+        chunked = [self._chunked.job] if self._chunked is not None else []
+        return [*self._joining, *chunked, *(row.job for row in self._rows)]
+
+    def _serve_alone(self, job: Job) -> None:
+        self._join([job])
+        while self._rows:
+            self._step()
+
+    def _cycle(self) -> None:
+        # Rows whose client left or whose deadline passed were dropped at the end of the last step.
+        if self._chunked is None:  # while one is chunked, the queue waits behind it
+            newcomers = self._admit()
+            if len(newcomers) == 1 and newcomers[0].prompt_tokens > self.prefill_tokens:
+                self._start_chunked(newcomers[0])
+            elif newcomers:
+                self._join(newcomers)
+            self._joining = []  # only now: if the model fails in their prefill, they are still held
+        if self._chunked is not None:
+            self._prefill_chunk(self._chunked)
+        if self._rows:
+            self._step()
+        if not self._rows and self._chunked is None:
+            self._tidy_memory()
+
+    # Admission.
+
+    def _admit(self) -> list[Job]:
+        with self._cond:
+            if not self._rows:
+                # Idle: one prefill of 8 costs far less than 8 of one. Once rows run, nobody waits.
+                self._wait_for_work()
+            self._joining = self._take()
+            return self._joining
+
+    def _take(self) -> list[Job]:
+        """Newcomers, first come first served, while rows, cache at full length and prefill fit."""
+        now = time.monotonic()
+        taken: list[Job] = []
+        rows = len(self._rows)
+        # Padded rows grow to the longest row's length: the cache at full length is rows x longest.
+        longest = max((row.job.full_length for row in self._rows), default=0)
+        prefill = 0
+        while self._queue and rows + len(taken) < self.max_batch:
+            job = self._queue[0]
+            if self._expire(job, now):
+                self._queue.popleft()
+                continue
+            grown = max(longest, job.full_length)
+            # Alone a request always runs (its size was bounded on arrival); beside others it waits
+            # for room, and nobody overtakes it. One newcomer per cycle always gets its prefill.
+            too_big = (rows or taken) and (rows + len(taken) + 1) * grown > self.max_tokens
+            if too_big or (taken and prefill + job.prompt_tokens > self.prefill_tokens):
+                break
+            self._queue.popleft()
+            taken.append(job)
+            longest, prefill = grown, prefill + job.prompt_tokens
+            if prefill > self.prefill_tokens:
+                break  # a prompt longer than the budget is prefilled alone, in chunks
+        return taken
+
+    # Model work.
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill newcomers together, give each its first token, and merge them into the batch."""
+        mark_started(jobs)
+        rows = [Row(job, sampling) for job in jobs if (sampling := self._sampling(job)) is not None]
+        if len(rows) < len(jobs):
+            self._record(len(jobs) - len(rows))
+        if rows:
+            self._join_rows(rows)
+
+    def _join_rows(self, rows: list[Row]) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                cache = self._prefill(rows)
+        except torch.OutOfMemoryError:
+            if len(rows) > 1:
+                release_cuda_cache()
+                self.stats.oom_splits += 1
+                log.warning("out of GPU memory prefilling %d requests: retrying in halves", len(rows))
+                half = len(rows) // 2
+                self._join_rows(rows[:half])
+                self._join_rows(rows[half:])
+            else:
+                self._out_of_memory_alone(rows[0].job)
+            return
+        self._merge(rows, cache)
+
+    def _sampling(self, job: Job) -> RowSampling | None:
+        """A newcomer's sampling (its grammar started, its generator seeded); None, with the request
+        answered, when making it failed."""
+        try:
+            return RowSampling.for_params(job.params, self._model.model.device, job.constraint)
+        except Exception as exc:
+            log.exception("preparing a row's sampling failed: that row alone fails")
+            fail_row(job, exc)
+            return None
+
+    def _merge(self, rows: list[Row], cache: PaddedCache) -> None:
+        """Add prefilled rows (their first token chosen) to the running batch."""
+        if self._cache is None:
+            self._cache = cache
+        else:
+            self._cache.join(cache)
+        self._rows.extend(rows)
+        self.beat(len(rows))
+        self.stats.batches += 1
+        self.stats.rows += len(rows)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(self._rows))
+        self._leave_if_done()
+
+    def _start_chunked(self, job: Job) -> None:
+        """Set up a long prompt's chunked prefill: its embeddings (images encoded once) and positions."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self._model
+        mark_started([job])
+        try:
+            with torch.inference_mode():
+                inputs = on_device(model, dict(job.inputs))
+                positions, following = prompt_positions(model, inputs)
+                embeds = prompt_embeddings(model, inputs)
+        except torch.OutOfMemoryError:
+            self._out_of_memory_alone(job)
+            return
+        cache = DynamicCache(config=model.model.config)
+        self._chunked = ChunkedPrefill(job, embeds, positions, following[0], cache)
+
+    def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
+        """Prefill the next `prefill_tokens` of a long prompt; once it is whole, it joins the batch."""
+        import torch
+
+        self.expire_waiting()  # the queue's limits hold while it waits behind a chunked prompt
+        job = chunked.job
+        # Not one token yet, so the queue's rules apply: gone, past its deadline (504), waited too long.
+        if self._expire(job, time.monotonic()):
+            self._chunked = None
+            self._record(1)
+            return
+        start, end = chunked.done, min(chunked.done + self.prefill_tokens, chunked.embeds.shape[1])
+        mask = torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device)
+        model = self._model
+        try:
+            with torch.inference_mode():
+                out = model.forward(
+                    [job.params.adapter],
+                    inputs_embeds=chunked.embeds[:, start:end],
+                    position_ids=chunked.positions[:, :, start:end],
+                    attention_mask=mask,
+                    cache=chunked.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                chunked.done = end
+                self.beat()
+                if end < chunked.embeds.shape[1]:
+                    return
+                sampling = self._sampling(job)
+                if sampling is None:
+                    self._chunked = None
+                    self._record(1)
+                    return
+                row = Row(job, sampling, position=chunked.following)
+                self._choose([row], out.logits[:, -1])
+        except torch.OutOfMemoryError:
+            self._chunked = None
+            self._out_of_memory_alone(job)
+            return
+        self._chunked = None
+        self._merge([row], PaddedCache(chunked.cache, mask))
+
+    def _out_of_memory_alone(self, job: Job) -> None:
+        release_cuda_cache()
+        log.warning("out of GPU memory prefilling one request; cache emptied")
+        fail_unfinished([job], gpu_out_of_memory())
+
+    def _prefill(self, rows: list[Row]) -> PaddedCache:
+        """One forward pass over the newcomers' prompts; each row gets its position and first token."""
+        from transformers import DynamicCache
+
+        model = self._model
+        inputs = on_device(model, collate([row.job.inputs for row in rows], model.pad_id))
+        positions, following = prompt_positions(model, inputs)
+        cache = DynamicCache(config=model.model.config)
+        adapters = [row.job.params.adapter for row in rows]
+        out = model.forward(
+            adapters, **inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        for row, position in zip(rows, following, strict=True):
+            row.position = position
+        self._choose(rows, out.logits[:, -1])
+        return PaddedCache(cache, inputs["attention_mask"])
+
+    def _step(self) -> None:
+        """One decode step for every running row."""
+        import torch
+
+        assert self._cache is not None
+        model, cache = self._model, self._cache
+        device = model.model.device
+        before = cache.length
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
+                positions = torch.tensor([row.position for row in self._rows], device=device)
+                mask = cache.grow()
+                if self._sdpa:
+                    # One query per row attends to every column its mask keeps: that is the whole
+                    # 4D mask, and handing it over spares transformers building it every step.
+                    mask = mask[:, None, None, :].bool()
+                out = model.forward(
+                    [row.job.params.adapter for row in self._rows],
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions.view(1, -1, 1).expand(3, -1, -1),
+                    cache=cache.cache,
+                    use_cache=True,
+                )
+                self._choose(self._rows, out.logits[:, -1])
+        except torch.OutOfMemoryError:
+            # Layers that took this step's keys before memory ran out give them back: the cache
+            # must stay one length. The newest row leaves with a 503 and the rest try again.
+            cache.truncate(before)
+            release_cuda_cache()
+            self.stats.oom_evictions += 1
+            newest = self._rows[-1]
+            log.warning("out of GPU memory on a step of %d rows: the newest one leaves", len(self._rows))
+            fail_unfinished([newest.job], gpu_out_of_memory())
+            self._leave_if_done()
+            return
+        for row in self._rows:
+            row.position += 1  # the token just fed took its position
+        self.stats.steps += 1
+        self.beat(len(self._rows))
+        self.expire_waiting()
+        self._leave_if_done(check_clients=True)
+
+    def _choose(self, rows: list[Row], logits: Any) -> None:
+        """Pick each row's next token from its last logits and hand it to its request."""
+        import torch
+
+        if self._stop_tensor is None:  # the model's stop ids never change: made once, on its device
+            self._stop_ids = frozenset(self._model.stop_ids)
+            self._stop_tensor = torch.tensor(self._model.stop_ids, device=logits.device)
+        tokens = choose_tokens(
+            logits, [row.sampling for row in rows], [row.job.generated for row in rows], self._stop_tensor
+        )
+        for row, token in zip(rows, tokens, strict=True):
+            if isinstance(token, Exception):  # that row alone fails; it leaves at _leave_if_done
+                fail_row(row.job, token)
+                continue
+            row.next_token = token
+            row.job.take(token, self._stop_ids)
+
+    def _leave_if_done(self, check_clients: bool = False) -> None:
+        """Drop finished rows (and, when asked, rows whose client left or whose deadline passed)."""
+        if check_clients:
+            now = time.monotonic()
+            for row in self._rows:
+                stop_if_gone_or_late(row.job, self.stats, now)
+        staying = [i for i, row in enumerate(self._rows) if not row.job.finished]
+        if len(staying) == len(self._rows):
+            return
+        done = len(self._rows) - len(staying)
+        self._rows = [self._rows[i] for i in staying]
+        if not self._rows:
+            self._cache = None
+        elif self._cache is not None:
+            self._cache.keep(staying)
+        self._record(done)

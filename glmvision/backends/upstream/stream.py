@@ -1,0 +1,216 @@
+"""One generation answered by the upstream engine, with GenerationStream's consumer API."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import requests
+
+from glmvision.backends.upstream.client import completion_event, sse_events, upstream_down
+from glmvision.core.errors import APIError, out_of_time
+from glmvision.core.generation import Delta, Generation, GenerationParams, ToolCall
+from glmvision.postprocess.output import THINK_CLOSE, THINK_OPEN, StreamRenderer, render
+from glmvision.postprocess.stream import DEADLINE_GRACE
+from glmvision.postprocess.tools import new_call_id
+
+log = logging.getLogger("glmvision")
+# Seconds the stream still reads, after our stop string ended the answer, for the upstream's usage
+# (it was sent the stop strings too, so it normally ends at once).
+USAGE_WAIT = 2.0
+
+
+class UpstreamStream:
+    """Iterate for deltas as the upstream's chunks arrive; `result` holds the whole answer at the end."""
+
+    def __init__(
+        self,
+        response: requests.Response,
+        params: GenerationParams,
+        deadline: float,
+        on_end: Callable[[], None],
+        on_error: Callable[[APIError], APIError] = lambda error: error,
+        queued_at: float | None = None,
+        streamed: bool = True,
+        sent_at: float | None = None,
+    ) -> None:
+        self._response = response
+        self._streamed = streamed  # else the response holds the whole completion, already read
+        self._params = params
+        self._give_up_at = deadline + DEADLINE_GRACE
+        self._on_end = on_end
+        self._on_error = on_error
+        self._renderer = StreamRenderer(params.enable_thinking, params.stop)
+        self._text = ""  # the upstream's output as raw text, its reasoning_content inside <think> tags
+        self._phase = "head"  # then "reasoning" (reasoning_content seen) or "answer"
+        self._sent_reasoning = ""
+        self._sent_answer = ""
+        self._pieces = 0
+        self._usage: dict[str, Any] | None = None
+        self._calls: dict[int, dict[str, str]] = {}  # the upstream's own parsed tool calls, by index
+        self._upstream_finish: str | None = None
+        self._done = False
+        self.prompt_tokens = 0
+        self.token_ids: list[int] = []  # the upstream sends text, not ids
+        self.finish_reason: str | None = None
+        self.result: Generation | None = None
+        self.cancelled = False
+        self.queued_at = time.monotonic() if queued_at is None else queued_at
+        # When the upstream took the request: a stream's headers come then, a whole answer's at its end.
+        self.started_at: float | None = time.monotonic() if streamed or sent_at is None else sent_at
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+
+    def close(self) -> None:
+        """Stop reading: the upstream sees the connection close and stops generating."""
+        if self.result is None and not self.cancelled:
+            self.cancelled = True
+            log.info("upstream generation cancelled after %d chunks", self._pieces)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.ended_at = self.ended_at or time.monotonic()
+        self._response.close()
+        self._on_end()
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            yield from self._deltas(lambda: False)
+        finally:
+            self.close()
+
+    def whole(self, client_gone: Callable[[], bool] = lambda: False) -> Generation:
+        """Read the whole answer (no deltas); stop early if the client leaves."""
+        try:
+            for _ in self._deltas(client_gone):
+                pass
+        finally:
+            self.close()
+        assert self.result is not None
+        return self.result
+
+    def _deltas(self, client_gone: Callable[[], bool]) -> Iterator[Delta]:
+        try:
+            yield from self._read(client_gone)
+        except APIError as exc:
+            self._finish()
+            raise self._on_error(exc) from None
+        final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
+        rest = self._rest(final.reasoning, final.answer)
+        if rest is not None:
+            yield rest
+        if self.finish_reason is None:
+            self.finish_reason = "length" if self._upstream_finish == "length" else "stop"
+        usage = self._usage or {}
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        # Without usage (an upstream that ignores stream_options), count its content chunks instead.
+        completion = usage.get("completion_tokens")
+        self.result = Generation(
+            final.answer,
+            final.reasoning if self._params.enable_thinking else None,
+            self.prompt_tokens,
+            int(completion) if completion is not None else self._pieces,
+            self.finish_reason,
+            tuple(
+                ToolCall(call["id"] or new_call_id(), call["name"], call["arguments"] or "{}")
+                for _, call in sorted(self._calls.items())
+                if call["name"]
+            ),
+        )
+        self._finish()
+
+    def _read(self, client_gone: Callable[[], bool]) -> Iterator[Delta]:
+        finished = False
+        stopped_at: float | None = None  # when our stop string ended the answer
+        events = sse_events(self._response) if self._streamed else iter([completion_event(self._response)])
+        for event in events:
+            if "error" in event and not event.get("choices"):
+                error = event["error"]
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                raise upstream_down(f"The upstream engine failed mid-answer: {message}")
+            if isinstance(event.get("usage"), dict):
+                self._usage = event["usage"]
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") or {}
+                # vLLM's newer releases call the field `reasoning`.
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                self._take_calls(delta.get("tool_calls"))
+                piece = self._piece(reasoning, delta.get("content") or "")
+                if piece and stopped_at is None:
+                    self._pieces += 1
+                    self.first_token_at = self.first_token_at or time.monotonic()
+                    visible = self._take(piece)
+                    if self._renderer.stopped:
+                        self.finish_reason, stopped_at = "stop", time.monotonic()
+                    if visible.reasoning or visible.content:
+                        yield visible
+                if choice.get("finish_reason"):
+                    self._upstream_finish = str(choice["finish_reason"])
+                    finished = True
+            if client_gone():
+                self.close()
+                return
+            if stopped_at is not None and time.monotonic() - stopped_at > USAGE_WAIT:
+                return  # our stop string ended it and the upstream goes on: close() tells it to stop
+            if time.monotonic() > self._give_up_at:
+                log.error(
+                    "the upstream is still answering %.0fs past the deadline: giving up", DEADLINE_GRACE
+                )
+                if not self._text:
+                    raise out_of_time()
+                self.finish_reason = "length"
+                return
+        if not finished and stopped_at is None:
+            raise upstream_down("The upstream engine ended the answer without finishing it.")
+
+    def _take_calls(self, calls: Any) -> None:
+        """Add an event's tool calls: whole ones (an answer), or OpenAI's pieces by index (a stream)."""
+        if not isinstance(calls, list):
+            return
+        for position, call in enumerate(calls):
+            if not isinstance(call, dict):
+                continue
+            index = call.get("index", position)
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
+            known = self._calls.setdefault(
+                int(index) if isinstance(index, int) else position, {"id": "", "name": "", "arguments": ""}
+            )
+            if isinstance(call.get("id"), str):
+                known["id"] = known["id"] or call["id"]
+            if isinstance(function.get("name"), str):
+                known["name"] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                known["arguments"] += function["arguments"]
+
+    def _piece(self, reasoning: str, content: str) -> str:
+        """Raw text for a chunk: reasoning_content goes inside <think> tags, as the model writes it."""
+        piece = ""
+        if reasoning:
+            if self._phase == "head":
+                piece, self._phase = THINK_OPEN, "reasoning"
+            piece += reasoning
+        if content:
+            if self._phase == "reasoning":
+                piece += THINK_CLOSE
+            self._phase = "answer"
+            piece += content
+        return piece
+
+    def _take(self, piece: str) -> Delta:
+        self._text += piece
+        reasoning, content = self._renderer.feed(piece)
+        self._sent_reasoning += reasoning
+        self._sent_answer += content
+        return Delta(reasoning, content)
+
+    def _rest(self, reasoning: str, answer: str) -> Delta | None:
+        """What the final render adds to what was streamed."""
+        sent_reasoning, sent_answer = self._sent_reasoning, self._sent_answer
+        more_reasoning = reasoning[len(sent_reasoning) :] if reasoning.startswith(sent_reasoning) else ""
+        more_answer = answer[len(sent_answer) :] if answer.startswith(sent_answer) else ""
+        return Delta(more_reasoning, more_answer) if more_reasoning or more_answer else None

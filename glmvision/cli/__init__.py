@@ -1,0 +1,1 @@
+"""The `glmvision` command: its subcommands live in glmvision.cli.main."""

@@ -1,0 +1,300 @@
+"""The seam between the HTTP side and whatever generates answers (the in-process model, or later
+an upstream engine): admission, preparing inputs, submitting them, and describing the model."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from glmvision.core.errors import out_of_time, unavailable
+from glmvision.core.generation import AnswerStream, GenerationParams
+from glmvision.core.images import Fit
+
+
+def retry_after_seconds(waiting: int, drain_rate: float) -> int:
+    """Seconds until `waiting` requests and one more have likely drained (1..60; 5 before any rate)."""
+    if drain_rate <= 0:
+        return 5
+    return max(1, min(60, math.ceil((waiting + 1) / drain_rate)))
+
+
+def preparing_slots(max_batch_size: int) -> int:
+    """Most requests a worker prepares at once: enough to fill a batch, or one per core."""
+    return max(max_batch_size, os.cpu_count() or 1)
+
+
+class PreparationSlots:
+    """How many requests may read, decode and preprocess at once: a batch's worth while the model
+    may be short of work, two once a batch's worth is already queued."""
+
+    # Fewer than a batch's worth and batches run short (2 slots cost ~10% of req/s at 8 clients);
+    # more than the model can use and a burst only adds GIL contention: probes and refusals waited
+    # ~0.3 s behind eight preparing requests when 200 clients arrived at once.
+    LEAST = 2
+    RECHECK = 0.05  # the queue drains without telling us: look again this often while waiting
+
+    def __init__(self, most: int, backlog: Callable[[], int], batch: int) -> None:
+        self.most = max(most, self.LEAST)
+        self._backlog = backlog
+        self._batch = batch
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def limit(self) -> int:
+        """Slots open right now."""
+        return self.LEAST if self._backlog() >= self._batch else self.most
+
+    def take(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a slot; False if none came."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._busy >= self.limit():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, self.RECHECK))
+            self._busy += 1
+            return True
+
+    def give(self) -> None:
+        """Hand a slot back."""
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify()
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request: when it arrived, its deadline, and its place until released."""
+
+    arrived: float
+    deadline: float
+    _on_release: Callable[[Ticket], None] = field(repr=False)
+    _slots: PreparationSlots = field(repr=False)
+    _submitted: bool = False
+    _released: bool = False
+    _holds_slot: bool = False
+    # Whether its client hung up (the server sets it where it can tell): work for it may stop.
+    client_gone: Callable[[], bool] = field(default=lambda: False, repr=False)
+
+    @classmethod
+    def unheld(cls, timeout: float) -> Ticket:
+        """A ticket that holds no place (a request answered without the model, e.g. the fallback)."""
+        now = time.monotonic()
+        return cls(now, now + timeout, lambda ticket: None, PreparationSlots(1, lambda: 0, 1))
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def release(self) -> None:
+        """Give the place back (idempotent): the request is answered, failed or abandoned."""
+        self._on_release(self)
+
+    def abandon(self) -> None:
+        """Give the place back unless the request reached the model (which then gives it back)."""
+        if not self._submitted:
+            self.release()
+
+    def take_slot(self) -> None:
+        """Wait (until the deadline) for one of the worker's preparation slots; kept until submitted."""
+        if not self._slots.take(self.remaining()):
+            raise out_of_time()
+        self._holds_slot = True
+
+    @contextmanager
+    def slot_lent(self) -> Iterator[None]:
+        """Lend the preparation slot to other requests while this one waits on another process (its
+        grammar compiling), and take one again after (an error ends the request: none is taken)."""
+        held = self._holds_slot
+        if held:
+            self._holds_slot = False
+            self._slots.give()
+        yield
+        if held:
+            self.take_slot()
+
+    def _give_slot_back(self) -> None:
+        # Called under the admission's lock.
+        if self._holds_slot:
+            self._holds_slot = False
+            self._slots.give()
+
+
+class Admission:
+    """Counts the requests a worker holds (preparing, queued, running) and refuses the one too many."""
+
+    def __init__(
+        self,
+        capacity: int,
+        request_timeout: float,
+        drain_rate: Callable[[], float],
+        on_abandoned: Callable[[], None] = lambda: None,
+        slots: PreparationSlots | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self._slots = slots or PreparationSlots(2, lambda: 0, 1)
+        self.request_timeout = request_timeout
+        self._drain_rate = drain_rate
+        self._on_abandoned = on_abandoned
+        self._lock = threading.Lock()
+        self.active = 0
+        self.preparing = 0
+        self.refused = 0
+
+    def admit(self) -> Ticket:
+        """A ticket for a new request, or 503 `overloaded` at once when the worker is full."""
+        now = time.monotonic()
+        with self._lock:
+            if self.active >= self.capacity:
+                self.refused += 1
+                raise unavailable(
+                    "overloaded", "The server is at capacity; retry shortly.", self.retry_after()
+                )
+            self.active += 1
+            self.preparing += 1
+        return Ticket(now, now + self.request_timeout, self._release, self._slots)
+
+    def submitted(self, ticket: Ticket) -> None:
+        """The request's inputs are prepared and queued: it no longer counts as arriving."""
+        with self._lock:
+            if not ticket._submitted and not ticket._released:
+                ticket._submitted = True
+                self.preparing -= 1
+                ticket._give_slot_back()
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket._released:
+                return
+            ticket._released = True
+            ticket._give_slot_back()
+            self.active -= 1
+            abandoned = not ticket._submitted
+            if abandoned:
+                self.preparing -= 1
+        if abandoned:
+            self._on_abandoned()
+
+    def retry_after(self) -> int:
+        """Seconds until the requests held now have likely drained."""
+        return retry_after_seconds(self.active, self._drain_rate())
+
+    def as_dict(self) -> dict[str, int]:
+        return {"capacity": self.capacity, "active": self.active, "refused": self.refused}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Inputs ready for `Backend.submit`, and the name of the model that will answer."""
+
+    model_id: str
+    inputs: Any
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
+    visual_tokens: int = 0  # prompt tokens that stand for image patches
+    constraint: Any = None  # the backend's compiled form of the request's Constraint, if any
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """One device's memory as torch sees it, in bytes."""
+
+    device: str
+    allocated: int
+    reserved: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A backend's gauges at one moment (for /metrics); never waits."""
+
+    loaded: bool
+    queued: int = 0
+    running: int = 0
+    active: int = 0
+    cache_empties: int = 0
+    gpus: tuple[GpuMemory, ...] = ()
+    # An upstream backend's failures so far, as (error code, count).
+    upstream_failures: tuple[tuple[str, int], ...] = ()
+
+
+class Backend(Protocol):
+    """What the pipeline needs from whatever generates answers."""
+
+    # Called when the backend can no longer serve (its model thread died); gunicorn exits the worker.
+    on_fatal: Callable[[], None]
+    # Called with the rows of each model call (the batch-size metric).
+    on_batch: Callable[[int], None]
+
+    def model_names(self) -> tuple[str, ...]:
+        """The served model id first, then the aliases clients may use."""
+        ...
+
+    def model_card(self) -> dict[str, Any]:
+        """The model as /v1/models lists it (id, demo, device, dtype, ready)."""
+        ...
+
+    def adapters(self) -> tuple[str, ...] | None:
+        """The LoRA adapters a request may name; None: any name, passed on to an engine that knows its own."""
+        ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details) for /readyz; never waits."""
+        ...
+
+    def warm_up(self) -> None:
+        """Start loading or connecting in the background."""
+        ...
+
+    def model_revision(self) -> str | None:
+        """What identifies the weights answering (for the response cache); None until loaded."""
+        ...
+
+    def occupancy(self) -> float:
+        """The share of the admission capacity in use (0..1)."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """Gauges for /metrics: loaded, queue, GPU memory."""
+        ...
+
+    def gpu_peak(self) -> int | None:
+        """Peak GPU bytes allocated since the engine was last idle; None off GPU."""
+        ...
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds without progress while work waits (0 when idle or not loaded)."""
+        ...
+
+    def stall(self, seconds: float) -> None:
+        """Give up on a stalled engine: answer its requests with 503 and ask for a replacement."""
+        ...
+
+    def admit(self) -> Ticket:
+        """Take a place for a new request or raise 503 `overloaded`; never waits."""
+        ...
+
+    def image_fit(self) -> Fit | None:
+        """The size the model resizes images to, once known, so they are decoded to it directly."""
+        ...
+
+    def prepare(
+        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
+    ) -> Prepared:
+        """Turn chat messages (images as PIL images) into model inputs, waiting at most until the deadline;
+        `param` names the request field an image the model refuses came from."""
+        ...
+
+    def submit(
+        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
+    ) -> AnswerStream:
+        """Queue prepared inputs; the stream yields the answer, and the ticket is released when it ends.
+        `streamed` is False when only the whole answer will be read (a backend may fetch it whole)."""
+        ...

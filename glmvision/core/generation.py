@@ -1,0 +1,147 @@
+"""What a generation is asked for and what it gives: sampling parameters, constraints, answers, deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
+DEFAULT_TEMPERATURE = 0.7
+# A temperature below this means greedy: float32 logits divided by much less overflow to inf or
+# divide by zero (1e-300 is 0 in float32), and a sample that cold is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call: the function's name and its arguments as a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """A request's resolved `tool_choice`: auto, none, required, or one named function."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None  # the function, for mode "function"
+
+    @property
+    def forces_call(self) -> bool:
+        """True when the answer must be a call (required, or a named function)."""
+        return self.mode in ("required", "function")
+
+    def to_json(self) -> str | dict[str, Any]:
+        """The choice as OpenAI's `tool_choice` field."""
+        if self.mode == "function":
+            return {"type": "function", "function": {"name": self.name}}
+        return self.mode
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What decoding must produce: one call of one of `tools` (their JSON text) when given, else
+    JSON valid against `schema` (canonical JSON text), or any JSON object when that is None too."""
+
+    schema: str | None = None
+    tools: str | None = None
+    param: str = field(default="response_format", compare=False)  # the field errors about it name
+
+    @property
+    def kind(self) -> str:
+        """What it asks for: tool_call, or OpenAI's json_schema or json_object."""
+        if self.tools is not None:
+            return "tool_call"
+        return "json_object" if self.schema is None else "json_schema"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample one answer."""
+
+    max_new_tokens: int
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float | None = None
+    seed: int | None = None
+    enable_thinking: bool = False
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
+    # OpenAI `tools` (rendered into the prompt) and the resolved `tool_choice`; () / None: no tools.
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: ToolChoice | None = None
+    constraint: Constraint | None = None  # a grammar masks the logits at every step
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= GREEDY_BELOW:  # NaN too
+            # Here, so that both schedulers, their batching and the cache all see a greedy request.
+            object.__setattr__(self, "temperature", 0.0)
+        if self.constraint is not None and self.min_new_tokens:
+            # The grammar decides where the document ends: min_new_tokens cannot hold it open.
+            object.__setattr__(self, "min_new_tokens", 0)
+
+    adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One whole answer with its token accounting."""
+
+    text: str
+    reasoning: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    # Calls an upstream engine parsed itself (the local model's calls stay in `text`).
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text since the previous delta."""
+
+    reasoning: str = ""
+    content: str = ""
+
+
+class AnswerStream(Protocol):
+    """One generation as the pipeline reads it: deltas as they come, or the whole answer at once."""
+
+    queued_at: float | None  # when it was queued for the model
+    started_at: float | None  # when the model began on it (None: no model call, as for a cache hit)
+    first_token_at: float | None
+    ended_at: float | None
+    prompt_tokens: int
+    result: Generation | None  # the whole answer, once the stream has ended
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids generated so far (the response cache keeps them)."""
+        ...
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the stream was closed before its end."""
+        ...
+
+    def __iter__(self) -> Iterator[Delta]:
+        """The answer's deltas, in order."""
+        ...
+
+    def whole(self, client_gone: Callable[[], bool] = ...) -> Generation:
+        """The whole answer, waiting for it (and giving up when `client_gone` turns true)."""
+        ...
+
+    def close(self) -> None:
+        """Stop generating (the client left); the backend frees its place."""
+        ...
+

@@ -1,1 +1,0 @@
-"""Guards: client address, allowlist, circuit breaker, watchdog, degradation and redaction."""

@@ -1,0 +1,1 @@
+"""Post-processing: generated text becomes an answer: thinking, stop strings, boxes, tool calls, redaction."""

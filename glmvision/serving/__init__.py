@@ -1,0 +1,1 @@
+"""Serving: the request pipeline every endpoint shares, admission, the response cache."""

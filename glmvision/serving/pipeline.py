@@ -1,0 +1,686 @@
+"""The request pipeline every endpoint shares: parse -> images -> model -> encode.
+
+Endpoints only translate their wire format into a `ChatInput` and a result back; validation of
+prompts and limits, image handling and generation all live here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from glmvision.core.backend import Ticket
+from glmvision.core.config import Settings
+from glmvision.core.errors import APIError, bad_request
+from glmvision.core.generation import (
+    DEFAULT_TEMPERATURE,
+    AnswerStream,
+    Constraint,
+    Delta,
+    Generation,
+    GenerationParams,
+)
+from glmvision.core.images import DecodedImage, Fit, decode_image, open_image
+from glmvision.core.lora import model_name
+from glmvision.core.responses import GroundingBox, Usage
+from glmvision.core.schemacheck import SchemaLimits, SchemaRefused, vet_schema
+from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
+from glmvision.ops.record import ImageStat, RequestRecord, current_record
+from glmvision.postprocess.stream import FixedStream
+from glmvision.serving.service import FALLBACK_CODES
+
+if TYPE_CHECKING:
+    from glmvision.postprocess.redact import Redactor
+    from glmvision.serving.cache import CachedAnswer, CacheKey
+    from glmvision.serving.service import Service
+
+log = logging.getLogger("glmvision")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as the client sent it: base64, a data URL or an http(s) URL, and where."""
+
+    source: str
+    param: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One chat message: a role and its parts (text, or images once loaded)."""
+
+    role: str
+    parts: list[Any] = field(default_factory=list)
+    # An assistant turn's calls, OpenAI-shaped with `arguments` as a dict; a tool turn's call id.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A validated request: the conversation with decoded images, and how to sample."""
+
+    turns: list[Turn]
+    params: GenerationParams
+
+    @property
+    def images(self) -> list[DecodedImage]:
+        return [part for turn in self.turns for part in turn.parts if isinstance(part, DecodedImage)]
+
+
+def boxes_of(chat: ChatInput, text: str) -> list[GroundingBox]:
+    """The answer's grounding boxes on the request's images, in the pixels the user sees."""
+    from glmvision.postprocess.boxes import place_boxes
+
+    sizes = [(image.width, image.height) for image in chat.images]
+    asked = next((turn for turn in reversed(chat.turns) if turn.role == "user"), None)
+    carried = sum(isinstance(part, DecodedImage) for part in asked.parts) if asked is not None else 0
+    return [GroundingBox(**box.to_json()) for box in place_boxes(text, sizes, carried)]
+
+
+def check_prompt_length(characters: int, settings: Settings, param: str) -> None:
+    """Refuse prompts (all text of a request together) over GLMVISION_MAX_PROMPT_CHARS."""
+    limit = settings.max_prompt_chars
+    if characters > limit:
+        raise bad_request(
+            "prompt_too_long", f"Field {param!r} holds {characters} characters; at most {limit}.", param
+        )
+
+
+def check_prompt(prompt: str, settings: Settings, param: str = "prompt") -> str:
+    """Refuse empty or over-long prompts."""
+    if not prompt.strip():
+        raise bad_request("invalid_value", f"Field {param!r} must not be empty.", param)
+    check_prompt_length(len(prompt), settings, param)
+    return prompt
+
+
+def generation_params(
+    settings: Settings,
+    *,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    enable_thinking: bool = False,
+    stop: tuple[str, ...] = (),
+    min_new_tokens: int = 0,
+    param: str = "max_new_tokens",
+    constraint: Constraint | None = None,
+    adapter: str | None = None,
+) -> GenerationParams:
+    """Apply the server's token cap and defaults to a request's sampling settings."""
+    cap = settings.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = min(settings.default_max_new_tokens, cap)
+    elif max_new_tokens > cap:
+        raise bad_request("invalid_value", f"Field {param!r} may be at most {cap}.", param)
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    return GenerationParams(
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        enable_thinking,
+        stop,
+        min_new_tokens,
+        adapter=adapter,
+        constraint=constraint,
+    )
+
+
+def json_constraint(schema: dict[str, Any] | None, settings: Settings, param: str) -> Constraint:
+    """The constraint for JSON valid against `schema` (any JSON object when None), size-checked and vetted."""
+    if schema is None:
+        return Constraint(None, param=param)
+    text = _schema_text(schema, settings, param)  # its size first: vetting is linear in it
+    grammar = vetted(schema, settings, param)
+    return Constraint(text if grammar is schema else _canonical(grammar), param=param)
+
+
+def tool_constraint(tools: list[dict[str, Any]], settings: Settings) -> Constraint:
+    """The constraint for one well-formed call of one of `tools`, its arguments valid for that tool."""
+    text = _schema_text(tools, settings, "tools")
+    checked = []
+    for tool in tools:
+        function = tool["function"]
+        if function.get("parameters") is not None:
+            where = f"tool {function['name']!r}'s parameters"
+            function = {**function, "parameters": vetted(function["parameters"], settings, "tools", where)}
+        checked.append({**tool, "function": function})
+    return Constraint(tools=text if checked == tools else _canonical(checked), param="tools")
+
+
+def vetted(schema: Any, settings: Settings, param: str, where: str = "") -> Any:
+    """The schema as its grammar compiles it; a 400 on `param` when the grammar cannot take it."""
+    limits = SchemaLimits(
+        max_depth=settings.schema_max_depth,
+        max_repeat=settings.schema_max_repeat,
+        max_properties=settings.schema_max_properties,
+        max_refs=settings.schema_max_refs,
+        max_shortest=settings.schema_max_shortest,
+    )
+    try:
+        return vet_schema(schema, limits)
+    except SchemaRefused as refused:
+        message = f"In {where}: {refused.message}" if where else refused.message
+        raise bad_request(refused.code, message, param) from None
+
+
+def _schema_text(schema: Any, settings: Settings, param: str) -> str:
+    try:
+        text = _canonical(schema)
+    except ValueError:
+        message = "The JSON schema holds a number JSON cannot carry."
+        raise bad_request("invalid_schema", message, param) from None
+    size, limit = len(text.encode()), settings.max_schema_bytes
+    if size > limit:
+        raise bad_request("schema_too_large", f"The JSON schema is {size} bytes; at most {limit}.", param)
+    return text
+
+
+def _canonical(schema: Any) -> str:
+    # Keys keep their order: the answer's properties follow it.
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def load_image(
+    ref: ImageRef,
+    settings: Settings,
+    policy: FetchPolicy,
+    fit: Fit | None = None,
+    max_side: int | None = None,
+) -> DecodedImage:
+    """Decode one image from base64/data URL, or fetch it from an allowed http(s) URL."""
+    limits = {"max_side": max_side or settings.max_image_side, "max_pixels": settings.max_image_pixels}
+    if is_url(ref.source):
+        raw = fetch_image(ref.source, policy, ref.param)
+        return open_image(raw, param=ref.param, fit=fit, **limits)
+    return decode_image(ref.source, param=ref.param, fit=fit, **limits)
+
+
+def load_turns(
+    turns: list[Turn],
+    settings: Settings,
+    policy: FetchPolicy,
+    fit: Fit | None = None,
+    max_side: int | None = None,
+) -> list[Turn]:
+    """Check the image count, then decode every image in the conversation (in order)."""
+    refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
+    limit = settings.max_images
+    if len(refs) > limit:
+        raise bad_request(
+            "too_many_images",
+            f"The request has {len(refs)} images; at most {limit} are accepted.",
+            "messages",
+        )
+    return [
+        replace(
+            turn,
+            parts=[
+                load_image(p, settings, policy, fit, max_side) if isinstance(p, ImageRef) else p
+                for p in turn.parts
+            ],
+        )
+        for turn in turns
+    ]
+
+
+def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
+    """Render turns in the processor's chat format, images as PIL images (never user strings)."""
+    messages: list[dict[str, Any]] = []
+    for turn in turns:
+        if turn.role != "user":
+            messages.append({"role": turn.role, "content": "\n".join(turn.parts), **_tool_fields(turn)})
+            continue
+        content = [
+            _image_part(part) if isinstance(part, DecodedImage) else {"type": "text", "text": part}
+            for part in turn.parts
+        ]
+        messages.append({"role": "user", "content": content})
+    return messages
+
+
+def _tool_fields(turn: Turn) -> dict[str, Any]:
+    """A turn's tool calls or tool call id, as message fields (none for other turns)."""
+    fields: dict[str, Any] = {}
+    if turn.tool_calls:
+        fields["tool_calls"] = [dict(call) for call in turn.tool_calls]
+    if turn.tool_call_id is not None:
+        fields["tool_call_id"] = turn.tool_call_id
+    return fields
+
+
+def _image_part(image: DecodedImage) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "image", "image": image.image}
+    if image.original is not None:
+        part["original"] = (image.mime, image.original)  # an upstream engine may take these as they are
+    return part
+
+
+def conversation(turns: list[Turn]) -> list[dict[str, Any]]:
+    """The turns as plain data, images by position only: what the cache key and audit record hold."""
+    return [
+        {
+            "role": turn.role,
+            "parts": ["<image>" if isinstance(p, DecodedImage) else p for p in turn.parts],
+            **_tool_fields(turn),
+        }
+        for turn in turns
+    ]
+
+
+@dataclass
+class Answer:
+    """A generation under way (or known already): the model's name, its stream and what follows it."""
+
+    model_id: str
+    stream: AnswerStream
+    started: float
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # as the model sees them
+    arrived: float = 0.0  # the ticket's arrival (monotonic)
+    record: RequestRecord | None = None
+    redactor: Redactor | None = None
+    # Called once with the whole (unredacted) answer: the cache and the audit log.
+    on_done: Callable[[Generation], None] | None = None
+    _result: Generation | None = None
+
+    def deltas(self, settings: Settings) -> Iterator[Delta]:
+        """Yield deltas as they are generated (redacted if configured); log the outcome once done."""
+        redactor = self.redactor if self.redactor is not None and self.redactor.enabled else None
+        reasoning = redactor.stream() if redactor is not None else None
+        content = redactor.stream() if redactor is not None else None
+        try:
+            for delta in self.stream:
+                if reasoning is not None and content is not None:
+                    delta = Delta(reasoning.feed(delta.reasoning), content.feed(delta.content))
+                    if not (delta.reasoning or delta.content):
+                        continue
+                yield delta
+            if reasoning is not None and content is not None:
+                tail = Delta(reasoning.flush(), content.flush())
+                if tail.reasoning or tail.content:
+                    yield tail
+        except APIError as exc:
+            if self.record is not None:
+                self.record.code = exc.error_code
+            raise
+        finally:
+            self._note()
+        self._done(settings)
+
+    def finish(self, settings: Settings, client_gone: Callable[[], bool] = lambda: False) -> Generation:
+        """Wait for the whole answer; generation stops early if `client_gone()` turns true."""
+        try:
+            self.stream.whole(client_gone)
+        finally:
+            self._note()
+        self._done(settings)
+        return self.result
+
+    @property
+    def result(self) -> Generation:
+        """The whole answer as the client gets it (redacted if configured)."""
+        raw = self.stream.result
+        assert raw is not None, "the stream has not ended"
+        if self._result is None:
+            self._result = raw
+            if self.redactor is not None and self.redactor.enabled:
+                reasoning = None if raw.reasoning is None else self.redactor.redact(raw.reasoning)
+                self._result = replace(raw, text=self.redactor.redact(raw.text), reasoning=reasoning)
+        return self._result
+
+    def _note(self) -> None:
+        """Put tokens and timings in the request's record (also for a stream cut short)."""
+        record, stream = self.record, self.stream
+        if record is None:
+            return
+        record.prompt_tokens = stream.prompt_tokens
+        finished = stream.result
+        record.completion_tokens = len(stream.token_ids) if finished is None else finished.completion_tokens
+        if stream.started_at is not None:
+            record.queue_s = max(0.0, stream.started_at - (stream.queued_at or stream.started_at))
+            if stream.ended_at is not None:
+                record.generate_s = stream.ended_at - stream.started_at
+        if stream.first_token_at is not None and self.arrived:
+            record.first_token_s = stream.first_token_at - self.arrived
+        if stream.result is not None:
+            record.finish_reason = stream.result.finish_reason
+
+    def _done(self, settings: Settings) -> None:
+        raw = self.stream.result
+        assert raw is not None
+        _log_generation(raw, time.perf_counter() - self.started)
+        if self.redactor is not None and self.redactor.enabled and self.record is not None:
+            counts = {kind: n for kind, n in self.redactor.count(raw.text).items() if n}
+            if counts:
+                self.record.redactions = counts
+        if self.on_done is not None:
+            try:
+                self.on_done(raw)
+            except Exception:  # the answer is already the client's; bookkeeping failing must not change it
+                log.exception("recording a finished answer failed")
+
+
+def cacheable(params: GenerationParams) -> bool:
+    """Only a deterministic request may be answered from the cache: greedy, or a fixed seed."""
+    return params.temperature == 0 or params.seed is not None
+
+
+def answer(
+    state: Service,
+    ticket: Ticket,
+    turns: list[Turn],
+    params: GenerationParams,
+    image_param: str = "image",
+    streamed: bool = False,
+) -> tuple[ChatInput, Answer]:
+    """With the request's place taken, decode the images, prepare the inputs and queue the generation;
+    `streamed`: the caller reads deltas, not only the whole answer."""
+    settings, backend = state.settings, state.backend
+    record = current_record()
+    degraded = record is not None and record.degraded
+    if degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
+        params = replace(params, max_new_tokens=settings.degrade_max_new_tokens)
+    started = time.perf_counter()
+    try:
+        max_side = min(settings.max_image_side, settings.degrade_image_side) if degraded else None
+        alias = _source_key(state, turns, params, max_side)
+        remembered = _remembered(state, turns, params, alias, record, ticket)
+        if remembered is not None:
+            return remembered
+        # Once the model is known, images go straight to the size its processor wants.
+        fit = backend.image_fit()
+        chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
+        if record is not None:
+            record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
+        answered = _known_answer(state, chat, record, ticket)
+        if answered is not None:
+            return chat, answered
+        try:
+            prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
+            if record is not None:
+                record.preprocess_s = time.perf_counter() - started
+                record.visual_tokens = prepared.visual_tokens
+            stream = backend.submit(prepared, params, ticket, streamed)
+        except APIError as exc:
+            if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
+                raise
+            return chat, _fallback(state, chat, record, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+    # The key made at lookup, if any: one made now that the model has loaded would cover images
+    # decoded before it knew their size, and no later request would ever find it.
+    key = record.cache_key if record is not None else _cache_key(state, chat, record)
+    done = _after_answer(state, chat, record, key, alias)
+    return chat, Answer(
+        prepared.model_id,
+        stream,
+        time.perf_counter(),
+        prepared.image_sizes,
+        ticket.arrived,
+        record,
+        state.redactor,
+        done,
+    )
+
+
+def _known_answer(
+    state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket
+) -> Answer | None:
+    """The fallback when the model was unavailable at admission, or a cache hit; else None."""
+    if record is not None and record.fallback:
+        return _fallback(state, chat, record, ticket)
+    key = _cache_key(state, chat, record)
+    if key is None or state.cache is None:
+        return None
+    hit = state.cache.get(key)
+    if record is not None:
+        record.cache = "miss" if hit is None else "hit"
+    if hit is None:
+        return None
+    return _from_cache(state, chat, hit, record, ticket)
+
+
+def _from_cache(
+    state: Service, chat: ChatInput, hit: CachedAnswer, record: RequestRecord | None, ticket: Ticket
+) -> Answer:
+    generation = Generation(
+        hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
+    )
+    return _fixed(state, chat, generation, record, ticket)
+
+
+def _fixed(
+    state: Service, chat: ChatInput, generation: Generation, record: RequestRecord | None, ticket: Ticket
+) -> Answer:
+    """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
+    ticket.release()
+    return Answer(
+        model_name(state.backend.model_names()[0], chat.params.adapter),
+        FixedStream(generation),
+        time.perf_counter(),
+        _model_sizes(state, chat),
+        ticket.arrived,
+        record,
+        state.redactor,
+        _after_answer(state, chat, record, None),
+    )
+
+
+def cache_scope(settings: Settings, record: RequestRecord | None) -> str:
+    """Whose answers a request may be given from the cache: its own API key's, or everyone's."""
+    # Scoped by default: a shared cache tells one tenant what another asked (a hit is an oracle).
+    if settings.cache_scope == "global":
+        return "global"
+    key_id = record.key_id if record is not None else None
+    return f"key:{key_id}" if key_id else "anonymous"
+
+
+def _source_key(
+    state: Service, turns: list[Turn], params: GenerationParams, max_side: int | None
+) -> CacheKey | None:
+    """A key over the images' bytes as sent, not their pixels: an exact repeat hits without decoding."""
+    cache = state.cache
+    if cache is None or not cacheable(params):
+        return None
+    revision = state.backend.model_revision()
+    if revision is None:
+        return None
+    rendered: list[dict[str, Any]] = []
+    for turn in turns:
+        parts: list[str] = []
+        for part in turn.parts:
+            if isinstance(part, ImageRef):
+                if is_url(part.source):
+                    return None  # what a URL points at may change; its pixels decide
+                parts.append("source:" + hashlib.sha256(part.source.encode()).hexdigest())
+            else:
+                parts.append(part)
+        rendered.append({"role": turn.role, "parts": parts, **_tool_fields(turn)})
+    from glmvision.serving.cache import make_key
+
+    limits = {
+        "by": "source",
+        "max_side": max_side or state.settings.max_image_side,
+        "max_pixels": state.settings.max_image_pixels,
+        "scope": cache_scope(state.settings, current_record()),
+    }
+    return make_key(
+        state.backend.model_names()[0], revision, [], rendered, {**asdict(params), **limits}, False
+    )
+
+
+def _remembered(
+    state: Service,
+    turns: list[Turn],
+    params: GenerationParams,
+    alias: CacheKey | None,
+    record: RequestRecord | None,
+    ticket: Ticket,
+) -> tuple[ChatInput, Answer] | None:
+    """An exact repeat's answer, found by its images' bytes (their sizes come from the cache too)."""
+    if alias is None or state.cache is None or (record is not None and record.fallback):
+        return None
+    hit = state.cache.get(alias)
+    refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
+    if hit is None or len(hit.images) != len(refs):
+        return None
+    sizes = iter(hit.images)
+    chat = ChatInput(
+        [
+            replace(
+                turn,
+                parts=[_remembered_image(next(sizes)) if isinstance(p, ImageRef) else p for p in turn.parts],
+            )
+            for turn in turns
+        ],
+        params,
+    )
+    if record is not None:
+        record.images = [ImageStat(*sizes) for sizes in hit.images]
+        record.cache = "hit"
+    return chat, _from_cache(state, chat, hit, record, ticket)
+
+
+def _remembered_image(sizes: tuple[int, int, int, int]) -> DecodedImage:
+    width, height, resized_width, resized_height = sizes
+    return DecodedImage(None, width, height, (resized_width, resized_height))
+
+
+def _model_sizes(state: Service, chat: ChatInput) -> list[tuple[int, int]]:
+    """The sizes the model would see the images at, without running its processor."""
+    fit = state.backend.image_fit()
+    return [fit(*image.resized_to) if fit else image.resized_to for image in chat.images]
+
+
+def _fallback(state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket) -> Answer:
+    if record is not None:
+        record.fallback = True
+    generation = Generation(state.settings.fallback_message, None, 0, 0, "fallback")
+    return _fixed(state, chat, generation, record, ticket)
+
+
+def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) -> CacheKey | None:
+    """The request's cache key, or None when it must not be cached (or nothing would find it)."""
+    cache = state.cache
+    if cache is None or not cacheable(chat.params):
+        return None
+    revision = state.backend.model_revision()
+    if revision is None:  # not loaded: images were not decoded to the model's size, so skip
+        return None
+    if record is not None and record.cache_key is not None:
+        return record.cache_key
+    from glmvision.serving.cache import make_key
+
+    key = make_key(
+        state.backend.model_names()[0],
+        revision,
+        [image.image for image in chat.images],
+        conversation(chat.turns),
+        {**asdict(chat.params), "scope": cache_scope(state.settings, record)},
+        cache.perceptual,
+    )
+    if record is not None:
+        record.cache_key = key
+    return key
+
+
+def _after_answer(
+    state: Service,
+    chat: ChatInput,
+    record: RequestRecord | None,
+    key: CacheKey | None,
+    alias: CacheKey | None = None,
+) -> Callable[[Generation], None] | None:
+    """What to do with a finished answer: store it in the cache (by pixels and by bytes), audit it."""
+    cache, audit, params = state.cache, state.audit, chat.params
+    if (cache is None or key is None) and audit is None:
+        return None
+
+    def done(result: Generation) -> None:
+        complete = result.finish_reason == "stop" or result.completion_tokens >= params.max_new_tokens
+        complete = complete and not result.tool_calls  # an upstream's parsed calls are not in the text
+        if cache is not None and key is not None and complete:
+            from glmvision.serving.cache import CachedAnswer
+
+            stored = CachedAnswer(
+                result.text,
+                result.reasoning,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.finish_reason,
+                tuple((i.width, i.height, *i.resized_to) for i in chat.images),
+            )
+            cache.put(key, stored)
+            if alias is not None:
+                cache.put(alias, stored)
+        if audit is not None:
+            audit.write(audit_record(chat, record, result, state.redactor))
+
+    return done
+
+
+def audit_record(
+    chat: ChatInput, record: RequestRecord | None, result: Generation, redactor: Redactor | None
+) -> dict[str, Any]:
+    """The audit log's entry: who asked what about which images, and the answer they got."""
+    text, reasoning = result.text, result.reasoning
+    if redactor is not None and redactor.enabled:
+        text = redactor.redact(text)
+        reasoning = None if reasoning is None else redactor.redact(reasoning)
+    images = [
+        {
+            "width": image.width,
+            "height": image.height,
+            # Of the pixels; an exact repeat answered from the cache was never decoded.
+            "sha256": None if image.image is None else hashlib.sha256(image.image.tobytes()).hexdigest(),
+        }
+        for image in chat.images
+    ]
+    return {
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "request_id": record.request_id if record else None,
+        "route": record.route if record else None,
+        "key_id": record.key_id if record else None,
+        "client": record.client if record else None,
+        "messages": conversation(chat.turns),
+        "images": images,
+        "answer": text,
+        "reasoning": reasoning,
+        "finish_reason": result.finish_reason,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+    }
+
+
+def _log_generation(generation: Generation, elapsed: float) -> None:
+    log.debug(
+        "generated prompt_tokens=%d completion_tokens=%d finish=%s in %.3fs",
+        generation.prompt_tokens,
+        generation.completion_tokens,
+        generation.finish_reason,
+        elapsed,
+    )
+
+
+def new_request_id(prefix: str) -> str:
+    """Return a fresh response id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(generation: Generation) -> Usage:
+    """Return token accounting in the OpenAI shape."""
+    return Usage(
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        total_tokens=generation.prompt_tokens + generation.completion_tokens,
+    )

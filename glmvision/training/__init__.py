@@ -1,0 +1,1 @@
+"""Training: LoRA fine-tuning (glmvision finetune)."""

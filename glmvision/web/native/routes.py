@@ -1,0 +1,144 @@
+"""Native HTTP endpoints: health probes, the model list, /v1/chat/vision and /v1/chat."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from flask.wrappers import Response
+
+from glmvision.core.backend import Ticket
+from glmvision.core.config import Settings
+from glmvision.core.generation import Constraint, Generation
+from glmvision.core.lora import check_adapter, model_name
+from glmvision.core.responses import (
+    Health,
+    ImageSize,
+    ModelCard,
+    ModelList,
+    Readiness,
+    SeedChatResponse,
+    VisionResponse,
+)
+from glmvision.ops.record import current_record
+from glmvision.serving.pipeline import (
+    Answer,
+    ChatInput,
+    ImageRef,
+    Turn,
+    answer,
+    boxes_of,
+    check_prompt,
+    generation_params,
+    json_constraint,
+    new_request_id,
+    usage,
+)
+from glmvision.serving.service import admit, service
+from glmvision.web.protocol import SamplingFields, SeedChatRequest, VisionRequest, parse_body
+
+bp = Blueprint("api", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify(Health().to_json())
+
+
+@bp.get("/readyz")
+def readyz() -> Response | tuple[Response, int, dict[str, str]]:
+    """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
+    ready, details = service().backend.readiness()
+    body = Readiness(ready=ready, **details).to_json()
+    if ready:
+        return jsonify(body)
+    return jsonify(body), 503, {"Retry-After": "5"}
+
+
+@bp.get("/v1/models")
+def list_models() -> Response:
+    """The served model, in OpenAI's list shape, with device details once loaded."""
+    state = service()
+    base = state.backend.model_card()
+    cards = [ModelCard(**base, created=int(state.started), owned_by="glmvision")]
+    cards += [
+        ModelCard(
+            **{**base, "id": model_name(base["id"], adapter)},
+            parent=base["id"],
+            created=int(state.started),
+            owned_by="glmvision",
+        )
+        for adapter in state.backend.adapters() or ()
+    ]
+    return jsonify(ModelList(data=cards).to_json())
+
+
+def _answer_one_image(
+    ticket: Ticket, image: ImageRef, prompt: str, body: SamplingFields
+) -> tuple[ChatInput, Answer, Generation]:
+    state = service()
+    params = generation_params(
+        state.settings,
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        enable_thinking=body.enable_thinking,
+        constraint=_constraint(body.json_schema, state.settings),
+        adapter=check_adapter(body.adapter, state.backend.adapters()),
+    )
+    turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
+    chat, generation = answer(state, ticket, turns, params, image.param)
+    return chat, generation, generation.finish(state.settings, ticket.client_gone)
+
+
+def _constraint(schema: dict[str, Any] | None, settings: Settings) -> Constraint | None:
+    """The native endpoints' json_schema field as a decoding constraint ({} means any JSON)."""
+    return None if schema is None else json_constraint(schema, settings, "json_schema")
+
+
+def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
+    """The fields every native answer shares."""
+    record = current_record()
+    return {
+        "id": new_request_id(prefix),
+        "created": int(time.time()),
+        "model": model_id,
+        "finish_reason": result.finish_reason,
+        "usage": usage(result),
+        "reasoning": (result.reasoning or "") if thinking else None,
+        "degraded": True if record is not None and record.degraded else None,
+    }
+
+
+@bp.post("/v1/chat/vision")
+def chat_vision() -> Response:
+    """Answer one question about one image."""
+    ticket = admit()
+    # Exactly one of image and image_url: the model checks.
+    body = parse_body(request, VisionRequest, service().settings.max_json_depth)
+    image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
+    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
+    decoded = chat.images[0]
+    sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
+    answer = VisionResponse(
+        result=result.text,
+        **_native_fields("vision", generation.model_id, result, body.enable_thinking),
+        boxes=boxes_of(chat, result.text),
+        image=ImageSize(width=decoded.width, height=decoded.height, resized_to=list(sent)),
+    )
+    return jsonify(answer.to_json())
+
+
+@bp.post("/v1/chat")
+def chat_seed() -> Response:
+    """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
+    ticket = admit()
+    body = parse_body(request, SeedChatRequest, service().settings.max_json_depth)
+    image = ImageRef(body.image_url, "image_url")
+    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
+    fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
+    answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text) or None, **fields)
+    return jsonify(answer.to_json())

@@ -1,0 +1,392 @@
+"""The OpenAPI 3.1 document, built from the request and response models and a table of routes."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, jsonify
+from flask.wrappers import Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from glmvision.core.errors import OPENAI_PATHS, error_type
+from glmvision.core.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ErrorResponse,
+    Health,
+    ModelList,
+    NativeErrorResponse,
+    Readiness,
+    SeedChatResponse,
+    VisionResponse,
+)
+from glmvision.web.protocol import ChatCompletionRequest, SeedChatRequest, VisionRequest
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+
+# Every error code the service sends: its HTTP status and when (the README's error table).
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "invalid_json": (400, "The body is not valid JSON."),
+    "invalid_body": (400, "The JSON body is not an object."),
+    "missing_field": (400, "A required field is absent."),
+    "invalid_type": (400, "A field has the wrong type."),
+    "invalid_value": (400, "A field's value is out of range."),
+    "json_too_deep": (400, "Arrays and objects in the body nest deeper than GLMVISION_MAX_JSON_DEPTH."),
+    "prompt_too_long": (
+        400,
+        "The prompt is over GLMVISION_MAX_PROMPT_CHARS, or over GLMVISION_MAX_PROMPT_TOKENS tokens after "
+        "the chat template (images included).",
+    ),
+    "too_many_messages": (400, "More messages than GLMVISION_MAX_MESSAGES."),
+    "invalid_schema": (400, "The JSON schema cannot be compiled into a grammar."),
+    "schema_too_large": (400, "The JSON schema is over GLMVISION_MAX_SCHEMA_BYTES."),
+    "schema_too_complex": (
+        400,
+        "The JSON schema is over a GLMVISION_SCHEMA_MAX_* limit, took over GLMVISION_GRAMMAR_TIMEOUT to "
+        "compile, or compiled too large.",
+    ),
+    "schema_unsupported": (400, "A keyword the grammar cannot enforce, or no finite document satisfies it."),
+    "invalid_base64": (400, "The image is not strict base64."),
+    "unsupported_image_format": (400, "Not PNG/JPEG/WebP/GIF/BMP, or a non-image data URL."),
+    "invalid_image": (400, "Corrupt or truncated image data."),
+    "unsupported_aspect_ratio": (400, "One side more than 200x the other."),
+    "image_rejected": (400, "The model's processor refused the image."),
+    "too_many_images": (400, "More images than GLMVISION_MAX_IMAGES in one request."),
+    "image_url_disabled": (400, "An http(s) image URL while GLMVISION_IMAGE_URL_DOMAINS is empty."),
+    "image_url_invalid": (400, "Not an http(s) URL, user info, numeric host forms, bad port."),
+    "image_url_domain_not_allowed": (400, "The host (of the URL or a redirect) is not allowed."),
+    "image_url_blocked": (400, "The host resolves to a refused address."),
+    "image_url_too_many_redirects": (400, "More than GLMVISION_IMAGE_URL_MAX_REDIRECTS redirects."),
+    "image_url_upstream_status": (400, "The image server answered with a non-2xx status."),
+    "image_url_not_image": (400, "The image server's content type is not image/*."),
+    "image_url_timeout": (400, "The download took longer than GLMVISION_IMAGE_URL_TIMEOUT."),
+    "image_url_unreachable": (400, "DNS failure, connection refused, TLS failure, broken HTTP."),
+    "unknown_tool": (400, "`tool_choice` names a function that is not among `tools`."),
+    "upstream_rejected": (400, "GLMVISION_BACKEND=openai: the upstream engine refused the request (4xx)."),
+    "bad_request": (400, "Any other malformed request."),
+    "missing_api_key": (401, "Keys are configured and none was sent."),
+    "invalid_api_key": (401, "The key sent is not one of them."),
+    "not_found": (404, "No such endpoint."),
+    "model_not_found": (404, "`model` is not the served id, an alias, or `<id>:<name>` of a loaded adapter."),
+    "adapter_not_found": (404, "`adapter` names no adapter in GLMVISION_LORA."),
+    "method_not_allowed": (405, "The endpoint does not take this method."),
+    "request_too_large": (413, "The body is over GLMVISION_MAX_BODY_MB."),
+    "image_too_large": (413, "The image is over GLMVISION_MAX_IMAGE_PIXELS (checked before decoding)."),
+    "image_url_too_large": (413, "The download is over GLMVISION_IMAGE_URL_MAX_MB."),
+    "unsupported_media_type": (415, "The body was not sent as application/json."),
+    "ip_not_allowed": (403, "The client address is outside GLMVISION_ALLOWED_IPS."),
+    "rate_limit_exceeded": (429, "Over GLMVISION_RATE_LIMIT; Retry-After says when to retry."),
+    "circuit_open": (429, "This client's recent requests timed out in a row; Retry-After says how long."),
+    "ratelimit_unavailable": (503, "The rate-limit storage is down and GLMVISION_RATELIMIT_FAIL=closed."),
+    "internal_error": (500, "A bug on the server's side (logged with its trace)."),
+    "overloaded": (503, "The worker's queue is full; Retry-After estimates when it drains."),
+    "queue_timeout": (503, "The request waited longer than GLMVISION_QUEUE_TIMEOUT for the model."),
+    "request_timeout": (504, "GLMVISION_REQUEST_TIMEOUT passed before the first token."),
+    "model_loading": (503, "The model is still loading; Retry-After."),
+    "model_unavailable": (503, "The model failed to load; Retry-After."),
+    "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
+    "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
+    "row_failed": (503, "This request's own part of a batch failed; the others went on. Retry-After."),
+    "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
+    "grammar_busy": (503, "Every grammar compiler stayed busy for GLMVISION_GRAMMAR_TIMEOUT; Retry-After."),
+    "client_closed": (499, "Logged only: the client hung up while its schema compiled."),
+    "upstream_unavailable": (
+        503,
+        "GLMVISION_BACKEND=openai: the upstream engine is down, slow or failing; Retry-After.",
+    ),
+}
+
+# Which codes each kind of route can answer with (besides internal_error, which any route can).
+GUARDED = ("ip_not_allowed",)
+KEYED = (*GUARDED, "missing_api_key", "invalid_api_key", "rate_limit_exceeded", "ratelimit_unavailable")
+BODY = (
+    "invalid_json",
+    "json_too_deep",
+    "invalid_body",
+    "missing_field",
+    "invalid_type",
+    "invalid_value",
+    "prompt_too_long",
+    "too_many_messages",
+    "invalid_schema",
+    "schema_too_large",
+    "schema_too_complex",
+    "schema_unsupported",
+    "bad_request",
+    "request_too_large",
+    "unsupported_media_type",
+)
+IMAGE = (
+    "invalid_base64",
+    "unsupported_image_format",
+    "invalid_image",
+    "unsupported_aspect_ratio",
+    "image_rejected",
+    "image_too_large",
+    *(code for code in ERROR_CODES if code.startswith("image_url_")),
+)
+GENERATION = (
+    "circuit_open",
+    "overloaded",
+    "queue_timeout",
+    "request_timeout",
+    "model_loading",
+    "model_unavailable",
+    "gpu_out_of_memory",
+    "engine_failed",
+    "row_failed",
+    "preprocessing_busy",
+    "grammar_busy",
+    "client_closed",
+    "upstream_rejected",
+    "upstream_unavailable",
+)
+
+# A 32x32 PNG: the examples run on any model, cheaply.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAKklEQVR42u3NMQEAAAQAMKTRP4VYSvBtBZbTHZ8qngkEAoFAIBAIBIIr"
+    "C9JiAVggSmjwAAAAAElFTkSuQmCC"
+)
+EXAMPLE_DATA_URL = "data:image/png;base64," + EXAMPLE_PNG
+EXAMPLE_CHAT = {
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What colour is this?"},
+                {"type": "image_url", "image_url": {"url": EXAMPLE_DATA_URL}},
+            ],
+        }
+    ],
+    "max_tokens": 4,
+    "temperature": 0,
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: what it takes, what it answers and which error codes it may send."""
+
+    method: str
+    path: str
+    summary: str
+    answer: type[BaseModel]
+    codes: tuple[str, ...] = ()
+    request: type[BaseModel] | None = None
+    examples: dict[str, Any] = field(default_factory=dict)
+    public: bool = False
+    streams: bool = False
+    answer_status: tuple[int, ...] = (200,)
+    plain_text: str = ""  # an answer in text/plain, described by this
+    security: tuple[dict[str, list[str]], ...] | None = None  # instead of the document's
+
+
+ROUTES = (
+    Route("get", "/healthz", "Liveness: 200 while the process runs.", Health, public=True),
+    Route(
+        "get",
+        "/readyz",
+        "Readiness: 200 once this worker's model is loaded, 503 with Retry-After before.",
+        Readiness,
+        GUARDED,
+        public=True,
+        answer_status=(200, 503),
+    ),
+    Route("get", "/openapi.json", "This document.", BaseModel, GUARDED, public=True),
+    Route(
+        "get",
+        "/metrics",
+        "Prometheus metrics of every worker; with GLMVISION_METRICS_KEY set, only for that bearer key.",
+        BaseModel,
+        (*GUARDED, "missing_api_key", "invalid_api_key"),
+        plain_text="Prometheus text exposition format.",
+        security=({}, {"bearerAuth": []}),
+    ),
+    Route(
+        "get",
+        "/v1/models",
+        "The served model, then one entry per LoRA adapter (`<id>:<name>`), in OpenAI's list shape.",
+        ModelList,
+        KEYED,
+    ),
+    Route(
+        "post",
+        "/v1/chat/vision",
+        "Answer one question about one image (exactly one of image and image_url).",
+        VisionResponse,
+        (*KEYED, *BODY, *IMAGE, "adapter_not_found", *GENERATION),
+        VisionRequest,
+        {"image": EXAMPLE_PNG, "prompt": "What colour is this?", "max_new_tokens": 4, "temperature": 0},
+    ),
+    Route(
+        "post",
+        "/v1/chat",
+        "The reference guides' shape: image_url and prompt in, response out.",
+        SeedChatResponse,
+        (*KEYED, *BODY, *IMAGE, "adapter_not_found", *GENERATION),
+        SeedChatRequest,
+        {"image_url": EXAMPLE_DATA_URL, "prompt": "What colour is this?", "max_new_tokens": 4},
+    ),
+    Route(
+        "post",
+        "/v1/chat/completions",
+        "OpenAI's Chat Completions: the whole answer as JSON, or Server-Sent Events with stream=true.",
+        ChatCompletion,
+        (*KEYED, *BODY, *IMAGE, "too_many_images", "model_not_found", "unknown_tool", *GENERATION),
+        ChatCompletionRequest,
+        EXAMPLE_CHAT,
+        streams=True,
+    ),
+)
+
+
+def _component_schemas() -> tuple[dict[str, Any], dict[tuple[type[BaseModel], str], Any]]:
+    models: list[tuple[type[BaseModel], Any]] = [(ErrorResponse, "serialization")]
+    models.append((NativeErrorResponse, "serialization"))
+    models.append((ChatCompletionChunk, "serialization"))
+    for route in ROUTES:
+        if route.answer is not BaseModel:
+            models.append((route.answer, "serialization"))
+        if route.request is not None:
+            models.append((route.request, "validation"))
+    refs, definitions = models_json_schema(models, ref_template=REF)
+    schemas = definitions["$defs"]
+    schemas["ErrorCode"] = {
+        "description": "Every error code, with its HTTP status and meaning.",
+        "type": "string",
+        "oneOf": [
+            {"const": code, "description": f"{status}: {meaning}"}
+            for code, (status, meaning) in ERROR_CODES.items()
+        ],
+    }
+    return schemas, refs
+
+
+def _retry_after() -> dict[str, Any]:
+    return {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    }
+
+
+def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    envelope = ErrorResponse if route.path.startswith(OPENAI_PATHS) else NativeErrorResponse
+    by_status: dict[int, list[str]] = {}
+    for code in (*route.codes, "internal_error"):
+        by_status.setdefault(ERROR_CODES[code][0], []).append(code)
+    responses: dict[str, Any] = {}
+    for status, codes in sorted(by_status.items()):
+        narrowed = {
+            "type": "object",
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "properties": {"code": {"enum": codes}, "type": {"const": error_type(status)}},
+                }
+            },
+        }
+        listed = "\n".join(f"- `{code}`: {ERROR_CODES[code][1]}" for code in codes)
+        response: dict[str, Any] = {
+            "description": listed,
+            "content": {
+                "application/json": {"schema": {"allOf": [refs[(envelope, "serialization")], narrowed]}}
+            },
+        }
+        if status in (429, 503):
+            response["headers"] = _retry_after()
+        responses[str(status)] = response
+    return responses
+
+
+def _answers(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    if route.plain_text:
+        text = {"schema": {"type": "string", "description": route.plain_text}}
+        return {"200": {"description": route.summary, "content": {"text/plain": text}}}
+    if route.answer is BaseModel:
+        return {
+            "200": {
+                "description": "The OpenAPI document.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        }
+    schema = refs[(route.answer, "serialization")]
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if route.streams:
+        chunk = refs[(ChatCompletionChunk, "serialization")]["$ref"].rsplit("/", 1)[1]
+        events = f"With stream=true: `data: <{chunk}>` events (or one error event), then `data: [DONE]`."
+        content["text/event-stream"] = {"schema": {"type": "string", "description": events}}
+    answers: dict[str, Any] = {}
+    for status in route.answer_status:
+        answer: dict[str, Any] = {"description": route.summary, "content": content}
+        if status == 503:
+            answer["headers"] = _retry_after()
+        answers[str(status)] = answer
+    return answers
+
+
+def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": route.path.strip("/").replace("/", "_").replace(".", "_") + "_" + route.method,
+        "summary": route.summary,
+        "responses": {**_answers(route, refs), **_error_responses(route, refs)},
+    }
+    if route.public:
+        operation["security"] = []
+    elif route.security is not None:
+        operation["security"] = list(route.security)
+    if route.request is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": refs[(route.request, "validation")],
+                    "example": route.examples,
+                }
+            },
+        }
+    return operation
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route (it depends on no setting, so it is built once)."""
+    schemas, refs = _component_schemas()
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method] = _operation(route, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "glmvision",
+            "version": "1",
+            "description": "GLM-4.6V-Flash vision-language model over HTTP. Errors carry a stable `code`; "
+            "`errors` lists every problem found, the first one repeated at the top level.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>",
+                },
+                "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+        # Keys are needed only when the server has some (GLMVISION_API_KEYS); either header will do.
+        "security": [{"bearerAuth": []}, {"apiKeyAuth": []}],
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    """The OpenAPI document; public, like the health probes."""
+    return jsonify(openapi_document())

@@ -1,0 +1,54 @@
+"""The browser page at `/`: plain HTML, CSS and JS shipped in the package (glmvision/static), no build."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response, current_app, render_template, request
+
+from glmvision.serving.service import service
+from glmvision.web.security.auth import ApiKeyAuth
+
+bp = Blueprint("page", __name__)
+
+# No inline script or style anywhere: the page's own files only, images from data:/blob: URLs it
+# makes itself, requests to this origin only, and never inside another site's frame.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+PAGE_ENDPOINTS = frozenset({"page.index", "static"})
+
+
+@bp.get("/")
+def index() -> str:
+    """The chat page, told the server's limits through data attributes (read by static/page.js)."""
+    settings = service().settings
+    auth: ApiKeyAuth = current_app.extensions["glmvision.auth"]
+    return render_template(
+        "index.html",
+        max_image_side=settings.max_image_side,
+        max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+        needs_key="true" if auth.enabled else "false",
+    )
+
+
+def _page_headers(response: Response) -> Response:
+    if request.endpoint in PAGE_ENDPOINTS:
+        response.headers.update(PAGE_HEADERS)
+        if request.endpoint == "page.index":
+            response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Serve the page at `/` (its files at /static/), with strict headers."""
+    app.register_blueprint(bp)
+    app.after_request(_page_headers)
