@@ -247,7 +247,7 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
 
 def test_the_systemd_unit_restarts_reads_its_environment_and_is_hardened() -> None:
     unit = {}
-    for line in (DEPLOY / "glmvision.serving.service").read_text().splitlines():
+    for line in (DEPLOY / "glmvision.service").read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
             unit[key.strip()] = value.strip()

@@ -157,7 +157,7 @@ class _Process:
     def __init__(self, vocabularies: Vocabularies) -> None:
         # A fresh interpreter running this file, not multiprocessing: fork would copy torch's threads
         # (and CUDA) broken, and spawn re-runs the worker's __main__, whatever that is. -P keeps this
-        # file's folder (glmvision/local, whose modules shadow others' names) off sys.path.
+        # file's folder (glmvision/backends/local, whose modules shadow others' names) off sys.path.
         child_reads, worker_writes = os.pipe()
         worker_reads, child_writes = os.pipe()
         try:

@@ -1,4 +1,4 @@
-"""The browser page at `/`: plain HTML, CSS and JS shipped in the package (glmvision/static), no build."""
+"""The browser page at `/`: plain HTML, CSS and JS shipped in the package (glmvision/web/static), no build."""
 
 from __future__ import annotations
 
