@@ -16,6 +16,7 @@ import pytest
 from helpers import ROOT, live_server, model_sees
 
 from glmvision.core.config import settings_table
+from glmvision.core.errors import ERRORS, README_COLUMNS, markdown_table
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -43,16 +44,13 @@ def test_every_setting_is_documented_with_its_default(name: str, default: object
     assert row.group(2) == meaning
 
 
-def test_every_error_code_is_documented() -> None:
-    source = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "glmvision").rglob("*.py"))
-    codes = set(re.findall(r'(?:bad_request|unavailable|_unauthorized)\(\s*"(\w+)"', source))
-    codes |= set(re.findall(r'APIError\(\s*\d+,\s*"(\w+)"', source))
-    framework_codes = re.search(r"_CODES = \{(.*?)\}", source, re.S)
-    assert framework_codes
-    codes |= set(re.findall(r'\d{3}: "(\w+)"', framework_codes.group(1)))
-    assert len(codes) > 15
-    documented = set(re.findall(r"^\| \d{3} \| `(\w+)` \|", README, re.M))
-    assert codes <= documented, f"undocumented error codes: {sorted(codes - documented)}"
+def test_the_error_table_is_the_registry() -> None:
+    """The README's error table is generated from the registry (scripts/gen_docs.py), row for row."""
+    table = markdown_table(README_COLUMNS)
+    assert len(table.splitlines()) == len(ERRORS) + 2
+    assert table in README, "the README's error table is stale: run scripts/gen_docs.py"
+    documented = re.findall(r"^\| \d{3} \| `(\w+)` \|", README, re.M)
+    assert sorted(documented) == sorted(ERRORS)  # and no other table lists a code
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from glmvision.core.backend import Backend
 from glmvision.core.config import Settings
-from glmvision.core.errors import APIError
+from glmvision.core.errors import ERRORS, APIError
 from glmvision.ops.record import RequestRecord
 
 log = logging.getLogger("glmvision")
@@ -33,32 +33,7 @@ _PIXELS = (1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 8e6, 1.6e7, 5e7)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 # Why a request was refused, from its error code (every other 4xx/5xx is not a refusal).
-REJECTION_REASONS: dict[str, str] = {
-    "missing_api_key": "auth",
-    "invalid_api_key": "auth",
-    "rate_limit_exceeded": "rate_limit",
-    "ratelimit_unavailable": "rate_limit",
-    "overloaded": "overload",
-    "queue_timeout": "overload",
-    "preprocessing_busy": "overload",
-    "request_too_large": "too_large",
-    "image_too_large": "too_large",
-    "image_url_too_large": "too_large",
-    "too_many_images": "too_large",
-    "prompt_too_long": "too_large",
-    "invalid_base64": "bad_image",
-    "unsupported_image_format": "bad_image",
-    "invalid_image": "bad_image",
-    "unsupported_aspect_ratio": "bad_image",
-    "image_rejected": "bad_image",
-    "image_url_disabled": "url_blocked",
-    "image_url_invalid": "url_blocked",
-    "image_url_domain_not_allowed": "url_blocked",
-    "image_url_blocked": "url_blocked",
-    "image_url_too_many_redirects": "url_blocked",
-    "ip_not_allowed": "allowlist",
-    "circuit_open": "circuit_open",
-}
+REJECTION_REASONS: dict[str, str] = {code: spec.rejection for code, spec in ERRORS.items() if spec.rejection}
 
 
 class Metrics:

@@ -9,22 +9,11 @@ from flask import Flask, has_request_context, jsonify, request
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
-from glmvision.core.errors import OPENAI_PATHS, APIError, api_error_object, error_object
+from glmvision.core.errors import OPENAI_PATHS, APIError, api_error_object, error_object, framework_code
 from glmvision.core.responses import ErrorObject, ErrorResponse, NativeErrorResponse
 from glmvision.ops.record import current_record
 
 log = logging.getLogger("glmvision")
-
-# Stable codes for errors that werkzeug or flask-limiter raise rather than us.
-_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "request_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limit_exceeded",
-}
-
 
 
 def _envelope(error: ErrorObject) -> dict[str, Any]:
@@ -50,7 +39,7 @@ def _render_http_error(exc: HTTPException) -> Response:
             message = "The request body is larger than the server accepts."
         elif status == 429:
             message = f"Rate limit exceeded ({exc.description}). Retry later."
-        error = error_object(status, _CODES.get(status, f"http_{status}"), message or "", None)
+        error = error_object(status, framework_code(status), message or "", None)
     _note_code(error.code)
     response = jsonify(_envelope(error))
     response.status_code = status

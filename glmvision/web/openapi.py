@@ -11,7 +11,7 @@ from flask.wrappers import Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from glmvision.core.errors import OPENAI_PATHS, error_type
+from glmvision.core.errors import ERRORS, OPENAI_PATHS
 from glmvision.core.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -28,78 +28,6 @@ from glmvision.web.protocol import ChatCompletionRequest, SeedChatRequest, Visio
 bp = Blueprint("openapi", __name__)
 
 REF = "#/components/schemas/{model}"
-
-# Every error code the service sends: its HTTP status and when (the README's error table).
-ERROR_CODES: dict[str, tuple[int, str]] = {
-    "invalid_json": (400, "The body is not valid JSON."),
-    "invalid_body": (400, "The JSON body is not an object."),
-    "missing_field": (400, "A required field is absent."),
-    "invalid_type": (400, "A field has the wrong type."),
-    "invalid_value": (400, "A field's value is out of range."),
-    "json_too_deep": (400, "Arrays and objects in the body nest deeper than GLMVISION_MAX_JSON_DEPTH."),
-    "prompt_too_long": (
-        400,
-        "The prompt is over GLMVISION_MAX_PROMPT_CHARS, or over GLMVISION_MAX_PROMPT_TOKENS tokens after "
-        "the chat template (images included).",
-    ),
-    "too_many_messages": (400, "More messages than GLMVISION_MAX_MESSAGES."),
-    "invalid_schema": (400, "The JSON schema cannot be compiled into a grammar."),
-    "schema_too_large": (400, "The JSON schema is over GLMVISION_MAX_SCHEMA_BYTES."),
-    "schema_too_complex": (
-        400,
-        "The JSON schema is over a GLMVISION_SCHEMA_MAX_* limit, took over GLMVISION_GRAMMAR_TIMEOUT to "
-        "compile, or compiled too large.",
-    ),
-    "schema_unsupported": (400, "A keyword the grammar cannot enforce, or no finite document satisfies it."),
-    "invalid_base64": (400, "The image is not strict base64."),
-    "unsupported_image_format": (400, "Not PNG/JPEG/WebP/GIF/BMP, or a non-image data URL."),
-    "invalid_image": (400, "Corrupt or truncated image data."),
-    "unsupported_aspect_ratio": (400, "One side more than 200x the other."),
-    "image_rejected": (400, "The model's processor refused the image."),
-    "too_many_images": (400, "More images than GLMVISION_MAX_IMAGES in one request."),
-    "image_url_disabled": (400, "An http(s) image URL while GLMVISION_IMAGE_URL_DOMAINS is empty."),
-    "image_url_invalid": (400, "Not an http(s) URL, user info, numeric host forms, bad port."),
-    "image_url_domain_not_allowed": (400, "The host (of the URL or a redirect) is not allowed."),
-    "image_url_blocked": (400, "The host resolves to a refused address."),
-    "image_url_too_many_redirects": (400, "More than GLMVISION_IMAGE_URL_MAX_REDIRECTS redirects."),
-    "image_url_upstream_status": (400, "The image server answered with a non-2xx status."),
-    "image_url_not_image": (400, "The image server's content type is not image/*."),
-    "image_url_timeout": (400, "The download took longer than GLMVISION_IMAGE_URL_TIMEOUT."),
-    "image_url_unreachable": (400, "DNS failure, connection refused, TLS failure, broken HTTP."),
-    "unknown_tool": (400, "`tool_choice` names a function that is not among `tools`."),
-    "upstream_rejected": (400, "GLMVISION_BACKEND=openai: the upstream engine refused the request (4xx)."),
-    "bad_request": (400, "Any other malformed request."),
-    "missing_api_key": (401, "Keys are configured and none was sent."),
-    "invalid_api_key": (401, "The key sent is not one of them."),
-    "not_found": (404, "No such endpoint."),
-    "model_not_found": (404, "`model` is not the served id, an alias, or `<id>:<name>` of a loaded adapter."),
-    "adapter_not_found": (404, "`adapter` names no adapter in GLMVISION_LORA."),
-    "method_not_allowed": (405, "The endpoint does not take this method."),
-    "request_too_large": (413, "The body is over GLMVISION_MAX_BODY_MB."),
-    "image_too_large": (413, "The image is over GLMVISION_MAX_IMAGE_PIXELS (checked before decoding)."),
-    "image_url_too_large": (413, "The download is over GLMVISION_IMAGE_URL_MAX_MB."),
-    "unsupported_media_type": (415, "The body was not sent as application/json."),
-    "ip_not_allowed": (403, "The client address is outside GLMVISION_ALLOWED_IPS."),
-    "rate_limit_exceeded": (429, "Over GLMVISION_RATE_LIMIT; Retry-After says when to retry."),
-    "circuit_open": (429, "This client's recent requests timed out in a row; Retry-After says how long."),
-    "ratelimit_unavailable": (503, "The rate-limit storage is down and GLMVISION_RATELIMIT_FAIL=closed."),
-    "internal_error": (500, "A bug on the server's side (logged with its trace)."),
-    "overloaded": (503, "The worker's queue is full; Retry-After estimates when it drains."),
-    "queue_timeout": (503, "The request waited longer than GLMVISION_QUEUE_TIMEOUT for the model."),
-    "request_timeout": (504, "GLMVISION_REQUEST_TIMEOUT passed before the first token."),
-    "model_loading": (503, "The model is still loading; Retry-After."),
-    "model_unavailable": (503, "The model failed to load; Retry-After."),
-    "gpu_out_of_memory": (503, "The GPU ran out of memory for this request; Retry-After."),
-    "engine_failed": (503, "The model thread failed; the worker is being replaced. Retry-After."),
-    "row_failed": (503, "This request's own part of a batch failed; the others went on. Retry-After."),
-    "preprocessing_busy": (503, "Every input processor stayed busy; Retry-After."),
-    "grammar_busy": (503, "Every grammar compiler stayed busy for GLMVISION_GRAMMAR_TIMEOUT; Retry-After."),
-    "client_closed": (499, "Logged only: the client hung up while its schema compiled."),
-    "upstream_unavailable": (
-        503,
-        "GLMVISION_BACKEND=openai: the upstream engine is down, slow or failing; Retry-After.",
-    ),
-}
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
 GUARDED = ("ip_not_allowed",)
@@ -128,7 +56,7 @@ IMAGE = (
     "unsupported_aspect_ratio",
     "image_rejected",
     "image_too_large",
-    *(code for code in ERROR_CODES if code.startswith("image_url_")),
+    *(code for code in ERRORS if code.startswith("image_url_")),
 )
 GENERATION = (
     "circuit_open",
@@ -260,8 +188,7 @@ def _component_schemas() -> tuple[dict[str, Any], dict[tuple[type[BaseModel], st
         "description": "Every error code, with its HTTP status and meaning.",
         "type": "string",
         "oneOf": [
-            {"const": code, "description": f"{status}: {meaning}"}
-            for code, (status, meaning) in ERROR_CODES.items()
+            {"const": code, "description": f"{spec.status}: {spec.meaning}"} for code, spec in ERRORS.items()
         ],
     }
     return schemas, refs
@@ -280,7 +207,7 @@ def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any])
     envelope = ErrorResponse if route.path.startswith(OPENAI_PATHS) else NativeErrorResponse
     by_status: dict[int, list[str]] = {}
     for code in (*route.codes, "internal_error"):
-        by_status.setdefault(ERROR_CODES[code][0], []).append(code)
+        by_status.setdefault(ERRORS[code].status, []).append(code)
     responses: dict[str, Any] = {}
     for status, codes in sorted(by_status.items()):
         narrowed = {
@@ -288,11 +215,11 @@ def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any])
             "properties": {
                 "error": {
                     "type": "object",
-                    "properties": {"code": {"enum": codes}, "type": {"const": error_type(status)}},
+                    "properties": {"code": {"enum": codes}, "type": {"const": ERRORS[codes[0]].type}},
                 }
             },
         }
-        listed = "\n".join(f"- `{code}`: {ERROR_CODES[code][1]}" for code in codes)
+        listed = "\n".join(f"- `{code}`: {ERRORS[code].meaning}" for code in codes)
         response: dict[str, Any] = {
             "description": listed,
             "content": {
