@@ -172,7 +172,7 @@ class UpstreamBackend:
     def stall(self, seconds: float) -> None:
         """Nothing to replace: requests to a stuck upstream time out by themselves."""
 
-    # Load and gauges.
+    # Load (the drain rate behind Retry-After).
 
     def _drain_rate(self) -> float:
         now = time.monotonic()
