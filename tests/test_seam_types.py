@@ -59,8 +59,10 @@ def test_mypy_passes_on_the_seam_and_refuses_a_backend_short_of_it(tmp_path: Pat
     assert "glmvision/backends/local/backend.py" in files and "glmvision/core/backend.py" in files
     probe = tmp_path / "short_backend.py"
     probe.write_text(SHORT_BACKEND)
+    # A cache of its own: a shared one replays the probe's errors under an earlier run's path.
+    mypy = [sys.executable, "-m", "mypy", "--config-file=setup.cfg", f"--cache-dir={tmp_path / 'cache'}"]
     run = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", "setup.cfg", *files, str(probe)],
+        [*mypy, *files, str(probe)],
         cwd=ROOT,
         capture_output=True,
         text=True,
