@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from glmvision.core.backend import GpuMemory, Snapshot
+from glmvision.core.backend import Capabilities, GpuMemory, Health, ModelDescription, Snapshot
 from glmvision.core.generation import Delta, Generation
 from glmvision.ops.metrics import REJECTION_REASONS, Metrics
 from glmvision.ops.record import ImageStat, RequestRecord, request_id_from
@@ -82,8 +82,8 @@ class StallingBackend:
     stalled: float = 0.0
     stalls: list[float] = field(default_factory=list)
 
-    def stalled_for(self, now: float) -> float:
-        return self.stalled
+    def health(self) -> Health:
+        return Health(True, "ready", stalled_s=self.stalled)
 
     def stall(self, seconds: float) -> None:
         self.stalls.append(seconds)
@@ -177,14 +177,12 @@ class GaugeBackend:
     snap: Snapshot
     on_batch: Any = None
 
-    def snapshot(self) -> Snapshot:
-        return self.snap
+    def health(self) -> Health:
+        return Health(self.snap.loaded, "ready" if self.snap.loaded else "loading", gauges=self.snap)
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": "glm-4.6v-flash", "device": "cuda:0", "dtype": "bfloat16", "demo": False}
-
-    def model_revision(self) -> str:
-        return "abc123"
+    def capabilities(self) -> Capabilities:
+        model = ModelDescription("glm-4.6v-flash", False, "cuda:0", "bfloat16")
+        return Capabilities(("glm-4.6v-flash",), model, (), revision="abc123")
 
 
 def test_gauges_follow_the_backend_and_empty_cache_calls_count_once() -> None:

@@ -240,7 +240,7 @@ def test_a_refused_connection_is_upstream_unavailable(make_app: Callable[..., Fl
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.get_json()["status"] == "unhealthy"
-    assert app.extensions["glmvision"].backend.occupancy() == 0  # every place given back
+    assert app.extensions["glmvision"].backend.health().occupancy == 0  # every place given back
 
 
 def test_a_wrong_key_is_upstream_unavailable_not_the_clients_fault(
@@ -278,7 +278,7 @@ def test_an_upstream_killed_mid_stream_ends_the_stream_with_an_error(
         assert not any(p["choices"][0]["finish_reason"] for p in payloads if p.get("choices"))
         backend = app.extensions["glmvision"].backend
         assert backend.counters.unavailable == 1
-        assert backend.occupancy() == 0
+        assert backend.health().occupancy == 0
         # /readyz follows the upstream down (its probe is cached for a couple of seconds).
         assert wait_for(lambda: client.get("/readyz").status_code == 503, timeout=10)
 
@@ -581,7 +581,7 @@ def test_our_model_id_fronts_the_upstreams(make_app: Callable[..., Flask], upstr
     assert answer.get_json()["model"] == "a"
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["model"] == "ours"
     # Upstream it is still the upstream's id: a name it does not know would be refused there.
-    assert app.extensions["glmvision"].backend.model_revision().endswith(":" + MODEL_ID)
+    assert app.extensions["glmvision"].backend.capabilities().revision.endswith(":" + MODEL_ID)
 
 
 def test_a_slow_upstream_is_unavailable_and_not_ready(

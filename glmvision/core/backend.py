@@ -1,5 +1,5 @@
-"""The seam between the HTTP side and whatever generates answers (the in-process model, or later
-an upstream engine): admission, preparing inputs, submitting them, and describing the model."""
+"""The seam between the HTTP side and whatever generates answers (the in-process model, an upstream
+engine, later an engine process): admission, submitting a generation, its health and capabilities."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from glmvision.core.errors import out_of_time, unavailable
 from glmvision.core.generation import AnswerStream, GenerationParams
@@ -191,17 +191,6 @@ class Admission:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """Inputs ready for `Backend.submit`, and the name of the model that will answer."""
-
-    model_id: str
-    inputs: Any
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
-    visual_tokens: int = 0  # prompt tokens that stand for image patches
-    constraint: Any = None  # the backend's compiled form of the request's Constraint, if any
-
-
-@dataclass(frozen=True)
 class GpuMemory:
     """One device's memory as torch sees it, in bytes."""
 
@@ -225,52 +214,104 @@ class Snapshot:
     upstream_failures: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """The model as /v1/models and /readyz describe it: its id, whether it is the demo, where it runs."""
+
+    id: str
+    demo: bool
+    device: str | None
+    dtype: str | None
+
+    def as_dict(self) -> dict[str, str | bool | None]:
+        return {"id": self.id, "demo": self.demo, "device": self.device, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend serves; it changes only as its model loads (device, dtype, image fit, revision)."""
+
+    model_names: tuple[str, ...]  # the served model id first, then the aliases clients may use
+    model: ModelDescription
+    # The LoRA adapters a request may name; None: any name, passed on to an engine that knows its own.
+    adapters: tuple[str, ...] | None
+    # The size the model resizes images to, once known, so they are decoded to it directly.
+    image_fit: Fit | None = None
+    # What identifies the weights answering (for the response cache); None until loaded.
+    revision: str | None = None
+
+
+# /readyz's status: ready, or why not.
+ReadyStatus = Literal["ready", "loading", "failed", "not_loaded", "unhealthy"]
+
+
+@dataclass(frozen=True)
+class Health:
+    """A backend's state at one moment: readiness for /readyz, load, gauges for /metrics, progress."""
+
+    ready: bool
+    status: ReadyStatus
+    model: ModelDescription | None = None  # once loaded
+    engine: Mapping[str, int | float | str] | None = None  # the engine's counters, once loaded
+    occupancy: float = 0.0  # the share of the admission capacity in use (0..1)
+    gauges: Snapshot = Snapshot(loaded=False)
+    gpu_peak: int | None = None  # peak GPU bytes allocated since the engine was last idle; None off GPU
+    stalled_s: float = 0.0  # seconds without progress while work waits (0 when idle or not loaded)
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """(ready, the rest of the /readyz body)."""
+        details: dict[str, object] = {"status": self.status}
+        if self.model is not None:
+            details["model"] = self.model.as_dict()
+        if self.engine is not None:
+            details["engine"] = dict(self.engine)
+        return self.ready, details
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One generation asked of a backend: chat messages (images as PIL images) and how to sample."""
+
+    messages: list[dict[str, Any]]  # the chat template's own shape: roles, text and image parts
+    params: GenerationParams
+    param: str = "image"  # the request field an image the model refuses came from
+    streamed: bool = True  # False when only the whole answer will be read (a backend may fetch it whole)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A queued generation: its stream, and what preparing its inputs found."""
+
+    stream: AnswerStream
+    model_id: str  # the name of the model answering (an adapter's included)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
+    visual_tokens: int = 0  # prompt tokens that stand for image patches
+    prepared_at: float = 0.0  # time.perf_counter() when the inputs were ready (preprocessing ends there)
+
+
 class Backend(Protocol):
-    """What the pipeline needs from whatever generates answers."""
+    """What the HTTP side needs from whatever generates answers: describe it, check it, admit, submit.
+
+    Cancelling is on what `admit` and `submit` return: `Ticket.abandon` gives back the place of a request
+    that never reached the model, `AnswerStream.close` stops a generation (its ticket is then released).
+    """
 
     # Called when the backend can no longer serve (its model thread died); gunicorn exits the worker.
     on_fatal: Callable[[], None]
     # Called with the rows of each model call (the batch-size metric).
     on_batch: Callable[[int], None]
 
-    def model_names(self) -> tuple[str, ...]:
-        """The served model id first, then the aliases clients may use."""
+    def capabilities(self) -> Capabilities:
+        """Model names, card, adapters, image fit and revision; never waits on the model."""
         ...
 
-    def model_card(self) -> dict[str, Any]:
-        """The model as /v1/models lists it (id, demo, device, dtype, ready)."""
-        ...
-
-    def adapters(self) -> tuple[str, ...] | None:
-        """The LoRA adapters a request may name; None: any name, passed on to an engine that knows its own."""
-        ...
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, details) for /readyz; never waits."""
+    def health(self) -> Health:
+        """Readiness, occupancy and gauges; never waits on the model (an upstream one is asked at most
+        every couple of seconds, by one caller at a time, with a short timeout)."""
         ...
 
     def warm_up(self) -> None:
         """Start loading or connecting in the background."""
-        ...
-
-    def model_revision(self) -> str | None:
-        """What identifies the weights answering (for the response cache); None until loaded."""
-        ...
-
-    def occupancy(self) -> float:
-        """The share of the admission capacity in use (0..1)."""
-        ...
-
-    def snapshot(self) -> Snapshot:
-        """Gauges for /metrics: loaded, queue, GPU memory."""
-        ...
-
-    def gpu_peak(self) -> int | None:
-        """Peak GPU bytes allocated since the engine was last idle; None off GPU."""
-        ...
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds without progress while work waits (0 when idle or not loaded)."""
         ...
 
     def stall(self, seconds: float) -> None:
@@ -281,20 +322,7 @@ class Backend(Protocol):
         """Take a place for a new request or raise 503 `overloaded`; never waits."""
         ...
 
-    def image_fit(self) -> Fit | None:
-        """The size the model resizes images to, once known, so they are decoded to it directly."""
-        ...
-
-    def prepare(
-        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
-    ) -> Prepared:
-        """Turn chat messages (images as PIL images) into model inputs, waiting at most until the deadline;
-        `param` names the request field an image the model refuses came from."""
-        ...
-
-    def submit(
-        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
-    ) -> AnswerStream:
-        """Queue prepared inputs; the stream yields the answer, and the ticket is released when it ends.
-        `streamed` is False when only the whole answer will be read (a backend may fetch it whole)."""
+    def submit(self, submission: Submission, ticket: Ticket) -> Submitted:
+        """Prepare the inputs (waiting at most until the ticket's deadline) and queue them; the stream
+        yields the answer, and the ticket is released when it ends."""
         ...

@@ -116,12 +116,32 @@ class Delta:
 class AnswerStream(Protocol):
     """One generation as the pipeline reads it: deltas as they come, or the whole answer at once."""
 
-    queued_at: float | None  # when it was queued for the model
-    started_at: float | None  # when the model began on it (None: no model call, as for a cache hit)
-    first_token_at: float | None
-    ended_at: float | None
-    prompt_tokens: int
-    result: Generation | None  # the whole answer, once the stream has ended
+    # Read-only properties, not attributes: a stream whose `queued_at` is always a float (or always None,
+    # as a cache hit's) satisfies them, where a mutable protocol attribute must match its type exactly.
+
+    @property
+    def queued_at(self) -> float | None:
+        """When it was queued for the model (time.monotonic())."""
+        ...
+
+    @property
+    def started_at(self) -> float | None:
+        """When the model began on it (None: no model call, as for a cache hit)."""
+        ...
+
+    @property
+    def first_token_at(self) -> float | None: ...
+
+    @property
+    def ended_at(self) -> float | None: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def result(self) -> Generation | None:
+        """The whole answer, once the stream has ended."""
+        ...
 
     @property
     def token_ids(self) -> list[int]:
@@ -144,4 +164,3 @@ class AnswerStream(Protocol):
     def close(self) -> None:
         """Stop generating (the client left); the backend frees its place."""
         ...
-

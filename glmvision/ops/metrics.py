@@ -191,7 +191,7 @@ class Metrics:
     def sample(self) -> None:
         """Read the backend's gauges into this worker's series."""
         with self._sample_lock:
-            snap = self._backend.snapshot()
+            snap = self._backend.health().gauges
             self.model_loaded.set(1 if snap.loaded else 0)
             self.queue_depth.set(snap.queued)
             self.running.set(snap.running)
@@ -209,13 +209,14 @@ class Metrics:
                 self.gpu_reserved.labels(gpu.device).set(gpu.reserved)
                 self.gpu_total.labels(gpu.device).set(gpu.total)
             if snap.loaded and self._info_labels is None:
-                card = self._backend.model_card()
+                capabilities = self._backend.capabilities()
+                card = capabilities.model
                 labels = (
-                    str(card.get("id")),
-                    str(self._backend.model_revision() or ""),
-                    str(card.get("device")),
-                    str(card.get("dtype")),
-                    "true" if card.get("demo") else "false",
+                    str(card.id),
+                    str(capabilities.revision or ""),
+                    str(card.device),
+                    str(card.dtype),
+                    "true" if card.demo else "false",
                 )
                 self.model_info.labels(*labels).set(1)
                 self._info_labels = labels

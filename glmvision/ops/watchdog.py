@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 
 from glmvision.core.backend import Backend
 
@@ -16,13 +14,10 @@ log = logging.getLogger("glmvision")
 class Watchdog:
     """Checks a backend's progress every few seconds; at the first stall, fails it once and stops."""
 
-    def __init__(
-        self, stall_seconds: float, backend: Backend, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, stall_seconds: float, backend: Backend) -> None:
         self.stall_seconds = stall_seconds
         self.interval = max(0.1, min(5.0, stall_seconds / 4))
         self._backend = backend
-        self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fired = False
@@ -31,7 +26,7 @@ class Watchdog:
         """Fail the backend if it has stalled for too long; True if it did."""
         if self.fired:
             return True
-        stalled = self._backend.stalled_for(self._clock())
+        stalled = self._backend.health().stalled_s
         if stalled < self.stall_seconds:
             return False
         self.fired = True

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from glmvision.core.backend import Ticket
+from glmvision.core.backend import Submission, Ticket
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, bad_request
 from glmvision.core.generation import (
@@ -398,7 +398,7 @@ def answer(
         if remembered is not None:
             return remembered
         # Once the model is known, images go straight to the size its processor wants.
-        fit = backend.image_fit()
+        fit = backend.capabilities().image_fit
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         if record is not None:
             record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
@@ -406,11 +406,12 @@ def answer(
         if answered is not None:
             return chat, answered
         try:
-            prepared = backend.prepare(to_messages(chat.turns), params, ticket, image_param)
+            submission = Submission(to_messages(chat.turns), params, image_param, streamed)
+            prepared = backend.submit(submission, ticket)
             if record is not None:
-                record.preprocess_s = time.perf_counter() - started
+                record.preprocess_s = prepared.prepared_at - started
                 record.visual_tokens = prepared.visual_tokens
-            stream = backend.submit(prepared, params, ticket, streamed)
+            stream = prepared.stream
         except APIError as exc:
             if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
                 raise
@@ -466,7 +467,7 @@ def _fixed(
     """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
     ticket.release()
     return Answer(
-        model_name(state.backend.model_names()[0], chat.params.adapter),
+        model_name(state.backend.capabilities().model_names[0], chat.params.adapter),
         FixedStream(generation),
         time.perf_counter(),
         _model_sizes(state, chat),
@@ -493,7 +494,7 @@ def _source_key(
     cache = state.cache
     if cache is None or not cacheable(params):
         return None
-    revision = state.backend.model_revision()
+    revision = state.backend.capabilities().revision
     if revision is None:
         return None
     rendered: list[dict[str, Any]] = []
@@ -516,7 +517,12 @@ def _source_key(
         "scope": cache_scope(state.settings, current_record()),
     }
     return make_key(
-        state.backend.model_names()[0], revision, [], rendered, {**asdict(params), **limits}, False
+        state.backend.capabilities().model_names[0],
+        revision,
+        [],
+        rendered,
+        {**asdict(params), **limits},
+        False,
     )
 
 
@@ -559,7 +565,7 @@ def _remembered_image(sizes: tuple[int, int, int, int]) -> DecodedImage:
 
 def _model_sizes(state: Service, chat: ChatInput) -> list[tuple[int, int]]:
     """The sizes the model would see the images at, without running its processor."""
-    fit = state.backend.image_fit()
+    fit = state.backend.capabilities().image_fit
     return [fit(*image.resized_to) if fit else image.resized_to for image in chat.images]
 
 
@@ -575,7 +581,7 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
     cache = state.cache
     if cache is None or not cacheable(chat.params):
         return None
-    revision = state.backend.model_revision()
+    revision = state.backend.capabilities().revision
     if revision is None:  # not loaded: images were not decoded to the model's size, so skip
         return None
     if record is not None and record.cache_key is not None:
@@ -583,7 +589,7 @@ def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) ->
     from glmvision.serving.cache import make_key
 
     key = make_key(
-        state.backend.model_names()[0],
+        state.backend.capabilities().model_names[0],
         revision,
         [image.image for image in chat.images],
         conversation(chat.turns),

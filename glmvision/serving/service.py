@@ -77,7 +77,7 @@ def admit() -> Ticket:
     if (
         record is not None
         and settings.degrade == "shrink"
-        and state.backend.occupancy() >= settings.degrade_queue_fraction
+        and state.backend.health().occupancy >= settings.degrade_queue_fraction
     ):
         record.degraded = True
     ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time

@@ -112,7 +112,7 @@ def _redactor(settings: Settings) -> Redactor | None:
 def _finish(state: Service, record: RequestRecord) -> None:
     """After the response: the GPU peak for the log, the circuit breaker's count."""
     if record.finish_reason is not None and record.cache != "hit":
-        record.gpu_peak_bytes = state.backend.gpu_peak()
+        record.gpu_peak_bytes = state.backend.health().gpu_peak
     service.record_outcome(state, record)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable
-from typing import Any
 
 from glmvision.backends.local.continuous import ContinuousEngine
 from glmvision.backends.local.engine import QueueEngine, engine_failed
@@ -17,19 +17,22 @@ from glmvision.backends.local.static import StaticEngine
 from glmvision.backends.local.vram import cuda_module, memory_report
 from glmvision.core.backend import (
     Admission,
+    Capabilities,
     GpuMemory,
+    Health,
+    ModelDescription,
     PreparationSlots,
-    Prepared,
+    ReadyStatus,
     Snapshot,
+    Submission,
+    Submitted,
     Ticket,
     preparing_slots,
 )
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError
 from glmvision.core.generation import GenerationParams
-from glmvision.core.images import Fit
 from glmvision.core.lora import model_name
-from glmvision.postprocess.stream import GenerationStream
 
 log = logging.getLogger("glmvision")
 
@@ -110,59 +113,44 @@ class LocalBackend:
     def _drain_rate(self) -> float:
         return self.engine.stats.drain_rate if self.engine is not None else 0.0
 
-    def model_names(self) -> tuple[str, ...]:
-        served = model_id_for(self.settings.model, self.settings.model_id)
-        return (served, *self.settings.model_aliases)
+    # What it serves, and how it is.
 
-    def adapters(self) -> tuple[str, ...] | None:
-        return self._adapters
-
-    def model_card(self) -> dict[str, Any]:
+    def capabilities(self) -> Capabilities:
         loaded = self.holder.loaded
-        if loaded is not None:
-            return {**loaded.info(), "ready": True}
-        return {
-            "id": self.model_names()[0],
-            "demo": is_demo(self.settings.model),
-            "device": None,
-            "dtype": None,
-            "ready": False,
-        }
+        names = (model_id_for(self.settings.model, self.settings.model_id), *self.settings.model_aliases)
+        if loaded is None:
+            model = ModelDescription(names[0], is_demo(self.settings.model), None, None)
+            return Capabilities(names, model, self._adapters)
+        model = ModelDescription(loaded.model_id, loaded.demo, loaded.device, loaded.dtype)
+        revision = f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
+        return Capabilities(names, model, self._adapters, loaded.fit_image, revision)
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        loaded, holder = self.holder.loaded, self.holder
-        if loaded is None or self.engine is None:
-            status = "loading" if holder.loading else ("failed" if holder.error else "not_loaded")
-            return False, {"status": status}
-        engine = {"queued": self.engine.queued(), **self.engine.stats.as_dict(), **self.admission.as_dict()}
-        if self.engine.failed is not None:
-            engine["error"] = self.engine.failed
-            return False, {"status": "unhealthy", "model": loaded.info(), "engine": engine}
-        return True, {"status": "ready", "model": loaded.info(), "engine": engine}
-
-    def warm_up(self) -> None:
-        self.holder.warm_up()
-
-    def admit(self) -> Ticket:
-        if self.engine is not None and self.engine.failed is not None:
-            raise engine_failed()
-        return self.admission.admit()
-
-    def image_fit(self) -> Fit | None:
-        loaded = self.holder.loaded
-        return loaded.fit_image if loaded is not None else None
-
-    def model_revision(self) -> str | None:
-        loaded = self.holder.loaded
-        return None if loaded is None else f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
-
-    def occupancy(self) -> float:
-        return self.admission.active / self.admission.capacity
-
-    def snapshot(self) -> Snapshot:
-        loaded, engine = self.holder.loaded, self.engine
+    def health(self) -> Health:
+        loaded, engine, holder = self.holder.loaded, self.engine, self.holder
+        occupancy = self.admission.active / self.admission.capacity
         if loaded is None or engine is None:
-            return Snapshot(loaded=False, active=self.admission.active)
+            status: ReadyStatus = "failed" if holder.error else "not_loaded"
+            if holder.loading:
+                status = "loading"
+            gauges = Snapshot(loaded=False, active=self.admission.active)
+            return Health(False, status, occupancy=occupancy, gauges=gauges)
+        model = ModelDescription(loaded.model_id, loaded.demo, loaded.device, loaded.dtype)
+        counters = {"queued": engine.queued(), **engine.stats.as_dict(), **self.admission.as_dict()}
+        failed = engine.failed
+        if failed is not None:
+            counters["error"] = failed
+        return Health(
+            failed is None,
+            "ready" if failed is None else "unhealthy",
+            model,
+            counters,
+            occupancy,
+            self._gauges(loaded, engine),
+            self._gpu_peak(loaded),
+            engine.stalled_for(time.monotonic()) if failed is None else 0.0,
+        )
+
+    def _gauges(self, loaded: LoadedModel, engine: QueueEngine) -> Snapshot:
         gpus: tuple[GpuMemory, ...] = ()
         if loaded.device.startswith("cuda"):
             try:
@@ -181,9 +169,8 @@ class LocalBackend:
             gpus=gpus,
         )
 
-    def gpu_peak(self) -> int | None:
-        loaded = self.holder.loaded
-        if loaded is None or not loaded.device.startswith("cuda"):
+    def _gpu_peak(self, loaded: LoadedModel) -> int | None:
+        if not loaded.device.startswith("cuda"):
             return None
         try:
             return int(cuda_module().max_memory_allocated(loaded.device))
@@ -191,19 +178,24 @@ class LocalBackend:
             log.debug("reading the GPU memory peak failed", exc_info=True)
             return None
 
-    def stalled_for(self, now: float) -> float:
-        engine = self.engine
-        if engine is None or engine.failed is not None:
-            return 0.0
-        return engine.stalled_for(now)
+    # Lifecycle.
+
+    def warm_up(self) -> None:
+        self.holder.warm_up()
 
     def stall(self, seconds: float) -> None:
         if self.engine is not None:
             self.engine.stall(seconds)
 
-    def prepare(
-        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
-    ) -> Prepared:
+    # Requests.
+
+    def admit(self) -> Ticket:
+        if self.engine is not None and self.engine.failed is not None:
+            raise engine_failed()
+        return self.admission.admit()
+
+    def submit(self, submission: Submission, ticket: Ticket) -> Submitted:
+        params, param = submission.params, submission.param
         loaded = self.holder.get(timeout=min(self.settings.load_timeout, ticket.remaining()))
         constraint = None
         if params.constraint is not None:  # compiled before queueing: a bad schema is the client's 400
@@ -214,10 +206,15 @@ class LocalBackend:
                 # ends it. Meanwhile other requests may prepare: this one only waits.
                 with ticket.slot_lent():
                     constraint = grammars.compile(params.constraint, ticket.deadline, ticket.client_gone)
-        inputs = loaded.prepare(messages, params.enable_thinking, param, params.tools)
+        inputs = loaded.prepare(submission.messages, params.enable_thinking, param, params.tools)
         self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
-        return Prepared(model_name(loaded.model_id, params.adapter), inputs, sizes, visual, constraint)
+        prepared_at = time.perf_counter()
+        if self.engine is None:
+            raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
+        self.admission.submitted(ticket)
+        stream = self.engine.submit(inputs, params, ticket, constraint)
+        return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
 
     def _check_prompt_tokens(
         self, tokens: int, loaded: LoadedModel, params: GenerationParams, param: str
@@ -233,11 +230,3 @@ class LocalBackend:
                 f"(the model's context is {loaded.context_tokens} tokens)."
             )
             raise APIError(400, "prompt_too_long", message, where)
-
-    def submit(
-        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
-    ) -> GenerationStream:
-        if self.engine is None:
-            raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
-        self.admission.submitted(ticket)
-        return self.engine.submit(prepared.inputs, params, ticket, prepared.constraint)

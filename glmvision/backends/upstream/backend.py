@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from glmvision.backends.upstream.client import (
@@ -17,13 +18,22 @@ from glmvision.backends.upstream.client import (
     upstream_down,
 )
 from glmvision.backends.upstream.stream import UpstreamStream
-from glmvision.core.backend import Admission, PreparationSlots, Prepared, Snapshot, Ticket, preparing_slots
+from glmvision.core.backend import (
+    Admission,
+    Capabilities,
+    Health,
+    ModelDescription,
+    PreparationSlots,
+    Snapshot,
+    Submission,
+    Submitted,
+    Ticket,
+    preparing_slots,
+)
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, unavailable
 from glmvision.core.generation import Constraint, GenerationParams
-from glmvision.core.images import Fit
 from glmvision.core.lora import model_name
-from glmvision.postprocess.stream import GenerationStream
 
 log = logging.getLogger("glmvision")
 
@@ -32,6 +42,16 @@ PROBE_EVERY = 2.0
 PROBE_TIMEOUT = 0.8
 # Finished requests over this many seconds make the drain rate behind Retry-After.
 RATE_WINDOW = 30.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request as the upstream will be sent it, and the name we answer it under."""
+
+    model_id: str
+    upstream_model: str  # the model (or adapter) the upstream is asked for
+    messages: list[dict[str, Any]]  # in OpenAI's shape
+    image_sizes: list[tuple[int, int]]
 
 
 def upstream_format(constraint: Constraint) -> dict[str, Any]:
@@ -105,26 +125,20 @@ class UpstreamBackend:
             raise self.counters.count(upstream_down("The upstream engine lists no model yet; retry shortly."))
         return self._model
 
-    def model_names(self) -> tuple[str, ...]:
+    def _model_names(self) -> tuple[str, ...]:
         if self._model is None:
             self._probed()
         served = self.settings.model_id or self._model or self.settings.upstream_model or "upstream"
         return (served, *self.settings.model_aliases)
 
-    def adapters(self) -> tuple[str, ...] | None:
-        return None  # the upstream serves its own LoRA modules by name
+    def capabilities(self) -> Capabilities:
+        names = self._model_names()
+        revision = None if self._model is None else f"upstream:{self.client.base_url}:{self._model}"
+        # No adapters list: the upstream serves its own LoRA modules by name. No image fit: its processor
+        # resizes; we only cap sides at GLMVISION_MAX_IMAGE_SIDE.
+        return Capabilities(names, ModelDescription(names[0], False, "upstream", None), None, None, revision)
 
-    def model_card(self) -> dict[str, Any]:
-        ready, _ = self._probed()
-        return {
-            "id": self.model_names()[0],
-            "demo": False,
-            "device": "upstream",
-            "dtype": None,
-            "ready": ready,
-        }
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
+    def health(self) -> Health:
         ready, why = self._probed()
         engine: dict[str, int | float | str] = {
             "upstream": self.client.base_url,
@@ -133,19 +147,32 @@ class UpstreamBackend:
             "rejected": self.counters.rejected,
             **self.admission.as_dict(),
         }
-        model = {"id": self.model_names()[0], "demo": False, "device": "upstream", "dtype": None}
         if not ready:
             engine["error"] = why or "the upstream does not answer"
-            return False, {"status": "unhealthy", "model": model, "engine": engine}
-        return True, {"status": "ready", "model": model, "engine": engine}
+        failures = (
+            ("upstream_unavailable", self.counters.unavailable),
+            ("upstream_rejected", self.counters.rejected),
+        )
+        gauges = Snapshot(
+            loaded=ready, running=self.running, active=self.admission.active, upstream_failures=failures
+        )
+        return Health(
+            ready,
+            "ready" if ready else "unhealthy",
+            ModelDescription(self._model_names()[0], False, "upstream", None),
+            engine,
+            self.admission.active / self.admission.capacity,
+            gauges,
+            # No GPU here, and no stall to watch for: every upstream wait has its own timeout.
+        )
 
     def warm_up(self) -> None:
         threading.Thread(target=self._probed, name="glmvision-upstream-probe", daemon=True).start()
 
-    def model_revision(self) -> str | None:
-        return None if self._model is None else f"upstream:{self.client.base_url}:{self._model}"
+    def stall(self, seconds: float) -> None:
+        """Nothing to replace: requests to a stuck upstream time out by themselves."""
 
-    # Load and gauges.
+    # Load (the drain rate behind Retry-After).
 
     def _drain_rate(self) -> float:
         now = time.monotonic()
@@ -154,41 +181,12 @@ class UpstreamBackend:
                 self._ended.popleft()
             return len(self._ended) / RATE_WINDOW
 
-    def occupancy(self) -> float:
-        return self.admission.active / self.admission.capacity
-
-    def snapshot(self) -> Snapshot:
-        failures = (
-            ("upstream_unavailable", self.counters.unavailable),
-            ("upstream_rejected", self.counters.rejected),
-        )
-        return Snapshot(
-            loaded=self._probe[0],
-            running=self.running,
-            active=self.admission.active,
-            upstream_failures=failures,
-        )
-
-    def gpu_peak(self) -> int | None:
-        return None
-
-    def stalled_for(self, now: float) -> float:
-        return 0.0  # every upstream wait has its own timeout
-
-    def stall(self, seconds: float) -> None:
-        """Nothing to replace: requests to a stuck upstream time out by themselves."""
-
     # Requests.
 
     def admit(self) -> Ticket:
         return self.admission.admit()
 
-    def image_fit(self) -> Fit | None:
-        return None  # the upstream's processor resizes; we only cap sides at GLMVISION_MAX_IMAGE_SIDE
-
-    def prepare(
-        self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket, param: str = "image"
-    ) -> Prepared:
+    def _prepare(self, messages: list[dict[str, Any]], params: GenerationParams, ticket: Ticket) -> Prepared:
         sizes = [
             part["image"].size
             for message in messages
@@ -198,14 +196,15 @@ class UpstreamBackend:
         ]
         # An adapter is asked for by its own name, as vLLM's --lora-modules serves it.
         model = params.adapter or self._upstream_model(ticket)
-        inputs = {"model": model, "messages": openai_messages(messages)}
         # Named as we serve it (GLMVISION_MODEL_ID).
-        return Prepared(model_name(self.model_names()[0], params.adapter), inputs, sizes)
+        return Prepared(
+            model_name(self._model_names()[0], params.adapter), model, openai_messages(messages), sizes
+        )
 
     def _body(self, prepared: Prepared, params: GenerationParams, streamed: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": prepared.inputs["model"],
-            "messages": prepared.inputs["messages"],
+            "model": prepared.upstream_model,
+            "messages": prepared.messages,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             # A whole answer is asked for whole: streaming costs the engine per token (~20% of the
@@ -231,10 +230,10 @@ class UpstreamBackend:
                 body["tool_choice"] = params.tool_choice.to_json()
         return body
 
-    def submit(
-        self, prepared: Prepared, params: GenerationParams, ticket: Ticket, streamed: bool = True
-    ) -> GenerationStream:
-        queued_at = time.monotonic()
+    def submit(self, submission: Submission, ticket: Ticket) -> Submitted:
+        params, streamed = submission.params, submission.streamed
+        prepared = self._prepare(submission.messages, params, ticket)
+        prepared_at, queued_at = time.perf_counter(), time.monotonic()
         self.admission.submitted(ticket)  # prepared: its preparation slot goes to the next request
         if not self._in_flight.acquire(timeout=min(self.settings.queue_timeout, ticket.remaining())):
             raise unavailable(
@@ -269,4 +268,4 @@ class UpstreamBackend:
         stream = UpstreamStream(
             response, params, ticket.deadline, end, self.counters.count, queued_at, streamed, sent_at
         )
-        return stream  # type: ignore[return-value]  # the same consumer API as GenerationStream
+        return Submitted(stream, prepared.model_id, prepared.image_sizes, prepared_at=prepared_at)

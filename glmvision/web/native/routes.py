@@ -50,7 +50,7 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
-    ready, details = service().backend.readiness()
+    ready, details = service().backend.health().readiness()
     body = Readiness(ready=ready, **details).to_json()
     if ready:
         return jsonify(body)
@@ -61,7 +61,8 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
     state = service()
-    base = state.backend.model_card()
+    capabilities = state.backend.capabilities()
+    base = {**capabilities.model.as_dict(), "ready": state.backend.health().gauges.loaded}
     cards = [ModelCard(**base, created=int(state.started), owned_by="glmvision")]
     cards += [
         ModelCard(
@@ -70,7 +71,7 @@ def list_models() -> Response:
             created=int(state.started),
             owned_by="glmvision",
         )
-        for adapter in state.backend.adapters() or ()
+        for adapter in capabilities.adapters or ()
     ]
     return jsonify(ModelList(data=cards).to_json())
 
@@ -87,7 +88,7 @@ def _answer_one_image(
         seed=body.seed,
         enable_thinking=body.enable_thinking,
         constraint=_constraint(body.json_schema, state.settings),
-        adapter=check_adapter(body.adapter, state.backend.adapters()),
+        adapter=check_adapter(body.adapter, state.backend.capabilities().adapters),
     )
     turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
     chat, generation = answer(state, ticket, turns, params, image.param)

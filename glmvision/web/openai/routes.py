@@ -181,7 +181,8 @@ def chat_completions() -> Response:
     settings = state.settings
     ticket = admit()
     body = parse_body(request, ChatCompletionRequest, settings.max_json_depth)
-    turns, params = parse_chat(body, settings, state.backend.model_names(), state.backend.adapters())
+    capabilities = state.backend.capabilities()
+    turns, params = parse_chat(body, settings, capabilities.model_names, capabilities.adapters)
     chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
     record = current_record()
     meta: dict[str, Any] = {
