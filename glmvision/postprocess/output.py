@@ -141,7 +141,7 @@ class ThinkingStream:
         self._pending = ""  # answer text after the settled part, markers still in
 
     def feed(self, piece: str) -> tuple[str, str, str | None]:
-        """Add raw text; return (new reasoning, newly settled answer, unsettled tail or None before any answer)."""
+        """Add raw text; return (new reasoning, newly settled answer, unsettled tail or None if no answer)."""
         text = self._waiting + piece
         self._waiting = text[len(text.rstrip("\ufffd")) :]
         text = text[: len(text) - len(self._waiting)]
@@ -211,7 +211,7 @@ class StopStream:
         self.stopped = False
 
     def feed(self, settled: str, tail: str) -> str:
-        """Add settled answer text, with the current unsettled tail after it; return the answer it makes visible."""
+        """Add settled answer text, the unsettled tail after it; return the answer it makes visible."""
         self._clean += settled
         if self.stopped:
             return ""
