@@ -118,7 +118,7 @@ class ThinkingSplit:
 
     def whole(self, piece: Piece) -> Piece:
         reasoning, content = split_thinking(piece.content, self.thinking)
-        return Piece(reasoning, content, piece.calls, piece.stopped)
+        return replace(piece, reasoning=reasoning, content=content)
 
     def stream(self) -> _ThinkingSplitStream:
         return _ThinkingSplitStream(self)
@@ -132,13 +132,13 @@ class _ThinkingSplitStream:
         self._raw += piece.content
         reasoning, settled, tail = self._split.feed(piece.content)
         self._sent.note(reasoning, settled)
-        return Piece(reasoning, settled, piece.calls, piece.stopped, tail)
+        return replace(piece, reasoning=reasoning, content=settled, unsettled=tail)
 
     def finish(self, last: Piece) -> Piece:
         self._raw += last.content
         # At the end no marker can complete any more: the whole form says what the rest is.
         rest = self._sent.rest(self._stage.whole(Piece(content=self._raw)))
-        return Piece(rest.reasoning, rest.content, last.calls, last.stopped, "")
+        return replace(last, reasoning=rest.reasoning, content=rest.content, unsettled="")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class StopStrings:
 
     def whole(self, piece: Piece) -> Piece:
         content, stopped = cut_at_stops(piece.content, self.stops)
-        return Piece(piece.reasoning, content, piece.calls, piece.stopped or stopped)
+        return replace(piece, content=content, stopped=piece.stopped or stopped)
 
     def stream(self) -> _StopStringsStream:
         return _StopStringsStream(self)
@@ -166,14 +166,14 @@ class _StopStringsStream:
         if piece.unsettled is not None or piece.content:
             content = self._stop.feed(piece.content, piece.unsettled or "")
         self._sent.note(piece.reasoning, content)
-        return Piece(piece.reasoning, content, piece.calls, self._stop.stopped)
+        return replace(piece, content=content, stopped=self._stop.stopped, unsettled=None)
 
     def finish(self, last: Piece) -> Piece:
         self._settled += last.content
         self._sent.note(last.reasoning, "")
         whole = self._stage.whole(Piece(self._sent.reasoning, self._settled))
         rest = self._sent.rest(whole)
-        return Piece(last.reasoning, rest.content, last.calls, whole.stopped)
+        return replace(last, content=rest.content, stopped=whole.stopped, unsettled=None)
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,11 @@ class Redaction:
     name: ClassVar[str] = "redact"
 
     def whole(self, piece: Piece) -> Piece:
-        redact = self.redactor.redact
-        return Piece(redact(piece.reasoning), redact(piece.content), piece.calls, piece.stopped)
+        return replace(
+            piece,
+            reasoning=self.redactor.redact(piece.reasoning),
+            content=self.redactor.redact(piece.content),
+        )
 
     def stream(self) -> _RedactionStream:
         return _RedactionStream(self.redactor)
@@ -197,7 +200,7 @@ class _RedactionStream:
 
     def feed(self, piece: Piece) -> Piece:
         reasoning, content = self._reasoning.feed(piece.reasoning), self._content.feed(piece.content)
-        return Piece(reasoning, content, piece.calls, piece.stopped)
+        return replace(piece, reasoning=reasoning, content=content)
 
     def finish(self, last: Piece) -> Piece:
         fed = self.feed(last)
@@ -217,7 +220,7 @@ class ToolCalls:
         if not self.tools:
             return piece
         content, calls = parse_tool_calls(piece.content, list(self.tools))
-        return Piece(piece.reasoning, content, (*calls, *piece.calls), piece.stopped)
+        return replace(piece, content=content, calls=(*calls, *piece.calls))
 
     def stream(self) -> StageStream:
         return _ToolCallsStream(self.tools) if self.tools else _Passing()
@@ -229,11 +232,11 @@ class _ToolCallsStream:
 
     def feed(self, piece: Piece) -> Piece:
         content, calls = self._calls.feed(piece.content)
-        return Piece(piece.reasoning, content, (*calls, *piece.calls), piece.stopped)
+        return replace(piece, content=content, calls=(*calls, *piece.calls))
 
     def finish(self, last: Piece) -> Piece:
         fed = self.feed(last)
-        return Piece(fed.reasoning, fed.content + self._calls.finish(), fed.calls, fed.stopped)
+        return replace(fed, content=fed.content + self._calls.finish())
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ class JsonCheck:
             except ValueError:
                 valid = False
                 log.debug("a %s answer is not JSON (cut short, or redacted)", self.constraint.kind)
-        return Piece(piece.reasoning, piece.content, piece.calls, piece.stopped, json_valid=valid)
+        return replace(piece, json_valid=valid)
 
     def stream(self) -> _WholeAtEnd:
         return _WholeAtEnd(self)
@@ -286,7 +289,7 @@ class _Passing:
     """The incremental form of a stage with nothing to do."""
 
     def feed(self, piece: Piece) -> Piece:
-        return Piece(piece.reasoning, piece.content, piece.calls, piece.stopped)
+        return piece
 
     def finish(self, last: Piece) -> Piece:
         return self.feed(last)
@@ -301,12 +304,12 @@ class _WholeAtEnd:
     def feed(self, piece: Piece) -> Piece:
         self._reasoning += piece.reasoning
         self._content += piece.content
-        return Piece(piece.reasoning, piece.content, piece.calls, piece.stopped)
+        return piece
 
     def finish(self, last: Piece) -> Piece:
         self.feed(last)
-        found = self._stage.whole(Piece(self._reasoning, self._content))
-        return replace(last, unsettled=None, boxes=found.boxes, json_valid=found.json_valid)
+        found = self._stage.whole(replace(last, reasoning=self._reasoning, content=self._content))
+        return replace(found, reasoning=last.reasoning, content=last.content, unsettled=None)
 
 
 @dataclass(frozen=True)
