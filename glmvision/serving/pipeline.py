@@ -82,7 +82,7 @@ def boxes_of(chat: ChatInput, text: str) -> list[GroundingBox]:
 
 
 def box_stage(chat: ChatInput) -> Boxes:
-    """The boxes stage for this request's images (the newest question's tell which image a box is on)."""
+    """The boxes stage for this request's images (the newest question's count says where a box is)."""
     sizes = tuple((image.width, image.height) for image in chat.images)
     asked = next((turn for turn in reversed(chat.turns) if turn.role == "user"), None)
     carried = sum(isinstance(part, DecodedImage) for part in asked.parts) if asked is not None else 0
