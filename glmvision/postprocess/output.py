@@ -44,30 +44,53 @@ def _hold(text: str, needles: tuple[str, ...], final: bool) -> str:
     return text.strip()
 
 
-def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool = True) -> Rendered:
-    """Split decoded output into reasoning and answer; partial renders hold back undecided text."""
-    if not final:
-        text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
+def split_thinking(text: str, thinking: bool) -> tuple[str, str]:
+    """The thinking stage, whole: (visible reasoning, answer without markers, not yet stripped)."""
     reasoning = ""
     body = text.lstrip()
     if body.startswith(THINK_OPEN):
         # Reasoning only ever opens the output; a stray </think> later is just a marker.
         reasoning, closed, answer = body[len(THINK_OPEN) :].partition(THINK_CLOSE)
         if not closed:
-            return Rendered(_hold(reasoning, (THINK_CLOSE,), final) if thinking else "", "")
-    elif not final and body and THINK_OPEN.startswith(body):
-        return Rendered("", "")  # could still become "<think>"
+            answer = ""
     else:
         answer = text
-    # Until none is left: taking one marker out can join the pieces of another around it.
-    while any(marker in answer for marker in MARKERS):
-        for marker in MARKERS:
-            answer = answer.replace(marker, "")
+    return reasoning.strip() if thinking else "", _without_markers(answer)
+
+
+def cut_at_stops(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The stop-string stage, whole: the answer before its stop string, stripped, and whether one ended it."""
+    answer, stopped = _cut(answer, stops)
+    return answer.strip(), stopped
+
+
+def _cut(answer: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     stopped = False
     for stop in stops:
         at = answer.find(stop)
         if at >= 0:
             answer, stopped = answer[:at], True
+    return answer, stopped
+
+
+def render(text: str, thinking: bool, stops: tuple[str, ...] = (), final: bool = True) -> Rendered:
+    """Split decoded output into reasoning and answer; partial renders hold back undecided text."""
+    if final:
+        reasoning, answer = split_thinking(text, thinking)
+        answer, stopped = cut_at_stops(answer, stops)
+        return Rendered(reasoning, answer, stopped)
+    text = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its other bytes
+    reasoning = ""
+    body = text.lstrip()
+    if body.startswith(THINK_OPEN):
+        reasoning, closed, answer = body[len(THINK_OPEN) :].partition(THINK_CLOSE)
+        if not closed:
+            return Rendered(_hold(reasoning, (THINK_CLOSE,), final) if thinking else "", "")
+    elif body and THINK_OPEN.startswith(body):
+        return Rendered("", "")  # could still become "<think>"
+    else:
+        answer = text
+    answer, stopped = _cut(_without_markers(answer), stops)
     if stopped:
         final = True
     answer = _hold(answer, (*MARKERS, *stops), final)
@@ -100,59 +123,50 @@ def _held_end(text: str, needles: tuple[str, ...], start: int) -> int:
     return end
 
 
-class StreamRenderer:
-    """Renders text arriving in pieces as `render(text, final=False)` does, re-reading only its tail."""
+class ThinkingStream:
+    """The thinking stage, incremental: raw text in pieces -> new reasoning, and answer text without
+    markers, split into what later text cannot change (settled) and the tail a marker may still take."""
 
     # Markers cannot overlap one another, so once the settled answer does not end with the start
-    # of one, what follows never changes it: only the unsettled tail, the unsent text and the last
-    # few characters a stop string could start in are looked at again.
+    # of one, what follows never changes it: only the unsettled tail is looked at again.
 
-    def __init__(self, thinking: bool, stops: tuple[str, ...] = ()) -> None:
-        self._thinking, self._stops = thinking, stops
-        self._needles = (*MARKERS, *stops)
-        self._stop_reach = max((len(stop) for stop in stops), default=1) - 1
+    def __init__(self, thinking: bool) -> None:
+        self._thinking = thinking
         self._waiting = ""  # trailing U+FFFD: maybe an incomplete character
         self._phase = "head"  # then "reasoning" and/or "answer"
         self._head = ""
         self._reasoning = ""
         self._reasoning_lead: int | None = None
         self._reasoning_sent = 0
-        self._clean = ""  # the answer so far without markers, settled
-        self._pending = ""  # answer text after it, not settled
-        self._answer_lead: int | None = None
-        self._answer_sent = 0  # where the sent answer ends, in clean + pending-without-markers
-        self._stop_from = 0
-        self.stopped = False
+        self._pending = ""  # answer text after the settled part, markers still in
 
-    def feed(self, piece: str) -> tuple[str, str]:
-        """Add text; return the (reasoning, answer) it makes visible."""
+    def feed(self, piece: str) -> tuple[str, str, str | None]:
+        """Add raw text; return (new reasoning, newly settled answer, unsettled tail or None if no answer)."""
         text = self._waiting + piece
         self._waiting = text[len(text.rstrip("\ufffd")) :]
         text = text[: len(text) - len(self._waiting)]
-        if self.stopped or not text:
-            return "", ""
+        if not text:
+            return "", "", None
         if self._phase == "head":
             return self._feed_head(text)
         if self._phase == "reasoning":
             return self._feed_reasoning(text)
-        return "", self._feed_answer(text)
+        return "", *self._feed_answer(text)
 
-    def _feed_head(self, text: str) -> tuple[str, str]:
+    def _feed_head(self, text: str) -> tuple[str, str, str | None]:
         self._head += text
         body = self._head.lstrip()
         if body.startswith(THINK_OPEN):
             self._phase = "reasoning"
             return self._feed_reasoning(body[len(THINK_OPEN) :])
         if body and THINK_OPEN.startswith(body):
-            return "", ""
+            return "", "", None
         if not body:
-            # Only whitespace so far, which a stop string may still match.
-            self.stopped = render(self._head, self._thinking, self._stops, final=False).stopped
-            return "", ""
+            return "", "", self._head  # only whitespace so far, which a stop string may still match
         self._phase = "answer"
-        return "", self._feed_answer(self._head)
+        return "", *self._feed_answer(self._head)
 
-    def _feed_reasoning(self, text: str) -> tuple[str, str]:
+    def _feed_reasoning(self, text: str) -> tuple[str, str, str | None]:
         search_from = max(0, len(self._reasoning) - len(THINK_CLOSE) + 1)
         self._reasoning += text
         at = self._reasoning.find(THINK_CLOSE, search_from)
@@ -160,24 +174,47 @@ class StreamRenderer:
             self._phase = "answer"
             visible = self._reasoning[:at].strip()
             delta = visible[self._reasoning_sent :] if self._thinking else ""
-            return delta, self._feed_answer(self._reasoning[at + len(THINK_CLOSE) :])
+            return delta, *self._feed_answer(self._reasoning[at + len(THINK_CLOSE) :])
         if not self._thinking:
-            return "", ""
+            return "", "", None
         if self._reasoning_lead is None:
             rest = self._reasoning.lstrip()
             if not rest:
-                return "", ""
+                return "", "", None
             self._reasoning_lead = len(self._reasoning) - len(rest)
         start = self._reasoning_lead + self._reasoning_sent
         end = _held_end(self._reasoning, (THINK_CLOSE,), start)
         self._reasoning_sent += max(0, end - start)
-        return self._reasoning[start:end], ""
+        return self._reasoning[start:end], "", None
 
-    def _feed_answer(self, text: str) -> str:
+    def _feed_answer(self, text: str) -> tuple[str, str]:
         self._pending += text
         tail = _without_markers(self._pending)
-        if not _partial_suffix(tail, MARKERS):
-            self._clean, self._pending, tail = self._clean + tail, "", ""
+        if _partial_suffix(tail, MARKERS):
+            return "", tail
+        self._pending = ""
+        return tail, ""
+
+
+class StopStream:
+    """The stop-string stage, incremental: settled answer text and its unsettled tail in -> the answer
+    text that is sure to stay, holding back the start of a stop string or of a marker (`held`)."""
+
+    def __init__(self, stops: tuple[str, ...], held: tuple[str, ...] = MARKERS) -> None:
+        self._stops = stops
+        self._needles = (*held, *stops)
+        self._stop_reach = max((len(stop) for stop in stops), default=1) - 1
+        self._clean = ""  # the settled answer so far
+        self._answer_lead: int | None = None
+        self._answer_sent = 0  # where the sent answer ends, in clean + tail
+        self._stop_from = 0
+        self.stopped = False
+
+    def feed(self, settled: str, tail: str) -> str:
+        """Add settled answer text, the unsettled tail after it; return the answer it makes visible."""
+        self._clean += settled
+        if self.stopped:
+            return ""
         low = 0 if self._answer_lead is None else min(self._answer_sent, self._stop_from)
         window = self._clean[low:] + tail
         end = len(window)
@@ -208,3 +245,26 @@ class StreamRenderer:
             self._answer_lead = lead
         self._answer_sent = low + end
         return window[start:end]
+
+
+class StreamRenderer:
+    """Renders text arriving in pieces as `render(text, final=False)` does: the thinking stage's
+    incremental form, then the stop-string stage's, re-reading only the tail."""
+
+    def __init__(self, thinking: bool, stops: tuple[str, ...] = ()) -> None:
+        self._split = ThinkingStream(thinking)
+        self._stop = StopStream(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string ended the answer (then nothing more is sent)."""
+        return self._stop.stopped
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        """Add text; return the (reasoning, answer) it makes visible."""
+        if self.stopped:
+            return "", ""
+        reasoning, settled, tail = self._split.feed(piece)
+        if tail is None and not settled:
+            return reasoning, ""
+        return reasoning, self._stop.feed(settled, tail or "")

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from glmvision.core.errors import APIError, out_of_time, row_failed
 from glmvision.core.generation import Delta, Generation, GenerationParams
-from glmvision.postprocess.output import StreamRenderer, render
+from glmvision.postprocess.pipeline import Piece, text_pipeline
 
 log = logging.getLogger("glmvision")
 _END = object()
@@ -118,10 +118,7 @@ class GenerationStream:
         self._ended = threading.Event()
         self._ids: list[int] = []
         self._detokenizer = self.detokenizer(decoder)
-        self._text = ""
-        self._renderer = StreamRenderer(params.enable_thinking, params.stop)
-        self._sent_reasoning: list[str] = []
-        self._sent_answer: list[str] = []
+        self._post = text_pipeline(params.enable_thinking, params.stop).stream()
         self.prompt_tokens = prompt_tokens
         self.finish_reason: str | None = None
         self.result: Generation | None = None
@@ -256,20 +253,19 @@ class GenerationStream:
             if self.finish_reason is not None:
                 continue  # generate() is winding down after a stop: its last tokens are not ours
             delta = self._feed(item)
-            if self._renderer.stopped:
+            if self._post.stopped:
                 self.finish_reason = "stop"
                 self._cancelled.set()
             if delta.reasoning or delta.content:
-                yield self._sent(delta)
+                yield delta
         self.finish_reason = self.finish_reason or "length"
-        self._text += self._detokenizer.flush()
-        final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
-        if (delta := self._rest(final.reasoning, final.answer)) is not None:
-            yield delta
-        thinking = self._params.enable_thinking
+        rest = self._post.finish(Piece(content=self._detokenizer.flush()))
+        if rest.reasoning or rest.content:
+            yield Delta(rest.reasoning, rest.content)
+        final = self._post.result
         self.result = Generation(
-            final.answer,
-            final.reasoning if thinking else None,
+            final.content,
+            final.reasoning if self._params.enable_thinking else None,
             self.prompt_tokens,
             len(self._ids),
             self.finish_reason,
@@ -289,7 +285,7 @@ class GenerationStream:
                 # Check after every token, so the count is the same however tokens were grouped.
                 more_reasoning, more_content = self._take_text(self._detokenizer.push([token_id]))
                 reasoning, content = reasoning + more_reasoning, content + more_content
-                if self._renderer.stopped:
+                if self._post.stopped:
                     return Delta(reasoning, content)
             else:
                 fresh.append(token_id)
@@ -301,18 +297,5 @@ class GenerationStream:
     def _take_text(self, piece: str) -> tuple[str, str]:
         if not piece:
             return "", ""
-        self._text += piece
-        return self._renderer.feed(piece)
-
-    def _sent(self, delta: Delta) -> Delta:
-        self._sent_reasoning.append(delta.reasoning)
-        self._sent_answer.append(delta.content)
-        return delta
-
-    def _rest(self, reasoning: str, answer: str) -> Delta | None:
-        """What the final render adds to what was streamed."""
-        # Partial renders only ever grow; guard anyway so a surprise cannot duplicate text.
-        sent_reasoning, sent_answer = "".join(self._sent_reasoning), "".join(self._sent_answer)
-        more_reasoning = reasoning[len(sent_reasoning) :] if reasoning.startswith(sent_reasoning) else ""
-        more_answer = answer[len(sent_answer) :] if answer.startswith(sent_answer) else ""
-        return Delta(more_reasoning, more_answer) if more_reasoning or more_answer else None
+        visible = self._post.feed(Piece(content=piece))
+        return visible.reasoning, visible.content

@@ -33,6 +33,7 @@ from glmvision.core.responses import GroundingBox, Usage
 from glmvision.core.schemacheck import SchemaLimits, SchemaRefused, vet_schema
 from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
 from glmvision.ops.record import ImageStat, RequestRecord, current_record
+from glmvision.postprocess.pipeline import Boxes, Piece, redaction_pipeline
 from glmvision.postprocess.stream import FixedStream
 from glmvision.serving.service import FALLBACK_CODES
 
@@ -77,12 +78,15 @@ class ChatInput:
 
 def boxes_of(chat: ChatInput, text: str) -> list[GroundingBox]:
     """The answer's grounding boxes on the request's images, in the pixels the user sees."""
-    from glmvision.postprocess.boxes import place_boxes
+    return list(box_stage(chat).place(text))
 
-    sizes = [(image.width, image.height) for image in chat.images]
+
+def box_stage(chat: ChatInput) -> Boxes:
+    """The boxes stage for this request's images (the newest question's count says where a box is)."""
+    sizes = tuple((image.width, image.height) for image in chat.images)
     asked = next((turn for turn in reversed(chat.turns) if turn.role == "user"), None)
     carried = sum(isinstance(part, DecodedImage) for part in asked.parts) if asked is not None else 0
-    return [GroundingBox(**box.to_json()) for box in place_boxes(text, sizes, carried)]
+    return Boxes(sizes, carried)
 
 
 def check_prompt_length(characters: int, settings: Settings, param: str) -> None:
@@ -295,20 +299,15 @@ class Answer:
 
     def deltas(self, settings: Settings) -> Iterator[Delta]:
         """Yield deltas as they are generated (redacted if configured); log the outcome once done."""
-        redactor = self.redactor if self.redactor is not None and self.redactor.enabled else None
-        reasoning = redactor.stream() if redactor is not None else None
-        content = redactor.stream() if redactor is not None else None
+        post = redaction_pipeline(self.redactor).stream()
         try:
             for delta in self.stream:
-                if reasoning is not None and content is not None:
-                    delta = Delta(reasoning.feed(delta.reasoning), content.feed(delta.content))
-                    if not (delta.reasoning or delta.content):
-                        continue
-                yield delta
-            if reasoning is not None and content is not None:
-                tail = Delta(reasoning.flush(), content.flush())
-                if tail.reasoning or tail.content:
-                    yield tail
+                shown = post.feed(Piece(delta.reasoning, delta.content))
+                if shown.reasoning or shown.content:
+                    yield Delta(shown.reasoning, shown.content)
+            tail = post.finish()
+            if tail.reasoning or tail.content:
+                yield Delta(tail.reasoning, tail.content)
         except APIError as exc:
             if self.record is not None:
                 self.record.code = exc.error_code
@@ -332,10 +331,9 @@ class Answer:
         raw = self.stream.result
         assert raw is not None, "the stream has not ended"
         if self._result is None:
-            self._result = raw
-            if self.redactor is not None and self.redactor.enabled:
-                reasoning = None if raw.reasoning is None else self.redactor.redact(raw.reasoning)
-                self._result = replace(raw, text=self.redactor.redact(raw.text), reasoning=reasoning)
+            shown = redaction_pipeline(self.redactor).whole(Piece(raw.reasoning or "", raw.text))
+            reasoning = None if raw.reasoning is None else shown.reasoning
+            self._result = replace(raw, text=shown.content, reasoning=reasoning)
         return self._result
 
     def _note(self) -> None:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from glmvision.backends.local.compiler import GrammarLimits
 from glmvision.backends.local.grammar import GrammarBook
 from glmvision.core.errors import bad_request, unavailable
-from glmvision.postprocess.output import MARKERS
-from glmvision.postprocess.tools import TOOL_TAGS, control_token_key
+from glmvision.postprocess.pipeline import KEPT_TOKENS
+from glmvision.postprocess.tools import control_token_key
 
 if TYPE_CHECKING:
     from glmvision.backends.local.adapters import Adapters
@@ -106,9 +106,9 @@ class LoadedModel:
         self.stop_ids: list[int] = ids
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
         # Added tokens decode to their own text, apart from the bytes around them. Control tokens
-        # decode to nothing; the think/box markers are kept for glmvision.postprocess.output to
-        # handle, and the tool-call tags for glmvision.postprocess.tools.
-        noise = {t for t in tokenizer.all_special_tokens if t and t not in MARKERS and t not in TOOL_TAGS}
+        # decode to nothing; the think/box markers and tool-call tags are kept for the
+        # post-processing stages (glmvision.postprocess.pipeline) that read them.
+        noise = {t for t in tokenizer.all_special_tokens if t and t not in KEPT_TOKENS}
         self._added: dict[int, str] = {
             token_id: "" if token.content in noise else token.content
             for token_id, token in tokenizer.added_tokens_decoder.items()

@@ -12,7 +12,8 @@ import requests
 from glmvision.backends.upstream.client import completion_event, sse_events, upstream_down
 from glmvision.core.errors import APIError, out_of_time
 from glmvision.core.generation import Delta, Generation, GenerationParams, ToolCall
-from glmvision.postprocess.output import THINK_CLOSE, THINK_OPEN, StreamRenderer, render
+from glmvision.postprocess.output import THINK_CLOSE, THINK_OPEN
+from glmvision.postprocess.pipeline import Piece, text_pipeline
 from glmvision.postprocess.stream import DEADLINE_GRACE
 from glmvision.postprocess.tools import new_call_id
 
@@ -42,11 +43,9 @@ class UpstreamStream:
         self._give_up_at = deadline + DEADLINE_GRACE
         self._on_end = on_end
         self._on_error = on_error
-        self._renderer = StreamRenderer(params.enable_thinking, params.stop)
+        self._post = text_pipeline(params.enable_thinking, params.stop).stream()
         self._text = ""  # the upstream's output as raw text, its reasoning_content inside <think> tags
         self._phase = "head"  # then "reasoning" (reasoning_content seen) or "answer"
-        self._sent_reasoning = ""
-        self._sent_answer = ""
         self._pieces = 0
         self._usage: dict[str, Any] | None = None
         self._calls: dict[int, dict[str, str]] = {}  # the upstream's own parsed tool calls, by index
@@ -100,10 +99,10 @@ class UpstreamStream:
         except APIError as exc:
             self._finish()
             raise self._on_error(exc) from None
-        final = render(self._text, self._params.enable_thinking, self._params.stop, final=True)
-        rest = self._rest(final.reasoning, final.answer)
-        if rest is not None:
-            yield rest
+        rest = self._post.finish()
+        if rest.reasoning or rest.content:
+            yield Delta(rest.reasoning, rest.content)
+        final = self._post.result
         if self.finish_reason is None:
             self.finish_reason = "length" if self._upstream_finish == "length" else "stop"
         usage = self._usage or {}
@@ -111,7 +110,7 @@ class UpstreamStream:
         # Without usage (an upstream that ignores stream_options), count its content chunks instead.
         completion = usage.get("completion_tokens")
         self.result = Generation(
-            final.answer,
+            final.content,
             final.reasoning if self._params.enable_thinking else None,
             self.prompt_tokens,
             int(completion) if completion is not None else self._pieces,
@@ -145,7 +144,7 @@ class UpstreamStream:
                     self._pieces += 1
                     self.first_token_at = self.first_token_at or time.monotonic()
                     visible = self._take(piece)
-                    if self._renderer.stopped:
+                    if self._post.stopped:
                         self.finish_reason, stopped_at = "stop", time.monotonic()
                     if visible.reasoning or visible.content:
                         yield visible
@@ -203,14 +202,5 @@ class UpstreamStream:
 
     def _take(self, piece: str) -> Delta:
         self._text += piece
-        reasoning, content = self._renderer.feed(piece)
-        self._sent_reasoning += reasoning
-        self._sent_answer += content
-        return Delta(reasoning, content)
-
-    def _rest(self, reasoning: str, answer: str) -> Delta | None:
-        """What the final render adds to what was streamed."""
-        sent_reasoning, sent_answer = self._sent_reasoning, self._sent_answer
-        more_reasoning = reasoning[len(sent_reasoning) :] if reasoning.startswith(sent_reasoning) else ""
-        more_answer = answer[len(sent_answer) :] if answer.startswith(sent_answer) else ""
-        return Delta(more_reasoning, more_answer) if more_reasoning or more_answer else None
+        visible = self._post.feed(Piece(content=piece))
+        return Delta(visible.reasoning, visible.content)

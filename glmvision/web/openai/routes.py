@@ -32,7 +32,8 @@ from glmvision.core.responses import (
     ToolCallObject,
 )
 from glmvision.ops.record import current_record
-from glmvision.postprocess.tools import ToolCallStream, allowed_tools, parse_tool_calls
+from glmvision.postprocess.pipeline import Piece, reply_pipeline
+from glmvision.postprocess.tools import allowed_tools
 from glmvision.serving import pipeline
 from glmvision.serving.pipeline import (
     Answer,
@@ -200,23 +201,21 @@ def chat_completions() -> Response:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
     result = answer.finish(settings, ticket.client_gone)
-    text, calls = _answer_calls(result, chat.params)
-    boxes = pipeline.boxes_of(chat, text) or None
+    reply = reply_pipeline(chat.params, pipeline.box_stage(chat)).whole(_piece(result))
+    text, calls = reply.content, list(reply.calls)
     message = AssistantMessage(
         content=text if text or not calls else None,
         reasoning_content=result.reasoning,
         tool_calls=[ToolCallObject.model_validate(call.to_json()) for call in calls] or None,
-        boxes=boxes,
+        boxes=list(reply.boxes) or None,
     )
     choice = Choice(message=message, finish_reason=_finish_reason(result, calls))
     return jsonify(ChatCompletion(**meta, choices=[choice], usage=usage(result)).to_json())
 
 
-def _answer_calls(result: Generation, params: GenerationParams) -> tuple[str, list[ToolCall]]:
-    """The answer's text without its tool calls, and the calls (an upstream's own last, as streamed)."""
-    allowed = allowed_tools(params.tools, params.tool_choice)
-    text, calls = parse_tool_calls(result.text, allowed) if allowed else (result.text, [])
-    return text, [*calls, *result.tool_calls]
+def _piece(result: Generation) -> Piece:
+    """The answer as the reply stages take it (an upstream's own tool calls after any in its text)."""
+    return Piece(result.reasoning or "", result.text, result.tool_calls)
 
 
 def _finish_reason(result: Generation, calls: list[ToolCall]) -> FinishReason:
@@ -240,9 +239,7 @@ def _events(
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
         return _sse(ChatCompletionChunk(**meta, choices=[choice]), **dump)
 
-    params = chat.params
-    allowed = allowed_tools(params.tools, params.tool_choice)
-    calls = ToolCallStream(allowed) if allowed else None
+    post = reply_pipeline(chat.params, pipeline.box_stage(chat)).stream()
     sent: list[ToolCall] = []
 
     def call_chunks(new: list[ToolCall]) -> Iterator[str]:
@@ -261,10 +258,11 @@ def _events(
         yield chunk(Delta(role="assistant", content=""))
         try:
             for delta in answer.deltas(settings):
-                content, new = calls.feed(delta.content) if calls is not None else (delta.content, [])
-                if delta.reasoning or content:
-                    yield chunk(Delta(reasoning_content=delta.reasoning or None, content=content or None))
-                yield from call_chunks(new)
+                shown = post.feed(Piece(delta.reasoning, delta.content))
+                if shown.reasoning or shown.content:
+                    reasoning, content = shown.reasoning or None, shown.content or None
+                    yield chunk(Delta(reasoning_content=reasoning, content=content))
+                yield from call_chunks(list(shown.calls))
         except APIError as exc:
             # Headers are gone already: report the failure in the stream, as OpenAI-style servers do.
             yield _sse(ErrorResponse(error=api_error_object(exc)))
@@ -276,12 +274,12 @@ def _events(
             yield "data: [DONE]\n\n"
             return
         result = answer.result
-        if calls is not None and (rest := calls.finish()):
-            yield chunk(Delta(content=rest))
-        yield from call_chunks(list(result.tool_calls))
-        text, _ = _answer_calls(result, params)
+        rest = post.finish(Piece(calls=result.tool_calls))
+        if rest.content:
+            yield chunk(Delta(content=rest.content))
+        yield from call_chunks(list(rest.calls))
         finish = "tool_calls" if sent else result.finish_reason
-        yield chunk(Delta(boxes=pipeline.boxes_of(chat, text) or None), finish)  # type: ignore[arg-type]
+        yield chunk(Delta(boxes=list(rest.boxes) or None), finish)  # type: ignore[arg-type]
         if include_usage:
             yield _sse(ChatCompletionChunk(**meta, choices=[], usage=usage(result)))
         yield "data: [DONE]\n\n"
