@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from xgrammar.testing import _is_grammar_accept_string
 
 from glmvision.core.config import load_settings
+from glmvision.core.constraints import json_constraint
 from glmvision.core.errors import APIError
 from glmvision.core.schemacheck import (
     FORMAT_PATTERNS,
@@ -31,7 +32,6 @@ from glmvision.core.schemacheck import (
     pattern_repeat,
     vet_schema,
 )
-from glmvision.serving.pipeline import json_constraint
 from glmvision.web.app import create_app
 
 RECURSIVE = {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]}  # 73 bytes

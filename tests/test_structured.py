@@ -30,8 +30,8 @@ from glmvision.backends.local.sampling import RowSampling, choose_tokens
 from glmvision.backends.local.static import StaticEngine
 from glmvision.core.backend import Admission
 from glmvision.core.config import load_settings
+from glmvision.core.constraints import json_constraint
 from glmvision.core.generation import Constraint, GenerationParams
-from glmvision.serving.pipeline import json_constraint
 from glmvision.web.app import create_app
 
 PERSON = {

@@ -25,8 +25,8 @@ from glmvision.core.generation import GenerationParams
 from glmvision.postprocess.stream import GenerationStream
 from glmvision.postprocess.tools import ToolCallStream, parse_tool_calls
 from glmvision.serving.pipeline import to_messages
+from glmvision.web.openai.protocol import ChatCompletionRequest
 from glmvision.web.openai.routes import parse_chat
-from glmvision.web.protocol import ChatCompletionRequest
 
 CHAT = "/v1/chat/completions"
 WEATHER: dict[str, Any] = {

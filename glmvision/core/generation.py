@@ -48,6 +48,19 @@ class ToolChoice:
         return self.mode
 
 
+def allowed_tools(tools: tuple[dict[str, Any], ...], choice: ToolChoice | None) -> list[dict[str, Any]]:
+    """The tools an answer may call: none for "none", only the named one for a function, else all.
+
+    The one rule: the request check (a forced call needs a tool it allows), the call grammar and the
+    answer's call parser all ask it.
+    """
+    if choice is None or choice.mode in ("auto", "required"):
+        return list(tools)
+    if choice.mode == "none":
+        return []
+    return [tool for tool in tools if tool["function"]["name"] == choice.name]
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What decoding must produce: one call of one of `tools` (their JSON text) when given, else
@@ -90,6 +103,11 @@ class GenerationParams:
             object.__setattr__(self, "min_new_tokens", 0)
 
     adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
+
+    @property
+    def allowed_tools(self) -> list[dict[str, Any]]:
+        """The tools this answer may call (see `allowed_tools`)."""
+        return allowed_tools(self.tools, self.tool_choice)
 
 
 @dataclass(frozen=True)

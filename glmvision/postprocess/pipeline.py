@@ -26,7 +26,7 @@ from glmvision.core.jsontext import strict_loads
 from glmvision.core.responses import GroundingBox
 from glmvision.postprocess.boxes import place_boxes
 from glmvision.postprocess.output import MARKERS, StopStream, ThinkingStream, cut_at_stops, split_thinking
-from glmvision.postprocess.tools import TOOL_TAGS, ToolCallStream, allowed_tools, parse_tool_calls
+from glmvision.postprocess.tools import TOOL_TAGS, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
     from glmvision.postprocess.redact import Redactor
@@ -379,7 +379,7 @@ def redaction_pipeline(redactor: Redactor | None) -> Pipeline:
 
 def reply_pipeline(params: GenerationParams, boxes: Boxes) -> Pipeline:
     """Tool calls, boxes and the JSON check: what the OpenAI route runs on the answer it sends."""
-    tools = tuple(allowed_tools(params.tools, params.tool_choice))
+    tools = tuple(params.allowed_tools)
     return Pipeline((ToolCalls(tools), boxes, JsonCheck(params.constraint)))
 
 

@@ -13,22 +13,13 @@ import re
 import uuid
 from typing import Any
 
-from glmvision.core.generation import ToolCall, ToolChoice
+from glmvision.core.generation import ToolCall
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # The tags of a call, which the model's output must keep for the parser (special tokens in the demo).
 TOOL_TAGS = (CALL_OPEN, CALL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
 CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.S)
 PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
-
-
-def allowed_tools(tools: tuple[dict[str, Any], ...], choice: ToolChoice | None) -> list[dict[str, Any]]:
-    """The tools an answer may call: none for "none", only the named one for a function, else all."""
-    if choice is None or choice.mode in ("auto", "required"):
-        return list(tools)
-    if choice.mode == "none":
-        return []
-    return [tool for tool in tools if tool["function"]["name"] == choice.name]
 
 
 def control_token_key(value: Any, tokens: tuple[str, ...], path: str) -> tuple[str, str] | None:

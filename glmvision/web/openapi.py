@@ -23,7 +23,8 @@ from glmvision.core.responses import (
     SeedChatResponse,
     VisionResponse,
 )
-from glmvision.web.protocol import ChatCompletionRequest, SeedChatRequest, VisionRequest
+from glmvision.web.native.protocol import SeedChatRequest, VisionRequest
+from glmvision.web.openai.protocol import ChatCompletionRequest
 
 bp = Blueprint("openapi", __name__)
 

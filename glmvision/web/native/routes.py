@@ -9,8 +9,7 @@ from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
 from glmvision.core.backend import Ticket
-from glmvision.core.config import Settings
-from glmvision.core.generation import Constraint, Generation
+from glmvision.core.generation import Generation
 from glmvision.core.lora import check_adapter, model_name
 from glmvision.core.responses import (
     Health,
@@ -29,14 +28,12 @@ from glmvision.serving.pipeline import (
     Turn,
     answer,
     boxes_of,
-    check_prompt,
-    generation_params,
-    json_constraint,
     new_request_id,
     usage,
 )
 from glmvision.serving.service import admit, service
-from glmvision.web.protocol import SamplingFields, SeedChatRequest, VisionRequest, parse_body
+from glmvision.web.native.protocol import NativeRequest, SeedChatRequest, VisionRequest
+from glmvision.web.protocol import parse_body
 
 bp = Blueprint("api", __name__)
 
@@ -77,27 +74,13 @@ def list_models() -> Response:
 
 
 def _answer_one_image(
-    ticket: Ticket, image: ImageRef, prompt: str, body: SamplingFields
+    ticket: Ticket, image: ImageRef, body: NativeRequest
 ) -> tuple[ChatInput, Answer, Generation]:
     state = service()
-    params = generation_params(
-        state.settings,
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        enable_thinking=body.enable_thinking,
-        constraint=_constraint(body.json_schema, state.settings),
-        adapter=check_adapter(body.adapter, state.backend.capabilities().adapters),
-    )
-    turns = [Turn("user", [image, check_prompt(prompt, state.settings)])]
-    chat, generation = answer(state, ticket, turns, params, image.param)
+    adapter = check_adapter(body.adapter, state.backend.capabilities().adapters)
+    params = body.to_generation_params(state.settings, adapter)
+    chat, generation = answer(state, ticket, [Turn("user", [image, body.prompt])], params, image.param)
     return chat, generation, generation.finish(state.settings, ticket.client_gone)
-
-
-def _constraint(schema: dict[str, Any] | None, settings: Settings) -> Constraint | None:
-    """The native endpoints' json_schema field as a decoding constraint ({} means any JSON)."""
-    return None if schema is None else json_constraint(schema, settings, "json_schema")
 
 
 def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
@@ -120,8 +103,7 @@ def chat_vision() -> Response:
     ticket = admit()
     # Exactly one of image and image_url: the model checks.
     body = parse_body(request, VisionRequest, service().settings.max_json_depth)
-    image = ImageRef(body.image, "image") if body.image is not None else ImageRef(body.image_url, "image_url")
-    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
+    chat, generation, result = _answer_one_image(ticket, ImageRef(*body.image_source), body)
     decoded = chat.images[0]
     sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
     answer = VisionResponse(
@@ -138,8 +120,7 @@ def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     ticket = admit()
     body = parse_body(request, SeedChatRequest, service().settings.max_json_depth)
-    image = ImageRef(body.image_url, "image_url")
-    chat, generation, result = _answer_one_image(ticket, image, body.prompt, body)
+    chat, generation, result = _answer_one_image(ticket, ImageRef(body.image_url, "image_url"), body)
     fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
     answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text) or None, **fields)
     return jsonify(answer.to_json())

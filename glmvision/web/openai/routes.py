@@ -6,7 +6,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -14,7 +13,7 @@ from flask.wrappers import Response
 
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, api_error_object, bad_request, error_object
-from glmvision.core.generation import Constraint, Generation, GenerationParams, ToolCall, ToolChoice
+from glmvision.core.generation import Generation, GenerationParams, ToolCall
 from glmvision.core.jsontext import parse_json_text
 from glmvision.core.lora import adapter_of_model
 from glmvision.core.responses import (
@@ -33,22 +32,18 @@ from glmvision.core.responses import (
 )
 from glmvision.ops.record import current_record
 from glmvision.postprocess.pipeline import Piece, reply_pipeline
-from glmvision.postprocess.tools import allowed_tools
 from glmvision.serving import pipeline
 from glmvision.serving.pipeline import (
     Answer,
     ChatInput,
     ImageRef,
     Turn,
-    check_prompt_length,
-    generation_params,
-    json_constraint,
     new_request_id,
-    tool_constraint,
     usage,
 )
 from glmvision.serving.service import admit, service
-from glmvision.web.protocol import ChatCompletionRequest, ChatMessage, parse_body
+from glmvision.web.openai.protocol import ChatCompletionRequest, ChatMessage
+from glmvision.web.protocol import parse_body
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
@@ -56,12 +51,8 @@ bp = Blueprint("openai", __name__)
 
 def _tool_calls(message: ChatMessage, index: int, max_depth: int) -> tuple[dict[str, Any], ...]:
     """An assistant message's tool calls, their arguments parsed (the chat template walks them)."""
-    if not message.tool_calls:
+    if not message.tool_calls:  # only an assistant's: the model checks
         return ()
-    if message.role != "assistant":
-        raise bad_request(
-            "invalid_value", "Only assistant messages may carry tool_calls.", f"messages.{index}.tool_calls"
-        )
     calls: list[dict[str, Any]] = []
     for number, call in enumerate(message.tool_calls):
         where = f"messages.{index}.tool_calls.{number}.function.arguments"
@@ -77,18 +68,12 @@ def _tool_calls(message: ChatMessage, index: int, max_depth: int) -> tuple[dict[
     return tuple(calls)
 
 
-def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0) -> list[Turn]:
-    """The conversation as turns; `characters`: the prompt's text outside the messages (the tools)."""
-    if len(messages) > settings.max_messages:
-        refusal = f"The request has {len(messages)} messages; at most {settings.max_messages} are accepted."
-        raise bad_request("too_many_messages", refusal, "messages")
+def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
+    """The conversation as turns (the model has checked the rules across messages)."""
     turns: list[Turn] = []
     for index, message in enumerate(messages):
         where = f"messages.{index}.content"
         role = "system" if message.role == "developer" else message.role
-        if role == "tool" and message.tool_call_id is None:
-            where = f"messages.{index}.tool_call_id"
-            raise bad_request("missing_field", f"Field {where!r} is required in a tool message.", where)
         content = message.content
         parts: list[Any] = []
         if isinstance(content, str):
@@ -97,22 +82,10 @@ def _turns(messages: list[ChatMessage], settings: Settings, characters: int = 0)
             for number, part in enumerate(content):
                 if part.type == "text":
                     parts.append(part.text)
-                elif role != "user":
-                    raise bad_request("invalid_value", "Only user messages may carry images.", where)
                 else:
                     parts.append(ImageRef(part.image_url.url, f"{where}.{number}.image_url.url"))
-        characters += sum(len(part) for part in parts if isinstance(part, str))
-        characters += sum(len(call.function.arguments) for call in message.tool_calls or ())
         call_id = message.tool_call_id if role == "tool" else None
         turns.append(Turn(role, parts, _tool_calls(message, index, settings.max_json_depth), call_id))
-    if turns[-1].role not in ("user", "tool"):
-        raise bad_request("invalid_value", "The last message must come from the user or a tool.", "messages")
-    last = turns[-1].parts
-    if turns[-1].role == "user" and not any(isinstance(part, ImageRef) or part.strip() for part in last):
-        raise bad_request(
-            "invalid_value", "The last user message is empty.", f"messages.{len(turns) - 1}.content"
-        )
-    check_prompt_length(characters, settings, "messages")
     return turns
 
 
@@ -123,56 +96,8 @@ def parse_chat(
     adapters: tuple[str, ...] | None = (),
 ) -> tuple[list[Turn], GenerationParams]:
     """Translate a validated chat completion request into the shared pipeline's input."""
-    adapter = adapter_of_model(body.model, model_names, adapters)
-    limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = generation_params(
-        settings,
-        max_new_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        enable_thinking=body.enable_thinking,
-        stop=body.stop_strings,
-        min_new_tokens=body.min_tokens,
-        param=limit_param,
-        constraint=_constraint(body, settings),
-        adapter=adapter,
-    )
-    tools, choice = _tools(body)
-    if tools:
-        params = replace(params, tools=tools, tool_choice=choice)
-    if choice is not None and choice.forces_call:  # a call, whatever response_format says of text
-        allowed = allowed_tools(tools, choice)
-        params = replace(params, constraint=tool_constraint(allowed, settings))
-    return _turns(body.messages, settings, sum(len(json.dumps(tool)) for tool in tools)), params
-
-
-def _tools(body: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...], ToolChoice | None]:
-    """The request's tools as the template renders them, and its tool choice checked against them."""
-    tools = tuple(tool.to_json() for tool in body.tools or ())
-    names = [tool["function"]["name"] for tool in tools]
-    for index, name in enumerate(names):
-        if name in names[:index]:
-            where = f"tools.{index}.function.name"
-            raise bad_request("invalid_value", f"Two tools are named {name!r}.", where)
-    choice = body.tool_choice
-    if choice is not None and choice.forces_call and not tools:
-        raise bad_request("invalid_value", f"tool_choice {choice.mode!r} needs 'tools'.", "tool_choice")
-    if choice is not None and choice.mode == "function" and choice.name not in names:
-        raise bad_request(
-            "unknown_tool", f"tool_choice names {choice.name!r}, which is not in 'tools'.", "tool_choice"
-        )
-    return tools, (choice or ToolChoice("auto")) if tools else None
-
-
-def _constraint(body: ChatCompletionRequest, settings: Settings) -> Constraint | None:
-    """response_format as a decoding constraint (none for text)."""
-    form = body.response_format
-    if form is None or form.type == "text":
-        return None
-    if form.type == "json_object" or form.json_schema is None:
-        return json_constraint(None, settings, "response_format")
-    return json_constraint(form.json_schema.schema_, settings, "response_format.json_schema.schema")
+    params = body.to_generation_params(settings, adapter_of_model(body.model, model_names, adapters))
+    return _turns(body.messages, settings), params
 
 
 @bp.post("/v1/chat/completions")

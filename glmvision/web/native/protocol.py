@@ -1,0 +1,85 @@
+"""The native endpoints' request bodies: /v1/chat/vision and /v1/chat, and their sampling parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ConfigDict, Field, field_validator
+from pydantic_core import InitErrorDetails
+
+from glmvision.core.config import Settings
+from glmvision.core.constraints import check_prompt_length, generation_params, json_constraint
+from glmvision.core.generation import GenerationParams
+from glmvision.web.protocol import SamplingFields, rule_error
+
+
+class NativeRequest(SamplingFields):
+    """What both native bodies share beyond sampling: a prompt about one image, and one conversion."""
+
+    if TYPE_CHECKING:
+        # Each endpoint's model declares it after its image fields, so that its errors keep their order.
+        prompt: str
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_given(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise rule_error("invalid_value", "Field 'prompt' must not be empty.")
+        return prompt
+
+    def to_generation_params(self, settings: Settings, adapter: str | None = None) -> GenerationParams:
+        """How to sample, under the server's limits: the token cap, the schema's, the prompt's size;
+        `adapter`: the loaded LoRA adapter the body names (the view resolves it)."""
+        schema = self.json_schema  # {} means any JSON
+        constraint = None if schema is None else json_constraint(schema, settings, "json_schema")
+        params = generation_params(
+            settings,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            enable_thinking=self.enable_thinking,
+            constraint=constraint,
+            adapter=adapter,
+        )
+        check_prompt_length(len(self.prompt), settings, "prompt")
+        return params
+
+
+class VisionRequest(NativeRequest):
+    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
+    )
+
+    image: str | None = Field(default=None, min_length=1)
+    image_url: str | None = Field(default=None, min_length=1)
+    prompt: str
+
+    @classmethod
+    def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
+        """Exactly one of `image` and `image_url` (null counts as absent)."""
+        has_image, has_url = data.get("image") is not None, data.get("image_url") is not None
+        if has_image and has_url:
+            error = rule_error("invalid_value", "Send either 'image' or 'image_url', not both.")
+            return [{"type": error, "loc": ("image_url",), "input": data["image_url"]}]
+        if not has_image and not has_url:
+            error = rule_error("missing_field", "Field 'image' is required.")
+            return [{"type": error, "loc": ("image",), "input": None}]
+        return []
+
+    @property
+    def image_source(self) -> tuple[str, str]:
+        """The image as sent, and the field that holds it."""
+        if self.image is not None:
+            return self.image, "image"
+        assert self.image_url is not None  # the body rules ask for one
+        return self.image_url, "image_url"
+
+
+class SeedChatRequest(NativeRequest):
+    """Body of POST /v1/chat: `image_url` (http(s) URL, base64 or data URL) and a prompt."""
+
+    image_url: str = Field(min_length=1)
+    prompt: str
