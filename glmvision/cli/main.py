@@ -11,8 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
-# `glmvision serve` flags: each sets its variable for gunicorn.conf.py and the workers to read.
+# The packaged gunicorn config and app: `glmvision serve` needs only the installed package.
+GUNICORN_CONF = "python:glmvision.server.gunicorn_conf"
+WSGI_APP = "glmvision.server.wsgi:app"
+# `glmvision serve` flags: each sets its variable for the gunicorn config and the workers to read.
 SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--bind", "HOST:PORT", "GLMVISION_BIND", str, "address to listen on (default 127.0.0.1:8080)"),
     (
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     serve = commands.add_parser(
         "serve",
-        help="run gunicorn with deploy/gunicorn.conf.py",
-        description="Run glmvision under gunicorn with deploy/gunicorn.conf.py. Each flag overrides its "
+        help="run gunicorn with glmvision's packaged config",
+        description="Run glmvision under gunicorn with glmvision.server.gunicorn_conf (the settings "
+        "deploy/gunicorn.conf.py re-exports). Each flag overrides its "
         "GLMVISION_* variable; every other setting comes from the environment. Arguments after -- go "
         "to gunicorn itself.",
     )
@@ -120,15 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         path = build_demo_model(args.directory, seed=args.seed)
         print(f"demo model written to {path} in {time.perf_counter() - started:.2f}s")
         return 0
-    if not GUNICORN_CONF.exists():
-        print(f"gunicorn config not found at {GUNICORN_CONF}", file=sys.stderr)
-        return 2
     for flag, _, variable, _, _ in SERVE_FLAGS:
         value = getattr(args, flag.removeprefix("--"))
         if value is not None:
             os.environ[variable] = str(value)
-    os.chdir(GUNICORN_CONF.parent.parent)
-    command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), *args.gunicorn_args, "wsgi:app"]
+    command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, *args.gunicorn_args, WSGI_APP]
     os.execv(sys.executable, command)
     return 0  # not reached
 
