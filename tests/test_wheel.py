@@ -1,5 +1,6 @@
-"""The wheel serves on its own: built offline, installed into a fresh venv, `glmvision serve` runs from an
-empty directory with the packaged gunicorn config; deploy/gunicorn.conf.py gives gunicorn the same settings."""
+"""The wheel serves on its own: built offline, installed into a fresh venv, `glmvision serve` runs from
+an empty directory with the packaged gunicorn config; deploy/gunicorn.conf.py gives gunicorn the same
+settings."""
 
 from __future__ import annotations
 
@@ -155,4 +156,5 @@ def test_the_deploy_config_gives_gunicorn_every_packaged_setting_and_hook(
     assert report["deployed"] == report["packaged"]
     assert report["same"]
     assert HOOKS <= set(report["packaged"])
-    assert {"bind", "workers", "threads", "worker_class", "logger_class", "timeout"} <= set(report["packaged"])
+    settings = {"bind", "workers", "threads", "worker_class", "logger_class", "timeout"}
+    assert settings <= set(report["packaged"])
