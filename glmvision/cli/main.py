@@ -158,7 +158,7 @@ def _audit_read(args: argparse.Namespace) -> int:
     """`glmvision audit-read`: every failure is one line on stderr and status 2, never a traceback."""
     import json
 
-    from glmvision.ops.audit import KEY_ENV, AuditError, read_audit
+    from glmvision.ops.audit import AUDIT_KEY_ENV, AuditError, read_audit
 
     bounds: dict[str, datetime | None] = {}
     for name in ("since", "until"):
@@ -173,9 +173,10 @@ def _audit_read(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             return _fail(f"cannot read key file {args.key_file}: {getattr(exc, 'strerror', None) or exc}")
     else:
-        key = os.environ.get(KEY_ENV, "")
+        # Not load_settings(): reading a log back must not depend on the rest of a server's settings.
+        key = os.environ.get(AUDIT_KEY_ENV, "")
     if not key.strip():
-        return _fail(f"no key: give --key-file FILE or set {KEY_ENV}")
+        return _fail(f"no key: give --key-file FILE or set {AUDIT_KEY_ENV}")
     if isinstance(sys.stdout, io.TextIOWrapper):
         # JSON is UTF-8, whatever the locale says; prompts are often not ASCII.
         sys.stdout.reconfigure(encoding="utf-8")
