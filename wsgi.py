@@ -1,7 +1,7 @@
-"""WSGI entry point: `gunicorn -c deploy/gunicorn.conf.py wsgi:app`."""
+"""WSGI entry point: `gunicorn -c deploy/gunicorn.conf.py wsgi:app` (the app is glmvision.server.wsgi's)."""
 
 from __future__ import annotations
 
-from glmvision import create_app
+from glmvision.server.wsgi import app
 
-app = create_app()
+__all__ = ["app"]

@@ -11,8 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "deploy" / "gunicorn.conf.py"
-# `glmvision serve` flags: each sets its variable for gunicorn.conf.py and the workers to read.
+# The packaged gunicorn config and app: `glmvision serve` needs only the installed package.
+GUNICORN_CONF = "python:glmvision.server.gunicorn_conf"
+WSGI_APP = "glmvision.server.wsgi:app"
+# `glmvision serve` flags: each sets its variable for the gunicorn config and the workers to read.
 SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--bind", "HOST:PORT", "GLMVISION_BIND", str, "address to listen on (default 127.0.0.1:8080)"),
     (
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     serve = commands.add_parser(
         "serve",
-        help="run gunicorn with deploy/gunicorn.conf.py",
-        description="Run glmvision under gunicorn with deploy/gunicorn.conf.py. Each flag overrides its "
+        help="run gunicorn with glmvision's packaged config",
+        description="Run glmvision under gunicorn with glmvision.server.gunicorn_conf (the settings "
+        "deploy/gunicorn.conf.py re-exports). Each flag overrides its "
         "GLMVISION_* variable; every other setting comes from the environment. Arguments after -- go "
         "to gunicorn itself.",
     )
@@ -120,15 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         path = build_demo_model(args.directory, seed=args.seed)
         print(f"demo model written to {path} in {time.perf_counter() - started:.2f}s")
         return 0
-    if not GUNICORN_CONF.exists():
-        print(f"gunicorn config not found at {GUNICORN_CONF}", file=sys.stderr)
-        return 2
     for flag, _, variable, _, _ in SERVE_FLAGS:
         value = getattr(args, flag.removeprefix("--"))
         if value is not None:
             os.environ[variable] = str(value)
-    os.chdir(GUNICORN_CONF.parent.parent)
-    command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), *args.gunicorn_args, "wsgi:app"]
+    command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, *args.gunicorn_args, WSGI_APP]
     os.execv(sys.executable, command)
     return 0  # not reached
 
@@ -159,7 +158,7 @@ def _audit_read(args: argparse.Namespace) -> int:
     """`glmvision audit-read`: every failure is one line on stderr and status 2, never a traceback."""
     import json
 
-    from glmvision.ops.audit import KEY_ENV, AuditError, read_audit
+    from glmvision.ops.audit import AUDIT_KEY_ENV, AuditError, read_audit
 
     bounds: dict[str, datetime | None] = {}
     for name in ("since", "until"):
@@ -174,9 +173,10 @@ def _audit_read(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             return _fail(f"cannot read key file {args.key_file}: {getattr(exc, 'strerror', None) or exc}")
     else:
-        key = os.environ.get(KEY_ENV, "")
+        # Not load_settings(): reading a log back must not depend on the rest of a server's settings.
+        key = os.environ.get(AUDIT_KEY_ENV, "")
     if not key.strip():
-        return _fail(f"no key: give --key-file FILE or set {KEY_ENV}")
+        return _fail(f"no key: give --key-file FILE or set {AUDIT_KEY_ENV}")
     if isinstance(sys.stdout, io.TextIOWrapper):
         # JSON is UTF-8, whatever the locale says; prompts are often not ASCII.
         sys.stdout.reconfigure(encoding="utf-8")

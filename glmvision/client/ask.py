@@ -13,7 +13,7 @@ from glmvision.client.http import (
     Server,
     add_server_arguments,
     chat_body,
-    is_url,
+    is_http_or_data_url,
     post,
     sse_payloads,
 )
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Ask, print, and return the exit code: 0 answered, 1 the server or connection failed, 2 bad usage."""
-    if args.boxes and is_url(args.image):
+    if args.boxes and is_http_or_data_url(args.image):
         print("glmvision ask: --boxes needs a local image file to draw on", file=err)
         return 2
     try:

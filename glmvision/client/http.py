@@ -17,8 +17,9 @@ from typing import Any
 import requests
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
-SERVER_ENV = "GLMVISION_SERVER"
-KEY_ENV = "GLMVISION_KEY"
+# The client's own variables (the server's settings never read them: core.config.CLIENT_VARIABLES).
+CLIENT_SERVER_ENV = "GLMVISION_SERVER"
+CLIENT_KEY_ENV = "GLMVISION_KEY"
 # Statuses worth another try: the server said "later" (with Retry-After), not "never".
 RETRYABLE = {429, 502, 503, 504}
 # First-byte bytes of the formats the server takes, for files whose name says nothing.
@@ -55,10 +56,10 @@ class Server:
     @classmethod
     def from_args(cls, url: str | None, key: str | None, timeout: float = 300.0) -> Server:
         """Flags first, then GLMVISION_SERVER / GLMVISION_KEY, then the local default."""
-        base = (url or os.environ.get(SERVER_ENV) or DEFAULT_SERVER).rstrip("/")
+        base = (url or os.environ.get(CLIENT_SERVER_ENV) or DEFAULT_SERVER).rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise ClientError(f"the server URL must start with http:// or https://, not {base!r}", "usage")
-        return cls(base, key or os.environ.get(KEY_ENV) or None, timeout)
+        return cls(base, key or os.environ.get(CLIENT_KEY_ENV) or None, timeout)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -81,13 +82,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def is_url(source: str) -> bool:
+def is_http_or_data_url(source: str) -> bool:
+    """Whether `source` goes to the server as given (an http(s) URL it fetches, or a data: URL)."""
+    # Narrower than glmvision.core.urlfetch.is_url (any `scheme://`: the server's test for "fetch this").
     return source.startswith(("http://", "https://", "data:"))
 
 
 def image_url(source: str) -> str:
     """What goes in an image_url part: a URL as given (the server fetches it), a file as a data URL."""
-    if is_url(source):
+    if is_http_or_data_url(source):
         return source
     path = Path(source)
     try:

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glmvision")
 
-KEY_ENV = "GLMVISION_AUDIT_KEY"
-LOG_ENV = "GLMVISION_AUDIT_LOG"
+AUDIT_KEY_ENV = "GLMVISION_AUDIT_KEY"
+AUDIT_LOG_ENV = "GLMVISION_AUDIT_LOG"
 # While writes keep failing, warn on the first and then once per this many, not once per request.
 _WARN_EVERY = 1000
 # Fernet token layout: version byte, 8-byte time, 16-byte IV, AES-CBC blocks, 32-byte HMAC.
@@ -97,7 +97,7 @@ class AuditLog:
         try:
             self._fernet = parse_keys(keys)
         except ValueError as exc:
-            raise ConfigError(f"{KEY_ENV}: {exc}") from None
+            raise ConfigError(f"{AUDIT_KEY_ENV}: {exc}") from None
         self._path = Path(path)
         self._lock = threading.Lock()
         self._closed = False
@@ -107,7 +107,7 @@ class AuditLog:
             self._fd, self._pid = self._open(), os.getpid()
         except OSError as exc:
             raise ConfigError(
-                f"{LOG_ENV}: cannot open {self._path} for append: {exc.strerror or exc}"
+                f"{AUDIT_LOG_ENV}: cannot open {self._path} for append: {exc.strerror or exc}"
             ) from None
         mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
         if mode & 0o077:
@@ -120,7 +120,7 @@ class AuditLog:
         if not settings.audit_log:
             return None
         if not settings.audit_key.get_secret_value():
-            raise ConfigError(f"{LOG_ENV} is set but {KEY_ENV} is empty")
+            raise ConfigError(f"{AUDIT_LOG_ENV} is set but {AUDIT_KEY_ENV} is empty")
         return cls(settings.audit_log, settings.audit_key.get_secret_value())
 
     @property

@@ -12,27 +12,21 @@ replica shares it. Redis trouble never refuses anyone: the breaker fails open.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Protocol
 
-import redis
 from cachetools import TTLCache
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from glmvision.core.config import ConfigError
+from glmvision.ops import redisstore
 
 if TYPE_CHECKING:
-    from glmvision.core.config import Settings
+    import redis
 
-log = logging.getLogger("glmvision")
-T = TypeVar("T")
+    from glmvision.core.config import Settings
 
 VARIABLE = "GLMVISION_BREAKER_STORAGE_URI"
 KEY_PREFIX = "glmvision:breaker:"
@@ -40,9 +34,8 @@ KEY_PREFIX = "glmvision:breaker:"
 WINDOW = 3600.0
 # Clients the in-memory store tracks at most (least recently used out), so cycling ids cannot grow it.
 MAX_CLIENTS = 65536
-SOCKET_TIMEOUT = 0.5
 # After a Redis error, seconds before Redis is tried again (meanwhile everyone is let through).
-BACKOFF = 5.0
+BACKOFF = redisstore.BACKOFF
 
 # Atomic so that concurrent timeouts from several workers open the circuit exactly once, never zero times.
 _RECORD_TIMEOUT = """
@@ -63,10 +56,6 @@ return 0
 def client_hash(client: str) -> str:
     """A short fixed-length digest of a client id, for storage keys and logs."""
     return hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def _redact(uri: str) -> str:
-    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 class _Store(Protocol):
@@ -115,14 +104,8 @@ class _MemoryStore:
 class _RedisStore:
     """Counts and open circuits in Redis, shared by every worker and replica."""
 
-    def __init__(self, uri: str, threshold: int, cooldown: float, window: float) -> None:
-        self.client = redis.Redis.from_url(
-            uri,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+    def __init__(self, client: redis.Redis, threshold: int, cooldown: float, window: float) -> None:
+        self.client = client
         self.script = self.client.register_script(_RECORD_TIMEOUT)
         self.threshold = threshold
         self.cooldown_ms = max(1, math.ceil(cooldown * 1000))
@@ -179,25 +162,16 @@ class CircuitBreaker:
         self.cooldown = cooldown
         self.clock = clock
         self.backoff = backoff
-        self.errors = 0
-        self._lock = threading.Lock()
-        self._down_until = 0.0
+        self._policy = redisstore.FailOpen("circuit breaker storage", backoff, clock)
         self._store: _Store
-        scheme = storage_uri.partition("://")[0].lower() if "://" in storage_uri else ""
-        if scheme == "memory" and storage_uri.partition("://")[2] == "":
+        if redisstore.scheme_of(storage_uri) == "memory" and storage_uri.partition("://")[2] == "":
             self._store = _MemoryStore(threshold, cooldown, window, clock)
-        elif scheme in ("redis", "rediss", "unix"):
-            db = urlsplit(storage_uri).path.strip("/") if scheme != "unix" else ""
-            # redis-py quietly ignores a database that is not a number: refuse it rather than use db 0.
-            if db and not (db.isascii() and db.isdigit()):
-                raise ConfigError(f"{VARIABLE}: {_redact(storage_uri)!r}: database {db!r} is not a number")
-            try:
-                self._store = _RedisStore(storage_uri, threshold, cooldown, window)
-            except ValueError as exc:
-                raise ConfigError(f"{VARIABLE}: {_redact(storage_uri)!r} is not usable: {exc}") from None
+        elif redisstore.is_redis(storage_uri):
+            client = redisstore.client(storage_uri, VARIABLE)
+            self._store = _RedisStore(client, threshold, cooldown, window)
         else:
             raise ConfigError(
-                f"{VARIABLE}: {_redact(storage_uri)!r} is not memory:// or redis://host:port/db"
+                f"{VARIABLE}: {redisstore.redact(storage_uri)!r} is not memory:// or redis://host:port/db"
             )
 
     @classmethod
@@ -208,36 +182,24 @@ class CircuitBreaker:
         return cls(settings.breaker_timeouts, settings.breaker_cooldown, settings.breaker_storage_uri)
 
     @property
+    def errors(self) -> int:
+        """Storage errors so far (each starts a back-off during which everyone is let through)."""
+        return self._policy.errors
+
+    @property
     def shared(self) -> bool:
         """Whether the state is shared across processes (Redis) rather than this worker's own."""
         return isinstance(self._store, _RedisStore)
 
     def retry_after(self, client: str) -> int | None:
         """Whole seconds (at least 1) until `client`'s circuit closes, or None when it is closed."""
-        left = self._guarded(lambda: self._store.open_for(client), client)
+        left = self._policy.call(lambda: self._store.open_for(client), None, self._context(client))
         return None if left is None else max(1, math.ceil(left))
 
     def record(self, client: str, timed_out: bool) -> bool:
         """Count a request's outcome (a success resets the count); True when this call opened the circuit."""
-        return bool(self._guarded(lambda: self._store.record(client, timed_out), client))
+        return self._policy.call(lambda: self._store.record(client, timed_out), False, self._context(client))
 
-    def _guarded(self, operation: Callable[[], T], client: str) -> T | None:
-        if self._down_until and self.clock() < self._down_until:
-            return None
-        try:
-            result = operation()
-        except (redis.RedisError, OSError) as exc:
-            with self._lock:
-                self.errors += 1
-                self._down_until = self.clock() + self.backoff
-            log.warning(
-                "circuit breaker storage error (%s: %s) for client hash %s; failing open for %.0fs",
-                type(exc).__name__,
-                exc,
-                client_hash(client)[:8],
-                self.backoff,
-            )
-            return None
-        if self._down_until:
-            self._down_until = 0.0
-        return result
+    @staticmethod
+    def _context(client: str) -> str:
+        return f"for client hash {client_hash(client)[:8]}"

@@ -7,41 +7,34 @@ perceptual matching is on, scans that bucket (at most `BUCKET_SIZE` entries) for
 every image is within the configured Hamming distance.
 
 Storage is in process (cachetools' TTLCache: LRU + TTL, one per worker) or Redis (shared by workers and
-replicas). Redis failures never reach the caller: they count in `errors`, log a warning without content,
-and make the cache skip Redis for `BACKOFF_SECONDS` before trying again.
+replicas). Redis failures never reach the caller (glmvision.ops.redisstore's FailOpen): they count in
+`errors`, log a warning without content, and make the cache skip Redis for `BACKOFF_SECONDS` before
+trying again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import imagehash
-import redis
 from cachetools import TTLCache
 from PIL import Image
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from glmvision.core.config import ConfigError, Settings
-
-log = logging.getLogger("glmvision")
+from glmvision.ops import redisstore
 
 # Entries kept per perceptual bucket (most recent first), so a perceptual lookup is a bounded scan.
 BUCKET_SIZE = 32
 # After a storage error the cache is skipped this long, so a dead Redis does not cost every request
 # its timeout; then the next call tries again, and the cache recovers by itself.
-BACKOFF_SECONDS = 5.0
-CONNECT_TIMEOUT = 0.25
-READ_TIMEOUT = 0.5
+BACKOFF_SECONDS = redisstore.BACKOFF
 # Values live at REDIS_PREFIX + exact, buckets at REDIS_PREFIX + "bucket:" + rest; bump the version
 # whenever the key derivation or the value format changes, so old entries are never read.
 REDIS_PREFIX = "glmvision:cache:v1:"
@@ -263,15 +256,7 @@ class _RedisStore:
 
     def __init__(self, uri: str, ttl: float) -> None:
         self._ttl = max(1, math.ceil(ttl))
-        self._client = redis.Redis.from_url(
-            uri,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=READ_TIMEOUT,
-            retry_on_timeout=False,
-            # redis-py retries by default (with back-off); one attempt keeps an outage's cost bounded.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._client = redisstore.client(uri, "GLMVISION_CACHE_URI")
 
     def get(self, key: CacheKey, distance: int | None) -> CachedAnswer | None:
         value_key = REDIS_PREFIX + key.exact
@@ -317,9 +302,8 @@ class ResponseCache:
     def __init__(self, store: _Store, phash_distance: int) -> None:
         self._store = store
         self._phash_distance = phash_distance
-        self._lock = threading.Lock()
-        self._skip_until = 0.0
-        self.errors = 0
+        # Read here, not at import, so a test can shorten it; anything a store raises is a miss.
+        self._policy = redisstore.FailOpen("response cache", BACKOFF_SECONDS, time.monotonic, (Exception,))
 
     @classmethod
     def from_settings(
@@ -329,16 +313,12 @@ class ResponseCache:
         if not settings.cache:
             return None
         uri = settings.cache_uri
-        scheme = urlsplit(uri).scheme.lower()
+        scheme = redisstore.scheme_of(uri)
         store: _Store
         if scheme == "memory":
             store = _MemoryStore(settings.cache_size, settings.cache_ttl, timer)
-        elif scheme in ("redis", "rediss"):
-            try:
-                store = _RedisStore(uri, settings.cache_ttl)
-            except ValueError as exc:
-                # The message names the bad part (a port, a db), never the URI itself: it may hold a password.
-                raise ConfigError(f"GLMVISION_CACHE_URI: not a usable Redis URL ({exc})") from None
+        elif redisstore.is_redis(uri):
+            store = _RedisStore(uri, settings.cache_ttl)
         else:
             raise ConfigError(
                 f"GLMVISION_CACHE_URI: expected memory:// or redis://host:port/db, got scheme {scheme!r}"
@@ -351,6 +331,11 @@ class ResponseCache:
         return self._phash_distance >= 0
 
     @property
+    def errors(self) -> int:
+        """Storage errors so far (each skips the cache for the back-off)."""
+        return self._policy.errors
+
+    @property
     def shared(self) -> bool:
         """Whether the cache is shared by workers and replicas (Redis)."""
         return self._store.shared
@@ -361,39 +346,16 @@ class ResponseCache:
 
     def get(self, key: CacheKey) -> CachedAnswer | None:
         """The stored answer for `key` (or a perceptually close one), None on a miss; never raises."""
-        if time.monotonic() < self._skip_until:
-            return None
-        try:
-            return self._store.get(key, self._phash_distance if self._perceptual_for(key) else None)
-        except Exception as exc:  # noqa: BLE001 - a cache must never fail the request it serves
-            self._failed("get", exc)
-            return None
+        distance = self._phash_distance if self._perceptual_for(key) else None
+        return self._policy.call(lambda: self._store.get(key, distance), None, "in get")
 
     def put(self, key: CacheKey, answer: CachedAnswer) -> None:
         """Store `answer` under `key` for the TTL; dropped silently when storage fails; never raises."""
-        if time.monotonic() < self._skip_until:
-            return
-        try:
-            self._store.put(key, answer, self._perceptual_for(key))
-        except Exception as exc:  # noqa: BLE001 - a cache must never fail the request it serves
-            self._failed("put", exc)
+        self._policy.call(lambda: self._store.put(key, answer, self._perceptual_for(key)), None, "in put")
 
     def close(self) -> None:
         """Release the storage's connections (the in-process cache is emptied)."""
         try:
             self._store.close()
         except Exception as exc:  # noqa: BLE001 - closing is best effort
-            self._failed("close", exc)
-
-    def _failed(self, operation: str, exc: Exception) -> None:
-        backoff = BACKOFF_SECONDS
-        with self._lock:
-            self.errors += 1
-            self._skip_until = time.monotonic() + backoff
-        # The exception's type only: its text could echo a command, and keys and answers are content.
-        log.warning(
-            "response cache %s failed (%s); skipping the cache for %.1f s",
-            operation,
-            type(exc).__name__,
-            backoff,
-        )
+            self._policy.failed(exc, "in close")

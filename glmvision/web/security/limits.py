@@ -12,6 +12,7 @@ from limits import parse_many
 from glmvision.core.config import ConfigError, Settings
 from glmvision.core.errors import unavailable
 from glmvision.core.keys import key_digest, presented_key
+from glmvision.ops import redisstore
 from glmvision.web.errors import render_error
 from glmvision.web.security.auth import PUBLIC_ENDPOINTS
 
@@ -38,8 +39,8 @@ def init_app(app: Flask, settings: Settings) -> Limiter | None:
         raise ConfigError(f"GLMVISION_RATE_LIMIT: cannot parse {rate!r} (e.g. 60/minute)") from None
     uri = settings.ratelimit_storage_uri
     fail_open = settings.ratelimit_fail == "open"
-    # A storage outage costs each request at most this long, never a hang.
-    options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5} if uri.startswith("redis") else {}
+    # A storage outage costs each request at most the Redis timeouts, never a hang.
+    options = redisstore.limiter_options(uri)
     limiter = Limiter(
         key_func=rate_limit_key,
         application_limits=[rate],  # one budget per key across all endpoints

@@ -1,0 +1,126 @@
+"""gunicorn settings and hooks for glmvision, inside the package so an installed wheel can serve:
+`gunicorn -c python:glmvision.server.gunicorn_conf glmvision.server.wsgi:app` (what `glmvision serve` runs);
+deploy/gunicorn.conf.py re-exports them for `gunicorn -c deploy/gunicorn.conf.py wsgi:app`.
+
+Read by the gunicorn master, which never imports torch: each worker builds the app and loads its
+own model (CUDA cannot be re-initialised in a forked child, so nothing is preloaded).
+
+With several GPUs visible, each worker gets one of its own (GLMVISION_WORKERS = number of GPUs gives
+one model copy per GPU): the master keeps the assignment on its worker objects, and a worker that
+replaces a dead one takes over the dead one's GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from typing import TYPE_CHECKING
+
+from glmvision.backends.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.backends.local.loading import check_source
+from glmvision.core.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
+
+try:
+    _settings = load_settings()
+    _server = load_server_settings()
+    # Every admitted request (running + queued) holds a thread while it waits for the model; the
+    # spare threads answer probes and refuse the excess at once instead of queueing it in gunicorn.
+    threads = _server.worker_threads(_settings)
+    if _settings.backend == "local":  # with an upstream engine no model is loaded here
+        check_source(_settings.model)
+except ConfigError as exc:
+    # One clear line, not a traceback: gunicorn prints this and exits.
+    raise SystemExit(f"glmvision: {exc}") from None
+warn_unknown_variables()
+# prometheus-client's multiprocess mode: every worker writes its series into this directory and a
+# scrape of any worker sums them. Set before any worker imports prometheus_client; a directory of
+# our own per server (never one left by an earlier run: stale series would be summed in).
+if _settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="glmvision-metrics-")
+    _own_metrics_dir = True
+else:
+    _own_metrics_dir = False
+# Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
+_gpu_count = visible_gpu_count()
+
+bind = _server.bind
+workers = _server.workers
+# gthread, plus a lane of its own for /healthz and /readyz so probes never queue behind model work.
+worker_class = "glmvision.server.workers.ProbeFirstWorker"
+preload_app = False
+# A loading model does not block the worker's heartbeat (it loads in a thread), so this only
+# catches workers that are truly stuck.
+timeout = _server.timeout
+graceful_timeout = 30
+keepalive = 5
+# Request lines and headers stay small; bodies are bounded by GLMVISION_MAX_BODY_MB in the app.
+limit_request_line = 8190
+limit_request_fields = 100
+accesslog = "-"
+errorlog = "-"
+# glmvision needs no runtime control socket; several servers on one host must not share one.
+control_socket_disable = True
+# Method, path, status, size, milliseconds and the worker's pid: never bodies, never keys.
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms pid=%(p)s'
+logger_class = "glmvision.server.workers.AccessLogger"
+
+
+def post_worker_init(worker):  # gunicorn passes the worker
+    """Start loading this worker's model in the background; exit the worker if its model thread fails."""
+    state = worker.wsgi.extensions["glmvision"]
+    # A failed model thread has answered its requests already; a graceful exit lets gunicorn
+    # start a fresh worker instead of one that fails every request from then on.
+    state.backend.on_fatal = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    if state.settings.warmup:
+        state.backend.warm_up()
+    from glmvision.web.app import start_worker_threads
+
+    start_worker_threads(worker.wsgi)
+
+
+def pre_fork(server: Arbiter, worker: Worker) -> None:
+    """In the master, before the fork: give the new worker the GPU the live workers use least."""
+    # gunicorn reaps a dead worker (drops it from WORKERS) before it forks the replacement, so the
+    # dead worker's GPU is free again here and is the one picked.
+    assigned = (getattr(live, "glmvision_gpu", None) for live in server.WORKERS.values())
+    in_use = [gpu for gpu in assigned if gpu is not None]
+    worker.glmvision_gpu = pick_gpu(in_use, _gpu_count)
+
+
+def post_fork(server: Arbiter, worker: Worker) -> None:
+    """In the new worker, before gunicorn imports the app: point its model at its own GPU."""
+    device = worker_device(getattr(worker, "glmvision_gpu", None), _settings.device)
+    if device is not None:
+        os.environ["GLMVISION_DEVICE"] = device
+        server.log.info("worker pid=%s uses %s", worker.pid, device)
+
+
+def on_starting(server: Arbiter) -> None:
+    """In the master, once: start the metrics directory empty (a given one may hold an old run's files)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and _settings.metrics:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(directory, name))
+
+
+def child_exit(server: Arbiter, worker: Worker) -> None:
+    """In the master: a dead worker's live gauges leave the sums (its counters stay counted)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and _settings.metrics:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Arbiter) -> None:
+    """In the master, at shutdown: remove the metrics directory it made."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and _own_metrics_dir:
+        shutil.rmtree(directory, ignore_errors=True)
