@@ -31,9 +31,9 @@ from glmvision.core.responses import (
     ToolCallDelta,
     ToolCallObject,
 )
-from glmvision.ops.record import current_record
 from glmvision.postprocess.tools import ToolCallStream, allowed_tools, parse_tool_calls
 from glmvision.serving import pipeline
+from glmvision.serving.context import admit, new_context
 from glmvision.serving.pipeline import (
     Answer,
     ChatInput,
@@ -46,8 +46,8 @@ from glmvision.serving.pipeline import (
     tool_constraint,
     usage,
 )
-from glmvision.serving.service import admit, service
 from glmvision.web.protocol import ChatCompletionRequest, ChatMessage, parse_body
+from glmvision.web.state import service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
@@ -177,28 +177,26 @@ def _constraint(body: ChatCompletionRequest, settings: Settings) -> Constraint |
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
-    state = service()
-    settings = state.settings
-    ticket = admit()
+    context = new_context(service())
+    state, settings = context.service, context.settings
+    admit(context)
     body = parse_body(request, ChatCompletionRequest, settings.max_json_depth)
     turns, params = parse_chat(body, settings, state.backend.model_names(), state.backend.adapters())
-    chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
-    record = current_record()
+    chat, answer = pipeline.answer(context, turns, params, "messages", streamed=body.stream)
     meta: dict[str, Any] = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),
         "model": body.model or answer.model_id,
     }
-    if record is not None and record.degraded:
+    if context.degraded:
         meta["degraded"] = True
     if body.stream:
-        if record is not None:
-            record.stream = True
+        context.record.stream = True
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _events(answer, chat, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
-    result = answer.finish(settings, ticket.client_gone)
+    result = answer.finish(settings, context.client_gone)
     text, calls = _answer_calls(result, chat.params)
     boxes = pipeline.boxes_of(chat, text) or None
     message = AssistantMessage(
