@@ -21,6 +21,7 @@ from glmvision.backends.local.runtime import LoadedModel
 from glmvision.core.config import ConfigError
 from glmvision.core.generation import GenerationParams
 from glmvision.postprocess.stream import GenerationStream
+from glmvision.web.state import app_state
 
 
 def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
@@ -262,7 +263,7 @@ def test_a_model_that_cannot_load_gives_503_not_500(make_app: Callable[..., Flas
 
 def _loaded(client: FlaskClient) -> LoadedModel:
     app = client.application
-    return app.extensions["glmvision"].backend.holder.get(timeout=60)
+    return app_state(app).service.backend.holder.get(timeout=60)
 
 
 def test_out_of_memory_is_a_503_and_the_worker_recovers(
@@ -291,7 +292,7 @@ def test_a_failed_model_thread_answers_everyone_and_asks_for_a_new_worker(
 ) -> None:
     """Anything the model raises: 503 for all it held, unhealthy, nothing more taken on, one exit call."""
     model = _loaded(client)
-    backend = client.application.extensions["glmvision"].backend
+    backend = app_state(client.application).service.backend
     exits: list[bool] = []
     backend.on_fatal = lambda: exits.append(True)
 
@@ -498,7 +499,7 @@ def test_a_full_worker_refuses_before_reading_the_body(make_app: Callable[..., F
     """Admission comes first: a full worker answers 503 even to a body it would have found invalid."""
     app = make_app(max_batch_size=1, max_queue=1)
     client = app.test_client()
-    admission = app.extensions["glmvision"].backend.admission
+    admission = app_state(app).service.backend.admission
     held = [admission.admit(), admission.admit()]
     for path in ("/v1/chat/vision", "/v1/chat", "/v1/chat/completions"):
         response = client.post(path, data=b"{not json", content_type="application/json")

@@ -21,6 +21,7 @@ from glmvision.core.config import (
     warn_unknown_variables,
 )
 from glmvision.core.config import load_settings as _load_settings
+from glmvision.web.state import app_state
 
 SERVER_FIELDS = set(ServerSettings.model_fields)
 
@@ -267,8 +268,8 @@ def test_create_app_rejects_a_bad_rate_limit(tmp_path: Path, rate: str) -> None:
 def test_create_app_accepts_good_rate_limits(tmp_path: Path, rate: str) -> None:
     """Valid limits, or none, build an app with the setting in its config."""
     app = create_app(_app_settings(tmp_path, rate_limit=rate))
-    assert app.extensions["glmvision"].settings.rate_limit == rate
-    assert (app.extensions["glmvision.limiter"] is None) == (rate == "")
+    assert app_state(app).service.settings.rate_limit == rate
+    assert (app_state(app).limiter is None) == (rate == "")
 
 
 def test_create_app_reads_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,7 +277,7 @@ def test_create_app_reads_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("GLMVISION_MAX_BODY_MB", "2")
     monkeypatch.setenv("GLMVISION_MAX_IMAGE_SIDE", "1000")
     app = create_app(_app_settings(tmp_path, max_image_side=700))
-    assert app.extensions["glmvision"].settings.max_image_side == 700
+    assert app_state(app).service.settings.max_image_side == 700
     assert app.config["MAX_CONTENT_LENGTH"] == 2 * 1024 * 1024
 
 

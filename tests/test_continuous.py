@@ -30,6 +30,7 @@ from glmvision.core.config import load_settings
 from glmvision.core.errors import APIError
 from glmvision.core.generation import GenerationParams
 from glmvision.postprocess.stream import GenerationStream
+from glmvision.web.state import app_state
 
 WORDS = "what is in this picture describe the colours shapes and any text you can read please".split()
 
@@ -364,7 +365,7 @@ def test_the_setting_picks_the_scheduler_the_service_runs(make_app: Any, schedul
     want = scheduler or "continuous"
     assert engine["scheduler"] == want and engine["rows"] == 1
     assert (engine["steps"] > 0) == (want == "continuous")
-    backend = app.extensions["glmvision"].backend
+    backend = app_state(app).service.backend
     assert type(backend.engine) is {"continuous": ContinuousEngine, "static": StaticEngine}[want]
 
 

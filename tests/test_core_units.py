@@ -27,6 +27,7 @@ from glmvision.core.generation import GenerationParams
 from glmvision.postprocess.stream import DEADLINE_GRACE, GenerationStream, IncrementalDecoder
 from glmvision.server.workers import AccessLogger, ProbeFirstWorker, is_probe
 from glmvision.serving.service import client_gone_check
+from glmvision.web.state import app_state
 
 # Admission and tickets.
 
@@ -501,7 +502,7 @@ def test_no_preparation_slot_before_the_deadline_is_504_and_frees_the_place(
     client = app.test_client()
     client.post("/v1/chat/vision", json=vision_body())  # loads the model
     assert wait_for(lambda: client.get("/readyz").status_code == 200)
-    admission = app.extensions["glmvision"].backend.admission
+    admission = app_state(app).service.backend.admission
     while admission._slots.take(0):
         pass
     response = client.post("/v1/chat/vision", json=vision_body())

@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 from helpers import ROOT, LiveServer, image_b64, live_server, server_env, vision_body
 
 from glmvision.core.jsontext import MAX_JSON_DEPTH, json_depth, parse_json_text
+from glmvision.web.state import app_state
 
 VISION, SEED, COMPLETIONS = "/v1/chat/vision", "/v1/chat", "/v1/chat/completions"
 # One minimal valid body per POST route with a JSON body.
@@ -344,7 +345,7 @@ class TestGrammarDeadEnd:
 
         app = make_app()
         app.test_client().post(VISION, json=BODIES[VISION])  # loads the model
-        loaded = app.extensions["glmvision"].backend.holder.loaded
+        loaded = app_state(app).service.backend.holder.loaded
         compiled = loaded.grammars().compile(Constraint(json.dumps(self.SCHEMA)))
         row = compiled.start(budget=64, after_thinking=False)
         quote = loaded.processor.tokenizer.convert_tokens_to_ids('"')

@@ -10,6 +10,7 @@ import pytest
 from flask import Flask
 
 from glmvision.web.security.limits import rate_limit_key
+from glmvision.web.state import app_state
 
 RAW_KEY = "raw-secret-key-Zq7"  # "-" and capitals: no sha256 hex digest can contain it
 OTHER_KEY = "another-secret-key-Wx3"
@@ -64,7 +65,7 @@ def test_the_raw_key_never_reaches_the_storage(app: Flask) -> None:
     assert RAW_KEY not in refused.get_data(as_text=True)
     assert all(RAW_KEY not in value for value in refused.headers.values())
 
-    storage = app.extensions["glmvision.limiter"].storage
+    storage = app_state(app).limiter.storage
     stored = _storage_text(storage)
     bucket = _bucket(app, headers={"X-API-Key": RAW_KEY})
     assert bucket in stored  # the counters were looked at, not an empty table

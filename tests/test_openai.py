@@ -17,6 +17,8 @@ import requests
 from flask import Flask
 from helpers import LiveServer, image_b64, live_server, server_env, wait_for
 
+from glmvision.web.state import app_state
+
 DEMO_ID = "glm-4.6v-flash-demo"
 ALIAS = "gpt-4o-mini-alias"
 CHAT = "/v1/chat/completions"
@@ -545,7 +547,7 @@ def sse_text(chunks: list[bytes]) -> list[dict[str, Any]]:
 def test_stop_string_cuts_exactly_in_process(make_app: Callable[..., Flask]) -> None:
     """A stop string cut from a greedy answer ends the same answer right before it, streamed or not."""
     app = make_app()
-    app.extensions["glmvision"].backend.holder.get(timeout=60)
+    app_state(app).service.backend.holder.get(timeout=60)
     with app.test_client() as flask_client:
 
         def post(body: dict[str, Any]) -> dict[str, Any]:

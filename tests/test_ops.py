@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from helpers import image_b64, vision_body, wait_for
 
 from glmvision.serving.cache import CachedAnswer
+from glmvision.web.state import app_state
 
 VISION = "/v1/chat/vision"
 CHAT = "/v1/chat/completions"
@@ -56,7 +57,7 @@ def request_lines() -> Iterator[list[logging.LogRecord]]:
 
 def model_calls(app: Flask) -> Callable[[], int]:
     """Count the model's forward calls from now on (the model is loaded first)."""
-    backend = app.extensions["glmvision"].backend
+    backend = app_state(app).service.backend
     loaded = backend.holder.get(timeout=60)
     calls = [0]
     real = loaded.model.model.forward
@@ -365,7 +366,7 @@ class TestFallback:
         self, make_app: Callable[..., Flask]
     ) -> None:
         app = make_app(fallback_message="Later, please.")
-        backend = app.extensions["glmvision"].backend
+        backend = app_state(app).service.backend
         backend.holder.get(timeout=60)
         backend.engine.failed = "RuntimeError"  # as the model thread leaves it when it dies
         answer = app.test_client().post(VISION, json=vision_body())
@@ -373,8 +374,8 @@ class TestFallback:
         assert answer.get_json()["finish_reason"] == "fallback"
         assert answer.get_json()["result"] == "Later, please."
         without = make_app()
-        without.extensions["glmvision"].backend.holder.get(timeout=60)
-        without.extensions["glmvision"].backend.engine.failed = "RuntimeError"
+        app_state(without).service.backend.holder.get(timeout=60)
+        app_state(without).service.backend.engine.failed = "RuntimeError"
         refused = without.test_client().post(VISION, json=vision_body())
         assert refused.status_code == 503 and refused.get_json()["error"]["code"] == "engine_failed"
 
@@ -400,7 +401,7 @@ class TestRedaction:
 
         app = make_app(**settings)
         client = app.test_client()
-        state = app.extensions["glmvision"]
+        state = app_state(app).service
         state.backend.holder.get(timeout=60)
         keys: list[Any] = []
         real_pixels, real_source = pipeline._cache_key, pipeline._source_key
@@ -486,7 +487,7 @@ class TestCircuitBreaker:
 
     def test_an_answer_resets_the_count(self, make_app: Callable[..., Flask]) -> None:
         app = make_app(breaker_timeouts=2)
-        breaker = app.extensions["glmvision"].breaker
+        breaker = app_state(app).service.breaker
         client = app.test_client()
         breaker.record("ip:127.0.0.1", True)
         assert client.post(VISION, json=vision_body(temperature=0.5)).status_code == 200
@@ -497,7 +498,7 @@ class TestCircuitBreaker:
         self, make_app: Callable[..., Flask]
     ) -> None:
         app = make_app(breaker_timeouts=2)
-        breaker = app.extensions["glmvision"].breaker
+        breaker = app_state(app).service.breaker
         client = app.test_client()
         model_calls(app)
         body = vision_body(temperature=0)
@@ -509,7 +510,7 @@ class TestCircuitBreaker:
 
     def test_off_at_zero(self, make_app: Callable[..., Flask]) -> None:
         app = make_app(breaker_timeouts=0, request_timeout=0.001)
-        assert app.extensions["glmvision"].breaker is None
+        assert app_state(app).service.breaker is None
         client = app.test_client()
         for _ in range(6):
             assert client.post(VISION, json=vision_body()).status_code == 504  # never 429

@@ -30,6 +30,7 @@ from glmvision.core.errors import APIError
 from glmvision.core.generation import GREEDY_BELOW, GenerationParams
 from glmvision.postprocess.stream import GenerationStream
 from glmvision.serving.pipeline import cacheable
+from glmvision.web.state import app_state
 
 # Inside the accepted range 0..2, and each once killed the model thread.
 TINY = [1e-300, 5e-324, 1e-45]
@@ -285,7 +286,7 @@ def test_a_failing_detokenizer_gives_that_request_a_clean_503(
     assert streamed.status_code == 200, streamed.get_data(as_text=True)
     events = [line[len("data: ") :] for line in streamed.get_data(as_text=True).splitlines() if line]
     assert json.loads(events[-2])["error"]["code"] == "row_failed" and events[-1] == "[DONE]"
-    assert app.extensions["glmvision"].backend.engine.failed is None
+    assert app_state(app).service.backend.engine.failed is None
 
 
 # The regression on real gunicorn.

@@ -27,6 +27,7 @@ from glmvision.postprocess.tools import ToolCallStream, parse_tool_calls
 from glmvision.serving.pipeline import to_messages
 from glmvision.web.openai.protocol import ChatCompletionRequest
 from glmvision.web.openai.routes import parse_chat
+from glmvision.web.state import app_state
 
 CHAT = "/v1/chat/completions"
 WEATHER: dict[str, Any] = {
@@ -249,7 +250,7 @@ def demo_app(demo_model_dir: Path) -> Iterator[FlaskClient]:
     app = create_app(
         {"GLMVISION_MODEL": str(demo_model_dir), "GLMVISION_DEVICE": "cpu", "GLMVISION_CACHE": "0"}
     )
-    app.extensions["glmvision"].backend.holder.get(timeout=60)
+    app_state(app).service.backend.holder.get(timeout=60)
     with app.test_client() as client:
         yield client
 

@@ -18,6 +18,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import LiveServer, free_port, image_b64, live_server, server_env, stop, vision_body, wait_for
 
+from glmvision.web.state import app_state
+
 HTTP_TIMEOUT = 60
 MODEL_ID = "upstream-demo"
 KEY = secrets.token_hex(16)
@@ -222,7 +224,7 @@ def test_a_request_the_upstream_refuses_is_upstream_rejected(front: FlaskClient)
     native = front.post("/v1/chat/vision", json=vision_body(max_new_tokens=UPSTREAM_MAX_NEW_TOKENS + 1))
     assert native.status_code == 400
     assert native.get_json()["error"]["code"] == "upstream_rejected"
-    assert front.application.extensions["glmvision"].backend.counters.rejected == 2
+    assert app_state(front.application).service.backend.counters.rejected == 2
 
 
 def test_a_refused_connection_is_upstream_unavailable(make_app: Callable[..., Flask]) -> None:
@@ -236,11 +238,11 @@ def test_a_refused_connection_is_upstream_unavailable(make_app: Callable[..., Fl
         assert response.status_code == 503, response.get_data(as_text=True)
         assert response.get_json()["error"]["code"] == "upstream_unavailable"
         assert int(response.headers["Retry-After"]) > 0
-    assert app.extensions["glmvision"].backend.counters.unavailable == 2
+    assert app_state(app).service.backend.counters.unavailable == 2
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.get_json()["status"] == "unhealthy"
-    assert app.extensions["glmvision"].backend.health().occupancy == 0  # every place given back
+    assert app_state(app).service.backend.health().occupancy == 0  # every place given back
 
 
 def test_a_wrong_key_is_upstream_unavailable_not_the_clients_fault(
@@ -276,7 +278,7 @@ def test_an_upstream_killed_mid_stream_ends_the_stream_with_an_error(
         assert errors, "the stream ended as if the answer were whole"
         assert errors[-1]["code"] == "upstream_unavailable"
         assert not any(p["choices"][0]["finish_reason"] for p in payloads if p.get("choices"))
-        backend = app.extensions["glmvision"].backend
+        backend = app_state(app).service.backend
         assert backend.counters.unavailable == 1
         assert backend.health().occupancy == 0
         # /readyz follows the upstream down (its probe is cached for a couple of seconds).
@@ -518,7 +520,7 @@ def test_upstream_failures_map_to_our_errors(scripted: Scripted, make_app: Calla
     scripted.events = [chunk(content="cut short")]  # no finish_reason, then [DONE]
     response = client.post("/v1/chat/vision", json=vision_body())
     assert response.status_code == 503
-    counters = app.extensions["glmvision"].backend.counters
+    counters = app_state(app).service.backend.counters
     assert (counters.unavailable, counters.rejected) == (3, 1)
     exported = client.get("/metrics").get_data(as_text=True)
     assert 'glmvision_upstream_failures_total{code="upstream_unavailable"} 3.0' in exported
@@ -561,7 +563,7 @@ def test_upstream_concurrency_bounds_requests_in_flight(
     assert waiting.get_json()["error"]["code"] == "queue_timeout"
     assert "Retry-After" in waiting.headers
     held.close()  # the client leaves: its connection goes back
-    assert app.extensions["glmvision"].backend.running == 0
+    assert app_state(app).service.backend.running == 0
     after = client.post("/v1/chat/completions", json=greedy(3, [user("Hi.")]))
     assert after.status_code == 200, after.get_json()
 
@@ -581,7 +583,7 @@ def test_our_model_id_fronts_the_upstreams(make_app: Callable[..., Flask], upstr
     assert answer.get_json()["model"] == "a"
     assert client.post("/v1/chat/vision", json=vision_body()).get_json()["model"] == "ours"
     # Upstream it is still the upstream's id: a name it does not know would be refused there.
-    assert app.extensions["glmvision"].backend.capabilities().revision.endswith(":" + MODEL_ID)
+    assert app_state(app).service.backend.capabilities().revision.endswith(":" + MODEL_ID)
 
 
 def test_a_slow_upstream_is_unavailable_and_not_ready(

@@ -18,6 +18,7 @@ from glmvision.backends.local.continuous import ContinuousEngine
 from glmvision.backends.local.engine import QueueEngine
 from glmvision.backends.local.vram import maybe_empty_cache
 from glmvision.core.config import load_settings
+from glmvision.web.state import app_state
 
 
 class FakeCuda:
@@ -138,7 +139,7 @@ def test_the_check_runs_on_the_model_thread_after_each_batch_never_per_request(
     """Health probes and requests never call CUDA; the model thread checks once per batch."""
     app = make_app()
     client = app.test_client()
-    app.extensions["glmvision"].backend.holder.get(timeout=60)  # loaded (and its first answer given)
+    app_state(app).service.backend.holder.get(timeout=60)  # loaded (and its first answer given)
     checks: list[str] = []
     real = QueueEngine._tidy_memory
 
@@ -153,7 +154,7 @@ def test_the_check_runs_on_the_model_thread_after_each_batch_never_per_request(
     assert checks == []
     for _ in range(2):
         assert client.post("/v1/chat/vision", json=vision_body()).get_json()["success"] is True
-    engine = app.extensions["glmvision"].backend.engine
+    engine = app_state(app).service.backend.engine
     assert engine is not None
     # The check follows each batch on the model thread, which may still be at it when the answer is out.
     assert wait_for(lambda: len(checks) == 2)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, request
 
 from glmvision.core.backend import Backend
 from glmvision.core.config import Settings
@@ -24,7 +24,6 @@ from glmvision.core.errors import ERRORS, APIError
 from glmvision.ops.record import RequestRecord
 
 log = logging.getLogger("glmvision")
-bp = Blueprint("ops", __name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_INTERVAL = 5.0  # seconds between a worker's gauge samples
@@ -137,11 +136,23 @@ class Metrics:
 
     def init_app(self, app: Flask, backend: Backend, settings: Settings) -> None:
         """Serve /metrics, count every request, sample gauges; the backend reports its batch sizes."""
-        app.extensions["glmvision.metrics"] = self
         self._backend = backend
         self._key = settings.metrics_key.get_secret_value()
         backend.on_batch = self.batch_size.observe
-        app.register_blueprint(bp)
+        ops = Blueprint("ops", __name__)  # one per app: its view serves this instance, found by no lookup
+        ops.add_url_rule("/metrics", "metrics", self.serve, methods=["GET"])
+        app.register_blueprint(ops)
+
+    def serve(self) -> Response:
+        """Prometheus text format; with GLMVISION_METRICS_KEY set, only for that bearer key."""
+        _check_metrics_key(self._key)
+        started = time.perf_counter()
+        self.sample()
+        body = self.render()
+        log.debug("metrics rendered in %.1f ms", (time.perf_counter() - started) * 1000)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(body, mimetype=None, content_type=CONTENT_TYPE_LATEST)
 
     # Per request.
 
@@ -261,17 +272,3 @@ def _check_metrics_key(key: str) -> None:
         raise APIError(401, "missing_api_key", "GET /metrics needs its key (Authorization: Bearer <key>).")
     if not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(401, "invalid_api_key", "The metrics key is not valid.")
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    """Prometheus text format; with GLMVISION_METRICS_KEY set, only for that bearer key."""
-    state: Metrics = current_app.extensions["glmvision.metrics"]
-    _check_metrics_key(state._key)
-    started = time.perf_counter()
-    state.sample()
-    body = state.render()
-    log.debug("metrics rendered in %.1f ms", (time.perf_counter() - started) * 1000)
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    return Response(body, mimetype=None, content_type=CONTENT_TYPE_LATEST)

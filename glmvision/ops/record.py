@@ -60,7 +60,6 @@ class RequestRecord:
     redactions: dict[str, int] = field(default_factory=dict)  # masked matches per kind
     breaker_client: str | None = None  # whom the circuit breaker counts, once admitted
     circuit_tripped: bool = False
-    cache_key: Any = None  # glmvision.serving.cache.CacheKey, made once per request
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""
@@ -96,7 +95,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def current_record() -> RequestRecord | None:
-    """This request's record (None outside a request, or before the app made one)."""
+    """This request's record for the log and metrics to fill (None outside a request, or before the app
+    made one); never read to decide how to answer: the pipeline's facts are in its RequestContext."""
     if not has_request_context():
         return None
     return g.get("glmvision_record")

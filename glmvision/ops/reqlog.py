@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flask import Flask, g, request
+from flask import Flask, Request, g, request
 from flask.wrappers import Response
 
 from glmvision.core.keys import key_digest, presented_key
@@ -45,6 +45,21 @@ def request_logger() -> logging.Logger:
     return logger
 
 
+def new_record(incoming: Request) -> RequestRecord:
+    """A fresh record of `incoming`: its id (the client's, if tame), method, route, client and key id."""
+    rule = incoming.url_rule
+    record = RequestRecord(
+        request_id=request_id_from(incoming.headers.get(REQUEST_ID_HEADER)),
+        method=incoming.method,
+        route=rule.rule if rule is not None else "unmatched",
+        client=incoming.remote_addr,
+    )
+    key = presented_key(incoming.headers)
+    if key is not None:
+        record.key_id = key_id(key)
+    return record
+
+
 class RequestLog:
     """Starts each request's record, returns its id, and finishes it once the last byte is out."""
 
@@ -55,7 +70,6 @@ class RequestLog:
 
     def init_app(self, app: Flask) -> None:
         """Register first, so the record exists before the allowlist, auth and limits look at it."""
-        app.extensions["glmvision.requestlog"] = self
         app.before_request(self._begin)
         app.after_request(self._end)
 
@@ -64,17 +78,7 @@ class RequestLog:
         self.finishers.append(finisher)
 
     def _begin(self) -> None:
-        rule = request.url_rule
-        record = RequestRecord(
-            request_id=request_id_from(request.headers.get(REQUEST_ID_HEADER)),
-            method=request.method,
-            route=rule.rule if rule is not None else "unmatched",
-            client=request.remote_addr,
-        )
-        key = presented_key(request.headers)
-        if key is not None:
-            record.key_id = key_id(key)
-        g.glmvision_record = record
+        g.glmvision_record = new_record(request)
 
     def _end(self, response: Response) -> Response:
         record = current_record()

@@ -73,7 +73,9 @@ logger_class = "glmvision.server.workers.AccessLogger"
 
 def post_worker_init(worker):  # gunicorn passes the worker
     """Start loading this worker's model in the background; exit the worker if its model thread fails."""
-    state = worker.wsgi.extensions["glmvision"]
+    from glmvision.web.state import app_state
+
+    state = app_state(worker.wsgi).service
     # A failed model thread has answered its requests already; a graceful exit lets gunicorn
     # start a fresh worker instead of one that fails every request from then on.
     state.backend.on_fatal = lambda: os.kill(os.getpid(), signal.SIGTERM)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from glmvision.core.backend import Submission, Ticket
+from glmvision.core.backend import Submission
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, bad_request
 from glmvision.core.generation import AnswerStream, Delta, Generation, GenerationParams
@@ -23,15 +23,15 @@ from glmvision.core.images import DecodedImage, Fit, decode_image, open_image
 from glmvision.core.lora import model_name
 from glmvision.core.responses import GroundingBox, Usage
 from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
-from glmvision.ops.record import ImageStat, RequestRecord, current_record
+from glmvision.ops.record import ImageStat, RequestRecord
 from glmvision.postprocess.pipeline import Boxes, Piece, redaction_pipeline
 from glmvision.postprocess.stream import FixedStream
-from glmvision.serving.service import FALLBACK_CODES
+from glmvision.serving.context import RequestContext
+from glmvision.serving.service import Service
 
 if TYPE_CHECKING:
     from glmvision.postprocess.redact import Redactor
     from glmvision.serving.cache import CachedAnswer, CacheKey
-    from glmvision.serving.service import Service
 
 log = logging.getLogger("glmvision")
 
@@ -176,8 +176,8 @@ class Answer:
     started: float
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # as the model sees them
     arrived: float = 0.0  # the ticket's arrival (monotonic)
-    record: RequestRecord | None = None
-    redactor: Redactor | None = None
+    record: RequestRecord = field(kw_only=True)  # filled for the request log and metrics, never read
+    redactor: Redactor | None = None  # set only when it masks anything (Service.redacting)
     # Called once with the whole (unredacted) answer: the cache and the audit log.
     on_done: Callable[[Generation], None] | None = None
     _result: Generation | None = None
@@ -194,8 +194,7 @@ class Answer:
             if tail.reasoning or tail.content:
                 yield Delta(tail.reasoning, tail.content)
         except APIError as exc:
-            if self.record is not None:
-                self.record.code = exc.error_code
+            self.record.code = exc.error_code
             raise
         finally:
             self._note()
@@ -224,8 +223,6 @@ class Answer:
     def _note(self) -> None:
         """Put tokens and timings in the request's record (also for a stream cut short)."""
         record, stream = self.record, self.stream
-        if record is None:
-            return
         record.prompt_tokens = stream.prompt_tokens
         finished = stream.result
         record.completion_tokens = len(stream.token_ids) if finished is None else finished.completion_tokens
@@ -242,7 +239,7 @@ class Answer:
         raw = self.stream.result
         assert raw is not None
         _log_generation(raw, time.perf_counter() - self.started)
-        if self.redactor is not None and self.redactor.enabled and self.record is not None:
+        if self.redactor is not None:
             counts = {kind: n for kind, n in self.redactor.count(raw.text).items() if n}
             if counts:
                 self.record.redactions = counts
@@ -258,96 +255,94 @@ def cacheable(params: GenerationParams) -> bool:
     return params.temperature == 0 or params.seed is not None
 
 
+def cache_revision(state: Service, params: GenerationParams) -> str | None:
+    """The model revision to key a request's answer by; None when it must not be cached (no cache, a
+    sampled request) or nothing would find it (no model loaded yet, so no revision to key by)."""
+    if state.cache is None or not cacheable(params):
+        return None
+    return state.backend.capabilities().revision
+
+
 def answer(
-    state: Service,
-    ticket: Ticket,
+    context: RequestContext,
     turns: list[Turn],
     params: GenerationParams,
     image_param: str = "image",
     streamed: bool = False,
 ) -> tuple[ChatInput, Answer]:
-    """With the request's place taken, decode the images, prepare the inputs and queue the generation;
-    `streamed`: the caller reads deltas, not only the whole answer."""
+    """With the request's place taken (admit), decode the images, prepare the inputs and queue the
+    generation; `streamed`: the caller reads deltas, not only the whole answer."""
+    state, record, ticket = context.service, context.record, context.held()
     settings, backend = state.settings, state.backend
-    record = current_record()
-    degraded = record is not None and record.degraded
-    if degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
+    if context.degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
         params = replace(params, max_new_tokens=settings.degrade_max_new_tokens)
     started = time.perf_counter()
     try:
-        max_side = min(settings.max_image_side, settings.degrade_image_side) if degraded else None
-        alias = _source_key(state, turns, params, max_side)
-        remembered = _remembered(state, turns, params, alias, record, ticket)
+        max_side = min(settings.max_image_side, settings.degrade_image_side) if context.degraded else None
+        alias = _source_key(context, turns, params, max_side)
+        remembered = _remembered(context, turns, params, alias)
         if remembered is not None:
             return remembered
         # Once the model is known, images go straight to the size its processor wants.
         fit = backend.capabilities().image_fit
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
-        if record is not None:
-            record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
-        answered = _known_answer(state, chat, record, ticket)
+        record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
+        answered = _known_answer(context, chat)
         if answered is not None:
             return chat, answered
         try:
             submission = Submission(to_messages(chat.turns), params, image_param, streamed)
             prepared = backend.submit(submission, ticket)
-            if record is not None:
-                record.preprocess_s = prepared.prepared_at - started
-                record.visual_tokens = prepared.visual_tokens
+            record.preprocess_s = prepared.prepared_at - started
+            record.visual_tokens = prepared.visual_tokens
             stream = prepared.stream
         except APIError as exc:
-            if not (settings.fallback_message and exc.error_code in FALLBACK_CODES):
+            if not state.falls_back(exc.error_code):
                 raise
-            return chat, _fallback(state, chat, record, ticket)
+            return chat, _fallback(context, chat)
     except BaseException:
         ticket.release()
         raise
     # The key made at lookup, if any: one made now that the model has loaded would cover images
     # decoded before it knew their size, and no later request would ever find it.
-    key = record.cache_key if record is not None else _cache_key(state, chat, record)
-    done = _after_answer(state, chat, record, key, alias)
+    done = _after_answer(context, chat, context.cache_key, alias)
     return chat, Answer(
         prepared.model_id,
         stream,
         time.perf_counter(),
         prepared.image_sizes,
         ticket.arrived,
-        record,
-        state.redactor,
-        done,
+        record=record,
+        redactor=state.redacting,
+        on_done=done,
     )
 
 
-def _known_answer(
-    state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket
-) -> Answer | None:
+def _known_answer(context: RequestContext, chat: ChatInput) -> Answer | None:
     """The fallback when the model was unavailable at admission, or a cache hit; else None."""
-    if record is not None and record.fallback:
-        return _fallback(state, chat, record, ticket)
-    key = _cache_key(state, chat, record)
-    if key is None or state.cache is None:
+    if context.fallback:
+        return _fallback(context, chat)
+    cache = context.service.cache
+    key = _cache_key(context, chat)
+    if key is None or cache is None:
         return None
-    hit = state.cache.get(key)
-    if record is not None:
-        record.cache = "miss" if hit is None else "hit"
+    hit = cache.get(key)
+    context.record.cache = "miss" if hit is None else "hit"
     if hit is None:
         return None
-    return _from_cache(state, chat, hit, record, ticket)
+    return _from_cache(context, chat, hit)
 
 
-def _from_cache(
-    state: Service, chat: ChatInput, hit: CachedAnswer, record: RequestRecord | None, ticket: Ticket
-) -> Answer:
+def _from_cache(context: RequestContext, chat: ChatInput, hit: CachedAnswer) -> Answer:
     generation = Generation(
         hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
     )
-    return _fixed(state, chat, generation, record, ticket)
+    return _fixed(context, chat, generation)
 
 
-def _fixed(
-    state: Service, chat: ChatInput, generation: Generation, record: RequestRecord | None, ticket: Ticket
-) -> Answer:
+def _fixed(context: RequestContext, chat: ChatInput, generation: Generation) -> Answer:
     """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
+    state, ticket = context.service, context.held()
     ticket.release()
     return Answer(
         model_name(state.backend.capabilities().model_names[0], chat.params.adapter),
@@ -355,29 +350,26 @@ def _fixed(
         time.perf_counter(),
         _model_sizes(state, chat),
         ticket.arrived,
-        record,
-        state.redactor,
-        _after_answer(state, chat, record, None),
+        record=context.record,
+        redactor=state.redacting,
+        on_done=_after_answer(context, chat, None),
     )
 
 
-def cache_scope(settings: Settings, record: RequestRecord | None) -> str:
+def cache_scope(settings: Settings, key_id: str | None) -> str:
     """Whose answers a request may be given from the cache: its own API key's, or everyone's."""
     # Scoped by default: a shared cache tells one tenant what another asked (a hit is an oracle).
     if settings.cache_scope == "global":
         return "global"
-    key_id = record.key_id if record is not None else None
     return f"key:{key_id}" if key_id else "anonymous"
 
 
 def _source_key(
-    state: Service, turns: list[Turn], params: GenerationParams, max_side: int | None
+    context: RequestContext, turns: list[Turn], params: GenerationParams, max_side: int | None
 ) -> CacheKey | None:
     """A key over the images' bytes as sent, not their pixels: an exact repeat hits without decoding."""
-    cache = state.cache
-    if cache is None or not cacheable(params):
-        return None
-    revision = state.backend.capabilities().revision
+    state = context.service
+    revision = cache_revision(state, params)
     if revision is None:
         return None
     rendered: list[dict[str, Any]] = []
@@ -397,7 +389,7 @@ def _source_key(
         "by": "source",
         "max_side": max_side or state.settings.max_image_side,
         "max_pixels": state.settings.max_image_pixels,
-        "scope": cache_scope(state.settings, current_record()),
+        "scope": cache_scope(state.settings, context.key_id),
     }
     return make_key(
         state.backend.capabilities().model_names[0],
@@ -410,17 +402,13 @@ def _source_key(
 
 
 def _remembered(
-    state: Service,
-    turns: list[Turn],
-    params: GenerationParams,
-    alias: CacheKey | None,
-    record: RequestRecord | None,
-    ticket: Ticket,
+    context: RequestContext, turns: list[Turn], params: GenerationParams, alias: CacheKey | None
 ) -> tuple[ChatInput, Answer] | None:
     """An exact repeat's answer, found by its images' bytes (their sizes come from the cache too)."""
-    if alias is None or state.cache is None or (record is not None and record.fallback):
+    cache = context.service.cache
+    if alias is None or cache is None or context.fallback:
         return None
-    hit = state.cache.get(alias)
+    hit = cache.get(alias)
     refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
     if hit is None or len(hit.images) != len(refs):
         return None
@@ -435,10 +423,9 @@ def _remembered(
         ],
         params,
     )
-    if record is not None:
-        record.images = [ImageStat(*sizes) for sizes in hit.images]
-        record.cache = "hit"
-    return chat, _from_cache(state, chat, hit, record, ticket)
+    context.record.images = [ImageStat(*sizes) for sizes in hit.images]
+    context.record.cache = "hit"
+    return chat, _from_cache(context, chat, hit)
 
 
 def _remembered_image(sizes: tuple[int, int, int, int]) -> DecodedImage:
@@ -452,46 +439,42 @@ def _model_sizes(state: Service, chat: ChatInput) -> list[tuple[int, int]]:
     return [fit(*image.resized_to) if fit else image.resized_to for image in chat.images]
 
 
-def _fallback(state: Service, chat: ChatInput, record: RequestRecord | None, ticket: Ticket) -> Answer:
-    if record is not None:
-        record.fallback = True
-    generation = Generation(state.settings.fallback_message, None, 0, 0, "fallback")
-    return _fixed(state, chat, generation, record, ticket)
+def _fallback(context: RequestContext, chat: ChatInput) -> Answer:
+    context.fall_back()
+    generation = Generation(context.settings.fallback_message, None, 0, 0, "fallback")
+    return _fixed(context, chat, generation)
 
 
-def _cache_key(state: Service, chat: ChatInput, record: RequestRecord | None) -> CacheKey | None:
-    """The request's cache key, or None when it must not be cached (or nothing would find it)."""
-    cache = state.cache
-    if cache is None or not cacheable(chat.params):
-        return None
-    revision = state.backend.capabilities().revision
+def _cache_key(context: RequestContext, chat: ChatInput) -> CacheKey | None:
+    """The request's cache key, made once; None when it must not be cached (or nothing would find it)."""
+    state = context.service
+    revision = cache_revision(state, chat.params)
     if revision is None:  # not loaded: images were not decoded to the model's size, so skip
         return None
-    if record is not None and record.cache_key is not None:
-        return record.cache_key
+    if context.cache_key is not None:
+        return context.cache_key
     from glmvision.serving.cache import make_key
 
-    key = make_key(
+    assert state.cache is not None  # cache_revision() said so
+    context.cache_key = make_key(
         state.backend.capabilities().model_names[0],
         revision,
         [image.image for image in chat.images],
         conversation(chat.turns),
-        {**asdict(chat.params), "scope": cache_scope(state.settings, record)},
-        cache.perceptual,
+        {**asdict(chat.params), "scope": cache_scope(state.settings, context.key_id)},
+        state.cache.perceptual,
     )
-    if record is not None:
-        record.cache_key = key
-    return key
+    return context.cache_key
 
 
 def _after_answer(
-    state: Service,
+    context: RequestContext,
     chat: ChatInput,
-    record: RequestRecord | None,
     key: CacheKey | None,
     alias: CacheKey | None = None,
 ) -> Callable[[Generation], None] | None:
     """What to do with a finished answer: store it in the cache (by pixels and by bytes), audit it."""
+    state = context.service
     cache, audit, params = state.cache, state.audit, chat.params
     if (cache is None or key is None) and audit is None:
         return None
@@ -514,17 +497,17 @@ def _after_answer(
             if alias is not None:
                 cache.put(alias, stored)
         if audit is not None:
-            audit.write(audit_record(chat, record, result, state.redactor))
+            audit.write(audit_record(chat, context, result, state.redacting))
 
     return done
 
 
 def audit_record(
-    chat: ChatInput, record: RequestRecord | None, result: Generation, redactor: Redactor | None
+    chat: ChatInput, context: RequestContext, result: Generation, redactor: Redactor | None
 ) -> dict[str, Any]:
     """The audit log's entry: who asked what about which images, and the answer they got."""
     text, reasoning = result.text, result.reasoning
-    if redactor is not None and redactor.enabled:
+    if redactor is not None:
         text = redactor.redact(text)
         reasoning = None if reasoning is None else redactor.redact(reasoning)
     images = [
@@ -538,10 +521,10 @@ def audit_record(
     ]
     return {
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "request_id": record.request_id if record else None,
-        "route": record.route if record else None,
-        "key_id": record.key_id if record else None,
-        "client": record.client if record else None,
+        "request_id": context.request_id,
+        "route": context.route,
+        "key_id": context.key_id,
+        "client": context.client,
         "messages": conversation(chat.turns),
         "images": images,
         "answer": text,

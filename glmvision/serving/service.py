@@ -1,5 +1,5 @@
-"""What the blueprints share, kept in `app.extensions["glmvision"]`: settings, backend, URL policy, and the
-operations parts (cache, audit log, redaction, circuit breaker) that the pipeline uses."""
+"""What the pipeline shares across requests: settings, backend, URL policy, and the operations parts (cache,
+audit log, redaction, circuit breaker). The web layer keeps one `Service` per app and hands it down."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, g, request
-
-from glmvision.core.backend import Backend, Ticket
+from glmvision.core.backend import Backend
 from glmvision.core.config import Settings
-from glmvision.core.errors import APIError
 from glmvision.core.urlfetch import FetchPolicy
-from glmvision.ops.record import RequestRecord, current_record
+from glmvision.ops.record import RequestRecord
 
 if TYPE_CHECKING:
     from glmvision.ops.audit import AuditLog
@@ -43,56 +40,19 @@ class Service:
     redactor: Redactor | None = None
     breaker: CircuitBreaker | None = None
 
+    @property
+    def redacting(self) -> Redactor | None:
+        """The redactor when one masks anything, else None: the one place that decides."""
+        return self.redactor if self.redactor is not None and self.redactor.enabled else None
 
-def service() -> Service:
-    """The current app's state."""
-    return current_app.extensions["glmvision"]
+    def falls_back(self, code: str) -> bool:
+        """Whether the fallback message answers instead of the error `code` (a model that cannot answer)."""
+        return bool(self.settings.fallback_message) and code in FALLBACK_CODES
 
 
-def breaker_client(record: RequestRecord) -> str:
+def breaker_client(key_id: str | None, client: str | None) -> str:
     """Whom the circuit breaker counts: the API key's id, else the client's address."""
-    return f"key:{record.key_id}" if record.key_id else f"ip:{record.client}"
-
-
-def admit() -> Ticket:
-    """Take this request's place before its body is even read (503 overloaded if full), then a slot."""
-    # A refusal then costs no body parsing: under overload that is most of what the worker does.
-    state = service()
-    record = current_record()
-    if state.breaker is not None and record is not None:
-        client = breaker_client(record)
-        wait = state.breaker.retry_after(client)
-        if wait is not None:
-            raise APIError(
-                429,
-                "circuit_open",
-                f"Your recent requests timed out {state.breaker.threshold} times in a row; "
-                f"retry in {wait} s.",
-                retry_after=wait,
-            )
-        record.breaker_client = client
-    ticket = _admit_or_fallback(state, record)
-    g.glmvision_ticket = ticket
-    settings = state.settings
-    if (
-        record is not None
-        and settings.degrade == "shrink"
-        and state.backend.health().occupancy >= settings.degrade_queue_fraction
-    ):
-        record.degraded = True
-    ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
-    ticket.client_gone = client_gone_check(request.environ)
-    return ticket
-
-
-def _admit_or_fallback(state: Service, record: RequestRecord | None) -> Ticket:
-    try:
-        return state.backend.admit()
-    except APIError as exc:
-        if not (state.settings.fallback_message and exc.error_code in FALLBACK_CODES and record):
-            raise
-        record.fallback = True  # the pipeline answers with the fallback message once the body is checked
-        return Ticket.unheld(state.settings.request_timeout)
+    return f"key:{key_id}" if key_id else f"ip:{client}"
 
 
 def record_outcome(state: Service, record: RequestRecord) -> None:
@@ -104,17 +64,6 @@ def record_outcome(state: Service, record: RequestRecord) -> None:
     if timed_out or (record.finish_reason is not None and not record.fallback and record.cache != "hit"):
         if state.breaker.record(client, timed_out):
             record.circuit_tripped = True
-
-
-def _abandon_unsubmitted(_: BaseException | None) -> None:
-    ticket: Ticket | None = g.pop("glmvision_ticket", None)
-    if ticket is not None:
-        ticket.abandon()  # a bad body or image: the place goes back; a queued request keeps it
-
-
-def init_app(app: Flask) -> None:
-    """Give back the places of requests that ended before reaching the model."""
-    app.teardown_request(_abandon_unsubmitted)
 
 
 def client_gone_check(environ: dict[str, Any]) -> Callable[[], bool]:

@@ -19,9 +19,9 @@ from glmvision.ops.metrics import Metrics
 from glmvision.ops.record import RequestRecord
 from glmvision.ops.reqlog import RequestLog
 from glmvision.ops.watchdog import Watchdog
-from glmvision.serving import service
+from glmvision.serving import context
 from glmvision.serving.cache import ResponseCache
-from glmvision.serving.service import Service
+from glmvision.serving.service import Service, record_outcome
 from glmvision.web import errors
 from glmvision.web.native.routes import bp as api_bp
 from glmvision.web.openai.routes import bp as openai_bp
@@ -30,6 +30,7 @@ from glmvision.web.page import routes as page
 from glmvision.web.security import auth, limits
 from glmvision.web.security.allowlist import IpAllowlist
 from glmvision.web.security.proxy import trusted_proxy_app
+from glmvision.web.state import AppState, app_state
 
 if TYPE_CHECKING:
     from glmvision.postprocess.redact import Redactor
@@ -78,26 +79,28 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         redactor=_redactor(settings),
         breaker=CircuitBreaker.from_settings(settings),
     )
-    app.extensions["glmvision"] = state
     # The client's address as the trusted proxies report it: limits, logs and the allowlist use it.
     app.wsgi_app = trusted_proxy_app(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
     requests_log = RequestLog(settings.request_log)
     requests_log.init_app(app)  # first: every later hook and error fills this request's record
-    IpAllowlist.from_settings(settings).init_app(app)
+    allowlist = IpAllowlist.from_settings(settings)
+    allowlist.init_app(app)
     errors.init_app(app)
-    service.init_app(app)
-    auth.init_app(app, settings)  # before the limiter, so unauthenticated calls never count against a key
-    limits.init_app(app, settings)
+    context.init_app(app)
+    # Before the limiter, so unauthenticated calls never count against a key.
+    key_check = auth.init_app(app, settings)
+    limiter = limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openapi_bp)
     page.init_app(app)
     requests_log.add_finisher(lambda record, _: _finish(state, record))
-    if settings.metrics:
-        metrics = Metrics()
+    metrics = Metrics() if settings.metrics else None
+    if metrics is not None:
         metrics.init_app(app, backend, settings)
         requests_log.add_finisher(metrics.observe)
-    app.extensions["glmvision.watchdog"] = Watchdog(settings.stall_seconds, backend)
+    watchdog = Watchdog(settings.stall_seconds, backend)
+    AppState(state, key_check, allowlist, requests_log, watchdog, limiter, metrics).install(app)
     return app
 
 
@@ -113,12 +116,12 @@ def _finish(state: Service, record: RequestRecord) -> None:
     """After the response: the GPU peak for the log, the circuit breaker's count."""
     if record.finish_reason is not None and record.cache != "hit":
         record.gpu_peak_bytes = state.backend.health().gpu_peak
-    service.record_outcome(state, record)
+    record_outcome(state, record)
 
 
 def start_worker_threads(app: Flask) -> None:
     """In a gunicorn worker: start the watchdog and the metrics sampler (never in tests' apps)."""
-    app.extensions["glmvision.watchdog"].start()
-    metrics: Metrics | None = app.extensions.get("glmvision.metrics")
-    if metrics is not None:
-        metrics.start_sampler()
+    state = app_state(app)
+    state.watchdog.start()
+    if state.metrics is not None:
+        state.metrics.start_sampler()

@@ -8,7 +8,6 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
-from glmvision.core.backend import Ticket
 from glmvision.core.generation import Generation
 from glmvision.core.lora import check_adapter, model_name
 from glmvision.core.responses import (
@@ -20,7 +19,7 @@ from glmvision.core.responses import (
     SeedChatResponse,
     VisionResponse,
 )
-from glmvision.ops.record import current_record
+from glmvision.serving.context import RequestContext, admit, new_context
 from glmvision.serving.pipeline import (
     Answer,
     ChatInput,
@@ -31,9 +30,9 @@ from glmvision.serving.pipeline import (
     new_request_id,
     usage,
 )
-from glmvision.serving.service import admit, service
 from glmvision.web.native.protocol import NativeRequest, SeedChatRequest, VisionRequest
 from glmvision.web.protocol import parse_body
+from glmvision.web.state import service
 
 bp = Blueprint("api", __name__)
 
@@ -74,18 +73,19 @@ def list_models() -> Response:
 
 
 def _answer_one_image(
-    ticket: Ticket, image: ImageRef, body: NativeRequest
+    context: RequestContext, image: ImageRef, body: NativeRequest
 ) -> tuple[ChatInput, Answer, Generation]:
-    state = service()
+    state = context.service
     adapter = check_adapter(body.adapter, state.backend.capabilities().adapters)
     params = body.to_generation_params(state.settings, adapter)
-    chat, generation = answer(state, ticket, [Turn("user", [image, body.prompt])], params, image.param)
-    return chat, generation, generation.finish(state.settings, ticket.client_gone)
+    chat, generation = answer(context, [Turn("user", [image, body.prompt])], params, image.param)
+    return chat, generation, generation.finish(state.settings, context.client_gone)
 
 
-def _native_fields(prefix: str, model_id: str, result: Generation, thinking: bool) -> dict[str, Any]:
+def _native_fields(
+    context: RequestContext, prefix: str, model_id: str, result: Generation, thinking: bool
+) -> dict[str, Any]:
     """The fields every native answer shares."""
-    record = current_record()
     return {
         "id": new_request_id(prefix),
         "created": int(time.time()),
@@ -93,22 +93,23 @@ def _native_fields(prefix: str, model_id: str, result: Generation, thinking: boo
         "finish_reason": result.finish_reason,
         "usage": usage(result),
         "reasoning": (result.reasoning or "") if thinking else None,
-        "degraded": True if record is not None and record.degraded else None,
+        "degraded": True if context.degraded else None,
     }
 
 
 @bp.post("/v1/chat/vision")
 def chat_vision() -> Response:
     """Answer one question about one image."""
-    ticket = admit()
+    context = new_context(service())
+    admit(context)
     # Exactly one of image and image_url: the model checks.
-    body = parse_body(request, VisionRequest, service().settings.max_json_depth)
-    chat, generation, result = _answer_one_image(ticket, ImageRef(*body.image_source), body)
+    body = parse_body(request, VisionRequest, context.settings.max_json_depth)
+    chat, generation, result = _answer_one_image(context, ImageRef(*body.image_source), body)
     decoded = chat.images[0]
     sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
     answer = VisionResponse(
         result=result.text,
-        **_native_fields("vision", generation.model_id, result, body.enable_thinking),
+        **_native_fields(context, "vision", generation.model_id, result, body.enable_thinking),
         boxes=boxes_of(chat, result.text),
         image=ImageSize(width=decoded.width, height=decoded.height, resized_to=list(sent)),
     )
@@ -118,9 +119,10 @@ def chat_vision() -> Response:
 @bp.post("/v1/chat")
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
-    ticket = admit()
-    body = parse_body(request, SeedChatRequest, service().settings.max_json_depth)
-    chat, generation, result = _answer_one_image(ticket, ImageRef(body.image_url, "image_url"), body)
-    fields = _native_fields("chat", generation.model_id, result, body.enable_thinking)
+    context = new_context(service())
+    admit(context)
+    body = parse_body(request, SeedChatRequest, context.settings.max_json_depth)
+    chat, generation, result = _answer_one_image(context, ImageRef(body.image_url, "image_url"), body)
+    fields = _native_fields(context, "chat", generation.model_id, result, body.enable_thinking)
     answer = SeedChatResponse(response=result.text, boxes=boxes_of(chat, result.text) or None, **fields)
     return jsonify(answer.to_json())

@@ -30,9 +30,9 @@ from glmvision.core.responses import (
     ToolCallDelta,
     ToolCallObject,
 )
-from glmvision.ops.record import current_record
 from glmvision.postprocess.pipeline import Piece, reply_pipeline
 from glmvision.serving import pipeline
+from glmvision.serving.context import admit, new_context
 from glmvision.serving.pipeline import (
     Answer,
     ChatInput,
@@ -41,9 +41,9 @@ from glmvision.serving.pipeline import (
     new_request_id,
     usage,
 )
-from glmvision.serving.service import admit, service
 from glmvision.web.openai.protocol import ChatCompletionRequest, ChatMessage
 from glmvision.web.protocol import parse_body
+from glmvision.web.state import service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("openai", __name__)
@@ -103,29 +103,27 @@ def parse_chat(
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
-    state = service()
-    settings = state.settings
-    ticket = admit()
+    context = new_context(service())
+    state, settings = context.service, context.settings
+    admit(context)
     body = parse_body(request, ChatCompletionRequest, settings.max_json_depth)
     capabilities = state.backend.capabilities()
     turns, params = parse_chat(body, settings, capabilities.model_names, capabilities.adapters)
-    chat, answer = pipeline.answer(state, ticket, turns, params, "messages", streamed=body.stream)
-    record = current_record()
+    chat, answer = pipeline.answer(context, turns, params, "messages", streamed=body.stream)
     meta: dict[str, Any] = {
         "id": new_request_id("chatcmpl"),
         "created": int(time.time()),
         "model": body.model or answer.model_id,
     }
-    if record is not None and record.degraded:
+    if context.degraded:
         meta["degraded"] = True
     if body.stream:
-        if record is not None:
-            record.stream = True
+        context.record.stream = True
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _events(answer, chat, meta, include_usage, settings)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return Response(events, mimetype="text/event-stream", headers=headers)
-    result = answer.finish(settings, ticket.client_gone)
+    result = answer.finish(settings, context.client_gone)
     reply = reply_pipeline(chat.params, pipeline.box_stage(chat)).whole(_piece(result))
     text, calls = reply.content, list(reply.calls)
     message = AssistantMessage(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, current_app, render_template, request
+from flask import Blueprint, Flask, Response, render_template, request
 
-from glmvision.serving.service import service
-from glmvision.web.security.auth import ApiKeyAuth
+from glmvision.web.state import app_state
 
 bp = Blueprint("page", __name__)
 
@@ -30,8 +29,8 @@ PAGE_ENDPOINTS = frozenset({"page.index", "static"})
 @bp.get("/")
 def index() -> str:
     """The chat page, told the server's limits through data attributes (read by static/page.js)."""
-    settings = service().settings
-    auth: ApiKeyAuth = current_app.extensions["glmvision.auth"]
+    state = app_state()
+    settings, auth = state.service.settings, state.auth
     return render_template(
         "index.html",
         max_image_side=settings.max_image_side,

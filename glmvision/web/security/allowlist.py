@@ -87,7 +87,6 @@ class IpAllowlist:
 
     def init_app(self, app: Flask) -> None:
         """Refuse clients outside the list with 403 `ip_not_allowed` on every route but /healthz."""
-        app.extensions["glmvision.allowlist"] = self
         if self.enabled:
             app.before_request(self._check)
 

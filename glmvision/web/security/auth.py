@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Flask, current_app, request
+from flask import Flask, request
 
 from glmvision.core.config import Settings, read_api_keys
 from glmvision.core.errors import APIError
@@ -41,8 +41,7 @@ class ApiKeyAuth:
         return found
 
 
-def _require_key() -> None:
-    auth: ApiKeyAuth = current_app.extensions["glmvision.auth"]
+def _require_key(auth: ApiKeyAuth) -> None:
     if not auth.enabled or request.endpoint in PUBLIC_ENDPOINTS:
         return
     key = presented_key(request.headers)
@@ -56,10 +55,10 @@ def _unauthorized(code: str, message: str) -> APIError:
     return APIError(401, code, message, headers={"WWW-Authenticate": 'Bearer realm="glmvision"'})
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: Settings) -> ApiKeyAuth:
     """Install the key check in front of every endpoint but the health probes."""
     auth = ApiKeyAuth(read_api_keys(settings))
-    app.extensions["glmvision.auth"] = auth
     if not auth.enabled:
         log.warning("no API keys configured (GLMVISION_API_KEYS): authentication is OFF")
-    app.before_request(_require_key)
+    app.before_request(lambda: _require_key(auth))
+    return auth

@@ -30,7 +30,6 @@ def rate_limit_key() -> str:
 def init_app(app: Flask, settings: Settings) -> Limiter | None:
     """Apply GLMVISION_RATE_LIMIT to every endpoint but the health probes; None when unset."""
     rate = settings.rate_limit
-    app.extensions["glmvision.limiter"] = None
     if not rate:
         return None
     try:
@@ -62,7 +61,6 @@ def init_app(app: Flask, settings: Settings) -> Limiter | None:
     # Registered first so it runs after the limiter's header hook (Flask runs them in reverse).
     app.after_request(_retry_after_only_on_refusals)
     limiter.init_app(app)
-    app.extensions["glmvision.limiter"] = limiter
     return limiter
 
 
