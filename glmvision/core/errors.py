@@ -14,8 +14,6 @@ from glmvision.core.responses import ErrorDetail, ErrorObject
 
 log = logging.getLogger("glmvision")
 
-# Endpoints that follow OpenAI's API, errors included.
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 # Error `type` per HTTP status, in the spirit of OpenAI's error types.
 _TYPES = {

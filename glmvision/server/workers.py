@@ -15,8 +15,10 @@ from typing import Any
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker
 
+from glmvision.web import route_table
+
 # Paths that only read the process's state: they never wait for the model.
-PROBE_PATHS = (b"/healthz", b"/readyz")
+PROBE_PATHS = tuple(path.encode() for path in route_table.PROBE_PATHS)
 PROBE_THREADS = 2
 
 

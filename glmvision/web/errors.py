@@ -9,9 +9,10 @@ from flask import Flask, has_request_context, jsonify, request
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
-from glmvision.core.errors import OPENAI_PATHS, APIError, api_error_object, error_object, framework_code
+from glmvision.core.errors import APIError, api_error_object, error_object, framework_code
 from glmvision.core.responses import ErrorObject, ErrorResponse, NativeErrorResponse
 from glmvision.ops.record import current_record
+from glmvision.web.route_table import OPENAI_PATHS
 
 log = logging.getLogger("glmvision")
 

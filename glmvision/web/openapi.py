@@ -11,7 +11,7 @@ from flask.wrappers import Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from glmvision.core.errors import ERRORS, OPENAI_PATHS
+from glmvision.core.errors import ERRORS
 from glmvision.core.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -23,8 +23,10 @@ from glmvision.core.responses import (
     SeedChatResponse,
     VisionResponse,
 )
+from glmvision.web import route_table
 from glmvision.web.native.protocol import SeedChatRequest, VisionRequest
 from glmvision.web.openai.protocol import ChatCompletionRequest
+from glmvision.web.route_table import BY_ENDPOINT, RouteFacts
 
 bp = Blueprint("openapi", __name__)
 
@@ -101,35 +103,45 @@ EXAMPLE_CHAT = {
 class Route:
     """One operation: what it takes, what it answers and which error codes it may send."""
 
-    method: str
-    path: str
+    endpoint: str  # its path, method and who may call it: glmvision.web.route_table
     summary: str
     answer: type[BaseModel]
     codes: tuple[str, ...] = ()
     request: type[BaseModel] | None = None
     examples: dict[str, Any] = field(default_factory=dict)
-    public: bool = False
     streams: bool = False
     answer_status: tuple[int, ...] = (200,)
     plain_text: str = ""  # an answer in text/plain, described by this
     security: tuple[dict[str, list[str]], ...] | None = None  # instead of the document's
 
+    @property
+    def facts(self) -> RouteFacts:
+        """The route table's entry for this operation."""
+        return BY_ENDPOINT[self.endpoint]
+
+    @property
+    def method(self) -> str:
+        """The HTTP method, as OpenAPI writes it."""
+        return self.facts.method.lower()
+
+    @property
+    def path(self) -> str:
+        """The path, from the route table."""
+        return self.facts.path
+
 
 ROUTES = (
-    Route("get", "/healthz", "Liveness: 200 while the process runs.", Health, public=True),
+    Route("api.healthz", "Liveness: 200 while the process runs.", Health),
     Route(
-        "get",
-        "/readyz",
+        "api.readyz",
         "Readiness: 200 once this worker's model is loaded, 503 with Retry-After before.",
         Readiness,
         GUARDED,
-        public=True,
         answer_status=(200, 503),
     ),
-    Route("get", "/openapi.json", "This document.", BaseModel, GUARDED, public=True),
+    Route("openapi.openapi_json", "This document.", BaseModel, GUARDED),
     Route(
-        "get",
-        "/metrics",
+        "ops.metrics",
         "Prometheus metrics of every worker; with GLMVISION_METRICS_KEY set, only for that bearer key.",
         BaseModel,
         (*GUARDED, "missing_api_key", "invalid_api_key"),
@@ -137,15 +149,13 @@ ROUTES = (
         security=({}, {"bearerAuth": []}),
     ),
     Route(
-        "get",
-        "/v1/models",
+        "api.list_models",
         "The served model, then one entry per LoRA adapter (`<id>:<name>`), in OpenAI's list shape.",
         ModelList,
         KEYED,
     ),
     Route(
-        "post",
-        "/v1/chat/vision",
+        "api.chat_vision",
         "Answer one question about one image (exactly one of image and image_url).",
         VisionResponse,
         (*KEYED, *BODY, *IMAGE, "adapter_not_found", *GENERATION),
@@ -153,8 +163,7 @@ ROUTES = (
         {"image": EXAMPLE_PNG, "prompt": "What colour is this?", "max_new_tokens": 4, "temperature": 0},
     ),
     Route(
-        "post",
-        "/v1/chat",
+        "api.chat_seed",
         "The reference guides' shape: image_url and prompt in, response out.",
         SeedChatResponse,
         (*KEYED, *BODY, *IMAGE, "adapter_not_found", *GENERATION),
@@ -162,8 +171,7 @@ ROUTES = (
         {"image_url": EXAMPLE_DATA_URL, "prompt": "What colour is this?", "max_new_tokens": 4},
     ),
     Route(
-        "post",
-        "/v1/chat/completions",
+        "openai.chat_completions",
         "OpenAI's Chat Completions: the whole answer as JSON, or Server-Sent Events with stream=true.",
         ChatCompletion,
         (*KEYED, *BODY, *IMAGE, "too_many_images", "model_not_found", "unknown_tool", *GENERATION),
@@ -205,7 +213,7 @@ def _retry_after() -> dict[str, Any]:
 
 
 def _error_responses(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
-    envelope = ErrorResponse if route.path.startswith(OPENAI_PATHS) else NativeErrorResponse
+    envelope = ErrorResponse if route.facts.openai else NativeErrorResponse
     by_status: dict[int, list[str]] = {}
     for code in (*route.codes, "internal_error"):
         by_status.setdefault(ERRORS[code].status, []).append(code)
@@ -265,10 +273,10 @@ def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> di
         "summary": route.summary,
         "responses": {**_answers(route, refs), **_error_responses(route, refs)},
     }
-    if route.public:
-        operation["security"] = []
-    elif route.security is not None:
+    if route.security is not None:
         operation["security"] = list(route.security)
+    elif route.facts.public:
+        operation["security"] = []
     if route.request is not None:
         operation["requestBody"] = {
             "required": True,
@@ -314,7 +322,7 @@ def openapi_document() -> dict[str, Any]:
     }
 
 
-@bp.get("/openapi.json")
+@route_table.route(bp, "openapi.openapi_json")
 def openapi_json() -> Response:
     """The OpenAPI document; public, like the health probes."""
     return jsonify(openapi_document())

@@ -32,18 +32,19 @@ from glmvision.serving.pipeline import (
 )
 from glmvision.web.native.protocol import NativeRequest, SeedChatRequest, VisionRequest
 from glmvision.web.protocol import parse_body
+from glmvision.web.route_table import route
 from glmvision.web.state import service
 
 bp = Blueprint("api", __name__)
 
 
-@bp.get("/healthz")
+@route(bp, "api.healthz")
 def healthz() -> Response:
     """Liveness: the process answers."""
     return jsonify(Health().to_json())
 
 
-@bp.get("/readyz")
+@route(bp, "api.readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
     ready, details = service().backend.health().readiness()
@@ -53,7 +54,7 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     return jsonify(body), 503, {"Retry-After": "5"}
 
 
-@bp.get("/v1/models")
+@route(bp, "api.list_models")
 def list_models() -> Response:
     """The served model, in OpenAI's list shape, with device details once loaded."""
     state = service()
@@ -97,7 +98,7 @@ def _native_fields(
     }
 
 
-@bp.post("/v1/chat/vision")
+@route(bp, "api.chat_vision")
 def chat_vision() -> Response:
     """Answer one question about one image."""
     context = new_context(service())
@@ -116,7 +117,7 @@ def chat_vision() -> Response:
     return jsonify(answer.to_json())
 
 
-@bp.post("/v1/chat")
+@route(bp, "api.chat_seed")
 def chat_seed() -> Response:
     """The reference guides' shape: {"image_url", "prompt"} -> {"response"}."""
     context = new_context(service())

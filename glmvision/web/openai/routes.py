@@ -43,6 +43,7 @@ from glmvision.serving.pipeline import (
 )
 from glmvision.web.openai.protocol import ChatCompletionRequest, ChatMessage
 from glmvision.web.protocol import parse_body
+from glmvision.web.route_table import route
 from glmvision.web.state import service
 
 log = logging.getLogger("glmvision")
@@ -100,7 +101,7 @@ def parse_chat(
     return _turns(body.messages, settings), params
 
 
-@bp.post("/v1/chat/completions")
+@route(bp, "openai.chat_completions")
 def chat_completions() -> Response:
     """Answer a conversation, whole or as Server-Sent Events."""
     context = new_context(service())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, Response, render_template, request
 
+from glmvision.web.route_table import PAGE_ENDPOINTS, route
 from glmvision.web.state import app_state
 
 bp = Blueprint("page", __name__)
@@ -23,10 +24,9 @@ PAGE_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
-PAGE_ENDPOINTS = frozenset({"page.index", "static"})
 
 
-@bp.get("/")
+@route(bp, "page.index")
 def index() -> str:
     """The chat page, told the server's limits through data attributes (read by static/page.js)."""
     state = app_state()

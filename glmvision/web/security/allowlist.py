@@ -10,6 +10,7 @@ from flask import Flask, request
 
 from glmvision.core.config import ConfigError
 from glmvision.core.errors import APIError
+from glmvision.web.route_table import UNLISTED_ENDPOINTS
 
 if TYPE_CHECKING:
     from glmvision.core.config import Settings
@@ -91,5 +92,5 @@ class IpAllowlist:
             app.before_request(self._check)
 
     def _check(self) -> None:
-        if request.endpoint != "api.healthz" and not self.allows(request.remote_addr):
+        if request.endpoint not in UNLISTED_ENDPOINTS and not self.allows(request.remote_addr):
             raise APIError(403, "ip_not_allowed", "This address may not use the service.")

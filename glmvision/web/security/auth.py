@@ -10,16 +10,9 @@ from flask import Flask, request
 from glmvision.core.config import Settings, read_api_keys
 from glmvision.core.errors import APIError
 from glmvision.core.keys import key_digest, presented_key
+from glmvision.web.route_table import PUBLIC_ENDPOINTS
 
 log = logging.getLogger("glmvision")
-
-# Endpoints anyone may call, never rate-limited: liveness and readiness probes, the OpenAPI document.
-# /metrics has its own key (GLMVISION_METRICS_KEY).
-# The probes, the API document, /metrics (its own key) and the browser page (it holds no data: the
-# key is typed into it, and its requests are checked like any other).
-PUBLIC_ENDPOINTS = frozenset(
-    {"api.healthz", "api.readyz", "openapi.openapi_json", "ops.metrics", "page.index", "static"}
-)
 
 
 class ApiKeyAuth:

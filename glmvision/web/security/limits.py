@@ -14,7 +14,7 @@ from glmvision.core.errors import unavailable
 from glmvision.core.keys import key_digest, presented_key
 from glmvision.ops import redisstore
 from glmvision.web.errors import render_error
-from glmvision.web.security.auth import PUBLIC_ENDPOINTS
+from glmvision.web.route_table import PUBLIC_ENDPOINTS
 
 log = logging.getLogger("glmvision")
 
