@@ -1,7 +1,9 @@
-"""The request pipeline every endpoint shares: parse -> images -> model -> encode.
+"""The request pipeline every endpoint shares: images -> cache or model -> answer.
 
-Endpoints only translate their wire format into a `ChatInput` and a result back; validation of
-prompts and limits, image handling and generation all live here.
+A view parses its wire format into turns and `GenerationParams` (its request model's rules and
+`to_generation_params`), admits a `RequestContext`, and calls `answer`; image loading, the response
+cache, the fallback message, the backend and the audit record live here, deciding only from the
+context they are given.
 """
 
 from __future__ import annotations
