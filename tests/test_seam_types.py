@@ -11,6 +11,7 @@ from pathlib import Path
 from flask.testing import FlaskClient
 
 from glmvision.backends.local.backend import LocalBackend
+from glmvision.web.state import app_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,7 @@ def test_mypy_passes_on_the_seam_and_refuses_a_backend_short_of_it(tmp_path: Pat
 
 
 def test_health_and_capabilities_are_what_readyz_and_models_show(client: FlaskClient) -> None:
-    backend = client.application.extensions["glmvision"].backend
+    backend = app_state(client.application).service.backend
     assert isinstance(backend, LocalBackend)
 
     before = backend.capabilities()
