@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,24 @@ SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `glmvision` command."""
+    from glmvision.client import ask, batch
+    from glmvision.training import finetune
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "ask": ask.run,
+        "batch": batch.run,
+        "finetune": finetune.run,
+        "audit-keygen": _audit_keygen,
+        "audit-read": _audit_read,
+        "demo-model": _demo_model,
+        "serve": _serve,
+    }
+    args = _parser().parse_args(argv)
+    return handlers[args.command](args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the server's own commands, then the client's and training's."""
     from glmvision import __version__
 
     parser = argparse.ArgumentParser(prog="glmvision", description=__doc__)
@@ -45,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model to DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
+    _add_serve(commands)
+    _add_audit(commands)
+    _add_client_and_training(commands)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
         help="run gunicorn with glmvision's packaged config",
@@ -56,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     for flag, metavar, variable, kind, meaning in SERVE_FLAGS:
         serve.add_argument(flag, type=kind, metavar=metavar, help=f"{meaning}; sets {variable}")
     serve.add_argument("gunicorn_args", nargs="*", metavar="-- GUNICORN_ARG", help="extra gunicorn arguments")
+
+
+def _add_audit(commands: Any) -> None:
     read = commands.add_parser("audit-read", help="decrypt an audit log and print its records as JSON lines")
     read.add_argument("path", metavar="PATH")
     read.add_argument("--key-file", metavar="FILE", help="file with the key(s); else $GLMVISION_AUDIT_KEY")
@@ -66,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument(
         "--out", metavar="FILE", help="write it to this new file, mode 0600 (else print it to stdout)"
     )
+
+
+def _add_client_and_training(commands: Any) -> None:
     from glmvision.client import ask, batch
+    from glmvision.training import finetune
 
     ask.add_arguments(
         commands.add_parser(
@@ -84,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    from glmvision.training import finetune
-
     finetune.add_arguments(
         commands.add_parser(
             "finetune",
@@ -94,35 +125,31 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
-    args = parser.parse_args(argv)
 
-    if args.command == "ask":
-        return ask.run(args)
-    if args.command == "batch":
-        return batch.run(args)
-    if args.command == "finetune":
-        return finetune.run(args)
 
-    if args.command == "audit-keygen":
-        from glmvision.ops.audit import new_key, write_secret
+def _audit_keygen(args: argparse.Namespace) -> int:
+    from glmvision.ops.audit import new_key, write_secret
 
-        if args.out is None:
-            print(new_key())
-            return 0
-        try:
-            write_secret(args.out, new_key() + "\n")
-        except OSError as exc:  # FileExistsError included: a key is never overwritten
-            return _fail(f"cannot write {args.out}: {exc.strerror or exc}", "audit-keygen")
+    if args.out is None:
+        print(new_key())
         return 0
-    if args.command == "audit-read":
-        return _audit_read(args)
-    if args.command == "demo-model":
-        from glmvision.backends.local.demo import build_demo_model
+    try:
+        write_secret(args.out, new_key() + "\n")
+    except OSError as exc:  # FileExistsError included: a key is never overwritten
+        return _fail(f"cannot write {args.out}: {exc.strerror or exc}", "audit-keygen")
+    return 0
 
-        started = time.perf_counter()
-        path = build_demo_model(args.directory, seed=args.seed)
-        print(f"demo model written to {path} in {time.perf_counter() - started:.2f}s")
-        return 0
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from glmvision.backends.local.demo import build_demo_model
+
+    started = time.perf_counter()
+    path = build_demo_model(args.directory, seed=args.seed)
+    print(f"demo model written to {path} in {time.perf_counter() - started:.2f}s")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
     for flag, _, variable, _, _ in SERVE_FLAGS:
         value = getattr(args, flag.removeprefix("--"))
         if value is not None:

@@ -39,7 +39,7 @@ class Metrics:
     """The service's metric objects and the /metrics rendering (an extension: `init_app`)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         # A registry per app, so that tests building many apps never register a name twice.
@@ -106,6 +106,18 @@ class Metrics:
             ["code"],
             **reg,
         )
+        self._declare_gauges(reg)
+        self._empties_seen = 0
+        self._failures_seen: dict[str, int] = {}
+        self._info_labels: tuple[str, ...] | None = None
+        self._sample_lock = threading.Lock()
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _declare_gauges(self, reg: dict[str, Any]) -> None:
+        """The sampled gauges: per worker while it lives (model, GPU), or summed over workers (load)."""
+        from prometheus_client import Gauge
+
         live: dict[str, Any] = {"multiprocess_mode": "liveall", **reg}
         total: dict[str, Any] = {"multiprocess_mode": "livesum", **reg}
         self.model_loaded = Gauge("glmvision_model_loaded", "1 once this worker's model is loaded.", **live)
@@ -127,12 +139,6 @@ class Metrics:
         self.active = Gauge(
             "glmvision_active_requests", "Requests admitted (preparing, queued, running).", **total
         )
-        self._empties_seen = 0
-        self._failures_seen: dict[str, int] = {}
-        self._info_labels: tuple[str, ...] | None = None
-        self._sample_lock = threading.Lock()
-        self._sampler: threading.Thread | None = None
-        self._stop = threading.Event()
 
     def init_app(self, app: Flask, backend: Backend, settings: Settings) -> None:
         """Serve /metrics, count every request, sample gauges; the backend reports its batch sizes."""
