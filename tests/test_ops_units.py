@@ -82,7 +82,7 @@ class StallingBackend:
     stalled: float = 0.0
     stalls: list[float] = field(default_factory=list)
 
-    def health(self) -> Health:
+    def health(self, probe: bool = True) -> Health:
         return Health(True, "ready", stalled_s=self.stalled)
 
     def stall(self, seconds: float) -> None:
@@ -177,7 +177,7 @@ class GaugeBackend:
     snap: Snapshot
     on_batch: Any = None
 
-    def health(self) -> Health:
+    def health(self, probe: bool = True) -> Health:
         return Health(self.snap.loaded, "ready" if self.snap.loaded else "loading", gauges=self.snap)
 
     def capabilities(self) -> Capabilities:

@@ -381,6 +381,7 @@ class Scripted:
         self.status = 200
         self.delay = 0.0  # seconds before any answer
         self.bodies: list[dict[str, Any]] = []
+        self.gets = 0  # GET /v1/models: the backend's probes and model lookups
         scripted = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -395,6 +396,7 @@ class Scripted:
                 self.wfile.write(payload)
 
             def do_GET(self) -> None:
+                scripted.gets += 1
                 time.sleep(scripted.delay)
                 self._send(200, json.dumps({"object": "list", "data": [{"id": "scripted"}]}).encode())
 
@@ -638,3 +640,21 @@ def test_an_adapter_is_asked_of_the_upstream_by_its_name(
     client.post("/v1/chat/vision", json=vision_body())
     assert scripted.bodies[-1]["model"] == "scripted"  # no adapter: the upstream's own model
     assert client.post("/v1/chat/completions", json={**body, "model": "other:gauges"}).status_code == 404
+
+
+def test_answering_never_probes_the_upstream(
+    scripted: Scripted, make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only /readyz and /v1/models ask the upstream how it is: a request's own path never waits on a probe."""
+    from glmvision.backends.upstream import backend as upstream_backend
+
+    monkeypatch.setattr(upstream_backend, "PROBE_EVERY", 0.0)  # any probe that is asked for happens
+    scripted.events = [chunk(content="hi"), chunk("stop")]
+    client = make_app(backend="openai", upstream_url=scripted.url, degrade="shrink").test_client()
+    assert client.post("/v1/chat/vision", json=vision_body()).status_code == 200  # learns the model id
+    asked = scripted.gets
+    for _ in range(3):
+        assert client.post("/v1/chat/vision", json=vision_body()).status_code == 200
+    assert scripted.gets == asked
+    assert client.get("/readyz").status_code == 200
+    assert scripted.gets == asked + 1

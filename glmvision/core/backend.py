@@ -305,9 +305,10 @@ class Backend(Protocol):
         """Model names, card, adapters, image fit and revision; never waits on the model."""
         ...
 
-    def health(self) -> Health:
-        """Readiness, occupancy and gauges; never waits on the model (an upstream one is asked at most
-        every couple of seconds, by one caller at a time, with a short timeout)."""
+    def health(self, probe: bool = True) -> Health:
+        """Readiness, occupancy and gauges; never waits on the model. With `probe` an upstream is asked
+        (at most every couple of seconds, by one caller at a time, with a short timeout) and GPU memory
+        is read; without it, only what this process knows already: for the request path."""
         ...
 
     def warm_up(self) -> None:

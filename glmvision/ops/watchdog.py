@@ -26,7 +26,7 @@ class Watchdog:
         """Fail the backend if it has stalled for too long; True if it did."""
         if self.fired:
             return True
-        stalled = self._backend.health().stalled_s
+        stalled = self._backend.health(probe=False).stalled_s
         if stalled < self.stall_seconds:
             return False
         self.fired = True

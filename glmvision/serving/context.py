@@ -102,8 +102,9 @@ def admit(context: RequestContext) -> Ticket:
         context.record.breaker_client = client  # for record_outcome, once the response is sent
     ticket = context.ticket = _admit_or_fallback(context)
     settings = state.settings
-    if settings.degrade == "shrink" and state.backend.health().occupancy >= settings.degrade_queue_fraction:
-        context.degrade()
+    if settings.degrade == "shrink":
+        if state.backend.health(probe=False).occupancy >= settings.degrade_queue_fraction:
+            context.degrade()
     ticket.take_slot()  # read the body, decode and preprocess only a few requests at a time
     ticket.client_gone = context.client_gone
     return ticket

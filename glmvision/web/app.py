@@ -115,7 +115,7 @@ def _redactor(settings: Settings) -> Redactor | None:
 def _finish(state: Service, record: RequestRecord) -> None:
     """After the response: the GPU peak for the log, the circuit breaker's count."""
     if record.finish_reason is not None and record.cache != "hit":
-        record.gpu_peak_bytes = state.backend.health().gpu_peak
+        record.gpu_peak_bytes = state.backend.health(probe=False).gpu_peak
     record_outcome(state, record)
 
 

@@ -125,7 +125,7 @@ class LocalBackend:
         revision = f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
         return Capabilities(names, model, self._adapters, loaded.fit_image, revision)
 
-    def health(self) -> Health:
+    def health(self, probe: bool = True) -> Health:
         loaded, engine, holder = self.holder.loaded, self.engine, self.holder
         occupancy = self.admission.active / self.admission.capacity
         if loaded is None or engine is None:
@@ -145,14 +145,14 @@ class LocalBackend:
             model,
             counters,
             occupancy,
-            self._gauges(loaded, engine),
+            self._gauges(loaded, engine, probe),
             self._gpu_peak(loaded),
             engine.stalled_for(time.monotonic()) if failed is None else 0.0,
         )
 
-    def _gauges(self, loaded: LoadedModel, engine: QueueEngine) -> Snapshot:
+    def _gauges(self, loaded: LoadedModel, engine: QueueEngine, probe: bool) -> Snapshot:
         gpus: tuple[GpuMemory, ...] = ()
-        if loaded.device.startswith("cuda"):
+        if probe and loaded.device.startswith("cuda"):
             try:
                 report = memory_report(cuda_module(), loaded.device)
             except Exception:  # a metrics scrape must never fail on a CUDA hiccup

@@ -125,8 +125,8 @@ class UpstreamBackend:
             raise self.counters.count(upstream_down("The upstream engine lists no model yet; retry shortly."))
         return self._model
 
-    def _model_names(self) -> tuple[str, ...]:
-        if self._model is None:
+    def _model_names(self, probe: bool = True) -> tuple[str, ...]:
+        if probe and self._model is None:
             self._probed()
         served = self.settings.model_id or self._model or self.settings.upstream_model or "upstream"
         return (served, *self.settings.model_aliases)
@@ -138,8 +138,8 @@ class UpstreamBackend:
         # resizes; we only cap sides at GLMVISION_MAX_IMAGE_SIDE.
         return Capabilities(names, ModelDescription(names[0], False, "upstream", None), None, None, revision)
 
-    def health(self) -> Health:
-        ready, why = self._probed()
+    def health(self, probe: bool = True) -> Health:
+        ready, why = self._probed() if probe else self._probe
         engine: dict[str, int | float | str] = {
             "upstream": self.client.base_url,
             "running": self.running,
@@ -159,7 +159,7 @@ class UpstreamBackend:
         return Health(
             ready,
             "ready" if ready else "unhealthy",
-            ModelDescription(self._model_names()[0], False, "upstream", None),
+            ModelDescription(self._model_names(probe)[0], False, "upstream", None),
             engine,
             self.admission.active / self.admission.capacity,
             gauges,
