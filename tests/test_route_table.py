@@ -80,3 +80,18 @@ def test_the_security_facts_are_the_documented_ones() -> None:
     assert public == {"/healthz", "/readyz", "/openapi.json", "/metrics", "/", "/static/<path:filename>"}
     assert [facts.path for facts in ROUTES if not facts.allowlisted] == ["/healthz"]
     assert {facts.path for facts in ROUTES if facts.openai} == {"/v1/chat/completions", "/v1/models"}
+
+
+def test_route_registers_the_tables_path_method_and_name() -> None:
+    bp = Blueprint("openai", __name__)
+
+    @route(bp, "openai.chat_completions")
+    def view() -> str:
+        return "ok"
+
+    app = Flask(__name__)
+    app.register_blueprint(bp)
+    (rule,) = [rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
+    assert (rule.rule, rule.endpoint) == ("/v1/chat/completions", "openai.chat_completions")
+    assert sorted(rule.methods - {"OPTIONS"}) == ["POST"]  # type: ignore[operator]
+    assert app.test_client().post("/v1/chat/completions").get_data(as_text=True) == "ok"
