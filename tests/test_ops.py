@@ -480,6 +480,8 @@ class TestCircuitBreaker:
         assert refused.status_code == 429
         assert refused.get_json()["error"]["code"] == "circuit_open"
         assert 1 <= int(refused.headers["Retry-After"]) <= 120
+        message = refused.get_json()["error"]["message"]
+        assert " 2 times in a row" in message and f"retry in {refused.headers['Retry-After']} s" in message
         other = client.post(VISION, json=vision_body(), headers={"Authorization": "Bearer other"})
         assert other.status_code == 504  # its own count: one timeout, still closed
         assert metric(client, "glmvision_circuit_trips_total") == 1

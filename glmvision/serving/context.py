@@ -15,7 +15,7 @@ from flask import Flask, g, request
 
 from glmvision.core.backend import Ticket
 from glmvision.core.config import Settings
-from glmvision.core.errors import APIError
+from glmvision.core.errors import APIError, api_error
 from glmvision.ops.record import RequestRecord, current_record
 from glmvision.ops.reqlog import new_record
 from glmvision.serving.service import Service, breaker_client, client_gone_check
@@ -92,13 +92,8 @@ def admit(context: RequestContext) -> Ticket:
         client = breaker_client(context.key_id, context.client)
         wait = state.breaker.retry_after(client)
         if wait is not None:
-            raise APIError(
-                429,
-                "circuit_open",
-                f"Your recent requests timed out {state.breaker.threshold} times in a row; "
-                f"retry in {wait} s.",
-                retry_after=wait,
-            )
+            message = f"Your recent requests timed out {state.breaker.threshold} times in a row; "
+            raise api_error("circuit_open", message + f"retry in {wait} s.", retry_after=wait)
         context.record.breaker_client = client  # for record_outcome, once the response is sent
     ticket = context.ticket = _admit_or_fallback(context)
     settings = state.settings
