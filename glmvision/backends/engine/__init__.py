@@ -1,0 +1,1 @@
+"""The wire between HTTP workers and an engine process: messages, shared-memory tensors, zmq sockets."""
