@@ -15,7 +15,8 @@ Ownership, so that nothing is left in /dev/shm whichever side dies:
 
 from __future__ import annotations
 
-import _posixshmem  # the stdlib's shm_open, which SharedMemory uses too (see open_tensors for why here)
+# The stdlib's shm_open, which SharedMemory uses too (open_tensors says why it is called directly).
+import _posixshmem  # type: ignore[import-not-found]
 import mmap
 import os
 import secrets
@@ -81,9 +82,9 @@ def _view(buffer: memoryview, offset: int, dtype: DType, shape: tuple[int, ...])
     count = 1
     for size in shape:
         count *= size
-    flat = torch.frombuffer(buffer, dtype=_STORED[dtype], count=count, offset=offset) if count else None
-    if flat is None:
+    if not count:  # frombuffer refuses a count of 0
         return torch.empty(shape, dtype=_DTYPES[dtype])
+    flat = torch.frombuffer(buffer, dtype=_STORED[dtype], count=count, offset=offset)
     return flat.view(_DTYPES[dtype]).reshape(shape)
 
 
@@ -101,12 +102,14 @@ def share_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[SharedTensors, t
     if not layout:
         return SharedTensors(None), ()
     block = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(12), create=True, size=max(size, 1))
+    buffer = block.buf
+    assert buffer is not None  # a block just made is open
     try:
         refs = []
         for name, tensor, offset, dtype in layout:
             shape = tuple(tensor.shape)
             if tensor.numel():
-                _view(block.buf, offset, dtype, shape).copy_(tensor)
+                _view(buffer, offset, dtype, shape).copy_(tensor)
             refs.append(TensorRef(name, block.name, offset, dtype, shape))
     except BaseException:
         SharedTensors(block).release()
