@@ -257,6 +257,8 @@ class Health:
     gauges: Snapshot = Snapshot(loaded=False)
     gpu_peak: int | None = None  # peak GPU bytes allocated since the engine was last idle; None off GPU
     stalled_s: float = 0.0  # seconds without progress while work waits (0 when idle or not loaded)
+    # GLMVISION_ENGINE=process: each engine process's device, pid, model, queue, running and state.
+    engines: tuple[Mapping[str, object], ...] = ()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """(ready, the rest of the /readyz body)."""
@@ -265,6 +267,8 @@ class Health:
             details["model"] = self.model.as_dict()
         if self.engine is not None:
             details["engine"] = dict(self.engine)
+        if self.engines:
+            details["engines"] = [dict(engine) for engine in self.engines]
         return self.ready, details
 
 

@@ -198,6 +198,11 @@ class Settings(_Base):
         description="continuous: requests join the running batch at the next decode step; static: a "
         "batch runs one generate() to its end before the next forms.",
     )
+    engine: Literal["thread", "process"] = Field(
+        "thread",
+        description="thread: each worker loads the model and runs its engine in a thread; process: one "
+        "engine process (started by the gunicorn master) holds the model for every worker.",
+    )
     max_batch_size: int = Field(8, gt=0, description="Most requests generated for together.")
     batch_wait_ms: float = Field(
         25.0,

@@ -501,6 +501,14 @@ _SPECS = (
         _RETRY,
     ),
     _spec(
+        "engine_restarting",
+        503,
+        "The engine process is restarting; retry shortly.",
+        "with `GLMVISION_ENGINE=process`: the engine process died (or stopped answering) while this "
+        "request was in it, or before it could be sent; the master starts a new one; `Retry-After`",
+        _RETRY,
+    ),
+    _spec(
         "row_failed",
         503,
         "Generating this answer failed on the server; retry.",

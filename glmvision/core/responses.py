@@ -83,6 +83,7 @@ class Readiness(ResponseModel):
     status: Literal["ready", "loading", "failed", "not_loaded", "unhealthy"]
     model: ModelInfo | None = Field(default=None, exclude_if=_omitted_when_none)
     engine: dict[str, int | float | str] | None = Field(default=None, exclude_if=_omitted_when_none)
+    engines: list[dict[str, int | float | str]] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class ModelCard(ModelInfo):

@@ -104,7 +104,10 @@ def post_fork(server: Arbiter, worker: Worker) -> None:
 
 
 def on_starting(server: Arbiter) -> None:
-    """In the master, once: start the metrics directory empty (a given one may hold an old run's files)."""
+    """In the master, once: start the metrics directory empty (a given one may hold an old run's files),
+    and with GLMVISION_ENGINE=process the engine process, before any worker is forked."""
+    if _settings.engine == "process" and _settings.backend == "local":
+        _start_engine(server)
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and _settings.metrics:
         os.makedirs(directory, exist_ok=True)
@@ -121,8 +124,27 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
+def _start_engine(server: Arbiter) -> None:
+    """Start the engine process (one, on GPU 0 or the CPU for now); its socket path goes to workers by env."""
+    from glmvision.backends.engine.client import SOCKET_ENV
+    from glmvision.backends.engine.process import EngineSupervisor
+    from glmvision.backends.engine.transport import socket_path
+
+    runtime = tempfile.mkdtemp(prefix="glmv-engine-")  # 0700: only this user reaches the socket
+    device = worker_device(0 if _gpu_count else None, _settings.device) or ""
+    supervisor = EngineSupervisor(str(socket_path(runtime, 0)), device, server.log.info)
+    os.environ[SOCKET_ENV] = supervisor.path
+    supervisor.start()
+    server.glmvision_engine = supervisor  # type: ignore[attr-defined]
+    server.glmvision_runtime = runtime  # type: ignore[attr-defined]
+
+
 def on_exit(server: Arbiter) -> None:
-    """In the master, at shutdown: remove the metrics directory it made."""
+    """In the master, at shutdown: stop the engine process, remove the directories it made."""
+    supervisor = getattr(server, "glmvision_engine", None)
+    if supervisor is not None:
+        supervisor.stop()
+        shutil.rmtree(server.glmvision_runtime, ignore_errors=True)  # type: ignore[attr-defined]
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and _own_metrics_dir:
         shutil.rmtree(directory, ignore_errors=True)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
 
+from glmvision.backends.engine.client import RemoteEngine, engine_socket
 from glmvision.backends.local.continuous import ContinuousEngine
 from glmvision.backends.local.engine import QueueEngine, engine_failed
 from glmvision.backends.local.holder import ModelHolder
 from glmvision.backends.local.kvcache import memory_token_budget
-from glmvision.backends.local.loading import is_demo, load_model, model_id_for
+from glmvision.backends.local.loading import is_demo, load_model, load_processor, model_id_for
 from glmvision.backends.local.runtime import LoadedModel
 from glmvision.backends.local.static import StaticEngine
 from glmvision.backends.local.vram import cuda_module, memory_report
@@ -59,6 +61,8 @@ class LocalBackend:
         self.settings = settings
         self._adapters = tuple(settings.lora_adapters)
         self.engine: QueueEngine | None = None
+        # GLMVISION_ENGINE=process: the engine process's request side; this worker holds no weights.
+        self.remote: RemoteEngine | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
             settings.admission_capacity,
@@ -72,6 +76,14 @@ class LocalBackend:
         self.on_batch: Callable[[int], None] = lambda rows: None
 
     def _load(self, settings: Settings) -> LoadedModel:
+        path = engine_socket() if settings.engine == "process" else None
+        if path is not None:
+            loaded = load_processor(settings)
+            self.remote = RemoteEngine(path, loaded)
+            self.remote.start()
+            gc.collect()
+            gc.freeze()
+            return loaded
         loaded = load_model(settings)
         engine = make_engine(
             loaded, settings, arriving=lambda: self.admission.preparing, on_fatal=lambda: self.on_fatal()
@@ -108,6 +120,8 @@ class LocalBackend:
             self.engine.nudge()  # a batch waiting for this request need not wait any longer
 
     def _queued(self) -> int:
+        if self.remote is not None:
+            return self.remote.queued()
         return self.engine.queued() if self.engine is not None else 0
 
     def _drain_rate(self) -> float:
@@ -121,13 +135,16 @@ class LocalBackend:
         if loaded is None:
             model = ModelDescription(names[0], is_demo(self.settings.model), None, None)
             return Capabilities(names, model, self._adapters)
-        model = ModelDescription(loaded.model_id, loaded.demo, loaded.device, loaded.dtype)
+        device = self.remote.report.device if self.remote and self.remote.report else loaded.device
+        model = ModelDescription(loaded.model_id, loaded.demo, device, loaded.dtype)
         revision = f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
         return Capabilities(names, model, self._adapters, loaded.fit_image, revision)
 
     def health(self, probe: bool = True) -> Health:
         loaded, engine, holder = self.holder.loaded, self.engine, self.holder
         occupancy = self.admission.active / self.admission.capacity
+        if loaded is not None and self.remote is not None:
+            return self._remote_health(loaded, self.remote, occupancy)
         if loaded is None or engine is None:
             status: ReadyStatus = "failed" if holder.error else "not_loaded"
             if holder.loading:
@@ -149,6 +166,34 @@ class LocalBackend:
             self._gpu_peak(loaded),
             engine.stalled_for(time.monotonic()) if failed is None else 0.0,
         )
+
+    def _remote_health(self, loaded: LoadedModel, remote: RemoteEngine, occupancy: float) -> Health:
+        """The engine process's state, from its last health report (the I/O thread refreshes it)."""
+        report = remote.report
+        counters: dict[str, int | float | str] = {
+            "mode": "process",
+            "worker_pid": os.getpid(),
+            "worker_weights": int(bool(getattr(loaded.model, "weights", True))),
+            "completed": remote.completed,
+            "engine_lost": remote.lost,
+            **self.admission.as_dict(),
+        }
+        engines: tuple[dict[str, object], ...] = ()
+        state = "unreachable" if report is None or not remote.reachable else report.state
+        if report is not None:
+            engine = {"device": report.device, "pid": report.pid, "model": report.model_id}
+            engines = ({**engine, "queue": report.queue_depth, "running": report.running, "state": state},)
+        ready = remote.ready
+        device = report.device if report is not None else loaded.device
+        gauges = Snapshot(
+            loaded=ready,
+            queued=remote.queued(),
+            running=remote.running(),
+            active=self.admission.active,
+        )
+        status: ReadyStatus = "ready" if ready else ("loading" if state == "loading" else "unhealthy")
+        model = ModelDescription(loaded.model_id, loaded.demo, device, loaded.dtype) if ready else None
+        return Health(ready, status, model, counters, occupancy, gauges, engines=engines)
 
     def _gauges(self, loaded: LoadedModel, engine: QueueEngine, probe: bool) -> Snapshot:
         gpus: tuple[GpuMemory, ...] = ()
@@ -210,6 +255,11 @@ class LocalBackend:
         self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         prepared_at = time.perf_counter()
+        if self.remote is not None:
+            grammar = constraint.serialized if constraint is not None else None
+            stream = self.remote.submit(inputs, params, ticket, grammar)
+            self.admission.submitted(ticket)
+            return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
         if self.engine is None:
             raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
         self.admission.submitted(ticket)

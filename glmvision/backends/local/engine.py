@@ -216,9 +216,11 @@ class QueueEngine:
         params: GenerationParams,
         ticket: Ticket,
         constraint: CompiledConstraint | None = None,
+        stream: GenerationStream | None = None,
     ) -> GenerationStream:
-        """Queue prepared inputs; the returned stream yields the answer as it is generated."""
-        job = self._job(inputs, params, ticket)
+        """Queue prepared inputs; the returned stream yields the answer as it is generated (`stream`:
+        one made by the caller, e.g. an engine process's sink with the same producer side)."""
+        job = self._job(inputs, params, ticket, stream)
         job.constraint = constraint
         with self._cond:
             if self.failed is not None:
@@ -230,8 +232,11 @@ class QueueEngine:
             self._cond.notify()
         return job.stream
 
-    def _job(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> Job:
-        stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
+    def _job(
+        self, inputs: Any, params: GenerationParams, ticket: Ticket, stream: GenerationStream | None = None
+    ) -> Job:
+        if stream is None:
+            stream = GenerationStream(self._model, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
         return Job(inputs, params, stream, stream.prompt_tokens, ticket)
 
     def warm_up(self, inputs: Any, params: GenerationParams, ticket: Ticket) -> None:

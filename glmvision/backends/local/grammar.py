@@ -219,7 +219,6 @@ class GrammarBook:
             return compiled
 
     def _lead(self, constraint: Constraint, deadline: float, gone: Callable[[], bool]) -> CompiledConstraint:
-        import xgrammar
 
         started = time.perf_counter()
         kind, text = self._source(constraint)
@@ -255,15 +254,28 @@ class GrammarBook:
             if not exc.gone:
                 raise out_of_time() from None
             raise APIError(499, "client_closed", "The client closed the connection.") from None
-        grammar = xgrammar.CompiledGrammar.deserialize_json(serialized, self._infos[kind])
-        closers = self._json_closers if kind == "json" else self._call_closers
-        compiled = CompiledConstraint(self, grammar, closers, probe=kind == "call")
+        compiled = self._read(kind, serialized)
         elapsed = time.perf_counter() - started
         self._keep(constraint, compiled)
         with self._lock:
             self.compiled += 1
             self.compile_seconds += elapsed
         log.info("compiled a %s grammar in %.1f ms", constraint.kind, elapsed * 1000)
+        return compiled
+
+    def _read(self, kind: str, serialized: str) -> CompiledConstraint:
+        import xgrammar
+
+        grammar = xgrammar.CompiledGrammar.deserialize_json(serialized, self._infos[kind])
+        closers = self._json_closers if kind == "json" else self._call_closers
+        return CompiledConstraint(self, grammar, closers, kind == "call", serialized)
+
+    def adopt(self, constraint: Constraint, serialized: str) -> CompiledConstraint:
+        """A grammar another process compiled for `constraint` (an engine process's Submit), cached."""
+        compiled = self.cached(constraint)
+        if compiled is None:
+            compiled = self._read("json" if constraint.tools is None else "call", serialized)
+            self._keep(constraint, compiled)
         return compiled
 
     def _follow(self, flight: _Flight, deadline: float, gone: Callable[[], bool]) -> None:
@@ -388,6 +400,7 @@ class CompiledConstraint:
     grammar: Any
     closers: list[int]  # the tokens its closing walk tries, in order
     probe: bool  # whether a closer is checked to change what may follow (a grammar with free text)
+    serialized: str = ""  # xgrammar's serialize_json(): how an engine process receives it
 
     def start(self, budget: int, after_thinking: bool) -> RowGrammar:
         """A fresh matcher for one row of `budget` tokens."""

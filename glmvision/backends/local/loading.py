@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,54 @@ def model_revision(source: str, model: Any) -> str:
                 stat = path.stat()
                 digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+@dataclass
+class ModelShell:
+    """The model's configs without its weights: all a worker whose engine runs elsewhere reads of it."""
+
+    config: Any
+    generation_config: Any
+    weights: bool = False  # what /readyz reports: this process holds no weights
+
+
+def load_processor(settings: Settings, device: str = "engine") -> LoadedModel:
+    """The processor and the model's configs only (GLMVISION_ENGINE=process: the engine holds the weights)."""
+    import transformers
+
+    started = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()
+    source = (
+        os.path.expanduser(settings.model)
+        if settings.model
+        else str(ensure_demo_model(demo_cache_dir(settings)))
+    )
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+        try:
+            generation = transformers.GenerationConfig.from_pretrained(source)
+        except OSError:
+            generation = transformers.GenerationConfig.from_model_config(config)
+        processor = transformers.AutoProcessor.from_pretrained(source)
+    except OSError as exc:
+        raise RuntimeError(f"cannot load the processor from {source!r}: {exc}") from exc
+    processor.tokenizer.padding_side = "left"
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "") or "").split(".")[-1]
+    shell = ModelShell(config, generation)
+    return LoadedModel(
+        processor=processor,
+        model=shell,
+        model_id=model_id_for(source, settings.model_id),
+        device=device,
+        dtype=dtype,
+        demo=is_demo(source),
+        load_seconds=time.perf_counter() - started,
+        processor_copies=preparing_slots(settings.max_batch_size),
+        revision=model_revision(source, shell),
+        grammar_limits=GrammarLimits(
+            settings.grammar_timeout, settings.grammar_workers, int(settings.grammar_cache_mb * 2**20)
+        ),
+    )
 
 
 def load_model(settings: Settings) -> LoadedModel:

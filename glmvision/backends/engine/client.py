@@ -1,0 +1,230 @@
+"""A worker's side of the engine process: submit prepared inputs, route its tokens into local streams.
+
+One I/O thread per worker owns the EngineConnection (made lazily in that thread, after gunicorn's
+fork); request threads hand it messages through a queue. Each request's GenerationStream lives here,
+so detokenising and post-processing stay in the worker; only token ids cross the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmvision.backends.engine.shm import SharedTensors, share_tensors
+from glmvision.backends.engine.transport import EngineConnection, EngineUnreachable
+from glmvision.backends.engine.wire import (
+    Abort,
+    HealthQuery,
+    HealthReport,
+    Message,
+    Submit,
+    Tokens,
+    WireParams,
+)
+from glmvision.core.backend import Ticket
+from glmvision.core.errors import APIError, api_error, error_spec, unavailable
+from glmvision.core.generation import GenerationParams
+from glmvision.postprocess.stream import DEADLINE_GRACE, Decoder, GenerationStream
+
+log = logging.getLogger("glmvision")
+
+SOCKET_ENV = "GLMV_ENGINE_SOCKET"  # set by the gunicorn master for its workers
+HEALTH_EVERY_S = 0.5
+LOST_AFTER_S = 3.0  # no health report for this long: the engine is gone (its requests end with 503)
+IDLE_POLL_S = 0.05
+BUSY_POLL_S = 0.002
+
+
+def engine_restarting() -> APIError:
+    return unavailable("engine_restarting", "The engine process is restarting; retry shortly.", 5)
+
+
+def remote_error(code: str, message: str | None) -> APIError:
+    """The APIError an engine's error code stands for (its Retry-After for a 503)."""
+    spec = error_spec(code)
+    return api_error(code, message or None, retry_after=5 if spec.status == 503 else None)
+
+
+@dataclass(eq=False)
+class _Request:
+    stream: GenerationStream
+    shared: SharedTensors
+    ticket: Ticket
+    engine_pid: int | None
+    aborted: bool = False
+    started: bool = False
+    give_up_at: float = field(default=0.0)
+
+    def close(self) -> None:
+        self.shared.release()
+        self.ticket.release()
+
+
+class RemoteEngine:
+    """QueueEngine's request side, for an engine in another process."""
+
+    def __init__(self, path: str, decoder: Decoder) -> None:
+        self.path = path
+        self._decoder = decoder
+        self._outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.report: HealthReport | None = None  # the engine's last word about itself
+        self.reported_at = 0.0
+        self.completed = 0
+        self.lost = 0  # requests ended because the engine went away
+
+    # Request threads.
+
+    def start(self) -> None:
+        """Start the I/O thread (once)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="glmvision-engine-io", daemon=True)
+                self._thread.start()
+
+    @property
+    def reachable(self) -> bool:
+        return self.report is not None and time.monotonic() - self.reported_at < LOST_AFTER_S
+
+    @property
+    def ready(self) -> bool:
+        report = self.report
+        return self.reachable and report is not None and report.loaded and report.state == "ready"
+
+    def queued(self) -> int:
+        return self.report.queue_depth if self.report is not None else 0
+
+    def running(self) -> int:
+        return self.report.running if self.report is not None else 0
+
+    def submit(
+        self, inputs: Any, params: GenerationParams, ticket: Ticket, grammar: str | None
+    ) -> GenerationStream:
+        """Send prepared inputs to the engine; the returned stream yields the answer as it comes."""
+        self.start()
+        if self.report is not None and not self.reachable:
+            raise engine_restarting()
+        if not self.ready:
+            raise unavailable("model_loading", "The model is still loading; retry shortly.", 10)
+        tensors = {key: value for key, value in inputs.items() if hasattr(value, "dtype")}
+        shared, refs = share_tensors(tensors)
+        stream = GenerationStream(self._decoder, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
+        request_id = secrets.token_hex(8)
+        request = _Request(stream, shared, ticket, self.report.pid if self.report else None)
+        request.give_up_at = ticket.deadline + DEADLINE_GRACE
+        with self._lock:
+            self._requests[request_id] = request
+        self._outbox.put(Submit(request_id, refs, WireParams.of(params), grammar, ticket.remaining()))
+        return stream
+
+    # The I/O thread.
+
+    def _loop(self) -> None:
+        connection = EngineConnection(self.path, send_timeout_s=0.5)
+        asked_at = 0.0
+        query = 0
+        while True:
+            try:
+                now = time.monotonic()
+                if now - asked_at >= HEALTH_EVERY_S:
+                    query += 1
+                    asked_at = now
+                    self._outbox.put(HealthQuery(query))
+                self._send(connection)
+                busy = bool(self._requests)
+                message = connection.receive(BUSY_POLL_S if busy else IDLE_POLL_S)
+                while message is not None:
+                    self._route(message)
+                    message = connection.receive(0)
+                self._tend(connection)
+            except Exception:  # the I/O thread must outlive any one bad message
+                log.exception("the engine I/O thread hit an error; going on")
+                time.sleep(0.1)
+
+    def _send(self, connection: EngineConnection) -> None:
+        while True:
+            try:
+                message = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                connection.send(message)
+            except EngineUnreachable:
+                if isinstance(message, Submit):
+                    self._end(message.request_id, engine_restarting())
+
+    def _route(self, message: Message) -> None:
+        if isinstance(message, HealthReport):
+            previous, self.report, self.reported_at = self.report, message, time.monotonic()
+            if previous is not None and previous.pid != message.pid:
+                log.warning("engine process pid=%d replaced pid=%d", message.pid, previous.pid)
+                self._fail_all(lambda request: request.engine_pid == previous.pid)
+            return
+        if not isinstance(message, Tokens):
+            return
+        with self._lock:
+            request = self._requests.get(message.request_id)
+        if request is None:
+            return  # a request already given up
+        request.shared.release()  # the engine has read its tensors (it does so before any Tokens)
+        if not request.started:
+            request.started = True
+            request.stream.start()
+        if message.token_ids:
+            request.stream.put(list(message.token_ids))
+        if message.end:
+            if message.error_code is not None:
+                self._end(message.request_id, remote_error(message.error_code, message.error_message))
+            else:
+                self._end(message.request_id, None)
+
+    def _end(self, request_id: str, error: APIError | None) -> None:
+        with self._lock:
+            request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        if error is None:
+            self.completed += 1
+            request.stream.end()
+        else:
+            request.stream.fail(error)
+        request.close()
+
+    def _fail_all(self, which: Any) -> None:
+        with self._lock:
+            ids = [request_id for request_id, request in self._requests.items() if which(request)]
+        self.lost += len(ids)
+        for request_id in ids:
+            self._end(request_id, engine_restarting())
+
+    def _tend(self, connection: EngineConnection) -> None:
+        """Abort what its client left, give up what is long past its deadline or held by a lost engine."""
+        now = time.monotonic()
+        with self._lock:
+            requests = list(self._requests.items())
+        for request_id, request in requests:
+            if request.stream.cancelled and not request.aborted:
+                request.aborted = True
+                request.shared.release()
+                try:
+                    connection.send(Abort(request_id))
+                except EngineUnreachable:
+                    self._end(request_id, engine_restarting())
+            elif now > request.give_up_at:
+                self._end(request_id, engine_restarting())
+        if requests and self.report is not None and not self.reachable:
+            log.error("no word from the engine process for %.0fs: failing its requests", LOST_AFTER_S)
+            self._fail_all(lambda request: True)
+
+
+def engine_socket() -> str | None:
+    """The engine's socket path the master passed down, if any."""
+    return os.environ.get(SOCKET_ENV) or None

@@ -1,0 +1,302 @@
+"""The engine process (GLMVISION_ENGINE=process): one model and its QueueEngine, shared by every worker.
+
+The gunicorn master starts it (`EngineSupervisor`, multiprocessing's spawn context: a fresh
+interpreter, never a fork of the master), stops it at exit and starts a new one if it dies. Inside,
+the main thread owns the EngineEndpoint and loops with bounded polls; the QueueEngine's model thread
+hands tokens to `RemoteSink`s, which queue them for the main thread to send (a zmq socket belongs to
+one thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from glmvision.backends.engine.wire import (
+    Abort,
+    HealthQuery,
+    HealthReport,
+    Message,
+    State,
+    Submit,
+    Tokens,
+)
+
+if TYPE_CHECKING:
+    from glmvision.backends.local.engine import QueueEngine
+    from glmvision.backends.local.runtime import LoadedModel
+    from glmvision.core.config import Settings
+
+log = logging.getLogger("glmvision")
+
+IDLE_POLL_S = 0.05  # nothing running: a worker's message still wakes the poll at once
+BUSY_POLL_S = 0.001  # rows running: how long tokens may wait in the outbox at most
+STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+HEALTHY_AFTER_S = 60.0  # an engine that lived this long resets the backoff
+
+
+class RemoteSink:
+    """The producer side of a GenerationStream, for a request whose reader is in a worker."""
+
+    def __init__(
+        self, request_id: str, peer: bytes, prompt_tokens: int, outbox: queue.SimpleQueue[Any]
+    ) -> None:
+        self.request_id = request_id
+        self.peer = peer
+        self.prompt_tokens = prompt_tokens
+        self._outbox = outbox
+        self._cancelled = threading.Event()
+        self.ended = False
+
+    def start(self) -> None:
+        """The queue wait ends (the worker's own stream marks its times)."""
+
+    def put(self, token_ids: list[int]) -> None:
+        self._outbox.put((self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids))))
+
+    def end(self) -> None:
+        self.ended = True
+        self._outbox.put((self.peer, Tokens(self.request_id, end=True)))
+
+    def fail(self, error: Exception) -> None:
+        self.ended = True
+        code = getattr(error, "error_code", "row_failed")
+        message = getattr(error, "description", None) or str(error)
+        self._outbox.put(
+            (self.peer, Tokens(self.request_id, end=True, error_code=code, error_message=message))
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+class EngineServer:
+    """The engine process's main loop: load in a thread, answer health at once, route requests."""
+
+    def __init__(self, settings: Settings, path: str, device: str) -> None:
+        self.settings = settings
+        self.path = path
+        self.device = device
+        self.state: State = "loading"
+        self.loaded: LoadedModel | None = None
+        self.engine: QueueEngine | None = None
+        self.sinks: dict[str, RemoteSink] = {}
+        self.outbox: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+        self.fatal = threading.Event()
+
+    def load(self) -> None:
+        """Load the model and build the engine the settings choose (in a thread: health answers meanwhile)."""
+        from glmvision.backends.local.backend import make_engine
+        from glmvision.backends.local.loading import load_model
+        from glmvision.core.backend import Ticket
+        from glmvision.core.generation import GenerationParams
+
+        try:
+            loaded = load_model(self.settings)
+            engine = make_engine(loaded, self.settings, on_fatal=self.fatal.set)
+            from PIL import Image
+
+            image = Image.new("RGB", (56, 56), (128, 128, 128))
+            messages = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}],
+                }
+            ]
+            params = GenerationParams(max_new_tokens=2, temperature=0.0)
+            engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, Ticket.unheld(60.0))
+            self.loaded, self.engine, self.state = loaded, engine, "ready"
+            log.info("engine process pid=%d ready on %s", os.getpid(), loaded.device)
+        except Exception:
+            log.exception("the engine process failed to load its model")
+            self.state = "failed"
+            self.fatal.set()
+
+    def report(self, query_id: int) -> HealthReport:
+        engine, loaded = self.engine, self.loaded
+        state: State = "failed" if engine is not None and engine.failed is not None else self.state
+        return HealthReport(
+            query_id=query_id,
+            pid=os.getpid(),
+            device=loaded.device if loaded is not None else self.device,
+            model_id=loaded.model_id if loaded is not None else "",
+            loaded=loaded is not None,
+            queue_depth=engine.queued() if engine is not None else 0,
+            running=engine.running() if engine is not None else 0,
+            state=state,
+        )
+
+    def submit(self, peer: bytes, message: Submit) -> None:
+        from glmvision.backends.engine.shm import TensorsGone, open_tensors
+        from glmvision.core.backend import Ticket
+        from glmvision.core.errors import APIError
+
+        engine, loaded = self.engine, self.loaded
+        if engine is None or loaded is None:
+            self.outbox.put((peer, Tokens(message.request_id, end=True, error_code="model_loading")))
+            return
+        try:
+            inputs = open_tensors(message.tensors)
+        except TensorsGone:
+            return  # its worker gave it up: nobody waits for an answer
+        params = message.params.to_params()
+        constraint = None
+        try:
+            if message.grammar is not None and params.constraint is not None:
+                constraint = loaded.grammars().adopt(params.constraint, message.grammar)
+            ticket = Ticket.unheld(message.deadline_s)  # the worker holds the admission place
+            sink = RemoteSink(message.request_id, peer, int(inputs["input_ids"].shape[1]), self.outbox)
+            self.sinks[message.request_id] = sink
+            engine.submit(inputs, params, ticket, constraint, cast(Any, sink))
+        except APIError as exc:
+            self.sinks.pop(message.request_id, None)
+            RemoteSink(message.request_id, peer, 0, self.outbox).fail(exc)
+        except Exception as exc:
+            log.exception("submitting a request to the engine failed")
+            self.sinks.pop(message.request_id, None)
+            RemoteSink(message.request_id, peer, 0, self.outbox).fail(exc)
+
+    def handle(self, peer: bytes, message: Message) -> None:
+        if isinstance(message, Submit):
+            self.submit(peer, message)
+        elif isinstance(message, Abort):
+            sink = self.sinks.get(message.request_id)
+            if sink is not None:
+                sink.cancel()
+                if self.engine is not None:
+                    self.engine.nudge()
+        elif isinstance(message, HealthQuery):
+            self.outbox.put((peer, self.report(message.query_id)))
+
+    def flush(self, endpoint: Any) -> None:
+        """Send what the model thread queued; forget requests that ended."""
+        from glmvision.backends.engine.transport import EngineUnreachable
+
+        while True:
+            try:
+                peer, message = self.outbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                endpoint.send(peer, message)
+            except EngineUnreachable:
+                # Its worker is gone: stop everything it asked for.
+                for sink in self.sinks.values():
+                    if sink.peer == peer:
+                        sink.cancel()
+            if isinstance(message, Tokens) and message.end:
+                self.sinks.pop(message.request_id, None)
+
+    def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
+        from glmvision.backends.engine.transport import EngineEndpoint
+
+        with EngineEndpoint(self.path) as endpoint:
+            threading.Thread(target=self.load, name="glmvision-engine-load", daemon=True).start()
+            while not stop():
+                busy = bool(self.sinks)
+                received = endpoint.receive(BUSY_POLL_S if busy else IDLE_POLL_S)
+                while received is not None:
+                    self.handle(*received)
+                    received = endpoint.receive(0)
+                self.flush(endpoint)
+                if self.fatal.is_set():
+                    self.flush(endpoint)  # the failed requests' answers go out before the process does
+                    log.error("the engine process stops: its model failed (the master starts another)")
+                    return
+
+
+def run_engine(path: str, device: str) -> None:
+    """The spawned process's entry point: settings from the environment it inherited."""
+    from glmvision.backends.local.loading import torch_threads
+    from glmvision.core.config import load_settings
+
+    logging.basicConfig(level=logging.INFO, format="[engine %(process)d] %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the master's to handle: it stops us
+    settings = load_settings({"device": device} if device else None)
+    # load_model sets torch's intra-op threads from GLMVISION_TORCH_THREADS (1 for a tiny model);
+    # inter-op threads are set here, once, before any parallel work starts.
+    import torch
+
+    torch.set_num_interop_threads(max(1, torch_threads(settings.torch_threads, 0) or 1))
+    EngineServer(settings, path, device or settings.device).serve()
+    os._exit(1)  # only a failed model ends the loop: exit without waiting on its threads
+
+
+class EngineSupervisor:
+    """In the gunicorn master: start the engine process, restart it when it dies, stop it at exit."""
+
+    def __init__(self, path: str, device: str, log_line: Callable[[str], None] = log.warning) -> None:
+        self.path = path
+        self.device = device
+        self._log = log_line
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name="glmvision-engine-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        process = self._context.Process(
+            target=run_engine, args=(self.path, self.device), name="glmvision-engine", daemon=False
+        )
+        process.start()
+        self._process = process
+        self._started_at = time.monotonic()
+        self._log(f"engine process pid={process.pid} started ({self.device or 'default device'})")
+
+    def _watch(self) -> None:
+        from multiprocessing.connection import wait
+
+        failures = 0
+        while not self._stopping.is_set():
+            # The sentinel, not is_alive(): gunicorn's SIGCHLD handler may reap our child first.
+            if not wait([self._process.sentinel], timeout=1.0):
+                continue
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - self._started_at > HEALTHY_AFTER_S:
+                failures = 0
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            failures += 1
+            self._log(f"engine process pid={self._process.pid} died; starting another in {delay:g}s")
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds (idempotent)."""
+        self._stopping.set()
+        process = self._process
+        if process is None:
+            return
+        from multiprocessing.connection import wait
+
+        for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                return
+            if wait([process.sentinel], timeout=timeout):
+                return
