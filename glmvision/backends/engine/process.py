@@ -261,6 +261,9 @@ class EngineSupervisor:
             target=run_engine, args=(self.path, self.device), name="glmvision-engine", daemon=False
         )
         process.start()
+        # The master stops it itself (stop()); forked workers inherit multiprocessing's list of
+        # children and would try to join it at their exit, which only its parent may.
+        getattr(multiprocessing.process, "_children", set()).discard(process)
         self._process = process
         self._started_at = time.monotonic()
         self._log(f"engine process pid={process.pid} started ({self.device or 'default device'})")

@@ -1,0 +1,169 @@
+"""GLMVISION_ENGINE=process under real gunicorn: one engine process shared by every worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from helpers import LiveServer, image_b64, live_server, server_env, vision_body
+
+WORKERS = 3
+HTTP_TIMEOUT = 60.0
+MODEL_LOADED = re.compile(r"model loaded: .* pid=(?P<pid>\d+)")
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "maxLength": 12}, "count": {"type": "integer"}},
+    "required": ["label", "count"],
+}
+
+
+@pytest.fixture(scope="module")
+def process_server(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="process", WORKERS=str(WORKERS))
+    with live_server(tmp_path_factory.mktemp("process"), env, ready_path="/readyz", timeout=180) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def thread_server(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    env = server_env(demo_model_dir, runtime_dir)
+    with live_server(tmp_path_factory.mktemp("thread"), env, ready_path="/readyz", timeout=180) as server:
+        yield server
+
+
+def readyz(server: LiveServer) -> dict[str, Any]:
+    # A new connection each time: gunicorn hands it to whichever worker accepts first.
+    return requests.get(server.url + "/readyz", timeout=HTTP_TIMEOUT, headers={"Connection": "close"}).json()
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> Any:
+    """Poll `condition()` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def engine_of(body: dict[str, Any]) -> dict[str, Any]:
+    engines = body.get("engines") or []
+    assert len(engines) == 1, body
+    return engines[0]
+
+
+def vision(server: LiveServer, **fields: Any) -> requests.Response:
+    body = vision_body(**{"temperature": 0, "max_new_tokens": 12, **fields})
+    return requests.post(server.url + "/v1/chat/vision", json=body, timeout=HTTP_TIMEOUT)
+
+
+def completion(server: LiveServer, **fields: Any) -> requests.Response:
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64()}},
+        {"type": "text", "text": "Describe it as JSON."},
+    ]
+    body = {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 40, **fields}
+    return requests.post(server.url + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT)
+
+
+def test_every_worker_uses_the_one_engine_and_holds_no_weights(process_server: LiveServer) -> None:
+    engines: dict[int, int] = {}
+
+    def all_workers_answered() -> bool:
+        body = readyz(process_server)
+        if not body["ready"]:
+            return False  # a worker still loading its processor: ask again
+        assert body["engine"]["mode"] == "process"
+        assert body["engine"]["worker_weights"] == 0, body
+        engines[int(body["engine"]["worker_pid"])] = int(engine_of(body)["pid"])
+        return len(engines) == WORKERS
+
+    wait_for(all_workers_answered, 60, f"{WORKERS} distinct workers to answer /readyz")
+    (engine_pid,) = set(engines.values())
+    assert engine_pid not in engines
+    # The master's children: the workers, the engine (and multiprocessing's resource tracker).
+    assert {*engines, engine_pid} <= process_server.worker_pids()
+    # Only the engine process loaded the model's weights: one "model loaded" line, with its pid.
+    loaded = {int(m["pid"]) for m in MODEL_LOADED.finditer(process_server.log())}
+    assert loaded == {engine_pid}, process_server.log()[-3000:]
+
+
+def test_greedy_answers_equal_the_in_process_engine(
+    process_server: LiveServer, thread_server: LiveServer
+) -> None:
+    def answers(server: LiveServer) -> list[Any]:
+        one = vision(server, prompt="What is in this picture?")
+        assert one.status_code == 200, one.text
+        with ThreadPoolExecutor(4) as pool:
+            prompts = [f"Question {i}: what colour?" for i in range(4)]
+            batch = list(pool.map(lambda p: vision(server, prompt=p, max_new_tokens=8 + len(p) % 5), prompts))
+        assert all(r.status_code == 200 for r in batch), [r.text for r in batch]
+        schema = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+        constrained = completion(server, response_format=schema)
+        assert constrained.status_code == 200, constrained.text
+        message = constrained.json()["choices"][0]["message"]["content"]
+        return [one.json()["result"], [r.json()["result"] for r in batch], message]
+
+    through_process = answers(process_server)
+    assert through_process == answers(thread_server)
+    assert through_process[2].startswith("{")  # the grammar reached the engine process
+
+
+def test_a_client_that_hangs_up_frees_its_row(process_server: LiveServer) -> None:
+    body = vision_body(temperature=0, max_new_tokens=2048, stream=True)
+    url = process_server.url + "/v1/chat/vision"
+    response = requests.post(url, json=body, stream=True, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    next(lines)  # the first event: generation is under way
+    wait_for(lambda: engine_of(readyz(process_server))["running"] >= 1, 30, "the engine to run the row")
+    response.close()  # the client hangs up mid-answer
+    wait_for(lambda: engine_of(readyz(process_server))["running"] == 0, 30, "the row to be freed")
+
+
+def test_a_killed_engine_is_restarted_and_its_requests_get_503(process_server: LiveServer) -> None:
+    old = int(engine_of(readyz(process_server))["pid"])
+
+    # Prompts of their own: an answer from the response cache would never reach the engine.
+    def long_request() -> requests.Response:
+        return vision(process_server, max_new_tokens=2048, prompt=f"long {time.monotonic_ns()}")
+
+    def probe() -> requests.Response:
+        return vision(process_server, prompt=f"probe {time.monotonic_ns()}")
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(long_request) for _ in range(2)]
+        wait_for(lambda: engine_of(readyz(process_server))["running"] >= 1, 30, "rows in the engine")
+        os.kill(old, signal.SIGKILL)
+        # In a list: a 503 Response is falsy.
+        (refused,) = wait_for(
+            lambda: [r] if (r := probe()).status_code == 503 else None, 30, "a 503 while it restarts"
+        )
+        results = [future.result(timeout=HTTP_TIMEOUT) for future in running]
+    assert refused.json()["error"]["code"] in {"engine_restarting", "model_loading"}, refused.text
+    assert "Retry-After" in refused.headers
+    codes = [r.json()["error"]["code"] if r.status_code == 503 else r.status_code for r in results]
+    # One was running in the killed engine; the other may have been sent in before or after it died.
+    assert "engine_restarting" in codes, codes
+    assert set(codes) <= {200, "engine_restarting", "model_loading"}, codes
+
+    def restarted() -> bool:
+        body = readyz(process_server)
+        return bool(body["ready"]) and int(engine_of(body)["pid"]) != old
+
+    wait_for(restarted, 120, "a new engine process")
+    after = probe()
+    assert after.status_code == 200, after.text
