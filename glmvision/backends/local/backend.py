@@ -179,7 +179,7 @@ class LocalBackend:
             **self.admission.as_dict(),
         }
         engines: tuple[dict[str, object], ...] = ()
-        state = "unreachable" if report is None or not remote.reachable else report.state
+        state = "loading" if report is None else report.state if remote.reachable else "unreachable"
         if report is not None:
             engine = {"device": report.device, "pid": report.pid, "model": report.model_id}
             engines = ({**engine, "queue": report.queue_depth, "running": report.running, "state": state},)
