@@ -77,6 +77,8 @@ class LocalBackend:
 
     def _load(self, settings: Settings) -> LoadedModel:
         path = engine_socket() if settings.engine == "process" else None
+        if settings.engine == "process" and path is None:
+            log.warning("GLMVISION_ENGINE=process needs the gunicorn master's engine: in-process here")
         if path is not None:
             loaded = load_processor(settings)
             self.remote = RemoteEngine(path, loaded)
