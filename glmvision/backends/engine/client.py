@@ -75,6 +75,9 @@ class RemoteEngine:
         self._outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
+        # Set by request threads: an idle I/O thread waits on this, not on the socket, so that a
+        # Submit goes out at once (messages from the engine can wait while nothing is in flight).
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.report: HealthReport | None = None  # the engine's last word about itself
         self.reported_at = 0.0
@@ -123,6 +126,7 @@ class RemoteEngine:
         with self._lock:
             self._requests[request_id] = request
         self._outbox.put(Submit(request_id, refs, WireParams.of(params), grammar, ticket.remaining()))
+        self._wake.set()
         return stream
 
     # The I/O thread.
@@ -138,9 +142,10 @@ class RemoteEngine:
                     query += 1
                     asked_at = now
                     self._outbox.put(HealthQuery(query))
+                if not self._requests and self._wake.wait(IDLE_POLL_S):
+                    self._wake.clear()
                 self._send(connection)
-                busy = bool(self._requests)
-                message = connection.receive(BUSY_POLL_S if busy else IDLE_POLL_S)
+                message = connection.receive(BUSY_POLL_S if self._requests else 0)
                 while message is not None:
                     self._route(message)
                     message = connection.receive(0)
