@@ -167,3 +167,22 @@ def test_a_killed_engine_is_restarted_and_its_requests_get_503(process_server: L
     wait_for(restarted, 120, "a new engine process")
     # Each worker learns of the new engine at its next health report (every half second).
     wait_for(lambda: probe().status_code == 200, 30, "an answer from the new engine")
+
+
+def test_the_master_starts_the_engine_without_importing_torch(demo_model_dir: Path) -> None:
+    """The gunicorn master forks the workers: it loads its config and the engine's supervisor, never torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys, types; import glmvision.server.gunicorn_conf as conf; "
+        "server = types.SimpleNamespace(log=logging.getLogger('test')); "
+        "conf.on_starting(server); heavy = sorted({'torch', 'transformers'} & set(sys.modules)); "
+        "conf.on_exit(server); print(heavy)"
+    )
+    env = {**os.environ, "GLMVISION_MODEL": str(demo_model_dir), "GLMVISION_ENGINE": "process"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

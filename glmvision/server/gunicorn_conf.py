@@ -126,9 +126,8 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
 
 def _start_engine(server: Arbiter) -> None:
     """Start the engine process (one, on GPU 0 or the CPU for now); its socket path goes to workers by env."""
-    from glmvision.backends.engine.client import SOCKET_ENV
     from glmvision.backends.engine.process import EngineSupervisor
-    from glmvision.backends.engine.transport import socket_path
+    from glmvision.backends.engine.transport import SOCKET_ENV, socket_path
 
     runtime = tempfile.mkdtemp(prefix="glmv-engine-")  # 0700: only this user reaches the socket
     device = worker_device(0 if _gpu_count else None, _settings.device) or ""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmvision.backends.engine.shm import SharedTensors, share_tensors
-from glmvision.backends.engine.transport import EngineConnection, EngineUnreachable
+from glmvision.backends.engine.transport import SOCKET_ENV, EngineConnection, EngineUnreachable
 from glmvision.backends.engine.wire import (
     Abort,
     HealthQuery,
@@ -34,7 +34,6 @@ from glmvision.postprocess.stream import DEADLINE_GRACE, Decoder, GenerationStre
 
 log = logging.getLogger("glmvision")
 
-SOCKET_ENV = "GLMV_ENGINE_SOCKET"  # set by the gunicorn master for its workers
 HEALTH_EVERY_S = 0.5
 LOST_AFTER_S = 3.0  # no health report for this long: the engine is gone (its requests end with 503)
 IDLE_POLL_S = 0.05

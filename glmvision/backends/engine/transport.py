@@ -19,6 +19,9 @@ from glmvision.backends.engine.wire import Message, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
+# Where the gunicorn master tells its workers the engine's socket is (not GLMVISION_*: not a setting).
+SOCKET_ENV = "GLMV_ENGINE_SOCKET"
+
 # sockaddr_un's sun_path holds 108 bytes, its last a NUL: a longer ipc:// path cannot be bound.
 MAX_SOCKET_PATH = 107
 # Messages queued per peer before a send waits (then times out): far above one request's stream.
