@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmvision.backends.engine.shm import SharedTensors, share_tensors
-from glmvision.backends.engine.transport import SOCKET_ENV, EngineConnection, EngineUnreachable
+from glmvision.backends.engine.transport import SOCKET_ENV, EngineConnection, EngineUnreachable, Waker
 from glmvision.backends.engine.wire import (
     Abort,
     HealthQuery,
@@ -36,18 +36,19 @@ log = logging.getLogger("glmvision")
 
 HEALTH_EVERY_S = 0.5
 LOST_AFTER_S = 3.0  # no health report for this long: the engine is gone (its requests end with 503)
-IDLE_POLL_S = 0.05
-BUSY_POLL_S = 0.002
+# The engine's messages and request threads' (through the waker) end the wait at once; the bound is
+# for the I/O thread's own rounds: health queries, aborts of requests whose client left, deadlines.
+POLL_S = 0.05
 
 
 def engine_restarting() -> APIError:
     return unavailable("engine_restarting", "The engine process is restarting; retry shortly.", 5)
 
 
-def remote_error(code: str, message: str | None) -> APIError:
+def remote_error(code: str, message: str | None, param: str | None = None) -> APIError:
     """The APIError an engine's error code stands for (its Retry-After for a 503)."""
     spec = error_spec(code)
-    return api_error(code, message or None, retry_after=5 if spec.status == 503 else None)
+    return api_error(code, message or None, param, retry_after=5 if spec.status == 503 else None)
 
 
 @dataclass(eq=False)
@@ -74,9 +75,8 @@ class RemoteEngine:
         self._outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
-        # Set by request threads: an idle I/O thread waits on this, not on the socket, so that a
-        # Submit goes out at once (messages from the engine can wait while nothing is in flight).
-        self._wake = threading.Event()
+        # Woken by request threads: the I/O thread's socket wait ends, so that a Submit goes out at once.
+        self._waker = Waker()
         self._thread: threading.Thread | None = None
         self.report: HealthReport | None = None  # the engine's last word about itself
         self.reported_at = 0.0
@@ -125,13 +125,13 @@ class RemoteEngine:
         with self._lock:
             self._requests[request_id] = request
         self._outbox.put(Submit(request_id, refs, WireParams.of(params), grammar, ticket.remaining()))
-        self._wake.set()
+        self._waker.wake()
         return stream
 
     # The I/O thread.
 
     def _loop(self) -> None:
-        connection = EngineConnection(self.path, send_timeout_s=0.5)
+        connection = EngineConnection(self.path, send_timeout_s=0.5, waker=self._waker)
         asked_at = 0.0
         query = 0
         while True:
@@ -141,19 +141,18 @@ class RemoteEngine:
                     query += 1
                     asked_at = now
                     self._outbox.put(HealthQuery(query))
-                if not self._requests and self._wake.wait(IDLE_POLL_S):
-                    self._wake.clear()
                 self._send(connection)
-                message = connection.receive(BUSY_POLL_S if self._requests else 0)
+                self._tend(connection)
+                message = connection.receive(min(POLL_S, asked_at + HEALTH_EVERY_S - now))
                 while message is not None:
                     self._route(message)
                     message = connection.receive(0)
-                self._tend(connection)
             except Exception:  # the I/O thread must outlive any one bad message
                 log.exception("the engine I/O thread hit an error; going on")
                 time.sleep(0.1)
 
     def _send(self, connection: EngineConnection) -> None:
+        self._waker.clear()  # before taking the outbox: a wake from now on is for what this misses
         while True:
             try:
                 message = self._outbox.get_nowait()
@@ -186,7 +185,8 @@ class RemoteEngine:
             request.stream.put(list(message.token_ids))
         if message.end:
             if message.error_code is not None:
-                self._end(message.request_id, remote_error(message.error_code, message.error_message))
+                error = remote_error(message.error_code, message.error_message, message.error_param)
+                self._end(message.request_id, error)
             else:
                 self._end(message.request_id, None)
 

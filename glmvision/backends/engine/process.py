@@ -2,9 +2,10 @@
 
 The gunicorn master starts it (`EngineSupervisor`, multiprocessing's spawn context: a fresh
 interpreter, never a fork of the master), stops it at exit and starts a new one if it dies. Inside,
-the main thread owns the EngineEndpoint and loops with bounded polls; the QueueEngine's model thread
-hands tokens to `RemoteSink`s, which queue them for the main thread to send (a zmq socket belongs to
-one thread).
+the main thread owns the EngineEndpoint and waits on it with a bounded poll; the QueueEngine's model
+thread hands tokens to `RemoteSink`s, which queue them for the main thread to send (a zmq socket
+belongs to one thread) and wake it through a pipe its poll watches. The main thread sends each
+request's queued tokens as one message: one per decode step, not one per token of a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+import msgspec
+
+from glmvision.backends.engine.transport import Waker
 from glmvision.backends.engine.wire import (
     Abort,
     HealthQuery,
@@ -36,8 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("glmvision")
 
-IDLE_POLL_S = 0.05  # nothing running: a worker's message still wakes the poll at once
-BUSY_POLL_S = 0.001  # rows running: how long tokens may wait in the outbox at most
+# A worker's message and the model thread's tokens end the wait at once; the bound is for stopping.
+POLL_S = 0.05
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER_S = 60.0  # an engine that lived this long resets the backoff
@@ -47,12 +51,12 @@ class RemoteSink:
     """The producer side of a GenerationStream, for a request whose reader is in a worker."""
 
     def __init__(
-        self, request_id: str, peer: bytes, prompt_tokens: int, outbox: queue.SimpleQueue[Any]
+        self, request_id: str, peer: bytes, prompt_tokens: int, post: Callable[[bytes, Message], None]
     ) -> None:
         self.request_id = request_id
         self.peer = peer
         self.prompt_tokens = prompt_tokens
-        self._outbox = outbox
+        self._post = post
         self._cancelled = threading.Event()
         self.ended = False
 
@@ -60,18 +64,20 @@ class RemoteSink:
         """The queue wait ends (the worker's own stream marks its times)."""
 
     def put(self, token_ids: list[int]) -> None:
-        self._outbox.put((self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids))))
+        self._post(self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids)))
 
     def end(self) -> None:
         self.ended = True
-        self._outbox.put((self.peer, Tokens(self.request_id, end=True)))
+        self._post(self.peer, Tokens(self.request_id, end=True))
 
     def fail(self, error: Exception) -> None:
         self.ended = True
         code = getattr(error, "error_code", "row_failed")
         message = getattr(error, "description", None) or str(error)
-        self._outbox.put(
-            (self.peer, Tokens(self.request_id, end=True, error_code=code, error_message=message))
+        param = getattr(error, "param", None)
+        self._post(
+            self.peer,
+            Tokens(self.request_id, end=True, error_code=code, error_message=message, error_param=param),
         )
 
     @property
@@ -80,6 +86,31 @@ class RemoteSink:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+
+def coalesce(outbox: queue.SimpleQueue[tuple[bytes, Message]]) -> list[tuple[bytes, Message]]:
+    """Everything queued, each request's consecutive Tokens joined into one message (in their order)."""
+    out: list[tuple[bytes, Message]] = []
+    last: dict[str, int] = {}  # request id -> index in `out` of its Tokens still open to more
+    while True:
+        try:
+            peer, message = outbox.get_nowait()
+        except queue.Empty:
+            return out
+        if isinstance(message, Tokens):
+            index = last.get(message.request_id)
+            if index is not None:
+                before = cast(Tokens, out[index][1])
+                out[index] = (
+                    peer,
+                    msgspec.structs.replace(message, token_ids=before.token_ids + message.token_ids),
+                )
+                if message.end:
+                    del last[message.request_id]
+                continue
+            if not message.end:
+                last[message.request_id] = len(out)
+        out.append((peer, message))
 
 
 class EngineServer:
@@ -94,7 +125,13 @@ class EngineServer:
         self.engine: QueueEngine | None = None
         self.sinks: dict[str, RemoteSink] = {}
         self.outbox: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+        self.waker = Waker()  # ends the main thread's socket wait when the outbox has something
         self.fatal = threading.Event()
+
+    def post(self, peer: bytes, message: Message) -> None:
+        """Queue `message` for worker `peer` (any thread); the main thread sends it at once."""
+        self.outbox.put((peer, message))
+        self.waker.wake()
 
     def load(self) -> None:
         """Load the model and build the engine the settings choose (in a thread: health answers meanwhile)."""
@@ -105,7 +142,7 @@ class EngineServer:
 
         try:
             loaded = load_model(self.settings)
-            engine = make_engine(loaded, self.settings, on_fatal=self.fatal.set)
+            engine = make_engine(loaded, self.settings, on_fatal=self._on_fatal)
             from PIL import Image
 
             image = Image.new("RGB", (56, 56), (128, 128, 128))
@@ -122,7 +159,11 @@ class EngineServer:
         except Exception:
             log.exception("the engine process failed to load its model")
             self.state = "failed"
-            self.fatal.set()
+            self._on_fatal()
+
+    def _on_fatal(self) -> None:
+        self.fatal.set()
+        self.waker.wake()
 
     def report(self, query_id: int) -> HealthReport:
         engine, loaded = self.engine, self.loaded
@@ -145,7 +186,7 @@ class EngineServer:
 
         engine, loaded = self.engine, self.loaded
         if engine is None or loaded is None:
-            self.outbox.put((peer, Tokens(message.request_id, end=True, error_code="model_loading")))
+            self.post(peer, Tokens(message.request_id, end=True, error_code="model_loading"))
             return
         try:
             inputs = open_tensors(message.tensors)
@@ -157,16 +198,16 @@ class EngineServer:
             if message.grammar is not None and params.constraint is not None:
                 constraint = loaded.grammars().adopt(params.constraint, message.grammar)
             ticket = Ticket.unheld(message.deadline_s)  # the worker holds the admission place
-            sink = RemoteSink(message.request_id, peer, int(inputs["input_ids"].shape[1]), self.outbox)
+            sink = RemoteSink(message.request_id, peer, int(inputs["input_ids"].shape[1]), self.post)
             self.sinks[message.request_id] = sink
             engine.submit(inputs, params, ticket, constraint, cast(Any, sink))
         except APIError as exc:
             self.sinks.pop(message.request_id, None)
-            RemoteSink(message.request_id, peer, 0, self.outbox).fail(exc)
+            RemoteSink(message.request_id, peer, 0, self.post).fail(exc)
         except Exception as exc:
             log.exception("submitting a request to the engine failed")
             self.sinks.pop(message.request_id, None)
-            RemoteSink(message.request_id, peer, 0, self.outbox).fail(exc)
+            RemoteSink(message.request_id, peer, 0, self.post).fail(exc)
 
     def handle(self, peer: bytes, message: Message) -> None:
         if isinstance(message, Submit):
@@ -178,17 +219,14 @@ class EngineServer:
                 if self.engine is not None:
                     self.engine.nudge()
         elif isinstance(message, HealthQuery):
-            self.outbox.put((peer, self.report(message.query_id)))
+            self.outbox.put((peer, self.report(message.query_id)))  # the loop flushes after handling
 
     def flush(self, endpoint: Any) -> None:
         """Send what the model thread queued; forget requests that ended."""
         from glmvision.backends.engine.transport import EngineUnreachable
 
-        while True:
-            try:
-                peer, message = self.outbox.get_nowait()
-            except queue.Empty:
-                break
+        self.waker.clear()  # before taking the outbox: a wake from now on is for what this misses
+        for peer, message in coalesce(self.outbox):
             try:
                 endpoint.send(peer, message)
             except EngineUnreachable:
@@ -202,11 +240,10 @@ class EngineServer:
     def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
         from glmvision.backends.engine.transport import EngineEndpoint
 
-        with EngineEndpoint(self.path) as endpoint:
+        with EngineEndpoint(self.path, waker=self.waker) as endpoint:
             threading.Thread(target=self.load, name="glmvision-engine-load", daemon=True).start()
             while not stop():
-                busy = bool(self.sinks)
-                received = endpoint.receive(BUSY_POLL_S if busy else IDLE_POLL_S)
+                received = endpoint.receive(POLL_S)
                 while received is not None:
                     self.handle(*received)
                     received = endpoint.receive(0)

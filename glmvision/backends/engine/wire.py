@@ -14,7 +14,7 @@ import msgspec
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice
 
 # Raised with each change of a message's fields: a worker and an engine of different code refuse each other.
-PROTOCOL = 1
+PROTOCOL = 2
 
 DType = Literal["int64", "int32", "int16", "uint8", "bool", "float32", "float16", "bfloat16"]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -113,13 +113,15 @@ class Submit(msgspec.Struct, frozen=True, tag="submit", forbid_unknown_fields=Tr
 
 
 class Tokens(msgspec.Struct, frozen=True, tag="tokens", forbid_unknown_fields=True):
-    """New token ids of one request; `end` is its last message, with an error code when it failed."""
+    """New token ids of one request; `end` is its last message, with an error code when it failed (and
+    the request field the error names, if any)."""
 
     request_id: str
     token_ids: tuple[int, ...] = ()
     end: bool = False
     error_code: str | None = None
     error_message: str | None = None
+    error_param: str | None = None
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort", forbid_unknown_fields=True):
