@@ -6,8 +6,10 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -20,11 +22,14 @@ import zmq
 from helpers import wait_for
 from PIL import Image
 
+from glmvision.backends.engine.client import remote_error
+from glmvision.backends.engine.process import RemoteSink, coalesce
 from glmvision.backends.engine.shm import PREFIX, SharedTensors, TensorsGone, open_tensors, share_tensors
 from glmvision.backends.engine.transport import (
     EngineConnection,
     EngineEndpoint,
     EngineUnreachable,
+    Waker,
     socket_path,
 )
 from glmvision.backends.engine.wire import (
@@ -41,6 +46,7 @@ from glmvision.backends.engine.wire import (
     decode,
     encode,
 )
+from glmvision.core.errors import api_error
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice
 
 WAIT_S = 30.0  # the bound on every wait for the other process (never reached when things work)
@@ -99,6 +105,9 @@ MESSAGES: list[Message] = [
     Tokens("req-1", (5, 7, 151_000)),
     Tokens("req-1", (), end=True),
     Tokens("req-1", (9,), end=True, error_code="row_failed", error_message="CUDA error: device-side assert"),
+    Tokens(
+        "req-1", end=True, error_code="schema_unsupported", error_message="no", error_param="response_format"
+    ),
     Abort("req-1"),
     HealthQuery(),
     HealthQuery(query_id=42),
@@ -418,3 +427,55 @@ def test_two_processes_stream_and_abort(tmp_path: Path) -> None:
     assert engine.exitcode == 0
     assert not any(shm_exists(shared.name) for shared in blocks.values() if shared.name)
     assert not path.exists()
+
+
+def test_an_engine_error_keeps_its_param_across_the_wire() -> None:
+    posted: list[tuple[bytes, Message]] = []
+    sink = RemoteSink("req-1", b"w1", 5, lambda peer, message: posted.append((peer, message)))
+    sink.fail(api_error("schema_unsupported", "That schema is not supported.", "response_format"))
+    ((peer, message),) = posted
+    received = decode(encode(message))
+    assert peer == b"w1" and isinstance(received, Tokens) and received.end
+    error = remote_error(received.error_code or "", received.error_message, received.error_param)
+    assert (error.error_code, error.param, error.code) == ("schema_unsupported", "response_format", 400)
+    assert error.description == "That schema is not supported."
+
+
+def test_queued_tokens_go_as_one_message_per_request_in_order() -> None:
+    outbox: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+    for peer, message in [
+        (b"w1", Tokens("a", (1,))),
+        (b"w2", Tokens("b", (10,))),
+        (b"w1", HealthReport(1, 1, "cpu", "", True, 0, 2, "ready")),
+        (b"w1", Tokens("a", (2, 3))),
+        (b"w2", Tokens("b", (11,), end=True, error_code="row_failed")),
+        (b"w1", Tokens("a", (4,))),
+        (b"w2", Tokens("c", (5,), end=True)),
+    ]:
+        outbox.put((peer, message))
+    sent = coalesce(outbox)
+    assert sent == [
+        (b"w1", Tokens("a", (1, 2, 3, 4))),
+        (b"w2", Tokens("b", (10, 11), end=True, error_code="row_failed")),
+        (b"w1", HealthReport(1, 1, "cpu", "", True, 0, 2, "ready")),
+        (b"w2", Tokens("c", (5,), end=True)),
+    ]
+    assert outbox.empty()
+    # A request's tokens after its end are another message (they would be a bug, but not merged away).
+    outbox.put((b"w1", Tokens("d", (1,), end=True)))
+    outbox.put((b"w1", Tokens("d", (2,))))
+    assert [message for _, message in coalesce(outbox)] == [Tokens("d", (1,), end=True), Tokens("d", (2,))]
+
+
+def test_a_waker_ends_a_socket_wait_early(tmp_path: Path) -> None:
+    waker = Waker()
+    try:
+        with EngineEndpoint(socket_path(tmp_path / "run", 0), waker=waker) as endpoint:
+            threading.Timer(0.05, waker.wake).start()
+            started = time.monotonic()
+            assert endpoint.receive(WAIT_S) is None  # woken, with nothing to read
+            assert time.monotonic() - started < WAIT_S
+            waker.clear()
+            assert endpoint.receive(0.01) is None  # cleared: the wait runs to its bound
+    finally:
+        waker.close()
