@@ -431,7 +431,7 @@ def test_two_processes_stream_and_abort(tmp_path: Path) -> None:
 
 def test_an_engine_error_keeps_its_param_across_the_wire() -> None:
     posted: list[tuple[bytes, Message]] = []
-    sink = RemoteSink("req-1", b"w1", 5, lambda peer, message: posted.append((peer, message)))
+    sink = RemoteSink("req-1", b"w1", 5, lambda peer, message, urgent: posted.append((peer, message)))
     sink.fail(api_error("schema_unsupported", "That schema is not supported.", "response_format"))
     ((peer, message),) = posted
     received = decode(encode(message))
