@@ -150,7 +150,7 @@ def test_a_compile_past_the_budget_is_a_400_and_kills_its_process(model: LoadedM
         assert process.process.poll() is not None, "the compiler process still runs"
         assert grammars._pool.killed == 1
         # Its successor starts at once, in the background, and lives on.
-        assert wait_for(lambda: len(grammars._pool._idle) == 1)
+        assert wait_for(lambda: len(grammars._pool._idle) == 1, timeout=90)  # a fresh interpreter, loaded box
         successor = grammars._pool._idle[0].process
         time.sleep(0.5)
         assert successor.poll() is None

@@ -70,6 +70,7 @@ GENERATION = (
     "model_unavailable",
     "gpu_out_of_memory",
     "engine_failed",
+    "engine_restarting",
     "row_failed",
     "preprocessing_busy",
     "grammar_busy",
