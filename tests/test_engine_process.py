@@ -139,7 +139,9 @@ def test_a_killed_engine_is_restarted_and_its_requests_get_503(process_server: L
 
     # Prompts of their own: an answer from the response cache would never reach the engine.
     def long_request() -> requests.Response:
-        return vision(process_server, max_new_tokens=2048, prompt=f"long {time.monotonic_ns()}")
+        # min_tokens: random weights may emit a stop token early; these rows run all their steps.
+        messages = [{"role": "user", "content": f"long {time.monotonic_ns()}"}]
+        return completion(process_server, max_tokens=2048, min_tokens=2048, messages=messages)
 
     def probe() -> requests.Response:
         return vision(process_server, prompt=f"probe {time.monotonic_ns()}")
