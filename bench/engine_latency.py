@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,23 +26,20 @@ from pathlib import Path
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as load
+
 HERE = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
 def server(root: Path, model: str, engine: str, tmp: Path) -> Iterator[str]:
     """gunicorn with the checkout at `root`, one worker, the given engine mode; yields its URL."""
-    port = free_port()
+    port = load.free_port()
     runtime = tmp / f"run-{port}"
     runtime.mkdir(mode=0o700)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
+    env = load.base_env()
     env.update(
         {
             "GLMVISION_BIND": f"127.0.0.1:{port}",
@@ -56,44 +49,15 @@ def server(root: Path, model: str, engine: str, tmp: Path) -> Iterator[str]:
             "GLMVISION_ENGINE": engine,
             "GLMVISION_CACHE": "off",
             "GLMVISION_REQUEST_LOG": "off",
-            "XDG_RUNTIME_DIR": str(runtime),
-            "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
+            "XDG_RUNTIME_DIR": str(runtime),
             "PYTHONPATH": str(root),
         }
     )
-    log_path = tmp / f"gunicorn-{port}.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
-            cwd=root,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"{root} {engine}: gunicorn exited\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{root} {engine}: not ready\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
+    spec = load.Server(f"{root.name} {engine}", command, env, "/readyz", "/v1/chat/vision", b"", cwd=root)
+    with load.running(spec, port, tmp / f"gunicorn-{port}.log", READY_TIMEOUT_S) as (url, _):
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def small_image() -> str:
