@@ -263,3 +263,28 @@ def test_the_systemd_unit_restarts_reads_its_environment_and_is_hardened() -> No
         "GLMVISION_BIND", "GLMVISION_WORKERS", "GLMVISION_THREADS", "GLMVISION_TIMEOUT",
     }  # fmt: skip
     assert names and set(names) <= fields
+
+
+# --- shared memory for the engine process ----------------------------------------------------------
+
+
+def _bytes(size: str) -> int:
+    """A compose or Kubernetes size ("2gb", "2Gi") in bytes."""
+    number, unit = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", size).groups()  # type: ignore[union-attr]
+    scale = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    return int(number) * scale[unit.lower()]
+
+
+def test_containers_give_the_engine_process_room_in_dev_shm() -> None:
+    """Workers hand image tensors to the engine through /dev/shm: a container's 64 MiB is too little."""
+    at_least = 1 << 30  # several 2048 px images' float32 pixels at once
+    assert _bytes(compose()["services"]["glmvision"]["shm_size"]) >= at_least
+    for deployment in objects("Deployment").values():
+        spec = deployment["spec"]["template"]["spec"]
+        if not any(c["name"] == "glmvision" for c in spec["containers"]):
+            continue
+        (container,) = [c for c in spec["containers"] if c["name"] == "glmvision"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        assert _bytes(volume["emptyDir"]["sizeLimit"]) >= at_least

@@ -2,15 +2,19 @@
 
 Ownership, so that nothing is left in /dev/shm whichever side dies:
 
-- The worker creates the block (`share_tensors`) and is its only owner: it, and it alone, unlinks it
-  (`SharedTensors.release`), when the engine's first `Tokens` of that request arrives (any, a failure's
-  too), or when it gives the request up (abort, timeout, the engine gone). A block is registered with
-  the worker's multiprocessing resource tracker, a separate process that unlinks whatever is still
-  registered when the worker exits, even killed with SIGKILL.
-- The engine only reads: `open_tensors` attaches, copies the tensors out (to the device they go to
-  anyway) and closes the mapping before it returns; it never unlinks, and it must open a request's
-  tensors before it sends that request's first `Tokens`. If the block is already gone (the worker gave
-  up first), `open_tensors` raises `TensorsGone`.
+- The worker creates the block (`share_tensors`), its pages reserved up front (a full /dev/shm is a
+  `SharedMemoryFull` error then, not a SIGBUS on the first write), and registers it with
+  multiprocessing's resource tracker, which unlinks whatever is still registered when it exits.
+- The engine reads: `open_tensors` attaches, unlinks the name at once (the worker may have died since
+  it sent the request: its block must not outlive the request), copies the tensors out (to the device
+  they go to anyway) and closes the mapping before it returns. It must open a request's tensors before
+  it sends that request's first `Tokens`. If the block is already gone (the worker gave up first),
+  `open_tensors` raises `TensorsGone`.
+- The worker releases its hold (`SharedTensors.release`) when the engine's first `Tokens` of that
+  request arrives (any, a failure's too), or when it gives the request up (abort, timeout, the engine
+  gone): it unlinks the block if the engine has not, and unregisters it either way.
+- Only a worker killed between making a block and sending its request leaves one behind, until the
+  resource tracker (the gunicorn master's, which forked workers share) exits with the server.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ _STORED = {**{name: dtype for name, dtype in _DTYPES.items()}, "bfloat16": torch
 
 class TensorsGone(LookupError):
     """A request's block no longer exists: its worker gave the request up."""
+
+
+class SharedMemoryFull(OSError):
+    """/dev/shm has no room for a request's tensors (a container's default is 64 MiB)."""
 
 
 class SharedTensors:
@@ -105,6 +113,14 @@ def share_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[SharedTensors, t
     buffer = block.buf
     assert buffer is not None  # a block just made is open
     try:
+        try:
+            # tmpfs allocates pages on first write, and a write past its room is a SIGBUS that kills
+            # the worker: reserve them now, so that a full /dev/shm is an error this request gets.
+            os.posix_fallocate(block._fd, 0, max(size, 1))  # type: ignore[attr-defined]
+        except OSError as exc:
+            raise SharedMemoryFull(
+                exc.errno, f"/dev/shm has no room for {size} bytes of tensors ({exc.strerror})"
+            ) from None
         refs = []
         for name, tensor, offset, dtype in layout:
             shape = tuple(tensor.shape)
@@ -118,16 +134,21 @@ def share_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[SharedTensors, t
 
 
 def open_tensors(refs: tuple[TensorRef, ...], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Copies of the tensors `refs` name, on `device`; the block is closed (never unlinked) on return."""
+    """Copies of the tensors `refs` name, on `device`; the block is unlinked and closed on return."""
     if not refs:
         return {}
     names = {ref.block for ref in refs}
     if len(names) != 1:
         raise ValueError(f"tensors of one request lie in one block, not {len(names)}")
+    name = "/" + names.pop()
     try:
-        fd = _posixshmem.shm_open("/" + names.pop(), os.O_RDONLY)
+        fd = _posixshmem.shm_open(name, os.O_RDONLY)
     except FileNotFoundError:
         raise TensorsGone(f"shared-memory block {refs[0].block!r} is gone") from None
+    try:
+        _posixshmem.shm_unlink(name)  # the open descriptor keeps it readable; see the module's rule
+    except FileNotFoundError:
+        pass  # its worker released it meanwhile
     # Not SharedMemory(name=...): before Python 3.13 it registers an attached block with the resource
     # tracker, which would unlink it when this process exits, and which a spawned engine shares with
     # the worker that spawned it (its unregister would undo the worker's registration).
