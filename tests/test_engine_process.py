@@ -7,7 +7,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ def process_server(
 def thread_server(
     demo_model_dir: Path, runtime_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    env = server_env(demo_model_dir, runtime_dir)
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="thread")
     with live_server(tmp_path_factory.mktemp("thread"), env, ready_path="/readyz", timeout=180) as server:
         yield server
 
@@ -170,6 +170,75 @@ def test_a_killed_engine_is_restarted_and_its_requests_get_503(process_server: L
     wait_for(restarted, 120, "a new engine process")
     # Each worker learns of the new engine at its next health report (every half second).
     wait_for(lambda: probe().status_code == 200, 30, "an answer from the new engine")
+
+
+def test_two_engines_share_the_requests_and_report_their_batches(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    """GLMVISION_ENGINES=2 (on a GPU box, one per GPU): each request goes to the less loaded engine."""
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="process", ENGINES="2", WORKERS="2")
+    with live_server(tmp_path, env, ready_path="/readyz", timeout=180) as server:
+        engines = readyz(server)["engines"]
+        assert len(engines) == 2 and all(engine["state"] == "ready" for engine in engines), engines
+        assert len({engine["pid"] for engine in engines}) == 2
+        with ThreadPoolExecutor(8) as pool:
+            prompts = [f"Question {i} {time.monotonic_ns()}" for i in range(8)]
+            answers = list(pool.map(lambda p: vision(server, prompt=p, max_new_tokens=16), prompts))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+
+        def both_served() -> list[int] | None:
+            served = [int(engine["counters"]["completed"]) for engine in readyz(server)["engines"]]
+            return served if sum(served) >= 8 else None
+
+        served = wait_for(both_served, 30, "both engines' reports to count the answers")
+        assert all(count > 0 for count in served), served
+        metrics = requests.get(server.url + "/metrics", timeout=HTTP_TIMEOUT).text
+        # The engines' model calls reach the workers' batch-size histogram (each counted by one worker).
+        batches = re.search(r"^glmvision_batch_size_count (\S+)$", metrics, re.MULTILINE)
+        assert batches is not None and float(batches.group(1)) > 0, metrics[-2000:]
+
+
+def test_workers_refuse_in_front_when_the_engine_is_full(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    """The engine holds one request at most here: a worker that holds none still refuses the next."""
+    settings = {"ENGINE": "process", "WORKERS": "3", "MAX_BATCH_SIZE": "1", "MAX_QUEUE": "1"}
+    env = server_env(demo_model_dir, runtime_dir, MAX_NEW_TOKENS="30000", **settings)
+    with live_server(tmp_path, env, ready_path="/readyz", timeout=180) as server:
+
+        def long_stream() -> requests.Response:
+            # Streamed, so that closing it ends the row (its client hangs up) when the test is done.
+            content = f"long {time.monotonic_ns()}"
+            body = {"messages": [{"role": "user", "content": content}], "stream": True}
+            body.update(max_tokens=30000, min_tokens=30000, temperature=0)
+            url = server.url + "/v1/chat/completions"
+            response = requests.post(url, json=body, stream=True, timeout=HTTP_TIMEOUT)
+            assert response.status_code == 200, response.text
+            return response
+
+        pool = ThreadPoolExecutor(2)
+        # One running, one queued: all the engine holds. (A stream's headers may wait for its row.)
+        streams = [pool.submit(long_stream) for _ in range(2)]
+        try:
+            full_in: set[int] = set()
+
+            def every_worker_knows() -> bool:
+                body = readyz(server)
+                if body.get("engines") and engine_of(body)["full"]:
+                    full_in.add(int(body["engine"]["worker_pid"]))
+                return len(full_in) == 3
+
+            wait_for(every_worker_knows, 60, "every worker to hear that the engine is full")
+            # Each probe lands on any of the three workers; at least one of them holds no request,
+            # so without the engine's word some probes would be queued, not refused.
+            probes = [vision(server, prompt=f"probe {i} {time.monotonic_ns()}") for i in range(6)]
+        finally:
+            for done in as_completed(streams, timeout=HTTP_TIMEOUT):
+                done.result().close()
+            pool.shutdown()
+        assert [r.status_code for r in probes] == [503] * 6, [r.text for r in probes]
+        assert {r.json()["error"]["code"] for r in probes} == {"overloaded"}
+        assert all("Retry-After" in r.headers for r in probes)
 
 
 def test_the_master_starts_the_engine_without_importing_torch(demo_model_dir: Path) -> None:

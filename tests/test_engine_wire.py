@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import multiprocessing
 import os
@@ -22,9 +23,17 @@ import zmq
 from helpers import wait_for
 from PIL import Image
 
+from glmvision.backends.engine import shm
 from glmvision.backends.engine.client import remote_error
 from glmvision.backends.engine.process import RemoteSink, coalesce
-from glmvision.backends.engine.shm import PREFIX, SharedTensors, TensorsGone, open_tensors, share_tensors
+from glmvision.backends.engine.shm import (
+    PREFIX,
+    SharedMemoryFull,
+    SharedTensors,
+    TensorsGone,
+    open_tensors,
+    share_tensors,
+)
 from glmvision.backends.engine.transport import (
     EngineConnection,
     EngineEndpoint,
@@ -113,6 +122,22 @@ MESSAGES: list[Message] = [
     HealthQuery(query_id=42),
     HealthReport(42, 1234, "cuda:0", "zai-org/GLM-4.6V-Flash", True, 3, 8, "ready"),
     HealthReport(0, 1, "cpu", "", False, 0, 0, "loading"),
+    HealthReport(
+        3,
+        7,
+        "cuda:1",
+        "m",
+        True,
+        9,
+        8,
+        "ready",
+        full=True,
+        stalled_s=1.5,
+        counters={"batches": 4, "x": "y"},
+        gpu=(1, 2, 3),
+        batches=((1, 5), (8, 2)),
+        cache_empties=2,
+    ),
 ]
 
 
@@ -256,7 +281,8 @@ def test_no_block_is_left_after_an_exchange_or_an_unread_one() -> None:
     names = [read.name, unread.name]
     assert all(name is not None and name.startswith(PREFIX) and shm_exists(name) for name in names)
     open_tensors(refs)
-    assert shm_exists(read.name)  # the reader never unlinks: the block is the worker's
+    # The reader unlinks the name as it opens: a worker that dies after sending leaves nothing.
+    assert not shm_exists(read.name)
     read.release()
     unread.release()
     unread.release()  # idempotent
@@ -287,6 +313,25 @@ def test_a_killed_worker_leaves_no_block() -> None:
     name = done.stdout.strip()
     assert name.startswith(PREFIX)
     assert wait_for(lambda: not shm_exists(name), timeout=WAIT_S), f"{name} was left in /dev/shm"
+
+
+def test_a_full_dev_shm_is_an_error_not_a_sigbus(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    real = shm.shared_memory.SharedMemory
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        block = real(*args, **kwargs)
+        made.append(block.name)
+        return block
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shm.shared_memory, "SharedMemory", recording)
+    monkeypatch.setattr(shm.os, "posix_fallocate", no_room)
+    with pytest.raises(SharedMemoryFull, match="no room for 4000 bytes"):
+        share_tensors({"x": torch.ones(1000)})
+    assert made and not shm_exists(made[0])  # the half-made block is gone
 
 
 def test_nothing_empty_needs_a_block() -> None:

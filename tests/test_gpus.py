@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import LiveServer, live_server, wait_for
 
-from glmvision.backends.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.backends.local.gpus import engine_devices, pick_gpu, visible_gpu_count, worker_device
 
 USES = re.compile(r"worker pid=(?P<pid>\d+) uses (?P<device>\S+)")
 
@@ -126,6 +126,22 @@ def test_worker_device(gpu: int | None, configured: str, device: str | None) -> 
     assert worker_device(gpu, configured) == device
 
 
+@pytest.mark.parametrize(
+    ("engines", "gpus", "configured", "expected"),
+    [
+        (0, 0, "auto", [""]),  # one on CPU
+        (0, 2, "auto", ["cuda:0", "cuda:1"]),  # one per GPU
+        (0, 2, "cuda", ["cuda:0", "cuda:1"]),
+        (3, 2, "auto", ["cuda:0", "cuda:1", "cuda:0"]),  # more than the GPUs share them in turn
+        (2, 0, "cpu", ["", ""]),
+        (0, 4, "cpu", [""]),  # the operator chose the CPU: one engine, there
+        (0, 2, "cuda:1", [""]),  # one named GPU: one engine, on it
+    ],
+)
+def test_engine_devices(engines: int, gpus: int, configured: str, expected: list[str]) -> None:
+    assert engine_devices(engines, gpus, configured) == expected
+
+
 def devices(server: LiveServer) -> dict[int, str]:
     """Map each worker pid that logged its GPU to the device it logged."""
     return {int(m["pid"]): m["device"] for m in USES.finditer(server.log())}
@@ -143,6 +159,7 @@ def test_gunicorn_gives_each_worker_its_own_gpu_and_a_replacement_the_dead_ones(
     (tmp_path / "never-loaded").mkdir()
     env = {
         "CUDA_VISIBLE_DEVICES": "0,1",
+        "GLMVISION_ENGINE": "thread",  # workers holding models of their own: each needs a GPU
         "GLMVISION_WORKERS": "2",
         "GLMVISION_WARMUP": "0",
         "GLMVISION_MODEL": str(tmp_path / "never-loaded"),

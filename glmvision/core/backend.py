@@ -148,11 +148,12 @@ class Admission:
         self.preparing = 0
         self.refused = 0
 
-    def admit(self) -> Ticket:
-        """A ticket for a new request, or 503 `overloaded` at once when the worker is full."""
+    def admit(self, engines_full: bool = False) -> Ticket:
+        """A ticket for a new request, or 503 `overloaded` at once when the worker is full (or the
+        engine processes, which see every worker's requests, say they are)."""
         now = time.monotonic()
         with self._lock:
-            if self.active >= self.capacity:
+            if self.active >= self.capacity or engines_full:
                 self.refused += 1
                 raise unavailable(
                     "overloaded", "The server is at capacity; retry shortly.", self.retry_after()

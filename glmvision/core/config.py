@@ -200,8 +200,16 @@ class Settings(_Base):
     )
     engine: Literal["thread", "process"] = Field(
         "thread",
-        description="thread: each worker loads the model and runs its engine in a thread; process: one "
-        "engine process (started by the gunicorn master) holds the model for every worker.",
+        description="process: engine processes started by the gunicorn master (one per GPU) hold the model "
+        "for every worker; thread: each worker loads the model and runs its engine in a thread (also "
+        "what an app served without glmvision's gunicorn config does).",
+    )
+    engines: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="With GLMVISION_ENGINE=process: engine processes to start; 0 = one per visible GPU "
+        "(one on CPU). More than the GPUs share them in turn.",
     )
     max_batch_size: int = Field(8, gt=0, description="Most requests generated for together.")
     batch_wait_ms: float = Field(

@@ -76,6 +76,21 @@ class ModelInfo(ResponseModel):
     dtype: str | None
 
 
+class EngineStatus(ResponseModel):
+    """One engine process, as /readyz reports it (GLMVISION_ENGINE=process)."""
+
+    device: str | None
+    pid: int | None
+    model: str | None
+    queue: int
+    running: int = 0
+    state: str
+    full: bool = False
+    stalled_s: float = 0.0
+    gpu_allocated: int | None = Field(default=None, exclude_if=_omitted_when_none)
+    counters: dict[str, int | float | str] = {}
+
+
 class Readiness(ResponseModel):
     """GET /readyz: model and engine counters once ready; otherwise why not."""
 
@@ -83,7 +98,7 @@ class Readiness(ResponseModel):
     status: Literal["ready", "loading", "failed", "not_loaded", "unhealthy"]
     model: ModelInfo | None = Field(default=None, exclude_if=_omitted_when_none)
     engine: dict[str, int | float | str] | None = Field(default=None, exclude_if=_omitted_when_none)
-    engines: list[dict[str, int | float | str]] | None = Field(default=None, exclude_if=_omitted_when_none)
+    engines: list[EngineStatus] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class ModelCard(ModelInfo):

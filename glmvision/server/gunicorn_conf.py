@@ -2,12 +2,12 @@
 `gunicorn -c python:glmvision.server.gunicorn_conf glmvision.server.wsgi:app` (what `glmvision serve` runs);
 deploy/gunicorn.conf.py re-exports them for `gunicorn -c deploy/gunicorn.conf.py wsgi:app`.
 
-Read by the gunicorn master, which never imports torch: each worker builds the app and loads its
-own model (CUDA cannot be re-initialised in a forked child, so nothing is preloaded).
-
-With several GPUs visible, each worker gets one of its own (GLMVISION_WORKERS = number of GPUs gives
-one model copy per GPU): the master keeps the assignment on its worker objects, and a worker that
-replaces a dead one takes over the dead one's GPU.
+Read by the gunicorn master, which never imports torch. With GLMVISION_ENGINE=process (the default)
+the master spawns the engine processes, one per GPU, which hold the model; workers hold only the
+processor. With GLMVISION_ENGINE=thread each worker loads its own model (CUDA cannot be
+re-initialised in a forked child, so nothing is preloaded) and, with several GPUs visible, gets one
+of its own: the master keeps the assignment on its worker objects, and a worker that replaces a dead
+one takes over the dead one's GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import signal
 import tempfile
 from typing import TYPE_CHECKING
 
-from glmvision.backends.local.gpus import pick_gpu, visible_gpu_count, worker_device
+from glmvision.backends.local.gpus import engine_devices, pick_gpu, visible_gpu_count, worker_device
 from glmvision.backends.local.loading import check_source
 from glmvision.core.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
 
@@ -46,6 +46,8 @@ if _settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = True
 else:
     _own_metrics_dir = False
+# The model lives in engine processes the master starts, not in the workers.
+_engine_processes = _settings.engine == "process" and _settings.backend == "local"
 # Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
 _gpu_count = visible_gpu_count()
 
@@ -88,6 +90,8 @@ def post_worker_init(worker):  # gunicorn passes the worker
 
 def pre_fork(server: Arbiter, worker: Worker) -> None:
     """In the master, before the fork: give the new worker the GPU the live workers use least."""
+    if _engine_processes:
+        return  # the engines hold the GPUs
     # gunicorn reaps a dead worker (drops it from WORKERS) before it forks the replacement, so the
     # dead worker's GPU is free again here and is the one picked.
     assigned = (getattr(live, "glmvision_gpu", None) for live in server.WORKERS.values())
@@ -106,8 +110,8 @@ def post_fork(server: Arbiter, worker: Worker) -> None:
 def on_starting(server: Arbiter) -> None:
     """In the master, once: start the metrics directory empty (a given one may hold an old run's files),
     and with GLMVISION_ENGINE=process the engine process, before any worker is forked."""
-    if _settings.engine == "process" and _settings.backend == "local":
-        _start_engine(server)
+    if _engine_processes:
+        _start_engines(server)
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and _settings.metrics:
         os.makedirs(directory, exist_ok=True)
@@ -124,25 +128,32 @@ def child_exit(server: Arbiter, worker: Worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-def _start_engine(server: Arbiter) -> None:
-    """Start the engine process (one, on GPU 0 or the CPU for now); its socket path goes to workers by env."""
+def _start_engines(server: Arbiter) -> None:
+    """Start the engine processes (one per GPU, one on CPU); their socket paths go to workers by env."""
     from glmvision.backends.engine.process import EngineSupervisor
     from glmvision.backends.engine.transport import SOCKET_ENV, socket_path
 
-    runtime = tempfile.mkdtemp(prefix="glmv-engine-")  # 0700: only this user reaches the socket
-    device = worker_device(0 if _gpu_count else None, _settings.device) or ""
-    supervisor = EngineSupervisor(str(socket_path(runtime, 0)), device, server.log.info)
-    os.environ[SOCKET_ENV] = supervisor.path
-    supervisor.start()
-    server.glmvision_engine = supervisor  # type: ignore[attr-defined]
+    runtime = tempfile.mkdtemp(prefix="glmv-engine-")  # 0700: only this user reaches the sockets
+    devices = engine_devices(_settings.engines, _gpu_count, _settings.device)
+    supervisors = [
+        EngineSupervisor(str(socket_path(runtime, index)), device, server.log.info)
+        for index, device in enumerate(devices)
+    ]
+    os.environ[SOCKET_ENV] = os.pathsep.join(supervisor.path for supervisor in supervisors)
+    for supervisor in supervisors:
+        supervisor.start()
+    server.glmvision_engines = supervisors  # type: ignore[attr-defined]
     server.glmvision_runtime = runtime  # type: ignore[attr-defined]
 
 
 def on_exit(server: Arbiter) -> None:
     """In the master, at shutdown: stop the engine process, remove the directories it made."""
-    supervisor = getattr(server, "glmvision_engine", None)
-    if supervisor is not None:
+    supervisors = getattr(server, "glmvision_engines", ())
+    for supervisor in supervisors:
+        supervisor.begin_stop()
+    for supervisor in supervisors:
         supervisor.stop()
+    if supervisors:
         shutil.rmtree(server.glmvision_runtime, ignore_errors=True)  # type: ignore[attr-defined]
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and _own_metrics_dir:

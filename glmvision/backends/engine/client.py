@@ -1,8 +1,9 @@
-"""A worker's side of the engine process: submit prepared inputs, route its tokens into local streams.
+"""A worker's side of the engine processes: submit prepared inputs, route their tokens into local streams.
 
-One I/O thread per worker owns the EngineConnection (made lazily in that thread, after gunicorn's
-fork); request threads hand it messages through a queue. Each request's GenerationStream lives here,
-so detokenising and post-processing stay in the worker; only token ids cross the socket.
+One RemoteEngine per engine process. Its I/O thread owns the EngineConnection (made lazily in that
+thread, after gunicorn's fork); request threads hand it messages through a queue. Each request's
+GenerationStream lives here, so detokenising and post-processing stay in the worker; only token ids
+cross the socket. `EnginePool` sends each request to the least-loaded engine.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmvision.backends.engine.shm import SharedTensors, share_tensors
+from glmvision.backends.engine.shm import SharedMemoryFull, SharedTensors, share_tensors
 from glmvision.backends.engine.transport import SOCKET_ENV, EngineConnection, EngineUnreachable, Waker
 from glmvision.backends.engine.wire import (
     Abort,
@@ -69,8 +71,11 @@ class _Request:
 class RemoteEngine:
     """QueueEngine's request side, for an engine in another process."""
 
-    def __init__(self, path: str, decoder: Decoder) -> None:
+    def __init__(
+        self, path: str, decoder: Decoder, on_batch: Callable[[int], None] = lambda rows: None
+    ) -> None:
         self.path = path
+        self._on_batch = on_batch  # each model call's rows, as the engine reports them (to one worker)
         self._decoder = decoder
         self._outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
@@ -80,6 +85,8 @@ class RemoteEngine:
         self._thread: threading.Thread | None = None
         self.report: HealthReport | None = None  # the engine's last word about itself
         self.reported_at = 0.0
+        self.sent_since_report = 0  # requests sent after that word (for picking the least loaded)
+        self.cache_empties = 0  # the engine's torch.cuda.empty_cache() calls reported to this worker
         self.completed = 0
         self.lost = 0  # requests ended because the engine went away
 
@@ -101,11 +108,26 @@ class RemoteEngine:
         report = self.report
         return self.reachable and report is not None and report.loaded and report.state == "ready"
 
+    @property
+    def full(self) -> bool:
+        return self.report is not None and self.report.full
+
     def queued(self) -> int:
         return self.report.queue_depth if self.report is not None else 0
 
     def running(self) -> int:
         return self.report.running if self.report is not None else 0
+
+    def load(self) -> int:
+        """Requests in the engine as last reported, plus those this worker sent since."""
+        report = self.report
+        return self.sent_since_report + (report.queue_depth + report.running if report is not None else 0)
+
+    def mine(self) -> tuple[int, int]:
+        """This worker's requests in the engine: (waiting for their first token, generating)."""
+        with self._lock:
+            started = sum(1 for request in self._requests.values() if request.started)
+            return len(self._requests) - started, started
 
     def submit(
         self, inputs: Any, params: GenerationParams, ticket: Ticket, grammar: str | None
@@ -117,13 +139,22 @@ class RemoteEngine:
         if not self.ready:
             raise unavailable("model_loading", "The model is still loading; retry shortly.", 10)
         tensors = {key: value for key, value in inputs.items() if hasattr(value, "dtype")}
-        shared, refs = share_tensors(tensors)
+        try:
+            shared, refs = share_tensors(tensors)
+        except SharedMemoryFull as exc:
+            log.warning(
+                "%s: give the server a larger /dev/shm (docker --shm-size, see docs/deployment.md)", exc
+            )
+            raise unavailable(
+                "overloaded", "The server has no room for this request's images now.", 5
+            ) from None
         stream = GenerationStream(self._decoder, int(inputs["input_ids"].shape[1]), params, ticket.deadline)
         request_id = secrets.token_hex(8)
         request = _Request(stream, shared, ticket, self.report.pid if self.report else None)
         request.give_up_at = ticket.deadline + DEADLINE_GRACE
         with self._lock:
             self._requests[request_id] = request
+            self.sent_since_report += 1
         self._outbox.put(Submit(request_id, refs, WireParams.of(params), grammar, ticket.remaining()))
         self._waker.wake()
         return stream
@@ -166,7 +197,13 @@ class RemoteEngine:
 
     def _route(self, message: Message) -> None:
         if isinstance(message, HealthReport):
-            previous, self.report, self.reported_at = self.report, message, time.monotonic()
+            with self._lock:
+                previous, self.report, self.reported_at = self.report, message, time.monotonic()
+                self.sent_since_report = 0
+                self.cache_empties += message.cache_empties
+            for rows, batches in message.batches:
+                for _ in range(min(batches, 100_000)):
+                    self._on_batch(rows)
             if previous is not None and previous.pid != message.pid:
                 log.warning("engine process pid=%d replaced pid=%d", message.pid, previous.pid)
                 self._fail_all(lambda request: request.engine_pid == previous.pid)
@@ -229,6 +266,57 @@ class RemoteEngine:
             self._fail_all(lambda request: True)
 
 
-def engine_socket() -> str | None:
-    """The engine's socket path the master passed down, if any."""
-    return os.environ.get(SOCKET_ENV) or None
+class EnginePool:
+    """Every engine process this worker talks to; a request goes to the least-loaded ready one."""
+
+    def __init__(self, paths: list[str], decoder: Decoder, on_batch: Callable[[int], None]) -> None:
+        self.engines = [RemoteEngine(path, decoder, on_batch) for path in paths]
+
+    def start(self) -> None:
+        for engine in self.engines:
+            engine.start()
+
+    @property
+    def ready(self) -> bool:
+        """Every engine loaded and answering (what /readyz asks)."""
+        return all(engine.ready for engine in self.engines)
+
+    @property
+    def full(self) -> bool:
+        """Every engine that answers says its queue is full: refuse in front."""
+        reachable = [engine for engine in self.engines if engine.reachable]
+        return bool(reachable) and all(engine.full for engine in reachable)
+
+    def pick(self) -> RemoteEngine:
+        """The ready engine with the fewest requests; else the first (its submit says why it cannot)."""
+        ready = [engine for engine in self.engines if engine.ready]
+        if not ready:
+            return self.engines[0]
+        return min(ready, key=RemoteEngine.load)
+
+    def submit(
+        self, inputs: Any, params: GenerationParams, ticket: Ticket, grammar: str | None
+    ) -> GenerationStream:
+        return self.pick().submit(inputs, params, ticket, grammar)
+
+    def queued(self) -> int:
+        return sum(engine.queued() for engine in self.engines)
+
+    def mine(self) -> tuple[int, int]:
+        """This worker's requests in the engines: (waiting for their first token, generating)."""
+        pairs = [engine.mine() for engine in self.engines]
+        return sum(waiting for waiting, _ in pairs), sum(started for _, started in pairs)
+
+    def drain_rate(self) -> float:
+        """Requests per second the engines finish, smoothed (for Retry-After)."""
+        reports = [engine.report for engine in self.engines if engine.report is not None]
+        return sum(float(report.counters.get("drain_rate", 0.0)) for report in reports)
+
+    def cache_empties(self) -> int:
+        """torch.cuda.empty_cache() calls the engines reported to this worker (each call to one worker)."""
+        return sum(engine.cache_empties for engine in self.engines)
+
+
+def engine_sockets() -> list[str]:
+    """The engines' socket paths the master passed down (none outside its gunicorn)."""
+    return [path for path in os.environ.get(SOCKET_ENV, "").split(os.pathsep) if path]

@@ -13,6 +13,7 @@ at most TOKEN_BATCH_S later: a slow model's tokens each go at once, a fast one's
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import os
@@ -139,6 +140,10 @@ class EngineServer:
         self.waker = Waker()  # ends the main thread's socket wait when the outbox has something
         self.flushed_at = 0.0
         self.fatal = threading.Event()
+        # Batch sizes and empty_cache calls since the last report, handed to whichever worker asks next.
+        self._batches: collections.Counter[int] = collections.Counter()
+        self._batches_lock = threading.Lock()
+        self._empties_reported = 0
 
     def post(self, peer: bytes, message: Message, urgent: bool = True) -> None:
         """Queue `message` for worker `peer` (any thread): sent at once if `urgent`, else within
@@ -168,12 +173,32 @@ class EngineServer:
             ]
             params = GenerationParams(max_new_tokens=2, temperature=0.0)
             engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, Ticket.unheld(60.0))
+            engine.on_batch = self._count_batch  # after the warm-up, which metrics forget
+            self._empties_reported = engine.stats.cache_empties
             self.loaded, self.engine, self.state = loaded, engine, "ready"
+            if self.settings.stall_seconds > 0:
+                threading.Thread(target=self._watch, name="glmvision-engine-watchdog", daemon=True).start()
             log.info("engine process pid=%d ready on %s", os.getpid(), loaded.device)
         except Exception:
             log.exception("the engine process failed to load its model")
             self.state = "failed"
             self._on_fatal()
+
+    def _count_batch(self, rows: int) -> None:
+        with self._batches_lock:
+            self._batches[rows] += 1
+
+    def _watch(self) -> None:
+        """The watchdog, here: with work waiting and no model step for GLMVISION_STALL_SECONDS, fail every
+        request (503) and end the process, for the master to start another."""
+        engine, limit = self.engine, self.settings.stall_seconds
+        assert engine is not None
+        while not self.fatal.wait(max(0.1, min(5.0, limit / 4))):
+            stalled = engine.stalled_for(time.monotonic())
+            if stalled >= limit:
+                engine.stall(stalled)
+                self._on_fatal()
+                return
 
     def _on_fatal(self) -> None:
         self.fatal.set()
@@ -182,15 +207,28 @@ class EngineServer:
     def report(self, query_id: int) -> HealthReport:
         engine, loaded = self.engine, self.loaded
         state: State = "failed" if engine is not None and engine.failed is not None else self.state
+        if engine is None or loaded is None:
+            return HealthReport(query_id, os.getpid(), self.device, "", False, 0, 0, state)
+        with self._batches_lock:
+            batches, self._batches = tuple(sorted(self._batches.items())), collections.Counter()
+        empties = engine.stats.cache_empties - self._empties_reported
+        self._empties_reported += empties
+        queued, running = engine.queued(), engine.running()
         return HealthReport(
             query_id=query_id,
             pid=os.getpid(),
-            device=loaded.device if loaded is not None else self.device,
-            model_id=loaded.model_id if loaded is not None else "",
-            loaded=loaded is not None,
-            queue_depth=engine.queued() if engine is not None else 0,
-            running=engine.running() if engine is not None else 0,
+            device=loaded.device,
+            model_id=loaded.model_id,
+            loaded=True,
+            queue_depth=queued,
+            running=running,
             state=state,
+            full=queued + running >= self.settings.admission_capacity,
+            stalled_s=round(engine.stalled_for(time.monotonic()), 3),
+            counters=engine.stats.as_dict(),
+            gpu=gpu_memory(loaded.device),
+            batches=batches,
+            cache_empties=empties,
         )
 
     def submit(self, peer: bytes, message: Submit) -> None:
@@ -269,6 +307,20 @@ class EngineServer:
                     return
 
 
+def gpu_memory(device: str) -> tuple[int, int, int] | None:
+    """(allocated, reserved, total) bytes on `device`, None off GPU or when CUDA cannot say."""
+    if not device.startswith("cuda"):
+        return None
+    from glmvision.backends.local.vram import cuda_module, memory_report
+
+    try:
+        report = memory_report(cuda_module(), device)
+    except Exception:  # a health report must never fail on a CUDA hiccup
+        log.exception("reading GPU memory failed")
+        return None
+    return None if report is None else (int(report[0]), int(report[1]), int(report[2]))
+
+
 def run_engine(path: str, device: str) -> None:
     """The spawned process's entry point: settings from the environment it inherited."""
     from glmvision.backends.local.loading import torch_threads
@@ -320,6 +372,10 @@ class EngineSupervisor:
         self._started_at = time.monotonic()
         self._log(f"engine process pid={process.pid} started ({self.device or 'default device'})")
 
+    def _count_batch(self, rows: int) -> None:
+        with self._batches_lock:
+            self._batches[rows] += 1
+
     def _watch(self) -> None:
         from multiprocessing.connection import wait
 
@@ -339,6 +395,15 @@ class EngineSupervisor:
                 return
             self.restarts += 1
             self._spawn()
+
+    def begin_stop(self) -> None:
+        """Stop restarting it and send it SIGTERM (stop() then waits): several engines stop at once."""
+        self._stopping.set()
+        if self._process is not None:
+            try:
+                os.kill(self._process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (idempotent)."""

@@ -14,7 +14,7 @@ import msgspec
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice
 
 # Raised with each change of a message's fields: a worker and an engine of different code refuse each other.
-PROTOCOL = 2
+PROTOCOL = 3
 
 DType = Literal["int64", "int32", "int16", "uint8", "bool", "float32", "float16", "bfloat16"]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -145,6 +145,14 @@ class HealthReport(msgspec.Struct, frozen=True, tag="health_report", forbid_unkn
     queue_depth: NonNegative
     running: NonNegative
     state: State
+    full: bool = False  # its queue holds GLMVISION_ADMISSION_CAPACITY: workers refuse in front
+    stalled_s: float = 0.0  # seconds without progress while work waits
+    counters: dict[str, float | int | str] = {}  # EngineStats, for /readyz
+    gpu: tuple[int, int, int] | None = None  # allocated, reserved and total bytes on its GPU
+    # Since the previous report (to any worker, so the workers' sums count each once): batch sizes
+    # as (rows, batches), and torch.cuda.empty_cache() calls.
+    batches: tuple[tuple[int, int], ...] = ()
+    cache_empties: NonNegative = 0
     protocol: int = PROTOCOL
 
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from glmvision.backends.engine.client import RemoteEngine, engine_socket
+from glmvision.backends.engine.client import EnginePool, engine_sockets
 from glmvision.backends.local.continuous import ContinuousEngine
 from glmvision.backends.local.engine import QueueEngine, engine_failed
 from glmvision.backends.local.holder import ModelHolder
@@ -61,8 +61,8 @@ class LocalBackend:
         self.settings = settings
         self._adapters = tuple(settings.lora_adapters)
         self.engine: QueueEngine | None = None
-        # GLMVISION_ENGINE=process: the engine process's request side; this worker holds no weights.
-        self.remote: RemoteEngine | None = None
+        # GLMVISION_ENGINE=process: the engine processes' request side; this worker holds no weights.
+        self.remote: EnginePool | None = None
         self.holder = ModelHolder(settings, self._load)
         self.admission = Admission(
             settings.admission_capacity,
@@ -76,12 +76,13 @@ class LocalBackend:
         self.on_batch: Callable[[int], None] = lambda rows: None
 
     def _load(self, settings: Settings) -> LoadedModel:
-        path = engine_socket() if settings.engine == "process" else None
-        if settings.engine == "process" and path is None:
-            log.warning("GLMVISION_ENGINE=process needs the gunicorn master's engine: in-process here")
-        if path is not None:
+        paths = engine_sockets() if settings.engine == "process" else []
+        if settings.engine == "process" and not paths:
+            # No engine processes: not served by glmvision's gunicorn config (flask run, a test client).
+            log.info("no engine processes to talk to: the model loads in this process")
+        if paths:
             loaded = load_processor(settings)
-            self.remote = RemoteEngine(path, loaded)
+            self.remote = EnginePool(paths, loaded, lambda rows: self.on_batch(rows))
             self.remote.start()
             gc.collect()
             gc.freeze()
@@ -127,6 +128,8 @@ class LocalBackend:
         return self.engine.queued() if self.engine is not None else 0
 
     def _drain_rate(self) -> float:
+        if self.remote is not None:
+            return self.remote.drain_rate()
         return self.engine.stats.drain_rate if self.engine is not None else 0.0
 
     # What it serves, and how it is.
@@ -137,8 +140,7 @@ class LocalBackend:
         if loaded is None:
             model = ModelDescription(names[0], is_demo(self.settings.model), None, None)
             return Capabilities(names, model, self._adapters)
-        device = self.remote.report.device if self.remote and self.remote.report else loaded.device
-        model = ModelDescription(loaded.model_id, loaded.demo, device, loaded.dtype)
+        model = ModelDescription(loaded.model_id, loaded.demo, self._device(loaded), loaded.dtype)
         revision = f"{loaded.model_id}@{loaded.revision}:{loaded.dtype}"
         return Capabilities(names, model, self._adapters, loaded.fit_image, revision)
 
@@ -169,33 +171,63 @@ class LocalBackend:
             engine.stalled_for(time.monotonic()) if failed is None else 0.0,
         )
 
-    def _remote_health(self, loaded: LoadedModel, remote: RemoteEngine, occupancy: float) -> Health:
-        """The engine process's state, from its last health report (the I/O thread refreshes it)."""
-        report = remote.report
+    def _device(self, loaded: LoadedModel) -> str:
+        """Where the model runs: the first engine process's device, or this process's."""
+        reports = [engine.report for engine in self.remote.engines] if self.remote is not None else []
+        return next((report.device for report in reports if report is not None), loaded.device)
+
+    def _remote_health(self, loaded: LoadedModel, pool: EnginePool, occupancy: float) -> Health:
+        """The engine processes' state, from their last health reports (the I/O threads refresh them)."""
         counters: dict[str, int | float | str] = {
             "mode": "process",
             "worker_pid": os.getpid(),
             "worker_weights": int(bool(getattr(loaded.model, "weights", True))),
-            "completed": remote.completed,
-            "engine_lost": remote.lost,
+            "completed": sum(engine.completed for engine in pool.engines),
+            "engine_lost": sum(engine.lost for engine in pool.engines),
             **self.admission.as_dict(),
         }
-        engines: tuple[dict[str, object], ...] = ()
-        state = "loading" if report is None else report.state if remote.reachable else "unreachable"
-        if report is not None:
-            engine = {"device": report.device, "pid": report.pid, "model": report.model_id}
-            engines = ({**engine, "queue": report.queue_depth, "running": report.running, "state": state},)
-        ready = remote.ready
-        device = report.device if report is not None else loaded.device
+        engines: list[dict[str, object]] = []
+        states: list[str] = []
+        gpus: list[GpuMemory] = []
+        for engine in pool.engines:
+            report = engine.report
+            state = "loading" if report is None else report.state if engine.reachable else "unreachable"
+            states.append(state)
+            if report is None:
+                engines.append({"device": None, "pid": None, "model": None, "queue": 0, "state": state})
+                continue
+            engines.append(
+                {
+                    "device": report.device,
+                    "pid": report.pid,
+                    "model": report.model_id,
+                    "queue": report.queue_depth,
+                    "running": report.running,
+                    "state": state,
+                    "full": report.full,
+                    "stalled_s": report.stalled_s,
+                    **({"gpu_allocated": report.gpu[0]} if report.gpu is not None else {}),
+                    "counters": dict(report.counters),
+                }
+            )
+            if report.gpu is not None:
+                gpus.append(GpuMemory(report.device, *report.gpu))
+        ready = pool.ready
+        waiting, generating = pool.mine()  # this worker's share: the workers' gauges sum to the engines'
         gauges = Snapshot(
             loaded=ready,
-            queued=remote.queued(),
-            running=remote.running(),
+            queued=waiting,
+            running=generating,
             active=self.admission.active,
+            cache_empties=pool.cache_empties(),
+            gpus=tuple(gpus),
         )
-        status: ReadyStatus = "ready" if ready else ("loading" if state == "loading" else "unhealthy")
-        model = ModelDescription(loaded.model_id, loaded.demo, device, loaded.dtype) if ready else None
-        return Health(ready, status, model, counters, occupancy, gauges, engines=engines)
+        loading = "loading" in states
+        status: ReadyStatus = "ready" if ready else ("loading" if loading else "unhealthy")
+        model = ModelDescription(loaded.model_id, loaded.demo, self._device(loaded), loaded.dtype)
+        return Health(
+            ready, status, model if ready else None, counters, occupancy, gauges, engines=tuple(engines)
+        )
 
     def _gauges(self, loaded: LoadedModel, engine: QueueEngine, probe: bool) -> Snapshot:
         gpus: tuple[GpuMemory, ...] = ()
@@ -239,7 +271,7 @@ class LocalBackend:
     def admit(self) -> Ticket:
         if self.engine is not None and self.engine.failed is not None:
             raise engine_failed()
-        return self.admission.admit()
+        return self.admission.admit(engines_full=self.remote is not None and self.remote.full)
 
     def submit(self, submission: Submission, ticket: Ticket) -> Submitted:
         params, param = submission.params, submission.param

@@ -75,3 +75,13 @@ def worker_device(gpu: int | None, configured: str) -> str | None:
     if gpu is None or configured not in {"auto", "cuda"}:
         return None  # no GPU, or the operator chose cpu or a cuda:N for every worker
     return f"cuda:{gpu}"
+
+
+def engine_devices(engines: int, gpu_count: int, configured: str) -> list[str]:
+    """The GLMVISION_DEVICE of each engine process ("" leaves `configured` as is): `engines` of them,
+    0 meaning one per GPU (one on CPU, or on the one device the operator named), given to the GPUs in turn."""
+    if configured not in {"auto", "cuda"}:
+        gpu_count = 0  # cpu or one cuda:N: every engine uses it
+    count = engines or max(1, gpu_count)
+    gpus = [index % gpu_count if gpu_count else None for index in range(count)]
+    return [worker_device(gpu, configured) or "" for gpu in gpus]
