@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from helpers import LiveServer, wait_for
+from helpers import ROOT, LiveServer, wait_for
 from PIL import Image
 
 
@@ -125,8 +125,19 @@ def _probe_figures(probe: Probe | None) -> tuple[float, float, float]:
 Row = tuple[int, str, float, str | None, float]  # status, error code, seconds, Retry-After, start
 
 
-def _client_process(url: str, body: dict[str, Any], first: int, count: int, seconds: float, out: Any) -> None:
-    """`count` closed-loop client threads in one process; puts their rows on `out`."""
+def _client_process(
+    url: str,
+    body: dict[str, Any],
+    first: int,
+    count: int,
+    seconds: float,
+    out: Any,
+    retry_pause: float | None = None,
+    answered: Any = None,
+) -> None:
+    """`count` closed-loop client threads in one process; puts their rows on `out`. After a refusal a
+    client waits Retry-After (polite) or `retry_pause` seconds; with `answered` (an Event) all stop
+    at the first 200 any of them gets."""
     rows: list[Row] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -146,7 +157,11 @@ def _client_process(url: str, body: dict[str, Any], first: int, count: int, seco
                 with lock:
                     rows.append((status, code, time.perf_counter() - started, retry_after, started))
                 pause = 0.0
-                if status != 200:
+                if status == 200 and answered is not None:
+                    answered.set()
+                elif status != 200 and retry_pause is not None:
+                    pause = retry_pause  # an impatient client: back almost at once
+                elif status != 200:
                     pause = float(retry_after) if (retry_after or "").isdigit() else 1.0
                 # Well-behaved clients wait as told, with jitter so they do not return in lockstep.
                 stop.wait(pause * rng.uniform(0.5, 1.0))
@@ -154,7 +169,10 @@ def _client_process(url: str, body: dict[str, Any], first: int, count: int, seco
     threads = [threading.Thread(target=client, args=(first + n,), daemon=True) for n in range(count)]
     for thread in threads:
         thread.start()
-    stop.wait(seconds)
+    if answered is not None:
+        answered.wait(seconds)
+    else:
+        stop.wait(seconds)
     stop.set()
     for thread in threads:
         thread.join(timeout=150)
@@ -172,9 +190,15 @@ def _probe_process(url: str, seconds: float, out: Any) -> None:
 
 
 def overload(
-    server: LiveServer, clients: int = 200, seconds: float = 20.0, tokens: int = 16, processes: int = 4
+    server: LiveServer,
+    clients: int = 200,
+    seconds: float = 20.0,
+    tokens: int = 16,
+    processes: int = 4,
+    retry_pause: float | None = None,
 ) -> OverloadResult:
-    """`clients` closed-loop clients on /v1/chat/vision, each waiting Retry-After after a 503.
+    """`clients` closed-loop clients on /v1/chat/vision, each waiting Retry-After after a 503 (or
+    `retry_pause` seconds, as impatient clients do).
 
     Clients and probes run in processes of their own, so what they time is the server, not the
     test process's own GIL.
@@ -187,7 +211,8 @@ def overload(
     share = -(-clients // processes)
     jobs = [
         context.Process(
-            target=_client_process, args=(server.url, body, start, min(share, clients - start), seconds, out)
+            target=_client_process,
+            args=(server.url, body, start, min(share, clients - start), seconds, out, retry_pause),
         )
         for start in range(0, clients, share)
     ]
@@ -217,6 +242,37 @@ def overload(
                 result.other[f"{status} {code}"] += 1
     result.engine = requests.get(server.url + "/readyz", timeout=10).json().get("engine", {})
     return result
+
+
+def goodput(result: OverloadResult) -> float:
+    """Answers per second."""
+    return result.answered / result.seconds
+
+
+def storm(url: str, clients: int = 200, bound: float = 120.0, processes: int = 4) -> float | None:
+    """`clients` clients that retry 50 ms after each 503, from now until the first 200 any of them
+    gets (at most `bound` seconds): the seconds until that answer, None if none came."""
+    body = {"image": jpeg_b64(), "prompt": "Describe it.", "max_new_tokens": 4, "temperature": 0.7}
+    context = multiprocessing.get_context("fork")
+    out, answered = context.Queue(), context.Event()
+    share = -(-clients // processes)
+    started = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+    jobs = [
+        context.Process(
+            target=_client_process,
+            args=(url, body, first, min(share, clients - first), bound, out, 0.05, answered),
+        )
+        for first in range(0, clients, share)
+    ]
+    for job in jobs:
+        job.start()
+    rows: list[Row] = []
+    for _ in jobs:
+        rows.extend(out.get(timeout=bound + 200)[1])
+    for job in jobs:
+        job.join(timeout=30)
+    answers = [begun + elapsed for status, _, elapsed, _, begun in rows if status == 200]
+    return min(answers) - started if answers else None
 
 
 def _code(response: requests.Response) -> str:
@@ -286,6 +342,8 @@ class SoakResult:
     before: Footprint
     after: Footprint
     samples: list[Footprint]
+    engine_before: Footprint | None = None  # the engine process's, with GLMVISION_ENGINE=process
+    engine_after: Footprint | None = None
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -296,6 +354,15 @@ class SoakResult:
             "threads": (self.before.threads, self.after.threads),
             "open fds": (self.before.fds, self.after.fds),
             "RSS MiB samples": [sample.rss_mib for sample in self.samples],
+            **(
+                {
+                    "engine RSS MiB": (self.engine_before.rss_mib, self.engine_after.rss_mib),
+                    "engine threads": (self.engine_before.threads, self.engine_after.threads),
+                    "engine open fds": (self.engine_before.fds, self.engine_after.fds),
+                }
+                if self.engine_before is not None and self.engine_after is not None
+                else {}
+            ),
         }
 
 
@@ -325,18 +392,23 @@ def _hammer(
 def soak(server: LiveServer, total: int = 3000, clients: int = 8, rounds: int = 5) -> SoakResult:
     """`total` mixed good and bad requests from `clients` threads, after a warm-up round of the same."""
     (pid,) = server.worker_pids()
+    engine = next(iter(server.engine_pids()), None)  # GLMVISION_ENGINE=process: its footprint too
     menu = mixed_requests(server.url)
     # The warm-up grows what grows once (thread pools, allocator arenas, caches) before the baseline.
     _hammer(menu, max(len(menu) * clients, total // rounds), clients)
     before = footprint(pid)
+    engine_before = footprint(engine) if engine is not None else None
     statuses: Counter[int] = Counter()
     samples = [before]
     for _ in range(rounds):
         statuses.update(_hammer(menu, total // rounds, clients))
         samples.append(footprint(pid))
     after = samples[-1]
+    engine_after = footprint(engine) if engine is not None else None
     errors = sum(count for status, count in statuses.items() if status >= 500)
-    return SoakResult(sum(statuses.values()), statuses, errors, before, after, samples)
+    result = SoakResult(sum(statuses.values()), statuses, errors, before, after, samples)
+    result.engine_before, result.engine_after = engine_before, engine_after
+    return result
 
 
 FAULT_HOOK = """
@@ -364,12 +436,19 @@ if _marker:
 def fault_hook_env(directory: Path) -> dict[str, str]:
     """Environment for a server whose model thread raises once a marker file appears (sitecustomize)."""
     (directory / "sitecustomize.py").write_text(FAULT_HOOK)
-    return {"PYTHONPATH": str(directory), "DRILL_FAULT_FILE": str(directory / "fault-now")}
+    # This checkout after the hook's directory: the server runs this code, whatever the venv installed.
+    path = os.pathsep.join((str(directory), str(ROOT)))
+    return {"PYTHONPATH": path, "DRILL_FAULT_FILE": str(directory / "fault-now")}
+
+
+def model_pids(server: LiveServer) -> set[int]:
+    """The processes that hold the model: the engine processes, else (GLMVISION_ENGINE=thread) the workers."""
+    return server.engine_pids() or server.worker_pids()
 
 
 def replaced_and_ready(server: LiveServer, old_pid: int) -> bool:
-    """The one worker is a new one, and it is ready."""
-    pids = server.worker_pids()
+    """The one process holding the model is a new one, and it is ready."""
+    pids = model_pids(server)
     if len(pids) != 1 or old_pid in pids:
         return False
     try:
@@ -391,15 +470,16 @@ class FaultResult:
     def figures(self) -> dict[str, Any]:
         return {
             "held requests' outcomes": dict(self.outcomes),
-            "worker replaced": self.old_pid != self.new_pid,
+            "model's process replaced": self.old_pid != self.new_pid,
             "seconds from fault to /readyz 200": round(self.recovered_seconds, 1),
             "status of the next request": self.after,
         }
 
 
 def fault(server: LiveServer, directory: Path, requests_held: int = 12) -> FaultResult:
-    """Fire the fault hook under load: every held request must be answered, then a fresh worker serves."""
-    (old_pid,) = server.worker_pids()
+    """Fire the fault hook under load: every held request must be answered, then a fresh engine (or
+    worker, with GLMVISION_ENGINE=thread) serves."""
+    (old_pid,) = model_pids(server)
     body = {"image": jpeg_b64(96), "prompt": "Go on.", "max_new_tokens": 64, "temperature": 0.7}
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
@@ -423,6 +503,6 @@ def fault(server: LiveServer, directory: Path, requests_held: int = 12) -> Fault
 
     wait_for(lambda: replaced_and_ready(server, old_pid), timeout=120)
     recovered = time.monotonic() - fired
-    pids = server.worker_pids()
+    pids = model_pids(server)
     after = requests.post(server.url + "/v1/chat/vision", json={**body, "max_new_tokens": 4}, timeout=60)
     return FaultResult(outcomes, old_pid, next(iter(pids), old_pid), recovered, after.status_code)

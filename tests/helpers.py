@@ -71,11 +71,23 @@ class LiveServer:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def worker_pids(self) -> set[int]:
-        """PIDs of the master's live worker children."""
+        """PIDs of the master's live worker children (not its engine processes nor multiprocessing's
+        resource tracker, which are spawned interpreters)."""
+        return {pid for pid, args in self._children() if "from multiprocessing" not in args}
+
+    def engine_pids(self) -> set[int]:
+        """PIDs of the master's engine processes (GLMVISION_ENGINE=process)."""
+        return {pid for pid, args in self._children() if "spawn_main" in args}
+
+    def _children(self) -> list[tuple[int, str]]:
         result = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True, check=False
+            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
-        return {int(pid) for pid in result.stdout.split()}
+        rows = (line.strip().split(None, 1) for line in result.stdout.splitlines() if line.strip())
+        return [(int(row[0]), row[1] if len(row) > 1 else "") for row in rows]
 
 
 def stop(process: subprocess.Popen[Any], grace: float) -> None:
@@ -90,7 +102,11 @@ def stop(process: subprocess.Popen[Any], grace: float) -> None:
 
 @contextmanager
 def live_server(
-    tmp_path: Path, env: dict[str, str], ready_path: str = "/healthz", timeout: float = 90.0
+    tmp_path: Path,
+    env: dict[str, str],
+    ready_path: str = "/healthz",
+    timeout: float = 90.0,
+    new_session: bool = False,
 ) -> Iterator[LiveServer]:
     """Start `gunicorn -c deploy/gunicorn.conf.py wsgi:app` on a free loopback port; stop it after."""
     port = free_port()
@@ -105,6 +121,7 @@ def live_server(
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,  # its own process group, for tests that signal the group
         )
     server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
