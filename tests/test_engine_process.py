@@ -95,7 +95,7 @@ def test_every_worker_uses_the_one_engine_and_holds_no_weights(process_server: L
     (engine_pid,) = set(engines.values())
     assert engine_pid not in engines
     # The master's children: the workers, the engine (and multiprocessing's resource tracker).
-    assert {*engines, engine_pid} <= process_server.worker_pids()
+    assert set(engines) <= process_server.worker_pids() and process_server.engine_pids() == {engine_pid}
     # Only the engine process loaded the model's weights: one "model loaded" line, with its pid.
     loaded = {int(m["pid"]) for m in MODEL_LOADED.finditer(process_server.log())}
     assert loaded == {engine_pid}, process_server.log()[-3000:]
@@ -239,6 +239,43 @@ def test_workers_refuse_in_front_when_the_engine_is_full(
         assert [r.status_code for r in probes] == [503] * 6, [r.text for r in probes]
         assert {r.json()["error"]["code"] for r in probes} == {"overloaded"}
         assert all("Retry-After" in r.headers for r in probes)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (its parent gone too) counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_signal_to_the_whole_group_stops_the_engine_once_and_last(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    """`kill -- -PGID` (a terminal's Ctrl-C, a service manager) reaches the master, not the engine,
+    which runs in a session of its own: the master stops it after the workers, never restarting it."""
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="process")
+    with live_server(tmp_path, env, ready_path="/readyz", timeout=180, new_session=True) as server:
+        (engine,) = server.engine_pids()
+        os.killpg(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        wait_for(lambda: not pid_alive(engine), 30, "the engine process to stop")
+        log = server.log()
+    assert "died; starting another" not in log, log[-3000:]
+
+
+def test_an_engine_does_not_outlive_a_killed_master(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path
+) -> None:
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="process")
+    with live_server(tmp_path, env, ready_path="/readyz", timeout=180) as server:
+        (engine,) = server.engine_pids()
+        server.process.kill()  # SIGKILL: the master cannot stop anything
+        server.process.wait(timeout=30)
+        wait_for(lambda: not pid_alive(engine), 30, "the orphaned engine process to stop")
+        assert "the gunicorn master (pid" in server.log()
 
 
 def test_the_master_starts_the_engine_without_importing_torch(demo_model_dir: Path) -> None:

@@ -524,3 +524,11 @@ def test_a_waker_ends_a_socket_wait_early(tmp_path: Path) -> None:
             assert endpoint.receive(0.01) is None  # cleared: the wait runs to its bound
     finally:
         waker.close()
+
+
+def test_an_engine_runs_on_the_device_the_master_gave_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from glmvision.backends.engine.process import engine_settings
+
+    monkeypatch.setenv("GLMVISION_DEVICE", "cuda")
+    assert engine_settings("cuda:1").device == "cuda:1"
+    assert engine_settings("").device == "cuda"  # none chosen: the operator's

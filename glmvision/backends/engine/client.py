@@ -41,6 +41,7 @@ LOST_AFTER_S = 3.0  # no health report for this long: the engine is gone (its re
 # The engine's messages and request threads' (through the waker) end the wait at once; the bound is
 # for the I/O thread's own rounds: health queries, aborts of requests whose client left, deadlines.
 POLL_S = 0.05
+READY_POLL_S = 0.05  # how often a request waiting for a loading engine looks again
 
 
 def engine_restarting() -> APIError:
@@ -134,7 +135,8 @@ class RemoteEngine:
     ) -> GenerationStream:
         """Send prepared inputs to the engine; the returned stream yields the answer as it comes."""
         self.start()
-        if self.report is not None and not self.reachable:
+        report = self.report
+        if report is not None and (not self.reachable or report.state == "failed"):
             raise engine_restarting()
         if not self.ready:
             raise unavailable("model_loading", "The model is still loading; retry shortly.", 10)
@@ -269,8 +271,11 @@ class RemoteEngine:
 class EnginePool:
     """Every engine process this worker talks to; a request goes to the least-loaded ready one."""
 
-    def __init__(self, paths: list[str], decoder: Decoder, on_batch: Callable[[int], None]) -> None:
+    def __init__(
+        self, paths: list[str], decoder: Decoder, on_batch: Callable[[int], None], load_timeout: float = 0.0
+    ) -> None:
         self.engines = [RemoteEngine(path, decoder, on_batch) for path in paths]
+        self.load_timeout = load_timeout  # how long a request may wait for a loading engine
 
     def start(self) -> None:
         for engine in self.engines:
@@ -297,7 +302,21 @@ class EnginePool:
     def submit(
         self, inputs: Any, params: GenerationParams, ticket: Ticket, grammar: str | None
     ) -> GenerationStream:
+        """Send to the least-loaded ready engine; while none is ready but one is loading (or not heard
+        from yet: this worker just started), wait for it up to GLMVISION_LOAD_TIMEOUT, as requests
+        wait for an in-worker model's load."""
+        deadline = time.monotonic() + min(self.load_timeout, ticket.remaining())
+        while (
+            not any(engine.ready for engine in self.engines) and self.loading() and not ticket.client_gone()
+        ):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(READY_POLL_S)
         return self.pick().submit(inputs, params, ticket, grammar)
+
+    def loading(self) -> bool:
+        """Some engine is loading its model, or has not answered this worker yet."""
+        return any(engine.report is None or engine.report.state == "loading" for engine in self.engines)
 
     def queued(self) -> int:
         return sum(engine.queued() for engine in self.engines)

@@ -143,6 +143,7 @@ class EngineServer:
         # Batch sizes and empty_cache calls since the last report, handed to whichever worker asks next.
         self._batches: collections.Counter[int] = collections.Counter()
         self._batches_lock = threading.Lock()
+        self.peers: set[bytes] = set()  # every worker that has talked to this engine
         self._empties_reported = 0
 
     def post(self, peer: bytes, message: Message, urgent: bool = True) -> None:
@@ -196,6 +197,7 @@ class EngineServer:
         while not self.fatal.wait(max(0.1, min(5.0, limit / 4))):
             stalled = engine.stalled_for(time.monotonic())
             if stalled >= limit:
+                log.error("watchdog: no model progress for %.0fs while requests wait", stalled)
                 engine.stall(stalled)
                 self._on_fatal()
                 return
@@ -262,6 +264,7 @@ class EngineServer:
             RemoteSink(message.request_id, peer, 0, self.post).fail(exc)
 
     def handle(self, peer: bytes, message: Message) -> None:
+        self.peers.add(peer)
         if isinstance(message, Submit):
             self.submit(peer, message)
         elif isinstance(message, Abort):
@@ -302,7 +305,11 @@ class EngineServer:
                     received = endpoint.receive(0)
                 self.flush(endpoint)
                 if self.fatal.is_set():
-                    self.flush(endpoint)  # the failed requests' answers go out before the process does
+                    # The failed requests' answers, then word that this engine failed, go out before the
+                    # process does: workers stop sending at once instead of after LOST_AFTER_S of silence.
+                    for peer in self.peers:
+                        self.outbox.put((peer, self.report(0)))
+                    self.flush(endpoint)
                     log.error("the engine process stops: its model failed (the master starts another)")
                     return
 
@@ -321,21 +328,40 @@ def gpu_memory(device: str) -> tuple[int, int, int] | None:
     return None if report is None else (int(report[0]), int(report[1]), int(report[2]))
 
 
+def engine_settings(device: str) -> Settings:
+    """The settings from the environment the engine inherited, on the device the master chose for it."""
+    from glmvision.core.config import load_settings
+
+    return load_settings({"GLMVISION_DEVICE": device} if device else None)
+
+
 def run_engine(path: str, device: str) -> None:
     """The spawned process's entry point: settings from the environment it inherited."""
     from glmvision.backends.local.loading import torch_threads
-    from glmvision.core.config import load_settings
 
     logging.basicConfig(level=logging.INFO, format="[engine %(process)d] %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the master's to handle: it stops us
-    settings = load_settings({"device": device} if device else None)
+    master = os.getppid()
+    # A session of its own: signals for the server's process group (Ctrl-C, `kill -- -PGID`, a
+    # service manager stopping the group) are the master's to handle, which stops the engines last,
+    # after its workers; the engine ending first would be restarted in the middle of the shutdown.
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = engine_settings(device)
     # load_model sets torch's intra-op threads from GLMVISION_TORCH_THREADS (1 for a tiny model);
     # inter-op threads are set here, once, before any parallel work starts.
     import torch
 
     torch.set_num_interop_threads(max(1, torch_threads(settings.torch_threads, 0) or 1))
-    EngineServer(settings, path, device or settings.device).serve()
-    os._exit(1)  # only a failed model ends the loop: exit without waiting on its threads
+    EngineServer(settings, path, device or settings.device).serve(stop=lambda: orphaned(master))
+    os._exit(1)  # a failed model or a dead master ends the loop: exit without waiting on its threads
+
+
+def orphaned(master: int) -> bool:
+    """The master is gone (killed with SIGKILL: it could not stop us): an engine must not outlive it."""
+    if os.getppid() == master:
+        return False
+    log.error("the gunicorn master (pid %d) is gone: the engine process stops", master)
+    return True
 
 
 class EngineSupervisor:

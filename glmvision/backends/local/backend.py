@@ -54,6 +54,22 @@ def make_engine(
     return ContinuousEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
 
 
+def merged_counters(reports: list[dict[str, float | int | str]]) -> dict[str, float | int | str]:
+    """The engines' counters as one engine's: numbers summed (the largest batch: the largest), text
+    from the first; this worker's own `completed` replaces theirs."""
+    merged: dict[str, float | int | str] = {}
+    for counters in reports:
+        for key, value in counters.items():
+            before = merged.get(key)
+            if isinstance(value, str) or before is None or isinstance(before, str):
+                merged.setdefault(key, value)
+            elif key == "largest_batch":
+                merged[key] = max(before, value)
+            else:
+                merged[key] = round(before + value, 2)
+    return merged
+
+
 class LocalBackend:
     """GLM-4.6V-Flash in this process: lazily loaded, one engine thread, admission in front."""
 
@@ -82,7 +98,7 @@ class LocalBackend:
             log.info("no engine processes to talk to: the model loads in this process")
         if paths:
             loaded = load_processor(settings)
-            self.remote = EnginePool(paths, loaded, lambda rows: self.on_batch(rows))
+            self.remote = EnginePool(paths, loaded, lambda rows: self.on_batch(rows), settings.load_timeout)
             self.remote.start()
             gc.collect()
             gc.freeze()
@@ -182,6 +198,8 @@ class LocalBackend:
             "mode": "process",
             "worker_pid": os.getpid(),
             "worker_weights": int(bool(getattr(loaded.model, "weights", True))),
+            "queued": pool.queued(),
+            **merged_counters([engine.report.counters for engine in pool.engines if engine.report]),
             "completed": sum(engine.completed for engine in pool.engines),
             "engine_lost": sum(engine.lost for engine in pool.engines),
             **self.admission.as_dict(),
@@ -260,6 +278,13 @@ class LocalBackend:
     # Lifecycle.
 
     def warm_up(self) -> None:
+        if self.settings.engine == "process" and engine_sockets():
+            # Only the processor: seconds, done before this worker accepts a connection. In the
+            # background it would load while request threads answer a storm of retries, which
+            # starve it of the GIL (the engine's load, in its own process, does not wait on it).
+            thread = self.holder.warm_up()
+            thread.join(timeout=self.settings.load_timeout)
+            return
         self.holder.warm_up()
 
     def stall(self, seconds: float) -> None:

@@ -161,9 +161,14 @@ class ModelShell:
 
 def load_processor(settings: Settings, device: str = "engine") -> LoadedModel:
     """The processor and the model's configs only (GLMVISION_ENGINE=process: the engine holds the weights)."""
+    import torch
     import transformers
 
     started = time.perf_counter()
+    # The processor's tensor work runs in each request thread: with torch's intra-op pool each such
+    # thread would grow an OpenMP team of its own (gthread's 88 threads, a core's worth each). The
+    # workers' parallelism is their request threads; the engine's matrices are where threads pay.
+    torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     source = (
         os.path.expanduser(settings.model)
