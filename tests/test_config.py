@@ -334,3 +334,23 @@ def test_gunicorn_settings_are_kept_apart_from_the_app() -> None:
     assert SERVER_FIELDS == {"bind", "workers", "threads", "timeout"}
     assert not SERVER_FIELDS & set(Settings.model_fields)
     assert not hasattr(_load_settings({}), "workers")
+
+
+@pytest.mark.parametrize(
+    ("workers", "engine", "backend", "cpus", "expected"),
+    [
+        (0, "process", "local", 2, 1),  # half the cores
+        (0, "process", "local", 16, 8),
+        (0, "process", "local", 64, 8),  # at most 8
+        (0, "process", "local", None, 1),  # the CPU count unknown
+        (0, "thread", "local", 16, 1),  # each worker would hold a model copy
+        (0, "thread", "openai", 16, 8),  # no model in the workers
+        (3, "thread", "local", 16, 3),  # as set
+    ],
+)
+def test_worker_processes_default_from_the_cpu_count(
+    workers: int, engine: str, backend: str, cpus: int | None, expected: int
+) -> None:
+    upstream = {"GLMVISION_UPSTREAM_URL": "http://127.0.0.1:9/v1"} if backend == "openai" else {}
+    app = _load_settings({"GLMVISION_ENGINE": engine, "GLMVISION_BACKEND": backend, **upstream})
+    assert load_server_settings({"GLMVISION_WORKERS": workers}).worker_processes(app, cpus) == expected

@@ -199,7 +199,7 @@ class Settings(_Base):
         "batch runs one generate() to its end before the next forms.",
     )
     engine: Literal["thread", "process"] = Field(
-        "thread",
+        "process",
         description="process: engine processes started by the gunicorn master (one per GPU) hold the model "
         "for every worker; thread: each worker loads the model and runs its engine in a thread (also "
         "what an app served without glmvision's gunicorn config does).",
@@ -467,7 +467,13 @@ class ServerSettings(_Base):
     """What only gunicorn reads (deploy/gunicorn.conf.py)."""
 
     bind: str = Field("127.0.0.1:8080", description="gunicorn: address to listen on.")
-    workers: int = Field(1, gt=0, description="gunicorn: worker processes (each holds one model copy).")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="gunicorn: HTTP worker processes; 0 = auto: half the CPU cores, 1 to 8 (with "
+        "GLMVISION_ENGINE=thread 1, as each worker then holds a model copy).",
+    )
     threads: int = Field(
         0,
         ge=0,
@@ -478,6 +484,14 @@ class ServerSettings(_Base):
     timeout: int = Field(
         300, gt=0, description="gunicorn: seconds a silent worker may run before it is restarted."
     )
+
+    def worker_processes(self, app: Settings, cpus: int | None) -> int:
+        """gunicorn's worker count: as set, else from the CPU count (the engines hold the model)."""
+        if self.workers:
+            return self.workers
+        if app.engine == "thread" and app.backend == "local":
+            return 1
+        return max(1, min(8, (cpus or 1) // 2))
 
     def worker_threads(self, app: Settings) -> int:
         """gunicorn's thread count: derived from the app's admission capacity, or checked against it."""

@@ -52,7 +52,7 @@ _engine_processes = _settings.engine == "process" and _settings.backend == "loca
 _gpu_count = visible_gpu_count()
 
 bind = _server.bind
-workers = _server.workers
+workers = _server.worker_processes(_settings, os.cpu_count())
 # gthread, plus a lane of its own for /healthz and /readyz so probes never queue behind model work.
 worker_class = "glmvision.server.workers.ProbeFirstWorker"
 preload_app = False
