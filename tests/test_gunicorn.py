@@ -153,8 +153,9 @@ def check_error(
 def test_two_lazy_workers_each_load_the_model_once(
     tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
 ) -> None:
-    """With warm-up off nothing loads until asked; then each serving worker loads exactly once."""
-    env = server_env(demo_model_dir, runtime_dir, WORKERS="2", WARMUP="0")
+    """With warm-up off nothing loads until asked; then each serving worker loads exactly once (workers
+    holding models of their own: GLMVISION_ENGINE=thread)."""
+    env = server_env(demo_model_dir, runtime_dir, WORKERS="2", WARMUP="0", ENGINE="thread")
     with live_server(tmp_path, env) as server:
         assert wait_for(lambda: len(server.worker_pids()) == 2), server.log()
         workers = server.worker_pids()
@@ -223,6 +224,8 @@ def test_warm_up_makes_the_worker_ready_without_a_request(
         assert ready is not None and ready.status_code == 200, server.log()
         body = ready.json()
         engine = body.pop("engine")
+        (engine_process,) = body.pop("engines")  # the default, GLMVISION_ENGINE=process: one, on the CPU
+        assert engine_process["state"] == "ready" and engine_process["pid"] in server.engine_pids()
         assert body == {
             "ready": True,
             "status": "ready",
@@ -232,7 +235,7 @@ def test_warm_up_makes_the_worker_ready_without_a_request(
         assert engine["queued"] == 0 and engine["batches"] == 0 and engine["completed"] == 0
         assert requests.get(server.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
         assert not [a for a in access_lines(server) if a.method == "POST"]
-        assert loaded_pids(server) == Counter(dict.fromkeys(server.worker_pids(), 1))
+        assert loaded_pids(server) == Counter(dict.fromkeys(server.engine_pids(), 1))
 
 
 # --- 3. Bad input over real HTTP -----------------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import requests
-from drills import replaced_and_ready
-from helpers import NO_REDIS, LiveServer, live_server, redis_server, server_env, vision_body, wait_for
+from drills import model_pids, replaced_and_ready
+from helpers import NO_REDIS, ROOT, LiveServer, live_server, redis_server, server_env, vision_body, wait_for
 
 VISION = "/v1/chat/vision"
 TIMEOUT = 60
@@ -231,18 +231,18 @@ if _marker:
 """
 
 
-def test_the_watchdog_replaces_a_stalled_worker(
+def test_the_watchdog_replaces_a_stalled_engine(
     tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
 ) -> None:
     (tmp_path / "sitecustomize.py").write_text(STALL_HOOK)
     marker = tmp_path / "stall-now"
     env = {
         **server_env(demo_model_dir, runtime_dir, STALL_SECONDS="2", CACHE="0"),
-        "PYTHONPATH": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join((str(tmp_path), str(ROOT))),  # the hook, then this checkout
         "DRILL_STALL_FILE": str(marker),
     }
     with live_server(tmp_path, env, ready_path="/readyz") as server:
-        (old,) = server.worker_pids()
+        (old,) = model_pids(server)  # the engine process (a worker with GLMVISION_ENGINE=thread)
         marker.touch()
         response = requests.post(server.url + VISION, json=vision_body(max_new_tokens=8), timeout=TIMEOUT)
         assert response.status_code == 503

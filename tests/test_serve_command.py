@@ -40,10 +40,12 @@ def test_serve_flags_override_the_environment_and_extras_go_to_gunicorn(
             time.sleep(0.2)
         (card,) = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
         assert card["device"] == "cpu" and card["demo"] is True
-        workers = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True
+        children = subprocess.run(
+            ["ps", "-ww", "-o", "args=", "--ppid", str(process.pid)], capture_output=True, text=True
         )
-        assert len(workers.stdout.split()) == 1  # --workers 1, not the environment's 3
+        # The master's children: its workers, and spawned interpreters (the engine, a resource tracker).
+        workers = [line for line in children.stdout.splitlines() if "from multiprocessing" not in line]
+        assert len(workers) == 1, children.stdout  # --workers 1, not the environment's 3
         try:
             requests.get(f"http://127.0.0.1:{other}/healthz", timeout=2)
             raise AssertionError("the environment's GLMVISION_BIND was used")
