@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Full-image-budget load (issue 21): 2048 px photos at GLM-4.6V-Flash's real pixel limits, 1 vs 4 workers.
 
-`.venv/bin/python bench/full_image.py [--seconds 30] [--clients 8] [--warmup 5] [--env KEY=VALUE]`
+`.venv/bin/python bench/full_image.py [--seconds 20] [--clients 8] [--configs thread:1,process:1,process:4]`
 
 Builds the demo model with `--full-image-budget` (the real processor limits: a 2048x1536 photo is
 ~4,000 visual tokens) in a temp dir, makes `--images` distinct 2048x1536 JPEGs up front (gradient +
@@ -9,7 +9,8 @@ seeded noise, a different one for every request while the pool lasts), then for 
 starts real gunicorn on a free port (CPU, response cache off), drives it with `--clients` closed-loop
 clients (POST /v1/chat/vision, greedy, `--max-tokens` new tokens), and stops it: `thread` engine with
 1 worker (the old baseline: the model in the worker), then `process` engine (one engine process
-shared by the workers) with 1 and with 4 workers. Prints req/s, latency and the ratios side by side.
+shared by the workers) with 1 and with 4 workers (`--configs`). Prints req/s, latency and the ratios
+side by side. `--env KEY=VALUE` adds a setting to every server; `--logs DIR` keeps their logs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -39,7 +41,7 @@ READY_TIMEOUT_S = 240.0
 WIDTH, HEIGHT = 2048, 1536
 PROMPT = "Describe this photo in one sentence."
 # (engine mode, workers): the in-process baseline first, then the shared engine process.
-CONFIGS: tuple[tuple[str, int], ...] = (("thread", 1), ("process", 1), ("process", 4))
+CONFIGS = "thread:1,process:1,process:4"
 
 
 def make_images(count: int, seed: int = 21) -> list[str]:
@@ -99,6 +101,7 @@ class Result:
     error_kinds: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     warmup: float = 0.0
+    warmup_errors: int = 0
 
     @property
     def req_per_s(self) -> float:
@@ -140,7 +143,10 @@ def drive(url: str, pool: ImagePool, result: Result, clients: int, warmup: float
                 ok, prompt_tokens, error = post(session, url, pool.take(), timeout=300.0)
                 end = time.monotonic()
                 with lock:
-                    answered.add(index)
+                    if ok:
+                        answered.add(index)
+                    elif end < window[0]:
+                        result.warmup_errors += 1
                     if window[0] <= end <= window[1]:
                         if ok:
                             result.ok += 1
@@ -200,7 +206,7 @@ def measure(
         drive(url + "/v1/chat/vision", pool, result, args.clients, args.warmup, pgid)
     print(
         f"  {name}: {result.ok} answers, {result.errors} errors in {args.seconds:.0f} s "
-        f"(after {result.warmup:.0f} s warm-up)",
+        f"(after {result.warmup:.0f} s warm-up with {result.warmup_errors} errors)",
         flush=True,
     )
     return result
@@ -244,11 +250,17 @@ def report(results: list[Result], args: argparse.Namespace, pool: ImagePool, not
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per configuration")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per configuration")
     parser.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each window")
-    parser.add_argument("--images", type=int, default=160, help="distinct images made up front")
+    parser.add_argument("--images", type=int, default=120, help="distinct images made up front")
     parser.add_argument("--max-tokens", type=int, default=8, help="max_new_tokens of every request")
+    parser.add_argument(
+        "--configs",
+        default=CONFIGS,
+        help=f"ENGINE:WORKERS,... in order, the first is the baseline ({CONFIGS})",
+    )
+    parser.add_argument("--logs", type=Path, help="copy the servers' gunicorn logs into this directory")
     parser.add_argument(
         "--env",
         action="append",
@@ -271,7 +283,14 @@ def main() -> int:
         pool = ImagePool(make_images(args.images), args.max_tokens)
         ready = time.monotonic() - started
         print(f"demo model (full image budget) and {args.images} images ready in {ready:.0f} s", flush=True)
-        results = [measure(engine, workers, model, pool, args, tmp) for engine, workers in CONFIGS]
+        configs = [
+            (engine, int(workers)) for engine, workers in (c.split(":") for c in args.configs.split(","))
+        ]
+        results = [measure(engine, workers, model, pool, args, tmp) for engine, workers in configs]
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for log in tmp.glob("gunicorn-*.log"):
+                shutil.copy(log, args.logs / log.name)
     whole = time.monotonic() - started
     notes.append(f"load average {os.getloadavg()[0]:.2f} at end; whole run {whole:.0f} s")
     report(results, args, pool, notes)
