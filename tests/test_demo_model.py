@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import image_b64
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging as hf_logging
 
+from glmvision import create_app
 from glmvision.backends.local import demo
+from glmvision.cli.main import main
 
 hf_logging.disable_progress_bar()
 
@@ -408,3 +411,84 @@ def test_ensure_demo_model_concurrent_processes(tmp_path: pathlib.Path) -> None:
     assert [entry.name for entry in cache.iterdir()] == [target.name]
     assert (target / demo.DEMO_MARKER).is_file()
     AutoModelForImageTextToText.from_pretrained(target)
+
+
+# 8. the real model's image budget (`glmvision demo-model DIR --full-image-budget`)
+
+
+@pytest.fixture(scope="module")
+def full_budget_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The demo model written by the CLI with GLM-4.6V-Flash's own pixel limits."""
+    target = tmp_path_factory.mktemp("full-budget") / "model"
+    assert main(["demo-model", str(target), "--full-image-budget"]) == 0
+    return target
+
+
+def _smart_resize(processor: Any, width: int, height: int) -> tuple[int, int]:
+    """(width, height) the processor's own smart-resize rule gives a still image."""
+    image_processor = processor.image_processor
+    rule = sys.modules[type(image_processor).__module__].smart_resize
+    new_height, new_width = rule(
+        num_frames=image_processor.temporal_patch_size,
+        height=height,
+        width=width,
+        temporal_factor=image_processor.temporal_patch_size,
+        factor=image_processor.patch_size * image_processor.merge_size,
+        min_pixels=image_processor.size["shortest_edge"],
+        max_pixels=image_processor.size["longest_edge"],
+    )
+    return int(new_width), int(new_height)
+
+
+def _tokens_for(processor: Any, width: int, height: int) -> int:
+    """Visual tokens the processor's rule predicts: one per (patch x merge)^2 pixels of the resized image."""
+    image_processor = processor.image_processor
+    side = image_processor.patch_size * image_processor.merge_size
+    new_width, new_height = _smart_resize(processor, width, height)
+    return (new_width // side) * (new_height // side)
+
+
+def test_full_image_budget_has_the_real_pixel_limits(
+    full_budget_dir: pathlib.Path, demo_dir: pathlib.Path
+) -> None:
+    """The flag keeps the tiny model but gives its processor GLM-4.6V-Flash's pixel limits."""
+    processor = AutoProcessor.from_pretrained(full_budget_dir)
+    image_processor = processor.image_processor
+    assert dict(image_processor.size) == {"shortest_edge": 12_544, "longest_edge": 9_633_792}
+    assert (image_processor.patch_size, image_processor.merge_size) == (14, 2)
+    assert processor.video_processor.size["shortest_edge"] == 12_544
+    assert processor.video_processor.size["longest_edge"] >= 9_633_792
+    marker = json.loads((full_budget_dir / demo.DEMO_MARKER).read_text(encoding="utf-8"))
+    assert marker["full_image_budget"] is True
+    assert "full_image_budget" not in json.loads((demo_dir / demo.DEMO_MARKER).read_text(encoding="utf-8"))
+    weights = "model.safetensors"
+    assert (full_budget_dir / weights).read_bytes() == (demo_dir / weights).read_bytes()
+
+    expected = _tokens_for(processor, 2048, 1536)
+    assert expected > 50 * demo.MAX_VISUAL_TOKENS  # thousands, where the default demo allows 64
+    inputs = _encode(processor, [_user("What is this?", _image(2048, 1536))])
+    assert _visual_tokens(inputs) == [expected]
+    assert int((inputs["input_ids"] == _token_id(processor, "<|image|>")).sum()) == expected
+    config = json.loads((full_budget_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["text_config"]["max_position_embeddings"] >= inputs["input_ids"].shape[1] + 512
+
+
+def test_full_image_budget_serves_a_2048_px_photo(full_budget_dir: pathlib.Path) -> None:
+    """The service on that model answers a 2048x1536 image with all its visual tokens in the prompt."""
+    settings = {"GLMVISION_MODEL": str(full_budget_dir), "GLMVISION_DEVICE": "cpu", "GLMVISION_CACHE": "0"}
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    processor = AutoProcessor.from_pretrained(full_budget_dir)
+    body = {"image": image_b64(2048, 1536, "JPEG"), "prompt": "What is this?", "max_new_tokens": 2}
+    with app.test_client() as client:
+        response = client.post("/v1/chat/vision", json=body)
+    assert response.status_code == 200, response.get_json()
+    answer = response.get_json()
+    assert answer["image"] == {
+        "width": 2048,
+        "height": 1536,
+        "resized_to": list(_smart_resize(processor, 2048, 1536)),
+    }
+    expected = _tokens_for(processor, 2048, 1536)
+    assert expected < answer["usage"]["prompt_tokens"] < expected + 100
+    assert 1 <= answer["usage"]["completion_tokens"] <= 2

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="write the tiny random-weight demo model to DIR")
     demo.add_argument("directory")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--full-image-budget",
+        action="store_true",
+        help="GLM-4.6V-Flash's real image pixel limits (12,544 to 9,633,792 pixels, 28x28 per visual "
+        "token) instead of the demo's ~20 visual tokens per image",
+    )
     _add_serve(commands)
     _add_audit(commands)
     _add_client_and_training(commands)
@@ -144,7 +150,7 @@ def _demo_model(args: argparse.Namespace) -> int:
     from glmvision.backends.local.demo import build_demo_model
 
     started = time.perf_counter()
-    path = build_demo_model(args.directory, seed=args.seed)
+    path = build_demo_model(args.directory, seed=args.seed, full_image_budget=args.full_image_budget)
     print(f"demo model written to {path} in {time.perf_counter() - started:.2f}s")
     return 0
 

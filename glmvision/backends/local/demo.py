@@ -72,6 +72,13 @@ MAX_VISUAL_TOKENS = 64
 MAX_PIXELS = 2 * 28 * 28 * 20
 MIN_PIXELS = 112 * 112
 
+# `--full-image-budget`: GLM-4.6V-Flash's own image processor limits, 112x112 up to 6,144 visual
+# tokens' worth of pixels (counted twice for the temporal patch), so a 2048x1536 photo is ~4,000
+# visual tokens as with the real model. Videos get transformers' Glm46VVideoProcessor defaults.
+FULL_MIN_PIXELS = 112 * 112
+FULL_MAX_PIXELS = 28 * 28 * 2 * 6144  # 9,633,792
+FULL_VIDEO_MAX_PIXELS = 28 * 28 * 2 * 30000
+
 _TOKENIZER_VOCAB_SIZE = 512
 _TRAINING_TEXT: tuple[str, ...] = (
     "Describe this image in one sentence.",
@@ -236,14 +243,19 @@ def _build_tokenizer() -> Any:
     )
 
 
-def _build_processor(tokenizer: Any) -> Any:
-    """Wrap the tokenizer in a Glm46VProcessor with a small visual budget."""
+def _build_processor(tokenizer: Any, full_image_budget: bool = False) -> Any:
+    """Wrap the tokenizer in a Glm46VProcessor with a small visual budget, or the real model's."""
     from transformers import Glm46VImageProcessor, Glm46VProcessor, Glm46VVideoProcessor
 
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    video_size, video_max = size, MAX_PIXELS
+    if full_image_budget:
+        size = {"shortest_edge": FULL_MIN_PIXELS, "longest_edge": FULL_MAX_PIXELS}
+        video_size = {"shortest_edge": FULL_MIN_PIXELS, "longest_edge": FULL_VIDEO_MAX_PIXELS}
+        video_max = FULL_VIDEO_MAX_PIXELS
     image_processor = Glm46VImageProcessor(size=size)
     video_processor = Glm46VVideoProcessor(
-        size=size, max_image_size={"longest_edge": MAX_PIXELS}, num_frames=4, fps=1
+        size=video_size, max_image_size={"longest_edge": video_max}, num_frames=4, fps=1
     )
     return Glm46VProcessor(
         image_processor=image_processor,
@@ -307,13 +319,15 @@ def _build_model(tokenizer: Any, seed: int) -> Any:
     return model
 
 
-def build_demo_model(directory: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
+def build_demo_model(
+    directory: str | os.PathLike[str], *, seed: int = 0, full_image_budget: bool = False
+) -> pathlib.Path:
     """Write a tiny random-weight GLM-4.6V-Flash-architecture model + processor to directory."""
     target = pathlib.Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         tokenizer = _build_tokenizer()
-        processor = _build_processor(tokenizer)
+        processor = _build_processor(tokenizer, full_image_budget)
         model = _build_model(tokenizer, seed)
         model.save_pretrained(target)
         processor.save_pretrained(target)
@@ -323,6 +337,8 @@ def build_demo_model(directory: str | os.PathLike[str], *, seed: int = 0) -> pat
         "seed": seed,
         "note": "random weights: answers are meaningless",
     }
+    if full_image_budget:
+        marker["full_image_budget"] = True
     # Written last: a directory holding the marker is complete.
     (target / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return target
