@@ -76,6 +76,13 @@ def _cell(text: str) -> str:
     return "`".join(parts).replace("|", "\\|")
 
 
+def accepted(doc: SettingDoc) -> str:
+    """A setting's type and range in a few words: `int, 28 to 16384`, `one of auto, cpu`."""
+    if doc.allowed.startswith("one of "):
+        return doc.allowed
+    return f"{doc.type}, {doc.allowed}" if doc.allowed else doc.type
+
+
 def configuration_document() -> str:
     """docs/configuration.md: every GLMVISION_* setting with its type, default, range and meaning."""
     grouped: dict[str, list[SettingDoc]] = {}
@@ -88,11 +95,12 @@ def configuration_document() -> str:
         "<!-- Generated from glmvision/core/config.py by scripts/gen_docs.py; do not edit. -->",
         "",
         "Every setting is a `GLMVISION_*` environment variable, read once at start-up by the server "
-        "(`glmvision serve`, gunicorn with `deploy/gunicorn.conf.py`, or `wsgi.py`). An invalid value stops "
-        "it with one line naming the variable, the value and what is accepted.",
+        "(`glmvision serve`, gunicorn with `deploy/gunicorn.conf.py`, or `wsgi.py`) and checked against "
+        "the type and range below.",
         "",
         "- `glmvision config` prints the settings the server would run with, as `GLMVISION_NAME=value` "
-        "lines (secrets that are set show as `***`).",
+        "lines (secrets that are set show as `***`), without starting anything; an invalid value is one "
+        "line naming the variable, the value and what is wrong (exit status 2).",
         "- `glmvision config --env-template > .env` writes every setting below, commented out, with its "
         "meaning and default: uncomment the ones to change.",
         "- A `bool` takes `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`); a list is "
@@ -102,17 +110,15 @@ def configuration_document() -> str:
     for title in order:
         if title not in grouped:
             continue
-        lines += [f"## {title}", "", "| Variable | Type | Default | Range or values | Meaning |"]
-        lines.append("| --- | --- | --- | --- | --- |")
+        lines += [
+            f"## {title}",
+            "",
+            "| Variable | Default | Accepted | Meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         for doc in grouped[title]:
             default = f"`{doc.default}`" if doc.default else "(empty)"
-            cells = [
-                f"`{doc.variable}`",
-                _cell(doc.type),
-                default,
-                _cell(doc.allowed),
-                _cell(doc.description),
-            ]
+            cells = [f"`{doc.variable}`", default, _cell(accepted(doc)), _cell(doc.description)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
