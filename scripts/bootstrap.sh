@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(basename "$requirements")"
 # Every requirements file (they include each other with -r) and the package metadata.
-digest=$(cat "$requirements" requirements*.txt setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+digest=$(cat "$requirements" requirements*.txt docs/requirements.txt setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -r "$requirements"

@@ -1,4 +1,5 @@
-"""Command line: `glmvision ask`, `batch`, `serve`, `finetune`, `demo-model`, `audit-read`, `audit-keygen`."""
+"""Command line: `glmvision ask`, `batch`, `serve`, `config`, `finetune`, `demo-model`, `audit-read`,
+`audit-keygen`."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `glmvision` command."""
+    from glmvision.cli import config
     from glmvision.client import ask, batch
     from glmvision.training import finetune
 
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit-read": _audit_read,
         "demo-model": _demo_model,
         "serve": _serve,
+        "config": config.run,
     }
     args = _parser().parse_args(argv)
     return handlers[args.command](args)
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "token) instead of the demo's ~20 visual tokens per image",
     )
     _add_serve(commands)
+    _add_config(commands)
     _add_audit(commands)
     _add_client_and_training(commands)
     return parser
@@ -88,6 +92,18 @@ def _add_serve(commands: Any) -> None:
     for flag, metavar, variable, kind, meaning in SERVE_FLAGS:
         serve.add_argument(flag, type=kind, metavar=metavar, help=f"{meaning}; sets {variable}")
     serve.add_argument("gunicorn_args", nargs="*", metavar="-- GUNICORN_ARG", help="extra gunicorn arguments")
+
+
+def _add_config(commands: Any) -> None:
+    from glmvision.cli import config
+
+    config.add_arguments(
+        commands.add_parser(
+            "config",
+            help="print the effective GLMVISION_* settings, or a .env template",
+            description=config.DESCRIPTION,
+        )
+    )
 
 
 def _add_audit(commands: Any) -> None:

@@ -11,9 +11,11 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "GLMVISION_"
@@ -602,3 +604,99 @@ def settings_table() -> list[tuple[str, Any, str]]:
         for model in (Settings, ServerSettings)
         for name, field in model.model_fields.items()
     ]
+
+
+# Settings whose values are secret though not SecretStr (a list of them): `glmvision config` masks them too.
+SECRET_LISTS = frozenset({"api_keys"})
+MASK = "***"
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as docs/configuration.md and `glmvision config --env-template` describe it."""
+
+    variable: str
+    model: str  # "app" (Settings) or "gunicorn" (ServerSettings)
+    type: str
+    default: str  # as an environment value
+    allowed: str  # range or choices; empty when any value of the type goes
+    secret: bool
+    description: str
+
+
+def env_value(value: Any) -> str:
+    """A setting's value as its environment variable would spell it (lists comma-joined, true/false)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _is_secret(name: str, field: FieldInfo) -> bool:
+    return field.annotation is SecretStr or name in SECRET_LISTS
+
+
+def _type_and_allowed(field: FieldInfo) -> tuple[str, str]:
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        return "str", "one of " + ", ".join(str(choice) for choice in get_args(annotation))
+    if annotation is SecretStr:
+        kind = "str (secret)"
+    elif get_origin(annotation) is list:
+        kind = "list (comma-separated)"
+    else:
+        kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    bounds = {
+        name: getattr(item, name)
+        for item in field.metadata
+        for name in ("ge", "gt", "le", "lt")
+        if getattr(item, name, None) is not None
+    }
+    patterns = [item.pattern for item in field.metadata if getattr(item, "pattern", None)]
+    if "ge" in bounds and "le" in bounds:
+        allowed = [f"{bounds['ge']} to {bounds['le']}"]
+    else:
+        signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        allowed = [f"{signs[name]} {bound}" for name, bound in bounds.items()]
+    allowed += [f"matches {pattern}" for pattern in patterns]
+    return kind, " and ".join(allowed)
+
+
+def setting_docs() -> list[SettingDoc]:
+    """Every setting, app first then gunicorn's, in declaration order, described from its Field."""
+    docs = []
+    for label, model in (("app", Settings), ("gunicorn", ServerSettings)):
+        for name, field in model.model_fields.items():
+            kind, allowed = _type_and_allowed(field)
+            docs.append(
+                SettingDoc(
+                    variable=PREFIX + name.upper(),
+                    model=label,
+                    type=kind,
+                    default=env_value(field.get_default(call_default_factory=True)),
+                    allowed=allowed,
+                    secret=_is_secret(name, field),
+                    description=field.description or "",
+                )
+            )
+    return docs
+
+
+def effective_values(app: Settings, server: ServerSettings) -> list[tuple[str, str]]:
+    """(variable, value) for every setting as loaded; a secret that is set shows as MASK."""
+    values = []
+    for settings in (app, server):
+        for name, field in type(settings).model_fields.items():
+            value = env_value(getattr(settings, name))
+            if _is_secret(name, field) and value:
+                value = MASK
+            values.append((PREFIX + name.upper(), _without_password(value)))
+    return values
+
+
+def _without_password(value: str) -> str:
+    # A redis:// or upstream URL may carry a password (scheme://user:password@host): mask it.
+    return re.sub(r"(?<=://)([^/@\s:]*):[^/@\s]+@", rf"\1:{MASK}@", value)

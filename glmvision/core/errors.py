@@ -669,5 +669,18 @@ def errors_document() -> str:
         "werkzeug and flask-limiter raise `"
         + "`, `".join(FRAMEWORK_CODES.values())
         + "`; any other HTTP error they raise has the code `http_<status>`.\n\n"
-        + markdown_table().replace("](#", "](../README.md#")  # the README's anchors, from docs/
+        + _docs_links(markdown_table())
     )
+
+
+# The README sections the registry links to, and where the docs site covers them (mkdocs checks both).
+DOC_LINKS = {
+    "#schema-limits": "configuration.md#json-schemas-and-grammars",
+    "#lora-adapters": "configuration.md#model-and-device",
+}
+
+
+def _docs_links(table: str) -> str:
+    for anchor, target in DOC_LINKS.items():
+        table = table.replace(f"]({anchor})", f"]({target})")
+    return table
