@@ -1,4 +1,5 @@
-"""scripts/bootstrap.sh: a first install shows its stages and each download's size, not minutes of silence."""
+"""scripts/bootstrap.sh and serve.sh: a first install shows its stages and each download's size, not minutes
+of silence; a relative model path is the caller's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from helpers import ROOT
 # Stands in for .venv/bin/python: records its arguments and prints what pip prints, so the script's real
 # stages and filter run without installing anything.
 FAKE_PIP = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m gunicorn" ]; then echo "gunicorn with GLMVISION_MODEL=$GLMVISION_MODEL"; exit 0; fi
 echo "$*" >> .venv/calls
 echo "Collecting torch==2.14.1"
 echo "  Downloading torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl (906.4 MB)"
@@ -70,3 +72,18 @@ def test_a_failed_install_exits_nonzero_with_the_end_of_pips_log(tmp_path: Path)
     assert "bootstrap: pip failed; the end of .venv/.pip.log:" in failed.stderr
     assert "ERROR: No matching distribution found for torch" in failed.stderr
     assert not list((root / ".venv").glob(".installed-*"))
+
+
+def test_serve_reads_a_relative_model_path_from_the_callers_directory(tmp_path: Path) -> None:
+    """serve.sh moves to the repository root; `./models/glm` still means the one beside the caller."""
+    root = _checkout(tmp_path / "checkout")
+    caller = tmp_path / "elsewhere"
+    (caller / "models" / "glm").mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin"}
+    for model, seen in (("./models/glm", str(caller / "models" / "glm")), ("org/hub-id", "org/hub-id")):
+        served = subprocess.run(
+            ["bash", str(root / "scripts" / "serve.sh")],
+            cwd=caller, env={**env, "GLMVISION_MODEL": model}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert served.returncode == 0, served.stderr
+        assert served.stdout.splitlines()[-1] == f"gunicorn with GLMVISION_MODEL={seen}"
