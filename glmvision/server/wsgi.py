@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from gunicorn.errors import AppImportError
+
+from glmvision.core.config import ConfigError
 from glmvision.web.app import create_app
 
-app = create_app()
+try:
+    app = create_app()
+except ConfigError as exc:
+    # A setting only the app checks (allowlists, proxies, key files): gunicorn prints this one line
+    # and stops ("App failed to load"), with the traceback only at debug level.
+    raise AppImportError(f"glmvision: {exc}") from None

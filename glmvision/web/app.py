@@ -53,7 +53,8 @@ def _fetch_policy(settings: Settings) -> FetchPolicy:
     try:
         return FetchPolicy.from_settings(settings)
     except ValueError as exc:
-        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}") from None
+        example = "; e.g. GLMVISION_IMAGE_URL_DOMAINS=example.com,*.example.org"
+        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}{example}") from None
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
