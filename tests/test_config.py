@@ -346,8 +346,23 @@ def test_unknown_variables_are_found_and_warned_about(caplog: pytest.LogCaptureF
     assert unknown_variables(environ) == ["GLMVISION_KEY", "GLMVISION_SERVER", "GLMVISION_WORKER"]
     with caplog.at_level("WARNING", logger="glmvision"):
         assert warn_unknown_variables(environ) == ["GLMVISION_WORKER"]
-    assert "GLMVISION_WORKER is not a glmvision setting" in caplog.text
-    assert "GLMVISION_WORKERS " not in caplog.text
+    assert "GLMVISION_WORKER is not a glmvision setting and is ignored (did you mean GLMVISION_WORKERS?)" in (
+        caplog.text
+    )
+
+
+def test_an_unknown_variable_with_no_near_name_gets_no_suggestion(caplog: pytest.LogCaptureFixture) -> None:
+    """Every name shares GLMVISION_, so only the rest is compared: nothing is near GLMVISION_ZZZZ."""
+    with caplog.at_level("WARNING", logger="glmvision"):
+        assert warn_unknown_variables({"GLMVISION_ZZZZ": "1", "GLMVISION_RATELIMIT": "5/minute"}) == [
+            "GLMVISION_RATELIMIT",
+            "GLMVISION_ZZZZ",
+        ]
+    assert "GLMVISION_ZZZZ is not a glmvision setting and is ignored (a typo?)" in caplog.text
+    assert (
+        "GLMVISION_RATELIMIT is not a glmvision setting and is ignored (did you mean GLMVISION_RATE_LIMIT?)"
+        in (caplog.text)
+    )
 
 
 def test_gunicorn_settings_are_kept_apart_from_the_app() -> None:

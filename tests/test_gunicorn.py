@@ -624,3 +624,17 @@ def test_a_setting_only_the_app_checks_stops_gunicorn_with_its_line_and_no_trace
     assert len(ours) == 1 and ours[0].startswith(line), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "App failed to load" in result.stderr
+
+
+def test_a_misspelt_variable_is_warned_about_once_with_the_nearest_name(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
+) -> None:
+    """The master warns; the worker's create_app (which once warned again) does not."""
+    env = server_env(demo_model_dir, runtime_dir, WARMUP="0") | {"GLMVISION_WORKR": "2"}
+    with live_server(tmp_path, env) as server:  # ready: the worker has built its app
+        assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        log = server.log()
+    assert log.count("GLMVISION_WORKR is not a glmvision setting") == 1, log
+    assert (
+        "GLMVISION_WORKR is not a glmvision setting and is ignored (did you mean GLMVISION_WORKERS?)" in log
+    )

@@ -7,6 +7,7 @@ start-up, and the rest of the code reads typed attributes.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -580,8 +581,12 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> list[str
     """Log a warning for each `GLMVISION_*` variable that nothing reads; return them."""
     names = os.environ if environ is None else environ
     unknown = [name for name in unknown_variables(names) if name not in CLIENT_VARIABLES]
+    # Compared without the prefix, which every name shares and would make anything look close.
+    known = sorted(name[len(PREFIX) :] for name in known_variables() | CLIENT_VARIABLES)
     for name in unknown:
-        log.warning("%s is not a glmvision setting and is ignored (a typo?)", name)
+        nearest = difflib.get_close_matches(name[len(PREFIX) :], known, n=1)
+        hint = f"did you mean {PREFIX}{nearest[0]}?" if nearest else "a typo?"
+        log.warning("%s is not a glmvision setting and is ignored (%s)", name, hint)
     return unknown
 
 

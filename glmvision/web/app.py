@@ -57,11 +57,12 @@ def _fetch_policy(settings: Settings) -> FetchPolicy:
         raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}{example}") from None
 
 
-def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool = True) -> Flask:
     """Build the app: settings from defaults, then `GLMVISION_*` environment, then `overrides`."""
     settings = load_settings(overrides)
     _configure_logging(settings.log_level)
-    warn_unknown_variables()
+    if warn_unknown:
+        warn_unknown_variables()
     check_backend(settings)
     app = Flask(__name__)
     app.config.update(
