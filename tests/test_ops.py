@@ -130,6 +130,15 @@ class TestMetrics:
         assert "glmvision_requests_total" in right.get_data(as_text=True)
         assert client.get("/healthz").status_code == 200
 
+    def test_a_not_ready_readyz_is_counted_with_a_real_code(self, make_app: Callable[..., Flask]) -> None:
+        client = make_app(warmup=False).test_client()
+        assert client.get("/readyz").status_code == 503  # nothing has loaded the model yet
+        assert (
+            metric(client, "glmvision_requests_total", route="/readyz", status="503", code="model_loading")
+            == 1
+        )
+        assert metric(client, "glmvision_requests_total", route="/readyz", code="none") == 0
+
     def test_metrics_can_be_turned_off(self, make_app: Callable[..., Flask]) -> None:
         client = make_app(metrics=False).test_client()
         assert client.get("/metrics").status_code == 404
