@@ -168,6 +168,10 @@ INVALID = [
     ("LOG_LEVEL", "verbose"),
     ("SCHEDULER", "fifo"),
     ("MAX_PREFILL_TOKENS", "0"),
+    ("RATE_LIMIT", "60"),
+    ("RATE_LIMIT", "60 per fortnight"),
+    ("REDACT", "passwords"),
+    ("LORA", "gauges"),
 ]
 
 
@@ -176,6 +180,23 @@ def test_invalid_environment_values_name_the_variable(name: str, raw: str) -> No
     """A bad environment value is a ConfigError naming the variable and where it came from."""
     with pytest.raises(ConfigError, match=rf"^GLMVISION_{name} \(environment\)"):
         load_settings({}, {f"GLMVISION_{name}": raw})
+
+
+@pytest.mark.parametrize(("name", "raw"), INVALID)
+def test_an_invalid_setting_is_one_line_with_its_value_accepted_form_and_an_example_that_works(
+    name: str, raw: str
+) -> None:
+    """`GLMVISION_X (environment): <accepted form>, got <value>; e.g. GLMVISION_X=<example>`."""
+    with pytest.raises(ConfigError) as refused:
+        load_settings({}, {f"GLMVISION_{name}": raw})
+    message = str(refused.value)
+    assert "\n" not in message and "Value error" not in message
+    head, _, example = message.partition("; e.g. ")
+    assert head.lower().endswith(f", got {raw!r}".lower()), message
+    assert len(head) > len(f"GLMVISION_{name} (environment): , got {raw!r}") + 10, message  # the form
+    variable, _, value = example.partition("=")
+    assert variable == f"GLMVISION_{name}", message
+    assert load_settings({}, {variable: value})[variable] is not None  # the example itself loads
 
 
 @pytest.mark.parametrize(("name", "raw"), INVALID)
@@ -325,8 +346,23 @@ def test_unknown_variables_are_found_and_warned_about(caplog: pytest.LogCaptureF
     assert unknown_variables(environ) == ["GLMVISION_KEY", "GLMVISION_SERVER", "GLMVISION_WORKER"]
     with caplog.at_level("WARNING", logger="glmvision"):
         assert warn_unknown_variables(environ) == ["GLMVISION_WORKER"]
-    assert "GLMVISION_WORKER is not a glmvision setting" in caplog.text
-    assert "GLMVISION_WORKERS " not in caplog.text
+    assert "GLMVISION_WORKER is not a glmvision setting and is ignored (did you mean GLMVISION_WORKERS?)" in (
+        caplog.text
+    )
+
+
+def test_an_unknown_variable_with_no_near_name_gets_no_suggestion(caplog: pytest.LogCaptureFixture) -> None:
+    """Every name shares GLMVISION_, so only the rest is compared: nothing is near GLMVISION_ZZZZ."""
+    with caplog.at_level("WARNING", logger="glmvision"):
+        assert warn_unknown_variables({"GLMVISION_ZZZZ": "1", "GLMVISION_RATELIMIT": "5/minute"}) == [
+            "GLMVISION_RATELIMIT",
+            "GLMVISION_ZZZZ",
+        ]
+    assert "GLMVISION_ZZZZ is not a glmvision setting and is ignored (a typo?)" in caplog.text
+    assert (
+        "GLMVISION_RATELIMIT is not a glmvision setting and is ignored (did you mean GLMVISION_RATE_LIMIT?)"
+        in (caplog.text)
+    )
 
 
 def test_gunicorn_settings_are_kept_apart_from_the_app() -> None:

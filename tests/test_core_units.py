@@ -18,7 +18,7 @@ from helpers import vision_body, wait_for
 
 from glmvision.backends.local.continuous import ContinuousEngine
 from glmvision.backends.local.engine import Job
-from glmvision.backends.local.loading import check_source, load_model, looks_like_path
+from glmvision.backends.local.loading import INDEX, check_source, load_model, looks_like_path
 from glmvision.backends.local.static import StaticEngine
 from glmvision.core.backend import Admission, PreparationSlots
 from glmvision.core.config import ConfigError, load_settings
@@ -292,6 +292,26 @@ def test_check_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         check_source(ok)
     with pytest.raises(ConfigError):
         check_source("~/missing")
+
+
+def test_a_relative_model_directory_that_exists_is_a_path_and_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models/glm` reads like a hub id, but a directory of that name is what transformers loads: check it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "glm").mkdir(parents=True)
+    assert looks_like_path("models/glm") and looks_like_path("./models/glm")
+    assert not looks_like_path("models/other")  # no such directory: a hub id, checked when it loads
+    (tmp_path / "models" / "glm" / INDEX).write_text('{"weight_map": {"a": "model-1.safetensors"}}')
+    for source in ("models/glm", "./models/glm"):
+        with pytest.raises(ConfigError, match=rf"^GLMVISION_MODEL={source}: missing model-1.safetensors"):
+            check_source(source)
+    with pytest.raises(ConfigError, match=rf"^GLMVISION_MODEL=models/glm/{INDEX}: not a directory"):
+        check_source(f"models/glm/{INDEX}")
+    missing = f"GLMVISION_MODEL=./models/glm2: directory not found (looked in {tmp_path}/models/glm2)"
+    with pytest.raises(ConfigError) as refused:
+        check_source("./models/glm2")
+    assert str(refused.value) == missing
 
 
 # Engine: queue expiry, failure, warm-up and nudges (no model thread unless stated).

@@ -251,7 +251,10 @@ def test_bad_allowlist_entries_are_config_errors(entry: str) -> None:
     """One clear line naming the variable and the entry."""
     with pytest.raises(ConfigError) as caught:
         IpAllowlist.from_settings(load_settings({"GLMVISION_ALLOWED_IPS": f"10.0.0.0/8,{entry}"}))
-    assert str(caught.value) == f"GLMVISION_ALLOWED_IPS: {entry!r} is not an address or CIDR"
+    assert str(caught.value) == (
+        f"GLMVISION_ALLOWED_IPS: {entry!r} is not an address or CIDR; "
+        "e.g. GLMVISION_ALLOWED_IPS=10.0.0.0/8,127.0.0.1"
+    )
 
 
 # The circuit breaker, in memory.

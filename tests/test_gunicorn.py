@@ -25,6 +25,7 @@ from helpers import (
     ROOT,
     LiveServer,
     b64,
+    free_port,
     image_b64,
     image_bytes,
     live_server,
@@ -579,6 +580,12 @@ def test_rate_limit_is_shared_by_workers_through_redis(
             "glmvision: GLMVISION_MODEL=/models/no-such-dir: directory not found",
         ),
         ("GLMVISION_THREADS", "16", "glmvision: GLMVISION_THREADS=16 is too few"),
+        (
+            "GLMVISION_RATE_LIMIT",
+            "60",
+            "glmvision: GLMVISION_RATE_LIMIT (environment): not N/unit (second, minute, hour or day; "
+            "several joined by ;), got '60'; e.g. GLMVISION_RATE_LIMIT=60/minute",
+        ),
     ],
 )
 def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(
@@ -599,3 +606,38 @@ def test_a_setting_that_cannot_work_stops_gunicorn_with_one_line(
     assert result.stderr.strip().startswith(message), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_setting_only_the_app_checks_stops_gunicorn_with_its_line_and_no_traceback(
+    demo_model_dir: Path,
+) -> None:
+    """An allowlist entry is parsed in the worker: its one line, then gunicorn's "App failed to load"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
+    env.update(
+        GLMVISION_MODEL=str(demo_model_dir), GLMVISION_DEVICE="cpu", GLMVISION_ALLOWED_IPS="10.0.0.0/8,bogus"
+    )
+    env["GLMVISION_BIND"] = f"127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    line = "glmvision: GLMVISION_ALLOWED_IPS: 'bogus' is not an address or CIDR; e.g. GLMVISION_ALLOWED_IPS="
+    ours = [text for text in result.stderr.splitlines() if text.startswith("glmvision:")]
+    assert len(ours) == 1 and ours[0].startswith(line), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "App failed to load" in result.stderr
+
+
+def test_a_misspelt_variable_is_warned_about_once_with_the_nearest_name(
+    tmp_path: Path, demo_model_dir: Path, runtime_dir: Path
+) -> None:
+    """The master warns; the worker's create_app (which once warned again) does not."""
+    env = server_env(demo_model_dir, runtime_dir, WARMUP="0") | {"GLMVISION_WORKR": "2"}
+    with live_server(tmp_path, env) as server:  # ready: the worker has built its app
+        assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        log = server.log()
+    assert log.count("GLMVISION_WORKR is not a glmvision setting") == 1, log
+    assert (
+        "GLMVISION_WORKR is not a glmvision setting and is ignored (did you mean GLMVISION_WORKERS?)" in log
+    )

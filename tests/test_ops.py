@@ -130,6 +130,15 @@ class TestMetrics:
         assert "glmvision_requests_total" in right.get_data(as_text=True)
         assert client.get("/healthz").status_code == 200
 
+    def test_a_not_ready_readyz_is_counted_with_a_real_code(self, make_app: Callable[..., Flask]) -> None:
+        client = make_app(warmup=False).test_client()
+        assert client.get("/readyz").status_code == 503  # nothing has loaded the model yet
+        assert (
+            metric(client, "glmvision_requests_total", route="/readyz", status="503", code="model_loading")
+            == 1
+        )
+        assert metric(client, "glmvision_requests_total", route="/readyz", code="none") == 0
+
     def test_metrics_can_be_turned_off(self, make_app: Callable[..., Flask]) -> None:
         client = make_app(metrics=False).test_client()
         assert client.get("/metrics").status_code == 404
@@ -166,10 +175,26 @@ class TestRequestLog:
     def test_an_unsafe_request_id_is_replaced(
         self, client: FlaskClient, request_lines: list[logging.LogRecord]
     ) -> None:
-        response = client.get("/healthz", headers={"X-Request-ID": 'evil" {injected} ' + "x" * 200})
+        response = client.get("/v1/models", headers={"X-Request-ID": 'evil" {injected} ' + "x" * 200})
         given = response.headers["X-Request-ID"]
         assert re.fullmatch(r"[0-9a-f]{32}", given)
         assert vars(request_lines[0])["request_id"] == given
+
+    def test_health_probes_and_scrapes_are_not_logged_at_info(
+        self, client: FlaskClient, request_lines: list[logging.LogRecord]
+    ) -> None:
+        for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
+            client.get(path)
+        assert [vars(line)["route"] for line in request_lines] == ["/v1/models"]
+        logger = logging.getLogger("glmvision.request")
+        logger.setLevel(logging.DEBUG)  # one who wants them sees them
+        try:
+            client.get("/healthz")
+        finally:
+            logger.setLevel(logging.INFO)
+        assert [(vars(line)["route"], line.levelno) for line in request_lines[1:]] == [
+            ("/healthz", logging.DEBUG)
+        ]
 
     def test_an_unknown_path_is_logged_as_unmatched(
         self, client: FlaskClient, request_lines: list[logging.LogRecord]

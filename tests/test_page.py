@@ -184,6 +184,31 @@ def test_upload_ask_stream_follow_up_and_find_it_in_history(page: Page, server: 
     expect(page.locator("#conversations li")).to_have_count(0)
 
 
+def test_an_empty_page_says_what_to_do_and_the_sample_can_be_asked_about(
+    page: Page, server: LiveServer
+) -> None:
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None
+    )
+    page.route("**/v1/chat/completions", lambda route: canned(route, "Tuesday."))
+    open_page(page, server)
+    hint = page.locator("#empty-hint")
+    expect(hint).to_be_visible()
+    expect(hint).to_contain_text("Drop an image")
+    page.click("text=Try the sample")
+    expect(page.locator("#preview")).to_be_visible()
+    expect(page.locator("#question")).to_have_value("Which day has the tallest bar?")
+    page.press("#question", "Enter")
+    wait_answers(page, 1)
+    expect(hint).to_have_count(0)
+    expect(page.locator(".message.assistant .answer")).to_have_text("Tuesday.")
+    (image,) = [part for part in sent[0]["messages"][-1]["content"] if part["type"] == "image_url"]
+    assert image["image_url"]["url"].startswith("data:image/")
+    page.click("#new-chat")  # a new, empty conversation shows the hint again
+    expect(page.locator("#empty-hint")).to_be_visible()
+
+
 def test_a_script_in_the_answer_is_shown_as_text(page: Page, server: LiveServer) -> None:
     hostile = '<script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2"><b>bold</b>'
     page.route("**/v1/chat/completions", lambda route: canned(route, hostile))

@@ -128,3 +128,37 @@ def test_a_single_error_lists_itself(client: FlaskClient) -> None:
     first, listed = problems(response)
     assert first == ("invalid_value", "prompt") and listed == [first]
     assert response.get_json()["success"] is False
+
+
+def test_an_empty_last_message_is_listed_beside_the_other_problems(client: FlaskClient) -> None:
+    """It was checked only once every field passed, so a body with a bad field lost it."""
+    body = chat_body(messages=[{"role": "user", "content": "  "}], max_tokens=-1, temperature=9)
+    first, listed = problems(client.post(CHAT, json=body))
+    assert listed == [
+        ("invalid_value", "max_tokens"),
+        ("invalid_value", "temperature"),
+        ("invalid_value", "messages.0.content"),
+    ]
+    assert first == ("invalid_value", "max_tokens")
+    for content in ("", [], None, [{"type": "text", "text": ""}]):
+        alone = problems(client.post(CHAT, json=chat_body(messages=[{"role": "user", "content": content}])))
+        assert alone == (("invalid_value", "messages.0.content"), [("invalid_value", "messages.0.content")])
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64()}}]
+    assert client.post(CHAT, json=chat_body(messages=[{"role": "user", "content": image}])).status_code == 200
+
+
+def test_a_missing_image_names_both_fields_it_may_come_in(client: FlaskClient) -> None:
+    response = client.post("/v1/chat/vision", json={"prompt": "What is this?"})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert (error["code"], error["param"]) == ("missing_field", "image")
+    assert "'image_url'" in error["message"]
+
+
+def test_an_unknown_model_is_answered_with_the_served_ids(client: FlaskClient) -> None:
+    response = client.post(CHAT, json=chat_body(model="gpt-4o"))
+    assert response.status_code == 404
+    error = response.get_json()["error"]
+    served = [card["id"] for card in client.get("/v1/models").get_json()["data"]]
+    assert error["code"] == "model_not_found" and served
+    assert error["message"] == f"The model 'gpt-4o' does not exist; this server serves: {', '.join(served)}."

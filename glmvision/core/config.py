@@ -7,6 +7,7 @@ start-up, and the rest of the code reads typed attributes.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -274,7 +275,9 @@ class Settings(_Base):
     )
     api_keys_file: str = Field("", description="File with one API key per line (# comments allowed).")
     rate_limit: str = Field(
-        "", description="Per key (else per client IP) limit, e.g. 60/minute; empty is no limit."
+        "",
+        description="Per key (else per client IP) limit, e.g. 60/minute; empty is no limit.",
+        examples=["60/minute"],
     )
     ratelimit_storage_uri: str = Field(
         "memory://", description="Rate-limit counters: memory:// or redis://host:port."
@@ -376,12 +379,15 @@ class Settings(_Base):
         "sends the 503.",
     )
     redact: CommaList = Field(
-        [], description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email."
+        [],
+        description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email.",
+        examples=[["email", "phone"]],
     )
     lora: str = Field(
         "",
         description="LoRA adapters (PEFT directories, as glmvision finetune writes) loaded on the base "
         "model: name=dir,name2=dir2; a request picks one with model <id>:<name> or adapter.",
+        examples=["gauges=/adapters/gauges"],
     )
     backend: Literal["local", "openai"] = Field(
         "local",
@@ -418,6 +424,18 @@ class Settings(_Base):
         unknown = sorted(set(value) - set(REDACT_KINDS))
         if unknown:
             raise ValueError(f"unknown kind(s) {', '.join(unknown)}; known: {', '.join(REDACT_KINDS)}")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many  # flask-limiter's own parser, Flask-free
+
+        try:
+            if value:
+                parse_many(value)
+        except ValueError:
+            raise ValueError("not N/unit (second, minute, hour or day; several joined by ;)") from None
         return value
 
     @field_validator("lora")
@@ -528,10 +546,23 @@ def _load(model: type[_Base], overrides: Mapping[str, Any]) -> Any:
         if not first["loc"]:  # a rule across fields: its message names them
             raise ConfigError(first["msg"].removeprefix("Value error, ")) from None
         field = str(first["loc"][0])
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
+        info = model.model_fields[field]
+        secret = isinstance(info.default, SecretStr)
+        value = "'***'" if secret else repr(first.get("input"))
         raise ConfigError(
-            f"{PREFIX}{field.upper()} ({_source(field, overrides)}): {message}, got {first.get('input')!r}"
+            f"{PREFIX}{field.upper()} ({_source(field, overrides)}): {message}, got {value}"
+            + ("" if secret else _example(field, info.examples[0] if info.examples else info.default))
         ) from None
+
+
+def _example(field: str, value: Any) -> str:
+    """`; e.g. GLMVISION_NAME=value` with a value that passes (the default, else the field's example)."""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif isinstance(value, list):
+        value = ",".join(value)
+    return f"; e.g. {PREFIX}{field.upper()}={value}" if value != "" else ""
 
 
 def _is_field(model: type[_Base], name: str) -> bool:
@@ -574,8 +605,12 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> list[str
     """Log a warning for each `GLMVISION_*` variable that nothing reads; return them."""
     names = os.environ if environ is None else environ
     unknown = [name for name in unknown_variables(names) if name not in CLIENT_VARIABLES]
+    # Compared without the prefix, which every name shares and would make anything look close.
+    known = sorted(name[len(PREFIX) :] for name in known_variables() | CLIENT_VARIABLES)
     for name in unknown:
-        log.warning("%s is not a glmvision setting and is ignored (a typo?)", name)
+        nearest = difflib.get_close_matches(name[len(PREFIX) :], known, n=1)
+        hint = f"did you mean {PREFIX}{nearest[0]}?" if nearest else "a typo?"
+        log.warning("%s is not a glmvision setting and is ignored (%s)", name, hint)
     return unknown
 
 

@@ -30,7 +30,10 @@ def adapter_of_model(
             if adapters is None or adapter in adapters:
                 return adapter
             raise APIError(404, "model_not_found", _unknown(adapter, adapters), "model")
-    raise APIError(404, "model_not_found", f"The model {model!r} does not exist.", "model")
+    served = ", ".join(model_names)
+    raise APIError(
+        404, "model_not_found", f"The model {model!r} does not exist; this server serves: {served}.", "model"
+    )
 
 
 def check_adapter(adapter: str | None, adapters: tuple[str, ...] | None) -> str | None:

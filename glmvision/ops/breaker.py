@@ -171,7 +171,8 @@ class CircuitBreaker:
             self._store = _RedisStore(client, threshold, cooldown, window)
         else:
             raise ConfigError(
-                f"{VARIABLE}: {redisstore.redact(storage_uri)!r} is not memory:// or redis://host:port/db"
+                f"{VARIABLE}: {redisstore.redact(storage_uri)!r} is not memory:// or redis://host:port/db; "
+                f"e.g. {VARIABLE}=redis://127.0.0.1:6379/0"
             )
 
     @classmethod

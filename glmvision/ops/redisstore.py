@@ -52,7 +52,8 @@ def redact(uri: str) -> str:
 def client(uri: str, variable: str) -> redis.Redis:
     """A client for `uri` (it connects on first use); ConfigError naming `variable` when it is unusable."""
     if not is_redis(uri):
-        raise ConfigError(f"{variable}: {redact(uri)!r} is not a redis://host:port/db URL")
+        example = f"; e.g. {variable}=redis://127.0.0.1:6379/0"
+        raise ConfigError(f"{variable}: {redact(uri)!r} is not a redis://host:port/db URL{example}")
     db = urlsplit(uri).path.strip("/") if scheme_of(uri) != "unix" else ""
     # redis-py quietly ignores a database that is not a number: refuse it rather than use db 0.
     if db and not (db.isascii() and db.isdigit()):

@@ -16,6 +16,8 @@ from glmvision.core.keys import key_digest, presented_key
 from glmvision.ops.record import RequestRecord, current_record, request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Polled every few seconds by load balancers and Prometheus: logged at DEBUG, so real requests stand out.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 Finisher = Callable[[RequestRecord, float], None]
 
 
@@ -103,4 +105,5 @@ class RequestLog:
             except Exception:  # bookkeeping must never break a response already sent
                 logging.getLogger("glmvision").exception("finishing a request's record failed")
         if self._logger is not None:
-            self._logger.info("request", extra={"pid": os.getpid(), **record.log_fields(total)})
+            level = logging.DEBUG if record.route in QUIET_ROUTES else logging.INFO
+            self._logger.log(level, "request", extra={"pid": os.getpid(), **record.log_fields(total)})

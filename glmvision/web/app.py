@@ -53,14 +53,16 @@ def _fetch_policy(settings: Settings) -> FetchPolicy:
     try:
         return FetchPolicy.from_settings(settings)
     except ValueError as exc:
-        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}") from None
+        example = "; e.g. GLMVISION_IMAGE_URL_DOMAINS=example.com,*.example.org"
+        raise ConfigError(f"GLMVISION_IMAGE_URL_DOMAINS: {exc}{example}") from None
 
 
-def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool = True) -> Flask:
     """Build the app: settings from defaults, then `GLMVISION_*` environment, then `overrides`."""
     settings = load_settings(overrides)
     _configure_logging(settings.log_level)
-    warn_unknown_variables()
+    if warn_unknown:
+        warn_unknown_variables()
     check_backend(settings)
     app = Flask(__name__)
     app.config.update(

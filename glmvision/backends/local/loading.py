@@ -29,7 +29,10 @@ def is_demo(source: str) -> bool:
 
 
 def looks_like_path(source: str) -> bool:
-    """True when GLMVISION_MODEL names a directory rather than a hub id (`org/name`)."""
+    """True when GLMVISION_MODEL names a directory rather than a hub id (`org/name`): one that exists
+    (`models/glm` too, as transformers would load it), or one written as a path."""
+    if source and os.path.exists(os.path.expanduser(source)):
+        return True
     return source.startswith(("/", "./", "../", "~")) or os.sep + os.sep in source or source.count("/") > 1
 
 
@@ -39,8 +42,12 @@ def check_source(source: str) -> None:
     if not source or not looks_like_path(source):
         return
     directory = Path(os.path.expanduser(source))
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"GLMVISION_MODEL={source}: not a directory (name the model's directory)")
     if not directory.is_dir():
-        raise ConfigError(f"GLMVISION_MODEL={source}: directory not found")
+        # A relative path is read from the server's working directory, which may not be the caller's.
+        where = "" if directory.is_absolute() else f" (looked in {directory.absolute()})"
+        raise ConfigError(f"GLMVISION_MODEL={source}: directory not found{where}")
     problems = weight_problems(directory)
     if problems:
         raise ConfigError(f"GLMVISION_MODEL={source}: " + "; ".join(problems))

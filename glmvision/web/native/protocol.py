@@ -65,7 +65,9 @@ class VisionRequest(NativeRequest):
             error = rule_error("invalid_value", "Send either 'image' or 'image_url', not both.")
             return [{"type": error, "loc": ("image_url",), "input": data["image_url"]}]
         if not has_image and not has_url:
-            error = rule_error("missing_field", "Field 'image' is required.")
+            error = rule_error(
+                "missing_field", "Field 'image' is required: base64 image bytes, or a URL in 'image_url'."
+            )
             return [{"type": error, "loc": ("image",), "input": None}]
         return []
 

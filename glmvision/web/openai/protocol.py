@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
 from glmvision.core.config import Settings
 from glmvision.core.constraints import (
@@ -258,12 +259,30 @@ class ChatCompletionRequest(RequestModel):
             raise rule_error(
                 "invalid_value", "The last message must come from the user or a tool.", "messages"
             )
-        if last.role == "user" and not any(
-            part.type == "image_url" or part.text.strip() for part in _parts(last.content)
-        ):
-            where = f"messages.{len(self.messages) - 1}.content"
-            raise rule_error("invalid_value", "The last user message is empty.", where)
         return self
+
+    @classmethod
+    def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
+        """An empty last user message, on the raw body: reported beside the other fields' errors."""
+        messages = data.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not isinstance(last, dict) or last.get("role") != "user":
+            return []
+        content = last.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if content is not None and not isinstance(parts, list):
+            return []  # not a string or a list: its field error says so
+        if any(
+            not isinstance(part, dict)
+            or part.get("type") != "text"
+            or not isinstance(part.get("text"), str)
+            or part["text"].strip()
+            for part in parts or []
+        ):
+            return []  # an image, some text, or a malformed part (its own error)
+        where = f"messages.{len(messages) - 1}.content"
+        error = rule_error("invalid_value", "The last user message is empty.", where)
+        return [{"type": error, "loc": ("messages", len(messages) - 1, "content"), "input": content}]
 
     def _check_tools(self) -> None:
         """Tool names are unique, and a forced call (required, or a named function) has a tool to call."""

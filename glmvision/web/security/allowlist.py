@@ -53,7 +53,8 @@ def parse_networks(entries: Iterable[str], variable: str) -> tuple[Network, ...]
         try:
             networks.append(parse_network(entry))
         except ValueError:
-            raise ConfigError(f"{variable}: {entry.strip()!r} is not an address or CIDR") from None
+            example = f"; e.g. {variable}=10.0.0.0/8,127.0.0.1"
+            raise ConfigError(f"{variable}: {entry.strip()!r} is not an address or CIDR{example}") from None
     return tuple(networks)
 
 

@@ -8,6 +8,7 @@ from flask import Flask, request
 from flask.wrappers import Response
 from flask_limiter import Limiter
 from limits import parse_many
+from limits.errors import ConfigurationError
 
 from glmvision.core.config import ConfigError, Settings
 from glmvision.core.errors import unavailable
@@ -60,7 +61,13 @@ def init_app(app: Flask, settings: Settings) -> Limiter | None:
     limiter.request_filter(lambda: request.endpoint in PUBLIC_ENDPOINTS)
     # Registered first so it runs after the limiter's header hook (Flask runs them in reverse).
     app.after_request(_retry_after_only_on_refusals)
-    limiter.init_app(app)
+    try:
+        limiter.init_app(app)  # builds the storage from the URI
+    except ConfigurationError as exc:
+        variable = "GLMVISION_RATELIMIT_STORAGE_URI"
+        raise ConfigError(
+            f"{variable}: {redisstore.redact(uri)!r}: {exc}; e.g. {variable}=redis://127.0.0.1:6379/0"
+        ) from None
     return limiter
 
 

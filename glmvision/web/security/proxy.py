@@ -41,10 +41,10 @@ def trusted_proxy_app(wsgi_app: WSGIApp, spec: str) -> WSGIApp:
             try:
                 networks.append(parse_network(entry))
             except ValueError:
-                problem = "is not a hop count, an address or a CIDR"
+                problem = f"is not a hop count, an address or a CIDR; e.g. {VARIABLE}=1 or 10.0.0.0/8"
                 raise ConfigError(f"{VARIABLE}: {entry.strip()!r} {problem}") from None
     if not networks:
-        raise ConfigError(f"{VARIABLE}: {spec!r} names no address or CIDR")
+        raise ConfigError(f"{VARIABLE}: {spec!r} names no address or CIDR; e.g. {VARIABLE}=10.0.0.0/8")
     return TrustedNetworks(wsgi_app, networks)
 
 

@@ -148,6 +148,7 @@ function startNew() {
 function renderMessages() {
   const container = $("messages");
   container.replaceChildren();
+  if (state.conversation.messages.length === 0) container.append(emptyHint());
   let lastImage = null;
   for (const message of state.conversation.messages) {
     if (message.role === "user") {
@@ -160,6 +161,40 @@ function renderMessages() {
     }
   }
   container.scrollTop = container.scrollHeight;
+}
+
+// A first-time visitor sees what to do, and can try it without an image of their own.
+function emptyHint() {
+  const hint = document.createElement("div");
+  hint.id = "empty-hint";
+  hint.className = "empty-hint";
+  const words = document.createElement("p");
+  words.textContent = "Drop an image below (or paste one, or choose a file), then ask a question about it.";
+  hint.append(words, button("Try the sample", "try-sample", trySample));
+  return hint;
+}
+
+// The sample: a bar chart drawn here, so the page needs no file of its own.
+function trySample() {
+  const canvas = document.createElement("canvas");
+  canvas.width = 320;
+  canvas.height = 200;
+  const draw = canvas.getContext("2d");
+  draw.fillStyle = "#ffffff";
+  draw.fillRect(0, 0, 320, 200);
+  const bars = [["Mon", 60, "#4e79a7"], ["Tue", 140, "#e15759"], ["Wed", 95, "#59a14f"]];
+  draw.font = "16px sans-serif";
+  bars.forEach(([label, height, colour], index) => {
+    const x = 40 + index * 95;
+    draw.fillStyle = colour;
+    draw.fillRect(x, 170 - height, 60, height);
+    draw.fillStyle = "#222222";
+    draw.fillText(label, x + 14, 192);
+  });
+  hideError();
+  showImage(canvas.toDataURL("image/png"));
+  $("question").value = "Which day has the tallest bar?";
+  $("question").focus();
 }
 
 function userElement(message) {
@@ -400,6 +435,8 @@ async function ask(event) {
   clearImage();
   const lastImage = [...conversation.messages].reverse().find((m) => m.image).image;
   const asked = userElement(userMessage);
+  const hint = $("empty-hint");
+  if (hint) hint.remove();
   $("messages").append(asked);
   const view = assistantElement();
   $("messages").append(view.root);
