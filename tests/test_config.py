@@ -162,7 +162,7 @@ INVALID = [
     ("LOAD_TIMEOUT", "inf"),
     ("MAX_BODY_MB", "inf"),
     ("MAX_BODY_MB", "nan"),
-    ("WORKERS", "0"),
+    ("WORKERS", "-1"),
     ("THREADS", "-4"),
     ("TIMEOUT", "soon"),
     ("LOG_LEVEL", "verbose"),

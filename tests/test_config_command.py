@@ -80,7 +80,7 @@ def test_secrets_are_masked_and_never_printed() -> None:
 def test_an_invalid_setting_is_one_line_and_exit_2() -> None:
     for name, value in (
         ("GLMVISION_MAX_QUEUE", "lots"),
-        ("GLMVISION_WORKERS", "0"),
+        ("GLMVISION_WORKERS", "-1"),
         ("GLMVISION_DTYPE", "fp4"),
     ):
         result = config(env=clean_env(**{name: value}))
