@@ -14,7 +14,6 @@ fi
 stamp=".venv/.installed-$(basename "$requirements")"
 log=".venv/.pip.log"
 # Every requirements file (they include each other with -r) and the package metadata.
-# Everything pip would install from (docs/requirements.txt is included by requirements-dev.txt).
 digest=$(cat "$requirements" requirements*.txt $(ls docs/requirements.txt 2>/dev/null) setup.cfg pyproject.toml | sha256sum | cut -d" " -f1)
 pip_install() {
     # The wheel's name-version and the size pip prints beside it, for each download or cache hit.
