@@ -77,11 +77,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each goodput phase")
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--engines", nargs="+", default=["thread", "process"], choices=["thread", "process"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gv-overload-"))
     demo = build_demo_model(work / "demo")
     figures: dict[str, dict[str, Any]] = {}
-    for engine in ("thread", "process"):
+    for engine in args.engines:
         row = {
             "quiet": _quiet_load(demo, work, engine),
             "storm": _storm_load(demo, work, engine, args.clients),
@@ -89,6 +90,8 @@ def main() -> int:
         row.update(_goodput(demo, work, engine, args.seconds, args.clients))
         figures[engine] = row
         print(engine, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    if len(figures) < 2:
+        return 0
     thread, process = figures["thread"], figures["process"]
     lines = [
         ("load, quiet (s)", "quiet", "{:.1f}"),
