@@ -464,7 +464,7 @@ def test_api_keys_guard_the_api_but_not_the_probes(
 
 
 def sessions_per_worker(
-    server: LiveServer, workers: set[int], rounds: int = 5
+    server: LiveServer, workers: set[int], seconds: float = 60
 ) -> tuple[dict[int, requests.Session], int]:
     """Keep-alive sessions, one pinned to each worker (told apart by /healthz in the access log).
 
@@ -472,7 +472,9 @@ def sessions_per_worker(
     """
     logged = len(await_lines(server, 1))
     pinned: dict[int, requests.Session] = {}
-    for _ in range(rounds):
+    # A worker accepts only once its processor has loaded: try again until `seconds` have passed.
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         batch = [requests.Session() for _ in range(8)]
         # Open the connections at the same time so that both workers accept some.
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
@@ -491,6 +493,7 @@ def sessions_per_worker(
                 pinned[pid] = session
         if set(pinned) == workers:
             return pinned, logged
+        time.sleep(0.5)
     for session in pinned.values():
         session.close()
     raise AssertionError(f"could not reach every worker: {set(pinned)} of {workers}")

@@ -41,7 +41,7 @@ def _render_http_error(exc: HTTPException) -> Response:
         elif status == 429:
             message = f"Rate limit exceeded ({exc.description}). Retry later."
         error = error_object(status, framework_code(status), message or "", None)
-    _note_code(error.code)
+    note_code(error.code)
     response = jsonify(_envelope(error))
     response.status_code = status
     response.headers.update(headers)
@@ -53,7 +53,7 @@ def _render_http_error(exc: HTTPException) -> Response:
 def _render_unexpected(exc: Exception) -> Response:
     # Log the trace for operators; the client only learns that something failed on our side.
     log.exception("unhandled error while serving a request")
-    _note_code("internal_error")
+    note_code("internal_error")
     response = jsonify(
         _envelope(error_object(500, "internal_error", "The server failed to process the request.", None))
     )
@@ -61,7 +61,8 @@ def _render_unexpected(exc: Exception) -> Response:
     return response
 
 
-def _note_code(code: str) -> None:
+def note_code(code: str) -> None:
+    """Name the error code of this request's response for its record (metrics, request log)."""
     record = current_record()
     if record is not None:
         record.code = code

@@ -19,7 +19,6 @@ from glmvision.core.responses import (
     SeedChatResponse,
     VisionResponse,
 )
-from glmvision.ops.record import current_record
 from glmvision.serving.context import RequestContext, admit, new_context
 from glmvision.serving.pipeline import (
     Answer,
@@ -31,6 +30,7 @@ from glmvision.serving.pipeline import (
     new_request_id,
     usage,
 )
+from glmvision.web.errors import note_code
 from glmvision.web.native.protocol import NativeRequest, SeedChatRequest, VisionRequest
 from glmvision.web.protocol import parse_body
 from glmvision.web.route_table import route
@@ -52,11 +52,8 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     body = Readiness(ready=ready, **details).to_json()
     if ready:
         return jsonify(body)
-    record = current_record()
-    if record is not None:  # the metrics' and the request log's code for this 503 (else "none")
-        record.code = (
-            "model_loading" if details["status"] in ("loading", "not_loaded") else "model_unavailable"
-        )
+    # The metrics' and the request log's code for this 503 (else "none").
+    note_code("model_loading" if details["status"] in ("loading", "not_loaded") else "model_unavailable")
     return jsonify(body), 503, {"Retry-After": "5"}
 
 
