@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write the docs generated from the code: docs/errors.md and the README's error table from the error
-registry, docs/configuration.md from the settings models.
+"""Write the docs generated from the code: docs/errors.md from the error registry, docs/configuration.md
+from the settings models.
 
 `.venv/bin/python scripts/gen_docs.py` rewrites them; `--check` only says whether they are stale (exit 1).
 """
@@ -15,11 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's package, whatever the virtualenv has installed
 
 from glmvision.core.config import SettingDoc, setting_docs  # noqa: E402
-from glmvision.core.errors import README_COLUMNS, errors_document, markdown_table  # noqa: E402
+from glmvision.core.errors import errors_document  # noqa: E402
 
 ERRORS_DOC = ROOT / "docs" / "errors.md"
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
-README = ROOT / "README.md"
 # docs/configuration.md's sections: an app setting goes to the first whose prefixes its field name starts
 # with (so a new setting finds its place without an edit here); gunicorn's have their own; the rest, Other.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -47,17 +46,6 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )  # fmt: skip
 SERVER_SECTION = "Server (gunicorn)"
 OTHER_SECTION = "Other"
-
-
-def with_error_table(readme: str) -> str:
-    """The README with its error table (the lines from its header row on) replaced by the registry's."""
-    table = markdown_table(README_COLUMNS).splitlines()
-    lines = readme.splitlines(keepends=True)
-    start = next(index for index, line in enumerate(lines) if line.rstrip("\n") == table[0])
-    end = start
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    return "".join([*lines[:start], *(line + "\n" for line in table), *lines[end:]])
 
 
 def section(doc: SettingDoc) -> str:
@@ -131,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     check = parser.parse_args(argv).check
     stale = []
     documents = (
-        (ERRORS_DOC, lambda _: errors_document()),
-        (CONFIG_DOC, lambda _: configuration_document()),
-        (README, with_error_table),
+        (ERRORS_DOC, errors_document),
+        (CONFIG_DOC, configuration_document),
     )
     for path, render in documents:
         current = path.read_text(encoding="utf-8") if path.exists() else ""
-        wanted = render(current)
+        wanted = render()
         if current != wanted:
             stale.append(path.relative_to(ROOT))
             if not check:

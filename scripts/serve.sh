@@ -8,7 +8,7 @@ if [ -n "${GLMVISION_MODEL:-}" ] && [ -e "$GLMVISION_MODEL" ]; then
     export GLMVISION_MODEL
 fi
 cd "$(dirname "$0")/.."
-# requirements-examples.txt: the runtime plus requests and openai, so the README's Python examples
+# requirements-examples.txt: the runtime plus requests and openai, so the documented Python examples
 # run with .venv/bin/python as they are written.
 bash scripts/bootstrap.sh requirements-examples.txt
 exec .venv/bin/python -m gunicorn -c deploy/gunicorn.conf.py "$@" wsgi:app

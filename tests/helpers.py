@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,17 @@ import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where documented examples live: each runnable block follows an `<!-- example: NAME -->` line.
+DOC_PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
+
+
+def doc_example(name: str) -> str:
+    """The code block after `<!-- example: name -->` in the README or a docs page; every copy the same."""
+    pattern = re.compile(rf"<!-- example: {re.escape(name)} -->\s*```\w*\n(.*?)```", re.S)
+    copies = [block for page in DOC_PAGES for block in pattern.findall(page.read_text(encoding="utf-8"))]
+    assert copies, f"documented example {name!r} not found"
+    assert all(copy == copies[0] for copy in copies), f"the copies of example {name!r} differ"
+    return copies[0]
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", **save: Any) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import openai
 import pytest
 import requests
 import torch
-from helpers import ROOT, image_b64, live_server, server_env
+from helpers import ROOT, doc_example, image_b64, live_server, server_env
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -36,14 +35,6 @@ from glmvision.training.finetune import Options, finetune, latest_checkpoint, re
 MODEL_ID = "glm-4.6v-flash-demo"
 PROMPT = "What does the gauge read?"
 ADMISSION = Admission(10_000, 600, lambda: 0.0)
-
-
-def readme_example(name: str) -> str:
-    """The code block after `<!-- readme-example: name -->` in the README."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(rf"<!-- readme-example: {name} -->\s*```\w*\n(.*?)```", readme, re.S)
-    assert match, f"README example {name!r} not found"
-    return match.group(1)
 
 
 def gauge(reading: int) -> Image.Image:
@@ -383,9 +374,14 @@ def test_adapters_end_to_end_on_gunicorn(lora_server: Any) -> None:
     assert "LoRA adapters loaded: gauges=" in lora_server.log()
 
 
-def test_the_readme_openai_example_asks_the_adapter(lora_server: Any, tmp_path: Path) -> None:
+def test_the_documented_openai_example_asks_the_adapter(lora_server: Any, tmp_path: Path) -> None:
+    photos = tmp_path / "gauges" / "photos"  # as the walk-through's first step leaves them
+    photos.mkdir(parents=True)
+    gauge(40).save(photos / "0000.png")
+    code = doc_example("lora-openai").replace("http://127.0.0.1:8080", lora_server.url)
+    assert "/tmp/gauges/photos/0000.png" in code
     example = tmp_path / "example.py"
-    example.write_text(readme_example("lora-openai").replace("http://127.0.0.1:8080", lora_server.url))
+    example.write_text(code.replace("/tmp/gauges", str(tmp_path / "gauges")))
     result = subprocess.run(
         [sys.executable, str(example)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
@@ -394,10 +390,10 @@ def test_the_readme_openai_example_asks_the_adapter(lora_server: Any, tmp_path: 
     assert f"'{MODEL_ID}:gauges'" in listed and answered.startswith(f"{MODEL_ID}:gauges ")
 
 
-# The README's walk-through and example.
+# The docs' walk-through and example (docs/lora.md).
 
 
-def test_the_readme_walk_through_trains_an_adapter_that_serves(
+def test_the_documented_walk_through_trains_an_adapter_that_serves(
     tmp_path: Path, demo_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import runpy
@@ -405,7 +401,7 @@ def test_the_readme_walk_through_trains_an_adapter_that_serves(
 
     from glmvision.cli.main import main
 
-    commands = [shlex.split(line) for line in readme_example("finetune").strip().splitlines()]
+    commands = [shlex.split(line) for line in doc_example("finetune").strip().splitlines()]
     assert [command[:2] for command in commands] == [
         [".venv/bin/python", "scripts/gauge_photos.py"],
         [".venv/bin/glmvision", "finetune"],

@@ -11,8 +11,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import ROOT
 
-# Rows of the README's error table: | 400 | `invalid_json` | ...
-README_ERROR_ROW = re.compile(r"^\| (\d{3}) \| `([a-z0-9_]+)` \|", re.MULTILINE)
+# Rows of docs/errors.md's table: | 400 | `invalid_json` | ...
+ERROR_ROW = re.compile(r"^\| (\d{3}) \| `([a-z0-9_]+)` \|", re.MULTILINE)
 
 
 @pytest.fixture
@@ -23,9 +23,9 @@ def document(client: FlaskClient) -> dict[str, Any]:
     return response.get_json()
 
 
-def readme_errors() -> dict[str, int]:
-    """code -> status, from the README's error table."""
-    rows = README_ERROR_ROW.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+def page_errors() -> dict[str, int]:
+    """code -> status, from docs/errors.md's table."""
+    rows = ERROR_ROW.findall((ROOT / "docs" / "errors.md").read_text(encoding="utf-8"))
     return {code: int(status) for status, code in rows}
 
 
@@ -74,8 +74,8 @@ def test_every_route_of_the_app_is_documented(app: Flask, document: dict[str, An
     }
 
 
-def test_every_readme_error_code_is_in_the_document(document: dict[str, Any]) -> None:
-    table = readme_errors()
+def test_every_documented_error_code_is_in_the_document(document: dict[str, Any]) -> None:
+    table = page_errors()
     assert len(table) > 30  # the table was found and read
     listed = {
         item["const"]: item["description"] for item in document["components"]["schemas"]["ErrorCode"]["oneOf"]
@@ -83,7 +83,7 @@ def test_every_readme_error_code_is_in_the_document(document: dict[str, Any]) ->
     assert set(listed) == set(table)
     for code, status in table.items():
         assert listed[code].startswith(f"{status}: "), (code, listed[code])
-    # Every code a route may send has its README status; only 404/405 for unknown paths and methods
+    # Every code a route may send has its documented status; only 404/405 for unknown paths and methods
     # belong to no route.
     per_route = documented_errors(document)
     assert set(table) - set(per_route) == {"not_found", "method_not_allowed"}

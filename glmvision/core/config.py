@@ -633,7 +633,7 @@ def _plain(default: Any) -> Any:
 
 
 def settings_table() -> list[tuple[str, Any, str]]:
-    """(variable, default, meaning) for every setting, app first, then gunicorn's: the README's table."""
+    """(variable, default, meaning) for every setting, app first, then gunicorn's."""
     return [
         (PREFIX + name.upper(), _plain(field.default), field.description or "")
         for model in (Settings, ServerSettings)

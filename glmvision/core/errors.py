@@ -640,7 +640,6 @@ def api_error_object(exc: APIError) -> ErrorObject:
 
 
 DOC_COLUMNS = ("status", "code", "type", "retry", "when", "what to do")
-README_COLUMNS = ("status", "code", "when")
 _CELLS: dict[str, Callable[[ErrorSpec], str]] = {
     "status": lambda spec: str(spec.status),
     "code": lambda spec: f"`{spec.code}`",
@@ -652,7 +651,7 @@ _CELLS: dict[str, Callable[[ErrorSpec], str]] = {
 
 
 def markdown_table(columns: tuple[str, ...] = DOC_COLUMNS) -> str:
-    """The registry as a Markdown table (docs/errors.md; the README's has README_COLUMNS)."""
+    """The registry as a Markdown table (docs/errors.md's, or fewer columns)."""
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     lines += ["| " + " | ".join(_CELLS[column](spec) for column in columns) + " |" for spec in _SPECS]
     return "\n".join(lines) + "\n"
@@ -673,10 +672,10 @@ def errors_document() -> str:
     )
 
 
-# The README sections the registry links to, and where the docs site covers them (mkdocs checks both).
+# The in-page anchors the registry's meanings link to, and the docs pages that cover them (mkdocs checks).
 DOC_LINKS = {
-    "#schema-limits": "configuration.md#json-schemas-and-grammars",
-    "#lora-adapters": "configuration.md#model-and-device",
+    "#schema-limits": "structured-outputs.md#schema-limits",
+    "#lora-adapters": "lora.md",
 }
 
 

@@ -1,4 +1,5 @@
-"""The README stays true: its examples run against real gunicorn, its tables match the code."""
+"""The documented examples stay true: every runnable block in the README and docs/*.md runs against real
+gunicorn (the finetune walk-through and its LoRA example run in tests/test_lora.py)."""
 
 from __future__ import annotations
 
@@ -13,50 +14,60 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, live_server, model_sees
+from helpers import DOC_PAGES, ROOT, doc_example, live_server, model_sees
 
-from glmvision.core.config import settings_table
-from glmvision.core.errors import ERRORS, README_COLUMNS, markdown_table
+import glmvision
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-
-
-def readme_example(name: str) -> str:
-    """Return the code block that follows `<!-- readme-example: name -->`."""
-    match = re.search(rf"<!-- readme-example: {name} -->\s*```\w*\n(.*?)```", README, re.S)
-    assert match, f"README example {name!r} not found"
-    return match.group(1)
-
-
-def _documented_default(value: object) -> str:
-    if isinstance(value, bool):
-        return "`1`" if value else "`0`"
-    if value in ("", []):
-        return "(empty)"
-    return f"`{value}`"
+EXAMPLE_MARK = re.compile(r"<!-- example: ([\w-]+) -->")
+# Each documented example and the test that runs it: adding a marked block without a test fails here.
+RUN_BY = {
+    "curl": "test_curl_example_returns_200_json",
+    "run-python": "run_python_example",
+    "python": "test_python_example_runs",
+    "metrics": "test_metrics_example_shows_the_requests_counted",
+    "openai": "test_openai_client_example_runs_verbatim",
+    "openai-tools": "test_tool_calling_example_runs_verbatim",
+    "structured": "test_structured_outputs_example_runs_verbatim",
+    "cli-ask": "test_cli_ask_example_streams_an_answer",
+    "cli-batch": "test_cli_batch_example_writes_a_line_per_image",
+    "finetune": "test_lora.py",
+    "lora-openai": "test_lora.py",
+}
 
 
-@pytest.mark.parametrize(("name", "default", "meaning"), settings_table(), ids=lambda v: str(v)[:40])
-def test_every_setting_is_documented_with_its_default(name: str, default: object, meaning: str) -> None:
-    row = re.search(rf"^\| `{name}` \| (.*?) \| (.*?) \|$", README, re.M)
-    assert row, f"{name} missing from the README's configuration table"
-    assert row.group(1) == _documented_default(default)
-    assert row.group(2) == meaning
+def test_every_marked_example_is_run_by_a_test() -> None:
+    marked = {name for page in DOC_PAGES for name in EXAMPLE_MARK.findall(page.read_text(encoding="utf-8"))}
+    assert marked == set(RUN_BY)
+    tests = (ROOT / "tests" / "test_doc_examples.py").read_text(encoding="utf-8")
+    lora = (ROOT / "tests" / "test_lora.py").read_text(encoding="utf-8")
+    for name, runner in RUN_BY.items():
+        assert f'"{name}"' in (lora if runner == "test_lora.py" else tests), f"no test runs example {name!r}"
 
 
-def test_the_error_table_is_the_registry() -> None:
-    """The README's error table is generated from the registry (scripts/gen_docs.py), row for row."""
-    table = markdown_table(README_COLUMNS)
-    assert len(table.splitlines()) == len(ERRORS) + 2
-    assert table in README, "the README's error table is stale: run scripts/gen_docs.py"
-    documented = re.findall(r"^\| \d{3} \| `(\w+)` \|", README, re.M)
-    assert sorted(documented) == sorted(ERRORS)  # and no other table lists a code
+def test_the_readme_is_a_front_door() -> None:
+    """Short, the first request early, and the set-up commands CI runs (.ci/run runs ./scripts/test.sh)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = readme.splitlines()
+    assert len(lines) <= 200
+    assert lines.index("<!-- example: curl -->") < 80 and lines.index("<!-- example: python -->") < 80
+    setup = re.search(r"## Set-up: two commands\n.*?```bash\n(.*?)```", readme, re.S)
+    assert setup, "the README's set-up block is missing"
+    commands = [line.split()[0] for line in setup.group(1).splitlines()]
+    assert commands == ["./scripts/serve.sh", "./scripts/test.sh"]
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip().endswith("./scripts/test.sh")
+
+
+def test_the_changelog_top_entry_is_the_version() -> None:
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    versions = re.findall(r"^## \[([^\]]+)\]", changelog, re.M)
+    assert versions, "CHANGELOG.md has no version entry"
+    assert versions[0] == glmvision.__version__, "CHANGELOG.md's newest entry must be glmvision.__version__"
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory):
-    """The service as the README starts it: no GLMVISION_MODEL, so the demo model."""
-    tmp = tmp_path_factory.mktemp("readme")
+    """The service as the docs start it: no GLMVISION_MODEL, so the demo model."""
+    tmp = tmp_path_factory.mktemp("docs")
     with live_server(tmp, {"GLMVISION_DEMO_CACHE": str(tmp / "cache")}, ready_path="/readyz") as server:
         yield server
 
@@ -64,7 +75,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):
 def test_curl_example_returns_200_json(demo_server) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed (CI installs it)")
-    script = readme_example("curl").replace("http://127.0.0.1:8080", demo_server.url)
+    script = doc_example("curl").replace("http://127.0.0.1:8080", demo_server.url)
     script = script.replace("curl -sS", "curl -sS --fail-with-body")
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -80,7 +91,7 @@ def test_metrics_example_shows_the_requests_counted(demo_server) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed (CI installs it)")
     test_curl_example_returns_200_json(demo_server)  # at least one answered request to count
-    script = readme_example("metrics").replace("http://127.0.0.1:8080", demo_server.url)
+    script = doc_example("metrics").replace("http://127.0.0.1:8080", demo_server.url)
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
@@ -94,12 +105,12 @@ def test_metrics_example_shows_the_requests_counted(demo_server) -> None:
 def run_python_example(
     name: str, url: str, tmp_path: Path, timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """Run a README Python example the way the README says: saved as a file, with its run command."""
+    """Run a documented Python example the way the docs say: saved as a file, with its run command."""
     example = tmp_path / "example.py"
-    example.write_text(readme_example(name).replace("http://127.0.0.1:8080", url), encoding="utf-8")
-    command = readme_example("run-python").strip()
+    example.write_text(doc_example(name).replace("http://127.0.0.1:8080", url), encoding="utf-8")
+    command = doc_example("run-python").strip()
     assert command == ".venv/bin/python /tmp/example.py"
-    assert (ROOT / ".venv/bin/python").exists(), "the README runs the examples with .venv/bin/python"
+    assert (ROOT / ".venv/bin/python").exists(), "the docs run the examples with .venv/bin/python"
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", command.replace("/tmp/example.py", str(example))],
         cwd=ROOT,
@@ -138,12 +149,12 @@ def test_each_set_up_command_installs_what_the_python_examples_import(script: st
     files = re.findall(r"bootstrap\.sh (\S+)", (ROOT / "scripts" / script).read_text(encoding="utf-8"))
     assert files, f"scripts/{script} installs no requirements file"
     installed = set().union(*(_requirement_names(ROOT / name) for name in files))
-    modules = _third_party_imports(readme_example("python")) | _third_party_imports(readme_example("openai"))
+    modules = _third_party_imports(doc_example("python")) | _third_party_imports(doc_example("openai"))
     assert {"requests", "openai"} <= modules
     distributions = packages_distributions()
     for module in modules:
         wanted = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
-        assert wanted & installed, f"scripts/{script} does not install {module!r}, which the README imports"
+        assert wanted & installed, f"scripts/{script} does not install {module!r}, which the docs import"
 
 
 def test_python_example_runs(demo_server, tmp_path: Path) -> None:
@@ -153,8 +164,8 @@ def test_python_example_runs(demo_server, tmp_path: Path) -> None:
 
 
 def run_shell_example(name: str, url: str, **replace: str) -> subprocess.CompletedProcess[str]:
-    """Run a README shell example from the repository root, against `url` through $GLMVISION_SERVER."""
-    script = readme_example(name)
+    """Run a documented shell example from the repository root, against `url` through $GLMVISION_SERVER."""
+    script = doc_example(name)
     for old, value in replace.items():
         script = script.replace(old, value)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GLMVISION_")}
@@ -204,8 +215,8 @@ def test_structured_outputs_example_runs_verbatim(demo_server, tmp_path: Path) -
     result = run_python_example("structured", demo_server.url, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     parsed, plain = result.stdout.splitlines()
-    assert parsed.startswith("Gauge(reading=")
-    assert plain.startswith("{'total': ")
+    assert parsed.startswith("LowestBar(day=")
+    assert plain.startswith("{'bars': ")
 
 
 def test_tool_calling_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
