@@ -48,11 +48,9 @@ ERROR_TYPES = {
     429: "rate_limit_error",
 }
 # gunicorn access line (deploy/gunicorn.conf.py): 127.0.0.1 "POST /path" 200 293 12ms pid=<123>
-ACCESS_LINE = re.compile(
-    r'"(?P<method>[A-Z]+) (?P<path>\S+)" (?P<status>\d{3}) \S+ \S+ms pid=<?(?P<pid>\d+)>?'
-)
 MODEL_LOADED = re.compile(r"model loaded: .* pid=(?P<pid>\d+)")
 HTTP_TIMEOUT = 60.0
+PINNING_PATH = "/openapi.json"  # public and no probe (logged at INFO): tells which worker answered
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,13 @@ class Access:
 
 
 def access_lines(server: LiveServer) -> list[Access]:
-    """Parse every access-log line the server has written so far."""
+    """Every request line (the JSON request log) the server has written so far; probes are logged
+    at debug level only, so they are not among them."""
+    lines = (json.loads(line) for line in server.log().splitlines() if line.startswith('{"time"'))
     return [
-        Access(m["method"], m["path"], int(m["status"]), int(m["pid"]))
-        for m in ACCESS_LINE.finditer(server.log())
+        Access(line["method"], line["route"], int(line["status"]), int(line["pid"]))
+        for line in lines
+        if line.get("message") == "request"
     ]
 
 
@@ -236,6 +237,11 @@ def test_warm_up_makes_the_worker_ready_without_a_request(
         assert engine["queued"] == 0 and engine["batches"] == 0 and engine["completed"] == 0
         assert requests.get(server.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
         assert not [a for a in access_lines(server) if a.method == "POST"]
+        # Quiet by default: the probes above wrote no line (in either format), and a request writes one.
+        assert "/healthz" not in server.log() and "/readyz" not in server.log()
+        assert post_vision(server).status_code == 200
+        assert wait_for(lambda: VISION in server.log())
+        assert sum(VISION in line for line in server.log().splitlines()) == 1, server.log()[-2000:]
         assert loaded_pids(server) == Counter(dict.fromkeys(server.engine_pids(), 1))
 
 
@@ -466,7 +472,7 @@ def test_api_keys_guard_the_api_but_not_the_probes(
 def sessions_per_worker(
     server: LiveServer, workers: set[int], seconds: float = 60
 ) -> tuple[dict[int, requests.Session], int]:
-    """Keep-alive sessions, one pinned to each worker (told apart by /healthz in the access log).
+    """Keep-alive sessions, one pinned to each worker (told apart by GET /openapi.json in the request log).
 
     Also returns how many access lines the server has written by then.
     """
@@ -478,13 +484,13 @@ def sessions_per_worker(
         batch = [requests.Session() for _ in range(8)]
         # Open the connections at the same time so that both workers accept some.
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-            opened = list(pool.map(lambda s: s.get(server.url + "/healthz", timeout=HTTP_TIMEOUT), batch))
+            opened = list(pool.map(lambda s: s.get(server.url + PINNING_PATH, timeout=HTTP_TIMEOUT), batch))
         assert all(response.status_code == 200 for response in opened)
         logged += len(batch)
         await_lines(server, logged)
         # One at a time, so the next access line belongs to this session's connection.
         for session in batch:
-            assert session.get(server.url + "/healthz", timeout=HTTP_TIMEOUT).status_code == 200
+            assert session.get(server.url + PINNING_PATH, timeout=HTTP_TIMEOUT).status_code == 200
             logged += 1
             pid = await_lines(server, logged)[logged - 1].pid
             if pid in pinned:

@@ -64,7 +64,9 @@ keepalive = 5
 # Request lines and headers stay small; bodies are bounded by GLMVISION_MAX_BODY_MB in the app.
 limit_request_line = 8190
 limit_request_fields = 100
-accesslog = "-"
+# One line per request, the app's JSON request log (route, status, timings, no content): gunicorn's
+# own access line said the same again in another format. `--access-logfile -` brings it back.
+accesslog = None
 errorlog = "-"
 # glmvision needs no runtime control socket; several servers on one host must not share one.
 control_socket_disable = True

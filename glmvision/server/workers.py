@@ -3,6 +3,7 @@ access logger."""
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import socket
@@ -95,7 +96,14 @@ class ProbeFirstWorker(ThreadWorker):
 
 
 class AccessLogger(Logger):
-    """gunicorn's logger, with `%(p)s` as a bare pid (gunicorn writes `<1234>`)."""
+    """gunicorn's logger, with `%(p)s` as a bare pid (gunicorn writes `<1234>`), and probes in its
+    access log (when one is asked for) only at debug level, as in the request log."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        probe = environ.get("PATH_INFO", "").encode() in PROBE_PATHS
+        if probe and self.loglevel > logging.DEBUG:
+            return
+        super().access(resp, req, environ, request_time)
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
         atoms = super().atoms(resp, req, environ, request_time)
