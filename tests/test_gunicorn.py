@@ -476,7 +476,7 @@ def sessions_per_worker(
 
     Also returns how many access lines the server has written by then.
     """
-    logged = len(await_lines(server, 1))
+    logged = len(access_lines(server))
     pinned: dict[int, requests.Session] = {}
     # A worker accepts only once its processor has loaded: try again until `seconds` have passed.
     deadline = time.monotonic() + seconds
