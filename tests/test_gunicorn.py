@@ -47,7 +47,6 @@ ERROR_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
-# gunicorn access line (deploy/gunicorn.conf.py): 127.0.0.1 "POST /path" 200 293 12ms pid=<123>
 MODEL_LOADED = re.compile(r"model loaded: .* pid=(?P<pid>\d+)")
 HTTP_TIMEOUT = 60.0
 PINNING_PATH = "/openapi.json"  # public and no probe (logged at INFO): tells which worker answered

@@ -28,8 +28,6 @@ MAX_IMAGES = 3
 TOKEN_CAP = 2048  # GLMVISION_MAX_NEW_TOKENS' default
 # An answer far longer than HTTP_TIMEOUT takes to generate here (the demo makes ~450 tokens/s).
 RUNAWAY = 50_000
-# gunicorn's access line (deploy/gunicorn.conf.py): 127.0.0.1 "POST /path" 200 293 12ms pid=123
-ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+)" (?P<status>\d{3}) ')
 CANCELLED = re.compile(r"generation cancelled after (\d+) tokens")
 # The error `type` each HTTP status carries.
 ERROR_TYPES = {
@@ -145,8 +143,9 @@ def content_of(payload: dict[str, Any]) -> str:
 
 
 def chat_posts(server: LiveServer) -> int:
-    """How many POST /v1/chat/completions access lines the server has written."""
-    return sum(m["method"] == "POST" and m["path"] == CHAT for m in ACCESS_LINE.finditer(server.log()))
+    """How many POST /v1/chat/completions request lines (JSON) the server has written."""
+    lines = (json.loads(line) for line in server.log().splitlines() if line.startswith('{"time"'))
+    return sum(line.get("method") == "POST" and line.get("route") == CHAT for line in lines)
 
 
 def generated(server: LiveServer, completion_tokens: int) -> int:
