@@ -41,23 +41,9 @@ def server(root: Path, model: str, engine: str, tmp: Path) -> Iterator[str]:
     port = load.free_port()
     runtime = tmp / f"run-{port}"
     runtime.mkdir(mode=0o700)
-    env = load.base_env()
-    env.update(
-        {
-            "GLMVISION_BIND": f"127.0.0.1:{port}",
-            "GLMVISION_MODEL": model,
-            "GLMVISION_DEVICE": "cpu",
-            "GLMVISION_WORKERS": "1",
-            "GLMVISION_ENGINE": engine,
-            "GLMVISION_CACHE": "off",
-            "GLMVISION_REQUEST_LOG": "off",
-            "TRANSFORMERS_OFFLINE": "1",
-            "XDG_RUNTIME_DIR": str(runtime),
-            "PYTHONPATH": str(root),
-        }
+    spec = load.glmvision_server(
+        f"{root.name} {engine}", root, port, runtime, model, WORKERS="1", ENGINE=engine
     )
-    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
-    spec = load.Server(f"{root.name} {engine}", command, env, "/readyz", "/v1/chat/vision", b"", cwd=root)
     with load.running(spec, port, tmp / f"gunicorn-{port}.log", READY_TIMEOUT_S) as (url, _):
         yield url
 

@@ -181,25 +181,10 @@ def measure(
     port = load.free_port()
     runtime = tmp / f"run-{port}"
     runtime.mkdir(mode=0o700)
-    env = load.base_env()
-    env.update(
-        {
-            "GLMVISION_BIND": f"127.0.0.1:{port}",
-            "GLMVISION_MODEL": str(model),
-            "GLMVISION_DEVICE": "cpu",
-            "GLMVISION_WORKERS": str(workers),
-            "GLMVISION_ENGINE": engine,
-            "GLMVISION_CACHE": "off",  # every image differs anyway; this rules the cache out entirely
-            "GLMVISION_REQUEST_LOG": "off",
-            "TRANSFORMERS_OFFLINE": "1",
-            "XDG_RUNTIME_DIR": str(runtime),
-            "PYTHONPATH": str(HERE),
-        }
-    )
-    env.update(item.split("=", 1) for item in args.env)
-    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
+    # Every image differs anyway; the cache (off) is ruled out entirely.
     name = f"{engine} x{workers}"
-    spec = load.Server(name, command, env, "/readyz", "/v1/chat/vision", b"", cwd=HERE)
+    spec = load.glmvision_server(name, HERE, port, runtime, str(model), WORKERS=str(workers), ENGINE=engine)
+    spec.env.update(item.split("=", 1) for item in args.env)
     log = tmp / f"gunicorn-{engine}-{workers}.log"
     result = Result(engine, workers, args.seconds)
     with load.running(spec, port, log, READY_TIMEOUT_S) as (url, pgid):

@@ -136,6 +136,27 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def glmvision_server(name: str, root: Path, port: int, runtime: Path, model: str, **settings: str) -> Server:
+    """glmvision under gunicorn from the checkout at `root`, on the CPU, response cache and request log
+    off, plus GLMVISION_<NAME> `settings`; `runtime` must exist (0700)."""
+    env = base_env()
+    env.update(
+        {
+            "GLMVISION_BIND": f"127.0.0.1:{port}",
+            "GLMVISION_MODEL": model,
+            "GLMVISION_DEVICE": "cpu",
+            "GLMVISION_CACHE": "off",
+            "GLMVISION_REQUEST_LOG": "off",
+            "TRANSFORMERS_OFFLINE": "1",
+            "XDG_RUNTIME_DIR": str(runtime),
+            "PYTHONPATH": str(root),
+            **{f"GLMVISION_{key}": value for key, value in settings.items()},
+        }
+    )
+    command = [sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "wsgi:app"]
+    return Server(name, command, env, "/readyz", "/v1/chat/vision", b"", cwd=root)
+
+
 def vision_body(image_b64: str, max_new_tokens: int) -> bytes:
     """The /v1/chat/vision request shared by glmvision and the seed app."""
     body = {"image": image_b64, "prompt": PROMPT, "max_new_tokens": max_new_tokens, "temperature": 0}
