@@ -155,25 +155,14 @@ class EngineServer:
 
     def load(self) -> None:
         """Load the model and build the engine the settings choose (in a thread: health answers meanwhile)."""
-        from glmvision.backends.local.backend import make_engine
+        from glmvision.backends.local.backend import first_answer, make_engine
         from glmvision.backends.local.loading import load_model
         from glmvision.core.backend import Ticket
-        from glmvision.core.generation import GenerationParams
 
         try:
             loaded = load_model(self.settings)
             engine = make_engine(loaded, self.settings, on_fatal=self._on_fatal)
-            from PIL import Image
-
-            image = Image.new("RGB", (56, 56), (128, 128, 128))
-            messages = [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}],
-                }
-            ]
-            params = GenerationParams(max_new_tokens=2, temperature=0.0)
-            engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, Ticket.unheld(60.0))
+            first_answer(loaded, engine, Ticket.unheld(60.0))
             engine.on_batch = self._count_batch  # after the warm-up, which metrics forget
             self._empties_reported = engine.stats.cache_empties
             self.loaded, self.engine, self.state = loaded, engine, "ready"
@@ -397,10 +386,6 @@ class EngineSupervisor:
         self._process = process
         self._started_at = time.monotonic()
         self._log(f"engine process pid={process.pid} started ({self.device or 'default device'})")
-
-    def _count_batch(self, rows: int) -> None:
-        with self._batches_lock:
-            self._batches[rows] += 1
 
     def _watch(self) -> None:
         from multiprocessing.connection import wait

@@ -54,6 +54,27 @@ def make_engine(
     return ContinuousEngine(loaded, settings, arriving, on_fatal, token_budget=budget)
 
 
+def first_answer(loaded: LoadedModel, engine: QueueEngine, ticket: Ticket) -> None:
+    """Answer one tiny image request (in this worker or an engine process) before reporting ready."""
+    # The first decode, preprocess and generate import modules and initialise kernels, holding
+    # the GIL for a few hundred milliseconds; under a burst every request waited behind that.
+    from PIL import Image
+
+    Image.init()
+    image = Image.new("RGB", (56, 56), (128, 128, 128))
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}
+    ]
+    params = GenerationParams(max_new_tokens=2, temperature=0.0)
+    engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, ticket)
+
+
+def engine_paths(settings: Settings) -> list[str]:
+    """The engine processes' sockets this worker sends to; none with GLMVISION_ENGINE=thread or outside
+    glmvision's gunicorn (then the model loads in this process)."""
+    return engine_sockets() if settings.engine == "process" else []
+
+
 def merged_counters(reports: list[dict[str, float | int | str]]) -> dict[str, float | int | str]:
     """The engines' counters as one engine's: numbers summed (the largest batch: the largest), text
     from the first; this worker's own `completed` replaces theirs."""
@@ -92,7 +113,7 @@ class LocalBackend:
         self.on_batch: Callable[[int], None] = lambda rows: None
 
     def _load(self, settings: Settings) -> LoadedModel:
-        paths = engine_sockets() if settings.engine == "process" else []
+        paths = engine_paths(settings)
         if settings.engine == "process" and not paths:
             # No engine processes: not served by glmvision's gunicorn config (flask run, a test client).
             log.info("no engine processes to talk to: the model loads in this process")
@@ -118,19 +139,9 @@ class LocalBackend:
 
     def _first_answer(self, loaded: LoadedModel, engine: QueueEngine) -> None:
         """Answer one tiny request before reporting ready, so no client pays for first-call set-up."""
-        # The first decode, preprocess and generate import modules and initialise kernels, holding
-        # the GIL for a few hundred milliseconds; under a burst every request waited behind that.
-        from PIL import Image
-
-        Image.init()
-        image = Image.new("RGB", (56, 56), (128, 128, 128))
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}
-        ]
-        params = GenerationParams(max_new_tokens=2, temperature=0.0)
         ticket = self.admission.admit()
         try:
-            engine.warm_up(loaded.prepare(messages, enable_thinking=False), params, ticket)
+            first_answer(loaded, engine, ticket)
         finally:
             ticket.release()
 
@@ -278,7 +289,7 @@ class LocalBackend:
     # Lifecycle.
 
     def warm_up(self) -> None:
-        if self.settings.engine == "process" and engine_sockets():
+        if engine_paths(self.settings):
             # Only the processor: seconds, done before this worker accepts a connection. In the
             # background it would load while request threads answer a storm of retries, which
             # starve it of the GIL (the engine's load, in its own process, does not wait on it).
