@@ -532,3 +532,28 @@ def test_an_engine_runs_on_the_device_the_master_gave_it(monkeypatch: pytest.Mon
     monkeypatch.setenv("GLMVISION_DEVICE", "cuda")
     assert engine_settings("cuda:1").device == "cuda:1"
     assert engine_settings("").device == "cuda"  # none chosen: the operator's
+
+
+def pool_with_loads(loads: list[int | None]) -> Any:
+    """An EnginePool whose engines last reported these loads (None: still loading); no sockets opened."""
+    from glmvision.backends.engine.client import EnginePool
+
+    pool = EnginePool([f"/nowhere/{i}" for i in range(len(loads))], decoder=None, on_batch=lambda rows: None)  # type: ignore[arg-type]
+    for engine, load in zip(pool.engines, loads, strict=True):
+        ready = load is not None
+        engine.report = HealthReport(1, 1, "cpu", "m", ready, 0, load or 0, "ready" if ready else "loading")
+        engine.reported_at = time.monotonic()
+    return pool
+
+
+def test_the_pool_sends_to_the_least_loaded_ready_engine() -> None:
+    pool = pool_with_loads([5, 2, None, 3])
+    assert {pool.engines.index(pool.pick()) for _ in range(8)} == {1}
+    pool.engines[1].sent_since_report = 4  # what this worker sent since the report counts too
+    assert {pool.engines.index(pool.pick()) for _ in range(8)} == {3}
+
+
+def test_ties_take_turns_so_one_request_at_a_time_spreads_over_the_engines() -> None:
+    pool = pool_with_loads([0, 0, None, 0])
+    picks = [pool.engines.index(pool.pick()) for _ in range(9)]
+    assert sorted(set(picks)) == [0, 1, 3] and all(picks.count(i) == 3 for i in (0, 1, 3)), picks

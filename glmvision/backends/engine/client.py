@@ -8,6 +8,7 @@ cross the socket. `EnginePool` sends each request to the least-loaded engine.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -276,6 +277,9 @@ class EnginePool:
     ) -> None:
         self.engines = [RemoteEngine(path, decoder, on_batch) for path in paths]
         self.load_timeout = load_timeout  # how long a request may wait for a loading engine
+        # Ties go round in turn, each worker starting elsewhere: one request at a time, which always
+        # sees every engine idle, still spreads over them instead of piling onto the first.
+        self._turn = itertools.count(os.getpid())
 
     def start(self) -> None:
         for engine in self.engines:
@@ -293,11 +297,13 @@ class EnginePool:
         return bool(reachable) and all(engine.full for engine in reachable)
 
     def pick(self) -> RemoteEngine:
-        """The ready engine with the fewest requests; else the first (its submit says why it cannot)."""
+        """The ready engine with the fewest requests, ties taken in turn; else the first (its submit
+        says why it cannot)."""
         ready = [engine for engine in self.engines if engine.ready]
         if not ready:
             return self.engines[0]
-        return min(ready, key=RemoteEngine.load)
+        start = next(self._turn) % len(ready)
+        return min(ready[start:] + ready[:start], key=RemoteEngine.load)
 
     def submit(
         self, inputs: Any, params: GenerationParams, ticket: Ticket, grammar: str | None
