@@ -234,6 +234,19 @@ class Settings(_Base):
         description="Continuous scheduler: prompt tokens (images included) prefilled between two decode "
         "steps; one newcomer always fits.",
     )
+    encoder_cache_mb: float = Field(
+        -1.0,
+        ge=-1,
+        allow_inf_nan=False,
+        description="Images kept prepared, in MiB, least recent out: the processor's output in each "
+        "worker, the vision tower's output in each engine. -1 sizes it per device (1024 on a GPU, 256 "
+        "on the CPU); 0 turns both off.",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="Reuse the KV cache of a recent prompt's prefix (same system prompt, images and "
+        "earlier turns); cached tokens share the KV budget and are evicted before a request waits.",
+    )
     max_queue: int = Field(
         64,
         gt=0,
