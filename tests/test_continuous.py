@@ -339,12 +339,13 @@ def test_out_of_memory_in_a_prefill_retries_in_halves(
     real = model.model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if kwargs["input_ids"].shape[0] > 1 and kwargs["input_ids"].shape[1] > 1:
+        fed = kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]
+        if fed.shape[0] > 1 and fed.shape[1] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model.model, "forward", forward)
-    running = engine(model)
+    running = engine(model, prefix_cache=False)  # identical prompts would otherwise reuse each other
     request = (inputs(model, [(64, 48)], "what"), GenerationParams(3, temperature=0, min_new_tokens=3))
     jobs = [job(running, request) for _ in range(4)]
     run_schedule(running, {0: jobs})

@@ -121,6 +121,8 @@ class Generation:
     finish_reason: str
     # Calls an upstream engine parsed itself (the local model's calls stay in `text`).
     tool_calls: tuple[ToolCall, ...] = ()
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    image_tokens: int = 0  # prompt tokens that stand for images
 
 
 @dataclass(frozen=True)

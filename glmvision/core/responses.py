@@ -122,12 +122,22 @@ class ModelList(ResponseModel):
 # --- Native answers ------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(ResponseModel):
+    """What the prompt's tokens were: reused from the prefix cache, and standing for images."""
+
+    cached_tokens: int = Field(
+        0, ge=0, description="Prompt tokens whose keys and values came from the prefix cache."
+    )
+    image_tokens: int = Field(0, ge=0, description="Prompt tokens that stand for images.")
+
+
 class Usage(ResponseModel):
     """Token accounting in OpenAI's shape."""
 
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ImageSize(ResponseModel):

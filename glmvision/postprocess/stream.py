@@ -120,6 +120,8 @@ class GenerationStream:
         self._detokenizer = self.detokenizer(decoder)
         self._post = text_pipeline(params.enable_thinking, params.stop).stream()
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # prompt tokens whose KV the engine reused (set before the first token)
+        self.image_tokens = 0  # prompt tokens that stand for images
         self.finish_reason: str | None = None
         self.result: Generation | None = None
         # Monotonic times the engine marks, for the request log and metrics.
@@ -269,6 +271,8 @@ class GenerationStream:
             self.prompt_tokens,
             len(self._ids),
             self.finish_reason,
+            cached_tokens=self.cached_tokens,
+            image_tokens=self.image_tokens,
         )
 
     def _feed(self, token_ids: list[int]) -> Delta:

@@ -23,7 +23,7 @@ from glmvision.core.errors import APIError, bad_request
 from glmvision.core.generation import AnswerStream, Delta, Generation, GenerationParams
 from glmvision.core.images import DecodedImage, Fit, decode_image, open_image
 from glmvision.core.lora import model_name
-from glmvision.core.responses import GroundingBox, Usage
+from glmvision.core.responses import GroundingBox, PromptTokensDetails, Usage
 from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
 from glmvision.ops.record import ImageStat, RequestRecord
 from glmvision.postprocess.pipeline import Boxes, Piece, redaction_pipeline
@@ -557,4 +557,7 @@ def usage(generation: Generation) -> Usage:
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
         total_tokens=generation.prompt_tokens + generation.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=generation.cached_tokens, image_tokens=generation.image_tokens
+        ),
     )

@@ -221,6 +221,8 @@ class RemoteEngine:
         if not request.started:
             request.started = True
             request.stream.start()
+        if message.cached_tokens:
+            request.stream.cached_tokens = message.cached_tokens
         if message.token_ids:
             request.stream.put(list(message.token_ids))
         if message.end:

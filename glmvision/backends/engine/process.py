@@ -66,6 +66,7 @@ class RemoteSink:
         self.peer = peer
         self.prompt_tokens = prompt_tokens
         self._post = post
+        self.cached_tokens = 0  # the engine sets it before the first token
         self._sent = False
         self._cancelled = threading.Event()
         self.ended = False
@@ -75,7 +76,10 @@ class RemoteSink:
 
     def put(self, token_ids: list[int]) -> None:
         first, self._sent = not self._sent, True
-        self._post(self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids)), first)
+        cached = self.cached_tokens if first else 0
+        self._post(
+            self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids), cached_tokens=cached), first
+        )
 
     def end(self) -> None:
         self.ended = True

@@ -14,7 +14,7 @@ import msgspec
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice
 
 # Raised with each change of a message's fields: a worker and an engine of different code refuse each other.
-PROTOCOL = 3
+PROTOCOL = 4
 
 DType = Literal["int64", "int32", "int16", "uint8", "bool", "float32", "float16", "bfloat16"]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -119,6 +119,7 @@ class Tokens(msgspec.Struct, frozen=True, tag="tokens", forbid_unknown_fields=Tr
     request_id: str
     token_ids: tuple[int, ...] = ()
     end: bool = False
+    cached_tokens: NonNegative = 0  # on the first message: prompt tokens the prefix cache gave
     error_code: str | None = None
     error_message: str | None = None
     error_param: str | None = None

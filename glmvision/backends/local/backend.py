@@ -328,12 +328,14 @@ class LocalBackend:
         if self.remote is not None:
             grammar = constraint.serialized if constraint is not None else None
             stream = self.remote.submit(inputs, params, ticket, grammar)
+            stream.image_tokens = visual
             self.admission.submitted(ticket)
             return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
         if self.engine is None:
             raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
         self.admission.submitted(ticket)
         stream = self.engine.submit(inputs, params, ticket, constraint)
+        stream.image_tokens = visual
         return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
 
     def _check_prompt_tokens(

@@ -11,7 +11,10 @@ prefill and one step. The loop is ours because generate() cannot take rows in mi
 - cache: `kvcache.PaddedCache` keeps the rows left-padded to one length, with the mask to match;
 - sampling: `sampling.choose_tokens` applies each row's own settings, so any rows can share a step;
 - prefill: at most `prefill_tokens` prompt tokens a cycle. A prompt longer than that (many images)
-  is prefilled alone, a chunk per cycle, its images encoded once, while the batch goes on decoding.
+  is prefilled alone, a chunk per cycle, its images encoded once, while the batch goes on decoding;
+- caches: images come from the encoder cache when it holds them (`encodercache`), and a prompt that
+  starts as a recent one did is prefilled from where that prefix ends (`prefixcache`); the cached
+  tokens count against the KV budget and are evicted before a newcomer would wait for room.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from glmvision.backends.local.encodercache import (
+    EncoderCache,
+    encoder_cache_bytes,
+    image_features,
+    image_hashes,
+)
 from glmvision.backends.local.engine import (
     Job,
     QueueEngine,
@@ -32,12 +41,16 @@ from glmvision.backends.local.engine import (
     on_device,
     stop_if_gone_or_late,
 )
-from glmvision.backends.local.kvcache import PaddedCache
+from glmvision.backends.local.kvcache import PaddedCache, kv_bytes_per_token
+from glmvision.backends.local.prefixcache import PrefixCache, prompt_keys
 from glmvision.backends.local.sampling import RowSampling, choose_tokens
 from glmvision.backends.local.vram import release_cuda_cache
 from glmvision.core.config import Settings
 
 log = logging.getLogger("glmvision")
+
+# A shorter cached prefix is not worth prefilling a row on its own (rows that miss share one pass).
+MIN_REUSE_TOKENS = 16
 
 
 @dataclass(eq=False)
@@ -48,6 +61,8 @@ class Row:
     sampling: RowSampling
     next_token: int = -1
     position: int = 0
+    reused: int = 0  # prompt tokens whose KV came from the prefix cache
+    reused_kv: Any = None  # that KV per layer, until its prefill
 
 
 def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]]:
@@ -69,19 +84,58 @@ def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]
     return positions.to(torch.long), following.tolist()
 
 
-def prompt_embeddings(model: Any, inputs: dict[str, Any]) -> Any:
-    """One prompt's input embeddings [1, tokens, hidden], its images' features in place."""
-    inner = model.model.model
-    ids = inputs["input_ids"]
-    embeds = inner.get_input_embeddings()(ids)
-    if "pixel_values" in inputs:
-        import torch
+def image_spans(model: Any, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Each image of left-padded prompts as (row, first column, tokens), in the order of its pixels."""
+    grids = inputs.get("image_grid_thw")
+    if grids is None:
+        return []
+    merge = int(model.model.config.vision_config.spatial_merge_size) ** 2
+    counts = [int(n) // merge for n in grids.prod(dim=-1).tolist()]
+    image_id = model.model.config.image_token_id
+    spans, index = [], 0
+    for row, ids in enumerate(inputs["input_ids"].tolist()):
+        column = 0
+        while index < len(counts):
+            try:
+                column = ids.index(image_id, column)
+            except ValueError:
+                break
+            spans.append((row, column, counts[index]))
+            column += counts[index]
+            index += 1
+    return spans
 
-        images = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        features = torch.cat(list(images.pooler_output), dim=0).to(embeds.device, embeds.dtype)
-        where, _ = inner.get_placeholder_mask(ids, embeds, image_features=features)
-        embeds = embeds.masked_scatter(where, features)
-    return embeds
+
+def prompt_embeddings(
+    model: Any,
+    inputs: dict[str, Any],
+    hashes: list[int] | None = None,
+    cache: EncoderCache | None = None,
+    start: int = 0,
+) -> Any:
+    """Left-padded prompts' input embeddings [rows, tokens, hidden] from column `start` on, their
+    images' features in place (from `cache` when it holds them, by `hashes`, one per image)."""
+    import torch
+
+    inner = model.model.model
+    ids = inputs["input_ids"][:, start:]
+    embeds = inner.get_input_embeddings()(ids)
+    if "pixel_values" not in inputs:
+        return embeds
+    spans = image_spans(model, inputs)
+    wanted = [i for i, (_, column, count) in enumerate(spans) if column + count > start]
+    if not wanted:
+        return embeds
+    if hashes is None or len(hashes) != len(spans):
+        hashes, cache = list(range(len(spans))), None
+    features = image_features(model, inputs, hashes, wanted, cache)
+    pieces = []
+    for index, part in zip(wanted, features, strict=True):
+        _, column, _ = spans[index]
+        pieces.append(part[max(0, start - column) :])  # an image the prefix cuts keeps its tail only
+    flat = torch.cat(pieces, dim=0).to(embeds.device, embeds.dtype)
+    where = (ids == model.model.config.image_token_id)[..., None].expand_as(embeds)
+    return embeds.masked_scatter(where, flat)
 
 
 @dataclass(eq=False)
@@ -89,11 +143,12 @@ class ChunkedPrefill:
     """A newcomer whose prompt is longer than one cycle's prefill budget, prefilled a chunk per cycle."""
 
     job: Job
-    embeds: Any  # [1, tokens, hidden]
+    embeds: Any  # [1, tokens, hidden], from column `reused` of the prompt on
     positions: Any  # [3, 1, tokens]
     following: int  # the position of its first generated token
     cache: Any  # its own DynamicCache until it joins the batch
     done: int = 0  # prompt tokens in its cache so far
+    reused: int = 0  # of which the prefix cache gave
 
 
 class ContinuousEngine(QueueEngine):
@@ -112,6 +167,15 @@ class ContinuousEngine(QueueEngine):
         self._stop_ids: frozenset[int] = frozenset()
         config = getattr(getattr(self._model, "model", None), "config", None)
         self._sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+        device = str(getattr(model, "device", "cpu"))
+        encoder_bytes = encoder_cache_bytes(settings.encoder_cache_mb, device)
+        self.encoder_cache = EncoderCache(encoder_bytes) if encoder_bytes else None
+        self.prefix_cache: PrefixCache | None = None
+        if settings.prefix_cache and config is not None:
+            dtype = getattr(self._model.model, "dtype", None)
+            element = dtype.itemsize if dtype is not None else 4
+            per_token = kv_bytes_per_token(config.get_text_config(), element)
+            self.prefix_cache = PrefixCache(self.max_tokens, per_token)
 
     def _held(self) -> list[Job]:
         chunked = [self._chunked.job] if self._chunked is not None else []
@@ -164,7 +228,11 @@ class ContinuousEngine(QueueEngine):
             grown = max(longest, job.full_length)
             # Alone a request always runs (its size was bounded on arrival); beside others it waits
             # for room, and nobody overtakes it. One newcomer per cycle always gets its prefill.
-            too_big = (rows or taken) and (rows + len(taken) + 1) * grown > self.max_tokens
+            # Cached prefixes give their room up first.
+            needed = (rows + len(taken) + 1) * grown
+            if self.prefix_cache is not None:
+                self.prefix_cache.shrink(self.max_tokens - needed)
+            too_big = (rows or taken) and needed > self.max_tokens
             if too_big or (taken and prefill + job.prompt_tokens > self.prefill_tokens):
                 break
             self._queue.popleft()
@@ -192,6 +260,7 @@ class ContinuousEngine(QueueEngine):
             with torch.inference_mode():
                 cache = self._prefill(rows)
         except torch.OutOfMemoryError:
+            self._drop_caches()
             if len(rows) > 1:
                 release_cuda_cache()
                 self.stats.oom_splits += 1
@@ -221,6 +290,9 @@ class ContinuousEngine(QueueEngine):
         else:
             self._cache.join(cache)
         self._rows.extend(rows)
+        if self.prefix_cache is not None:  # running rows' room comes before cached prefixes
+            longest = max(row.job.full_length for row in self._rows)
+            self.prefix_cache.shrink(self.max_tokens - len(self._rows) * longest)
         self.beat(len(rows))
         self.stats.batches += 1
         self.stats.rows += len(rows)
@@ -234,16 +306,22 @@ class ContinuousEngine(QueueEngine):
 
         model = self._model
         mark_started([job])
+        reused, reused_kv = self._look_up_prefix(job)
+        cache = DynamicCache(config=model.model.config)
         try:
             with torch.inference_mode():
-                inputs = on_device(model, dict(job.inputs))
+                inputs = on_device(model, {k: v for k, v in job.inputs.items() if k != "image_hashes"})
                 positions, following = prompt_positions(model, inputs)
-                embeds = prompt_embeddings(model, inputs)
+                embeds = prompt_embeddings(model, inputs, self._hashes(job), self.encoder_cache, reused)
+                for layer, (keys, values) in enumerate(reused_kv):
+                    cache.update(keys, values, layer)
         except torch.OutOfMemoryError:
+            self._drop_caches()
             self._out_of_memory_alone(job)
             return
-        cache = DynamicCache(config=model.model.config)
-        self._chunked = ChunkedPrefill(job, embeds, positions, following[0], cache)
+        self._chunked = ChunkedPrefill(
+            job, embeds, positions, following[0], cache, done=reused, reused=reused
+        )
 
     def _prefill_chunk(self, chunked: ChunkedPrefill) -> None:
         """Prefill the next `prefill_tokens` of a long prompt; once it is whole, it joins the batch."""
@@ -256,14 +334,16 @@ class ContinuousEngine(QueueEngine):
             self._chunked = None
             self._record(1)
             return
-        start, end = chunked.done, min(chunked.done + self.prefill_tokens, chunked.embeds.shape[1])
+        total = chunked.reused + chunked.embeds.shape[1]
+        start, end = chunked.done, min(chunked.done + self.prefill_tokens, total)
         mask = torch.ones((1, end), dtype=torch.long, device=chunked.embeds.device)
         model = self._model
+        offset = chunked.reused
         try:
             with torch.inference_mode():
                 out = model.forward(
                     [job.params.adapter],
-                    inputs_embeds=chunked.embeds[:, start:end],
+                    inputs_embeds=chunked.embeds[:, start - offset : end - offset],
                     position_ids=chunked.positions[:, :, start:end],
                     attention_mask=mask,
                     cache=chunked.cache,
@@ -272,7 +352,7 @@ class ContinuousEngine(QueueEngine):
                 )
                 chunked.done = end
                 self.beat()
-                if end < chunked.embeds.shape[1]:
+                if end < total:
                     return
                 sampling = self._sampling(job)
                 if sampling is None:
@@ -286,7 +366,9 @@ class ContinuousEngine(QueueEngine):
             self._out_of_memory_alone(job)
             return
         self._chunked = None
-        self._merge([row], PaddedCache(chunked.cache, mask))
+        padded = PaddedCache(chunked.cache, mask)
+        self._keep_prefixes([row], padded)
+        self._merge([row], padded)
 
     def _out_of_memory_alone(self, job: Job) -> None:
         release_cuda_cache()
@@ -294,21 +376,135 @@ class ContinuousEngine(QueueEngine):
         fail_unfinished([job], gpu_out_of_memory())
 
     def _prefill(self, rows: list[Row]) -> PaddedCache:
-        """One forward pass over the newcomers' prompts; each row gets its position and first token."""
+        """Prefill the newcomers: those whose prompt starts as a cached one each from where it ends,
+        the rest in one forward pass; each row gets its position and first token."""
+        for row in rows:
+            row.reused, row.reused_kv = self._look_up_prefix(row.job)
+        reusing = [row for row in rows if row.reused]
+        fresh = [row for row in rows if not row.reused]
+        caches = [self._prefill_after_prefix(row) for row in reusing]
+        if fresh:
+            caches.append(self._prefill_together(fresh))
+        joined = caches[0]
+        for cache in caches[1:]:
+            joined.join(cache)
+        rows[:] = [*reusing, *fresh]  # the order of the joined cache's rows
+        return joined
+
+    def _prefill_together(self, rows: list[Row]) -> PaddedCache:
+        """One forward pass over whole prompts, left-padded to one length."""
         from transformers import DynamicCache
 
         model = self._model
-        inputs = on_device(model, collate([row.job.inputs for row in rows], model.pad_id))
+        features = [row.job.inputs for row in rows]
+        inputs = on_device(model, collate(features, model.pad_id))
         positions, following = prompt_positions(model, inputs)
         cache = DynamicCache(config=model.model.config)
-        adapters = [row.job.params.adapter for row in rows]
+        hashes = [image_hash for row in rows for image_hash in self._hashes(row.job)]
+        embeds = prompt_embeddings(model, inputs, hashes, self.encoder_cache)
         out = model.forward(
-            adapters, **inputs, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            [row.job.params.adapter for row in rows],
+            inputs_embeds=embeds,
+            attention_mask=inputs["attention_mask"],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         for row, position in zip(rows, following, strict=True):
             row.position = position
         self._choose(rows, out.logits[:, -1])
-        return PaddedCache(cache, inputs["attention_mask"])
+        padded = PaddedCache(cache, inputs["attention_mask"])
+        self._keep_prefixes(rows, padded)
+        return padded
+
+    def _prefill_after_prefix(self, row: Row) -> PaddedCache:
+        """Prefill one prompt from where its cached prefix ends."""
+        import torch
+        from transformers import DynamicCache
+
+        model, job, start = self._model, row.job, row.reused
+        inputs = on_device(model, {k: v for k, v in job.inputs.items() if k != "image_hashes"})
+        positions, following = prompt_positions(model, inputs)
+        embeds = prompt_embeddings(model, inputs, self._hashes(job), self.encoder_cache, start)
+        cache = DynamicCache(config=model.model.config)
+        for layer, (keys, values) in enumerate(row.reused_kv):
+            cache.update(keys, values, layer)
+        row.reused_kv = None
+        length = int(inputs["input_ids"].shape[1])
+        mask = torch.ones((1, length), dtype=torch.long, device=embeds.device)
+        out = model.forward(
+            [job.params.adapter],
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions[:, :, start:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        row.position = following[0]
+        self._choose([row], out.logits[:, -1])
+        padded = PaddedCache(cache, mask)
+        self._keep_prefixes([row], padded)
+        return padded
+
+    # Caches.
+
+    def _hashes(self, job: Job) -> list[int]:
+        if job.image_hashes is None:
+            job.image_hashes = image_hashes(job.inputs)
+        return job.image_hashes
+
+    def _keys(self, job: Job) -> Any:
+        """The prompt's keys for the prefix cache (None: it cannot take part)."""
+        inputs = job.inputs
+        grids = inputs.get("image_grid_thw")
+        merge = int(self._model.model.config.vision_config.spatial_merge_size) ** 2
+        counts = [] if grids is None else [int(n) // merge for n in grids.prod(dim=-1).tolist()]
+        types = inputs.get("mm_token_type_ids")
+        return prompt_keys(
+            inputs["input_ids"][0].tolist(),
+            None if types is None else types[0].tolist(),
+            self._hashes(job),
+            counts,
+        )
+
+    def _look_up_prefix(self, job: Job) -> tuple[int, list[tuple[Any, Any]]]:
+        """The prompt's longest cached prefix, leaving at least one token to prefill: its length
+        (0 when none worth using) and its KV per layer."""
+        cache = self.prefix_cache
+        keys = self._keys(job) if cache is not None else None
+        if cache is None or keys is None:
+            return 0, []
+        reused, kv = cache.match(job.params.adapter, keys, len(keys) - 1)
+        if reused < MIN_REUSE_TOKENS:
+            return 0, []
+        job.stream.cached_tokens = reused  # reported in usage.prompt_tokens_details
+        return reused, kv
+
+    def _keep_prefixes(self, rows: list[Row], padded: PaddedCache) -> None:
+        """Put each newly prefilled prompt's KV in the prefix cache."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        length = padded.length
+        for index, row in enumerate(rows):
+            keys = self._keys(row.job)
+            if keys is None:
+                continue
+            start = length - len(keys)  # rows are left-padded: the prompt ends at the last column
+            kv = [
+                (layer.keys[index : index + 1, :, start:], layer.values[index : index + 1, :, start:])
+                for layer in padded.cache.layers
+            ]
+            cache.insert(row.job.params.adapter, keys, kv)
+
+    def _drop_caches(self) -> None:
+        """GPU memory ran out: what the caches hold goes first."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        if self.encoder_cache is not None:
+            self.encoder_cache.clear()
 
     def _step(self) -> None:
         """One decode step for every running row."""

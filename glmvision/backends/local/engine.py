@@ -41,6 +41,7 @@ class Job:
     generated: int = 0
     finished: bool = False
     constraint: CompiledConstraint | None = None  # the grammar its answer must match
+    image_hashes: list[int] | None = None  # one per image, made when the engine first needs them
 
     @property
     def arrived(self) -> float:

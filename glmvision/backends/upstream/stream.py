@@ -120,6 +120,7 @@ class UpstreamStream:
                 for _, call in sorted(self._calls.items())
                 if call["name"]
             ),
+            cached_tokens=_cached_tokens(usage),
         )
         self._finish()
 
@@ -204,3 +205,10 @@ class UpstreamStream:
         self._text += piece
         visible = self._post.feed(Piece(content=piece))
         return Delta(visible.reasoning, visible.content)
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """The upstream's usage.prompt_tokens_details.cached_tokens (vLLM and SGLang report it), else 0."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and cached >= 0 else 0
