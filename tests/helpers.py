@@ -240,3 +240,13 @@ def redis_server(workdir: Path) -> Iterator[int]:
         yield port
     finally:
         stop(process, grace=10)
+
+
+def apart_from_reuse(usage: Any) -> Any:
+    """A usage object (dict or openai model) as a dict without prompt_tokens_details.cached_tokens,
+    which depends on what the engine ran before, not on the request."""
+    data = dict(usage if isinstance(usage, dict) else usage.model_dump(exclude_none=True))
+    details = dict(data.get("prompt_tokens_details") or {})
+    details.pop("cached_tokens", None)
+    data["prompt_tokens_details"] = {k: v for k, v in details.items() if v is not None}
+    return data

@@ -59,7 +59,8 @@ def test_the_readme_is_a_front_door() -> None:
 
 def test_the_changelog_top_entry_is_the_version() -> None:
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    versions = re.findall(r"^## \[([^\]]+)\]", changelog, re.M)
+    # Keep a Changelog's "Unreleased" section gathers changes until the next version is named.
+    versions = [v for v in re.findall(r"^## \[([^\]]+)\]", changelog, re.M) if v != "Unreleased"]
     assert versions, "CHANGELOG.md has no version entry"
     assert versions[0] == glmvision.__version__, "CHANGELOG.md's newest entry must be glmvision.__version__"
 

@@ -5,6 +5,7 @@ holds the continuous scheduler's own)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -160,7 +161,9 @@ def test_stop_strings_apply_to_their_own_row_only(model: LoadedModel, scheduler:
     stopped, other = finish_all(harness.submit_together([(first, stopped_params), (second, params)]))
     assert stopped.result.text == expected and stopped.result.finish_reason == "stop"
     assert stopped.result.completion_tokens < 30
-    assert other.result == reference[1].result  # the neighbour is untouched
+    # The neighbour is untouched (the second run may reuse the first's prompts: only that differs).
+    assert other.result is not None and reference[1].result is not None
+    assert dataclasses.replace(other.result, cached_tokens=0) == reference[1].result
 
 
 def test_static_rows_with_different_sampling_settings_run_in_separate_batches(model: LoadedModel) -> None:

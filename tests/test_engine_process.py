@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -99,6 +100,48 @@ def test_every_worker_uses_the_one_engine_and_holds_no_weights(process_server: L
     # Only the engine process loaded the model's weights: one "model loaded" line, with its pid.
     loaded = {int(m["pid"]) for m in MODEL_LOADED.finditer(process_server.log())}
     assert loaded == {engine_pid}, process_server.log()[-3000:]
+
+
+def metric(server: LiveServer, name: str) -> float:
+    """The value of one series in /metrics (0 when absent)."""
+    text = requests.get(server.url + "/metrics", timeout=HTTP_TIMEOUT).text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_follow_up_questions_report_their_cached_prompt_tokens(process_server: LiveServer) -> None:
+    """Questions about one image: from the second on, the engine reuses the prompt's start, which
+    usage reports as cached_tokens on both routes, streamed and not, and /metrics counts."""
+    image = image_b64(200, 150)  # no other test sends this size: the first question is a miss
+    first = vision(process_server, image=image, prompt="What is the first thing you see?")
+    assert first.status_code == 200, first.text
+    details = first.json()["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] == 0 and details["image_tokens"] > 0
+    second = vision(process_server, image=image, prompt="What is the second thing you see?")
+    details = second.json()["usage"]["prompt_tokens_details"]
+    assert details["image_tokens"] <= details["cached_tokens"] < second.json()["usage"]["prompt_tokens"]
+
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+        {"type": "text", "text": "What is the third thing you see?"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    plain = completion(process_server, messages=messages, max_tokens=4)
+    assert plain.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, plain.json()["usage"]
+    content[1]["text"] = "What is the fourth thing you see?"
+    body = {"messages": messages, "temperature": 0, "max_tokens": 4, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    streamed = requests.post(process_server.url + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT)
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: {")]
+    usage = [event for event in map(json.loads, events) if event.get("usage")][-1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0, usage
+
+    hits = 'glmvision_model_cache_lookups_total{cache="prefix",result="hit"}'
+    assert wait_for(lambda: metric(process_server, hits) >= 3, 30, "the prefix hits in /metrics")
+    assert metric(process_server, "glmvision_prefix_cache_reused_tokens_total") > 0
+    assert metric(process_server, 'glmvision_model_cache_bytes{cache="prefix"}') > 0
+    counters = engine_of(readyz(process_server))["counters"]
+    assert counters["prefix_hits"] >= 3 and counters["encoder_hits"] + counters["prefix_hits"] >= 3
 
 
 def test_greedy_answers_equal_the_in_process_engine(

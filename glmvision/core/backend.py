@@ -210,6 +210,11 @@ class Snapshot:
     running: int = 0
     active: int = 0
     cache_empties: int = 0
+    # The model caches: event counters this worker reports (each event by one worker), and the bytes
+    # held, by cache; `caches_shared`: every worker reports the same engine processes' bytes.
+    cache_events: tuple[tuple[str, int], ...] = ()
+    cache_bytes: tuple[tuple[str, int], ...] = ()
+    caches_shared: bool = False
     gpus: tuple[GpuMemory, ...] = ()
     # An upstream backend's failures so far, as (error code, count).
     upstream_failures: tuple[tuple[str, int], ...] = ()

@@ -121,8 +121,10 @@ class Generation:
     finish_reason: str
     # Calls an upstream engine parsed itself (the local model's calls stay in `text`).
     tool_calls: tuple[ToolCall, ...] = ()
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    image_tokens: int = 0  # prompt tokens that stand for images
+    # Prompt tokens whose KV came from the prefix cache, and that stand for images (None: not known,
+    # as from an upstream engine that does not say).
+    cached_tokens: int | None = None
+    image_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,12 @@ class PromptTokensDetails(ResponseModel):
     cached_tokens: int = Field(
         0, ge=0, description="Prompt tokens whose keys and values came from the prefix cache."
     )
-    image_tokens: int = Field(0, ge=0, description="Prompt tokens that stand for images.")
+    image_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="Prompt tokens that stand for images (absent when an upstream engine does not say).",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class Usage(ResponseModel):
@@ -137,7 +142,11 @@ class Usage(ResponseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
-    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None,
+        description="What the prompt's tokens were (absent when an upstream engine does not say).",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class ImageSize(ResponseModel):

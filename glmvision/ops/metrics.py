@@ -98,6 +98,20 @@ class Metrics:
         self.degraded = Counter("glmvision_degraded", "Requests served degraded (deep queue).", **reg)
         self.fallbacks = Counter("glmvision_fallbacks", "Fallback messages sent instead of a 503.", **reg)
         self.circuit_trips = Counter("glmvision_circuit_trips", "Client circuits opened.", **reg)
+        self.model_cache_lookups = Counter(
+            "glmvision_model_cache_lookups",
+            "Prefix-cache (a cached prompt start) and encoder-cache (an image's embeddings) lookups.",
+            ["cache", "result"],
+            **reg,
+        )
+        self.model_cache_evictions = Counter(
+            "glmvision_model_cache_evictions", "Entries a model cache dropped for room.", ["cache"], **reg
+        )
+        self.prefix_reused_tokens = Counter(
+            "glmvision_prefix_cache_reused_tokens",
+            "Prompt tokens whose KV came from the prefix cache.",
+            **reg,
+        )
         self.redactions = Counter("glmvision_redactions", "Masked matches in answers.", ["kind"], **reg)
         self.empty_cache = Counter("glmvision_gpu_empty_cache", "torch.cuda.empty_cache() calls.", **reg)
         self.upstream_failures = Counter(
@@ -109,6 +123,7 @@ class Metrics:
         self._declare_gauges(reg)
         self._empties_seen = 0
         self._failures_seen: dict[str, int] = {}
+        self._cache_events_seen: dict[str, int] = {}
         self._info_labels: tuple[str, ...] | None = None
         self._sample_lock = threading.Lock()
         self._sampler: threading.Thread | None = None
@@ -134,6 +149,14 @@ class Metrics:
             "glmvision_gpu_memory_reserved_bytes", "GPU memory held by torch's allocator.", ["device"], **live
         )
         self.gpu_total = Gauge("glmvision_gpu_memory_total_bytes", "GPU memory in all.", ["device"], **live)
+        # Every worker reports the same engine processes' caches: the largest report is their total.
+        self.model_cache_bytes = Gauge(
+            "glmvision_model_cache_bytes",
+            "Bytes a model cache holds (with GLMVISION_ENGINE=thread, the fullest worker's).",
+            ["cache"],
+            multiprocess_mode="livemax",
+            **reg,
+        )
         self.queue_depth = Gauge("glmvision_queue_depth", "Requests waiting for the model.", **total)
         self.running = Gauge("glmvision_running_requests", "Requests being generated for.", **total)
         self.active = Gauge(
@@ -221,6 +244,13 @@ class Metrics:
                 if count > seen:
                     self.upstream_failures.labels(code).inc(count - seen)
                     self._failures_seen[code] = count
+            for name, count in snap.cache_events:
+                seen = self._cache_events_seen.get(name, 0)
+                if count > seen:
+                    self._count_cache_event(name, count - seen)
+                    self._cache_events_seen[name] = count
+            for cache, size in snap.cache_bytes:
+                self.model_cache_bytes.labels(cache).set(size)
             for gpu in snap.gpus:
                 self.gpu_allocated.labels(gpu.device).set(gpu.allocated)
                 self.gpu_reserved.labels(gpu.device).set(gpu.reserved)
@@ -237,6 +267,17 @@ class Metrics:
                 )
                 self.model_info.labels(*labels).set(1)
                 self._info_labels = labels
+
+    def _count_cache_event(self, name: str, count: int) -> None:
+        cache, _, event = name.partition("_")
+        if event == "hits":
+            self.model_cache_lookups.labels(cache, "hit").inc(count)
+        elif event == "misses":
+            self.model_cache_lookups.labels(cache, "miss").inc(count)
+        elif event == "evictions":
+            self.model_cache_evictions.labels(cache).inc(count)
+        elif name == "prefix_reused_tokens":
+            self.prefix_reused_tokens.inc(count)
 
     def start_sampler(self) -> None:
         """Sample gauges every few seconds in a daemon thread (once per worker)."""

@@ -55,6 +55,9 @@ class CachedAnswer:
     finish_reason: str
     # (width, height, resized width, resized height) of each image, as the answer reported them.
     images: tuple[tuple[int, int, int, int], ...] = ()
+    # The answer's usage details, so that a hit reports the usage the answer first had.
+    cached_tokens: int | None = None
+    image_tokens: int | None = None
 
     def to_bytes(self) -> bytes:
         """Serialise for storage (compact JSON with a format version)."""
@@ -67,6 +70,8 @@ class CachedAnswer:
                 "completion_tokens": self.completion_tokens,
                 "finish_reason": self.finish_reason,
                 "images": [list(sizes) for sizes in self.images],
+                "cached_tokens": self.cached_tokens,
+                "image_tokens": self.image_tokens,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -89,7 +94,11 @@ class CachedAnswer:
         images = data.get("images", [])
         if not isinstance(images, list) or not all(_is_sizes(sizes) for sizes in images):
             raise ValueError("not a cached answer")
-        return cls(text, reasoning, prompt, completion, finish, tuple(tuple(sizes) for sizes in images))
+        cached, image = data.get("cached_tokens"), data.get("image_tokens")
+        if not all(count is None or _is_count(count) for count in (cached, image)):
+            raise ValueError("not a cached answer")
+        sizes = tuple(tuple(sizes) for sizes in images)
+        return cls(text, reasoning, prompt, completion, finish, sizes, cached, image)
 
 
 def _is_sizes(value: Any) -> bool:

@@ -337,7 +337,13 @@ def _known_answer(context: RequestContext, chat: ChatInput) -> Answer | None:
 
 def _from_cache(context: RequestContext, chat: ChatInput, hit: CachedAnswer) -> Answer:
     generation = Generation(
-        hit.text, hit.reasoning, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason
+        hit.text,
+        hit.reasoning,
+        hit.prompt_tokens,
+        hit.completion_tokens,
+        hit.finish_reason,
+        cached_tokens=hit.cached_tokens,
+        image_tokens=hit.image_tokens,
     )
     return _fixed(context, chat, generation)
 
@@ -494,6 +500,8 @@ def _after_answer(
                 result.completion_tokens,
                 result.finish_reason,
                 tuple((i.width, i.height, *i.resized_to) for i in chat.images),
+                result.cached_tokens,
+                result.image_tokens,
             )
             cache.put(key, stored)
             if alias is not None:
@@ -557,7 +565,11 @@ def usage(generation: Generation) -> Usage:
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
         total_tokens=generation.prompt_tokens + generation.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(
-            cached_tokens=generation.cached_tokens, image_tokens=generation.image_tokens
+        prompt_tokens_details=(
+            None
+            if generation.cached_tokens is None and generation.image_tokens is None
+            else PromptTokensDetails(
+                cached_tokens=generation.cached_tokens or 0, image_tokens=generation.image_tokens
+            )
         ),
     )

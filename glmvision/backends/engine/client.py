@@ -8,6 +8,7 @@ cross the socket. `EnginePool` sends each request to the least-loaded engine.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -89,6 +90,7 @@ class RemoteEngine:
         self.reported_at = 0.0
         self.sent_since_report = 0  # requests sent after that word (for picking the least loaded)
         self.cache_empties = 0  # the engine's torch.cuda.empty_cache() calls reported to this worker
+        self.cache_events: collections.Counter[str] = collections.Counter()  # its caches' (to this worker)
         self.completed = 0
         self.lost = 0  # requests ended because the engine went away
 
@@ -204,6 +206,7 @@ class RemoteEngine:
                 previous, self.report, self.reported_at = self.report, message, time.monotonic()
                 self.sent_since_report = 0
                 self.cache_empties += message.cache_empties
+                self.cache_events.update(message.cache_events)
             for rows, batches in message.batches:
                 for _ in range(min(batches, 100_000)):
                     self._on_batch(rows)
@@ -342,6 +345,21 @@ class EnginePool:
     def cache_empties(self) -> int:
         """torch.cuda.empty_cache() calls the engines reported to this worker (each call to one worker)."""
         return sum(engine.cache_empties for engine in self.engines)
+
+    def cache_events(self) -> dict[str, int]:
+        """The engines' cache counters reported to this worker (each event to one worker)."""
+        total: collections.Counter[str] = collections.Counter()
+        for engine in self.engines:
+            total.update(engine.cache_events)
+        return dict(total)
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes the engines' caches hold now, all engines together."""
+        reports = [engine.report for engine in self.engines if engine.report is not None]
+        return {
+            name: sum(int(report.counters.get(f"{name}_bytes", 0)) for report in reports)
+            for name in ("prefix", "encoder")
+        }
 
 
 def engine_sockets() -> list[str]:

@@ -149,6 +149,7 @@ class EngineServer:
         self._batches_lock = threading.Lock()
         self.peers: set[bytes] = set()  # every worker that has talked to this engine
         self._empties_reported = 0
+        self._events_reported: dict[str, int] = {}
 
     def post(self, peer: bytes, message: Message, urgent: bool = True) -> None:
         """Queue `message` for worker `peer` (any thread): sent at once if `urgent`, else within
@@ -169,6 +170,7 @@ class EngineServer:
             first_answer(loaded, engine, Ticket.unheld(60.0))
             engine.on_batch = self._count_batch  # after the warm-up, which metrics forget
             self._empties_reported = engine.stats.cache_empties
+            self._events_reported = engine.stats.cache_events()
             self.loaded, self.engine, self.state = loaded, engine, "ready"
             if self.settings.stall_seconds > 0:
                 threading.Thread(target=self._watch, name="glmvision-engine-watchdog", daemon=True).start()
@@ -208,6 +210,9 @@ class EngineServer:
             batches, self._batches = tuple(sorted(self._batches.items())), collections.Counter()
         empties = engine.stats.cache_empties - self._empties_reported
         self._empties_reported += empties
+        events = engine.stats.cache_events()
+        fresh = {name: count - self._events_reported.get(name, 0) for name, count in events.items()}
+        self._events_reported = events
         queued, running = engine.queued(), engine.running()
         return HealthReport(
             query_id=query_id,
@@ -224,6 +229,7 @@ class EngineServer:
             gpu=gpu_memory(loaded.device),
             batches=batches,
             cache_empties=empties,
+            cache_events={name: count for name, count in fresh.items() if count > 0},
         )
 
     def submit(self, peer: bytes, message: Submit) -> None:

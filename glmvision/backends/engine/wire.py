@@ -154,6 +154,7 @@ class HealthReport(msgspec.Struct, frozen=True, tag="health_report", forbid_unkn
     # as (rows, batches), and torch.cuda.empty_cache() calls.
     batches: tuple[tuple[int, int], ...] = ()
     cache_empties: NonNegative = 0
+    cache_events: dict[str, NonNegative] = {}  # the model caches' counters, since the previous report
     protocol: int = PROTOCOL
 
 

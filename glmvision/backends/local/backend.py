@@ -249,6 +249,9 @@ class LocalBackend:
             running=generating,
             active=self.admission.active,
             cache_empties=pool.cache_empties(),
+            cache_events=tuple(pool.cache_events().items()),
+            cache_bytes=tuple(pool.cache_bytes().items()),
+            caches_shared=True,
             gpus=tuple(gpus),
         )
         loading = "loading" in states
@@ -274,6 +277,8 @@ class LocalBackend:
             running=engine.running(),
             active=self.admission.active,
             cache_empties=engine.stats.cache_empties,
+            cache_events=tuple(engine.stats.cache_events().items()),
+            cache_bytes=tuple(engine.stats.cache_bytes().items()),
             gpus=gpus,
         )
 

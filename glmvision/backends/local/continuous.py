@@ -185,6 +185,7 @@ class ContinuousEngine(QueueEngine):
         self._join([job])
         while self._rows:
             self._step()
+        self._count_caches()
 
     def _cycle(self) -> None:
         # Rows whose client left or whose deadline passed were dropped at the end of the last step.
@@ -201,6 +202,7 @@ class ContinuousEngine(QueueEngine):
             self._step()
         if not self._rows and self._chunked is None:
             self._tidy_memory()
+        self._count_caches()
 
     # Admission.
 
@@ -498,6 +500,20 @@ class ContinuousEngine(QueueEngine):
                 for layer in padded.cache.layers
             ]
             cache.insert(row.job.params.adapter, keys, kv)
+
+    def _count_caches(self) -> None:
+        """Copy the caches' counters into the engine's (read by /readyz and /metrics)."""
+        stats, prefix, encoder = self.stats, self.prefix_cache, self.encoder_cache
+        if prefix is not None:
+            stats.prefix_hits, stats.prefix_misses = prefix.stats.hits, prefix.stats.misses
+            stats.prefix_reused_tokens, stats.prefix_evictions = (
+                prefix.stats.hit_tokens,
+                prefix.stats.evictions,
+            )
+            stats.prefix_tokens, stats.prefix_bytes = prefix.tokens, prefix.bytes
+        if encoder is not None:
+            stats.encoder_hits, stats.encoder_misses = encoder.stats.hits, encoder.stats.misses
+            stats.encoder_evictions, stats.encoder_bytes = encoder.stats.evictions, encoder.bytes
 
     def _drop_caches(self) -> None:
         """GPU memory ran out: what the caches hold goes first."""

@@ -84,11 +84,42 @@ class EngineStats:
     oom_splits: int = 0
     oom_evictions: int = 0
     cache_empties: int = 0
+    # The model caches (continuous scheduler): lookups that found a prefix or an image's embeddings,
+    # the prompt tokens reused, entries evicted, and what they hold.
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_reused_tokens: int = 0
+    prefix_evictions: int = 0
+    prefix_tokens: int = 0
+    prefix_bytes: int = 0
+    encoder_hits: int = 0
+    encoder_misses: int = 0
+    encoder_evictions: int = 0
+    encoder_bytes: int = 0
     drain_rate: float = 0.0  # requests per second, smoothed
     _last_done: float = field(default=0.0, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in vars(self).items() if k[0] != "_"}
+
+    def cache_events(self) -> dict[str, int]:
+        """The model caches' event counters so far (for /metrics)."""
+        return {name: getattr(self, name) for name in CACHE_EVENTS}
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes each model cache holds now."""
+        return {"prefix": self.prefix_bytes, "encoder": self.encoder_bytes}
+
+
+CACHE_EVENTS = (
+    "prefix_hits",
+    "prefix_misses",
+    "prefix_reused_tokens",
+    "prefix_evictions",
+    "encoder_hits",
+    "encoder_misses",
+    "encoder_evictions",
+)
 
 
 def collate(features: list[Any], pad_id: int) -> dict[str, Any]:

@@ -120,7 +120,8 @@ class UpstreamStream:
                 for _, call in sorted(self._calls.items())
                 if call["name"]
             ),
-            cached_tokens=_cached_tokens(usage),
+            cached_tokens=_detail(usage, "cached_tokens"),
+            image_tokens=_detail(usage, "image_tokens"),
         )
         self._finish()
 
@@ -207,8 +208,9 @@ class UpstreamStream:
         return Delta(visible.reasoning, visible.content)
 
 
-def _cached_tokens(usage: dict[str, Any]) -> int:
-    """The upstream's usage.prompt_tokens_details.cached_tokens (vLLM and SGLang report it), else 0."""
+def _detail(usage: dict[str, Any], name: str) -> int | None:
+    """One count of the upstream's usage.prompt_tokens_details (vLLM and SGLang report cached_tokens;
+    glmvision image_tokens too), else None."""
     details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and cached >= 0 else 0
+    count = details.get(name) if isinstance(details, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
