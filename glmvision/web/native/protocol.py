@@ -10,7 +10,8 @@ from pydantic_core import InitErrorDetails
 from glmvision.core.config import Settings
 from glmvision.core.constraints import check_prompt_length, generation_params, json_constraint
 from glmvision.core.generation import GenerationParams
-from glmvision.web.protocol import SamplingFields, rule_error
+from glmvision.core.images import Detail, PixelBudget
+from glmvision.web.protocol import SamplingFields, pixels_in_order, rule_error
 
 
 class NativeRequest(SamplingFields):
@@ -47,7 +48,8 @@ class NativeRequest(SamplingFields):
 
 
 class VisionRequest(NativeRequest):
-    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt."""
+    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt; `detail`,
+    `min_pixels` and `max_pixels` (width x height) set the size the model sees the image at."""
 
     model_config = ConfigDict(
         json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
@@ -55,7 +57,12 @@ class VisionRequest(NativeRequest):
 
     image: str | None = Field(default=None, min_length=1)
     image_url: str | None = Field(default=None, min_length=1)
+    detail: Detail | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
     prompt: str
+
+    _pixels_in_order = field_validator("max_pixels")(pixels_in_order)
 
     @classmethod
     def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
@@ -78,6 +85,13 @@ class VisionRequest(NativeRequest):
             return self.image, "image"
         assert self.image_url is not None  # the body rules ask for one
         return self.image_url, "image_url"
+
+    @property
+    def pixel_budget(self) -> PixelBudget | None:
+        """The size asked for the image (None: the server's default); errors name the body's fields."""
+        if self.detail is None and self.min_pixels is None and self.max_pixels is None:
+            return None
+        return PixelBudget(self.detail, self.min_pixels, self.max_pixels, "")
 
 
 class SeedChatRequest(NativeRequest):

@@ -19,7 +19,8 @@ from glmvision.core.constraints import (
 )
 from glmvision.core.errors import bad_request
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice, allowed_tools
-from glmvision.web.protocol import NonEmptyString, RequestModel, rule_error
+from glmvision.core.images import Detail, PixelBudget
+from glmvision.web.protocol import NonEmptyString, RequestModel, pixels_in_order, rule_error
 
 MAX_STOP_STRINGS = 8
 # What `stop` accepts, as documented; the validator that enforces it reports one error for the field.
@@ -27,12 +28,22 @@ StopStrings = NonEmptyString | Annotated[list[NonEmptyString], Field(max_length=
 
 
 class ImageURL(BaseModel):
-    """OpenAI's image_url object."""
+    """OpenAI's image_url object; min_pixels/max_pixels (width x height) are this server's extension."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Detail | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    _pixels_in_order = field_validator("max_pixels")(pixels_in_order)
+
+    def budget(self, param: str) -> PixelBudget | None:
+        """The size asked for this image (None: the server's default); `param`: this object's path."""
+        if self.detail is None and self.min_pixels is None and self.max_pixels is None:
+            return None
+        return PixelBudget(self.detail, self.min_pixels, self.max_pixels, param)
 
 
 class TextPart(BaseModel):
