@@ -290,7 +290,7 @@ def answer(
         if remembered is not None:
             return remembered
         # Once the model is known, images go straight to the size its processor wants.
-        fit = backend.capabilities().image_fit
+        fit = _image_fit(context, turns, ticket.deadline)
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
         answered = _known_answer(context, chat)
@@ -322,6 +322,26 @@ def answer(
         redactor=state.redacting,
         on_done=done,
     )
+
+
+def _image_fit(context: RequestContext, turns: list[Turn], deadline: float) -> Fit | None:
+    """The model's image fit. An image with its own pixel budget waits (until `deadline`, monotonic)
+    for a model still loading: only here can it be fitted, the processor applies the server's bounds."""
+    backend = context.service.backend
+    fit = backend.capabilities().image_fit
+    budgeted = any(
+        isinstance(part, ImageRef) and part.budget is not None and not part.budget.is_default
+        for turn in turns
+        for part in turn.parts
+    )
+    if fit is not None or not budgeted:
+        return fit
+    if backend.health(probe=False).status == "not_loaded":
+        backend.warm_up()
+    deadline = min(deadline, time.monotonic() + context.settings.load_timeout)
+    while backend.health(probe=False).status in ("loading", "not_loaded") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return backend.capabilities().image_fit
 
 
 def _known_answer(context: RequestContext, chat: ChatInput) -> Answer | None:

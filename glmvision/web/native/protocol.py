@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails
 
 from glmvision.core.config import Settings
 from glmvision.core.constraints import check_prompt_length, generation_params, json_constraint
 from glmvision.core.generation import GenerationParams
 from glmvision.core.images import Detail, PixelBudget
-from glmvision.web.protocol import SamplingFields, pixels_in_order, rule_error
+from glmvision.web.protocol import SamplingFields, rule_error
 
 
 class NativeRequest(SamplingFields):
@@ -62,7 +62,14 @@ class VisionRequest(NativeRequest):
     max_pixels: int | None = Field(default=None, ge=1)
     prompt: str
 
-    _pixels_in_order = field_validator("max_pixels")(pixels_in_order)
+    @field_validator("max_pixels")
+    @classmethod
+    def _pixels_in_order(cls, max_pixels: int | None, info: ValidationInfo) -> int | None:
+        min_pixels = info.data.get("min_pixels")
+        if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+            message = f"Field 'max_pixels' ({max_pixels:,}) is less than 'min_pixels' ({min_pixels:,})."
+            raise rule_error("invalid_value", message)
+        return max_pixels
 
     @classmethod
     def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
