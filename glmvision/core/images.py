@@ -7,8 +7,8 @@ import binascii
 import io
 import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -34,10 +34,63 @@ class DecodedImage:
     # not resized): an upstream engine can be sent those instead of a re-encoding.
     original: bytes | None = None
     mime: str | None = None
+    budget: PixelBudget | None = None  # the request's own bounds for it, when it asked for any
 
 
-# Maps a (width, height) to the size the model's processor would scale it to.
-Fit = Callable[[int, int], tuple[int, int]]
+Detail = Literal["auto", "low", "high"]
+# OpenAI's detail "low": at most 256 visual tokens (one per 28x28 pixels), about 448x448.
+LOW_DETAIL_PIXELS = 256 * 28 * 28
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """What a request asks of one image's size: OpenAI's `detail`, and explicit bounds in pixels (w x h).
+
+    Explicit bounds win over `detail`; `param` names the image's object, whose fields errors name.
+    """
+
+    detail: Detail | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    param: str = ""  # "": the body's own fields
+
+    @property
+    def is_default(self) -> bool:
+        """Whether it asks for nothing but the server's own rule."""
+        return self.detail in (None, "auto") and self.min_pixels is None and self.max_pixels is None
+
+    def key(self) -> str | None:
+        """What the response cache tells budgets apart by (None: the server's default)."""
+        return None if self.is_default else f"{self.detail or 'auto'}:{self.min_pixels}:{self.max_pixels}"
+
+    def field(self, name: str) -> str:
+        """The path of one of its fields in the request."""
+        return f"{self.param}.{name}" if self.param else name
+
+    def bounds(self, least: int, most: int) -> tuple[int, int]:
+        """(min, max) pixels for the image within the server's [least, most]; a 400 naming the
+        field when an explicit bound lies outside them."""
+        for name, value in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)):
+            if value is not None and not least <= value <= most:
+                limits = f"this server takes {least:,} to {most:,} pixels (width x height)"
+                raise bad_request("invalid_value", f"'{name}' is {value:,}; {limits}.", self.field(name))
+        low = least if self.min_pixels is None else self.min_pixels
+        high = most
+        if self.max_pixels is not None:
+            high = self.max_pixels
+        elif self.detail == "low":  # an explicit min_pixels over low detail's cap wins
+            high = max(min(LOW_DETAIL_PIXELS, most), low)
+        if low > high:
+            message = f"'min_pixels' ({low:,}) is more than 'max_pixels' ({high:,})."
+            raise bad_request("invalid_value", message, self.field("max_pixels"))
+        return low, high
+
+
+class Fit(Protocol):
+    """Maps a (width, height) to the size the model's processor would scale it to; with a budget,
+    to the size within the budget's bounds that the processor then takes as it is."""
+
+    def __call__(self, width: int, height: int, budget: PixelBudget | None = None, /) -> tuple[int, int]: ...
 
 
 def decode_base64(data: str, param: str = "image") -> bytes:
@@ -100,12 +153,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(
-    raw: bytes, *, max_side: int, max_pixels: int, param: str = "image", fit: Fit | None = None
+    raw: bytes,
+    *,
+    max_side: int,
+    max_pixels: int,
+    param: str = "image",
+    fit: Fit | None = None,
+    budget: PixelBudget | None = None,
 ) -> DecodedImage:
     """Decode image bytes: size checks before decoding, EXIF orientation, RGB on white, resize.
 
     With `fit`, an image the processor would shrink anyway is decoded and resized straight to
     that size: JPEGs decode at reduced scale and the processor has no big resize left to do.
+    With a `budget` too, the image is resized (up or down) to fit its own bounds; the processor,
+    under the server's wider ones, then leaves it as it is.
     """
     try:
         with warnings.catch_warnings():
@@ -146,7 +207,9 @@ def open_image(
         shortest = -(-max(goal) // MAX_ASPECT_RATIO)
         goal = (max(goal[0], shortest), max(goal[1], shortest))
         final = goal
-        if fit is not None:
+        if fit is not None and budget is not None and not budget.is_default:
+            final = fit(*goal, budget)
+        elif fit is not None:
             fitted = fit(*goal)
             if fitted[0] * fitted[1] < goal[0] * goal[1]:
                 final = fitted
@@ -161,11 +224,14 @@ def open_image(
             image = image.resize(final, Image.Resampling.BICUBIC, reducing_gap=3.0)
     except Image.DecompressionBombError:
         raise _too_many_pixels(None, max_pixels, param) from None
+    except APIError:  # the budget's own bounds, refused by `fit`
+        raise
     except Exception:  # noqa: BLE001 - any decoder failure on client bytes is a bad image
         raise bad_request("invalid_image", "The image data is corrupt or truncated.", param) from None
+    budget = None if budget is None or budget.is_default else budget
     if untouched and image.size == (width, height) and source_format in _MIMES:
-        return DecodedImage(image, width, height, image.size, raw, _MIMES[source_format])
-    return DecodedImage(image=image, width=width, height=height, resized_to=image.size)
+        return DecodedImage(image, width, height, image.size, raw, _MIMES[source_format], budget)
+    return DecodedImage(image=image, width=width, height=height, resized_to=image.size, budget=budget)
 
 
 # Formats an upstream engine takes as they are (GIF and BMP are re-encoded: not every engine reads them).
@@ -180,8 +246,14 @@ def _too_many_pixels(pixels: int | None, max_pixels: int, param: str) -> APIErro
 
 
 def decode_image(
-    data: str, *, max_side: int, max_pixels: int, param: str = "image", fit: Fit | None = None
+    data: str,
+    *,
+    max_side: int,
+    max_pixels: int,
+    param: str = "image",
+    fit: Fit | None = None,
+    budget: PixelBudget | None = None,
 ) -> DecodedImage:
     """Decode a base64 or data-URL image string into a bounded RGB image."""
     raw = decode_base64(data, param)
-    return open_image(raw, max_side=max_side, max_pixels=max_pixels, param=param, fit=fit)
+    return open_image(raw, max_side=max_side, max_pixels=max_pixels, param=param, fit=fit, budget=budget)

@@ -21,7 +21,7 @@ from glmvision.core.backend import Submission
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, bad_request
 from glmvision.core.generation import AnswerStream, Delta, Generation, GenerationParams
-from glmvision.core.images import DecodedImage, Fit, decode_image, open_image
+from glmvision.core.images import DecodedImage, Fit, PixelBudget, decode_image, open_image
 from glmvision.core.lora import model_name
 from glmvision.core.responses import GroundingBox, PromptTokensDetails, Usage
 from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
@@ -40,10 +40,12 @@ log = logging.getLogger("glmvision")
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image as the client sent it: base64, a data URL or an http(s) URL, and where."""
+    """An image as the client sent it: base64, a data URL or an http(s) URL, and where; and the
+    size it asked the image be seen at, if any."""
 
     source: str
     param: str
+    budget: PixelBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,8 @@ def load_image(
     limits = {"max_side": max_side or settings.max_image_side, "max_pixels": settings.max_image_pixels}
     if is_url(ref.source):
         raw = fetch_image(ref.source, policy, ref.param)
-        return open_image(raw, param=ref.param, fit=fit, **limits)
-    return decode_image(ref.source, param=ref.param, fit=fit, **limits)
+        return open_image(raw, param=ref.param, fit=fit, budget=ref.budget, **limits)
+    return decode_image(ref.source, param=ref.param, fit=fit, budget=ref.budget, **limits)
 
 
 def load_turns(
@@ -154,6 +156,8 @@ def _image_part(image: DecodedImage) -> dict[str, Any]:
     part: dict[str, Any] = {"type": "image", "image": image.image}
     if image.original is not None:
         part["original"] = (image.mime, image.original)  # an upstream engine may take these as they are
+    if image.budget is not None and image.budget.detail is not None:
+        part["detail"] = image.budget.detail  # OpenAI's, passed on to an upstream engine
     return part
 
 
@@ -286,7 +290,7 @@ def answer(
         if remembered is not None:
             return remembered
         # Once the model is known, images go straight to the size its processor wants.
-        fit = backend.capabilities().image_fit
+        fit = _image_fit(context, turns, ticket.deadline)
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
         answered = _known_answer(context, chat)
@@ -318,6 +322,26 @@ def answer(
         redactor=state.redacting,
         on_done=done,
     )
+
+
+def _image_fit(context: RequestContext, turns: list[Turn], deadline: float) -> Fit | None:
+    """The model's image fit. An image with its own pixel budget waits (until `deadline`, monotonic)
+    for a model still loading: only here can it be fitted, the processor applies the server's bounds."""
+    backend = context.service.backend
+    fit = backend.capabilities().image_fit
+    budgeted = any(
+        isinstance(part, ImageRef) and part.budget is not None and not part.budget.is_default
+        for turn in turns
+        for part in turn.parts
+    )
+    if fit is not None or not budgeted:
+        return fit
+    if backend.health(probe=False).status == "not_loaded":
+        backend.warm_up()
+    deadline = min(deadline, time.monotonic() + context.settings.load_timeout)
+    while backend.health(probe=False).status in ("loading", "not_loaded") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return backend.capabilities().image_fit
 
 
 def _known_answer(context: RequestContext, chat: ChatInput) -> Answer | None:
@@ -387,7 +411,12 @@ def _source_key(
             if isinstance(part, ImageRef):
                 if is_url(part.source):
                     return None  # what a URL points at may change; its pixels decide
-                parts.append("source:" + hashlib.sha256(part.source.encode()).hexdigest())
+                budget = part.budget.key() if part.budget is not None else None
+                parts.append(
+                    "source:"
+                    + hashlib.sha256(part.source.encode()).hexdigest()
+                    + (f"@{budget}" if budget else "")
+                )
             else:
                 parts.append(part)
         rendered.append({"role": turn.role, "parts": parts, **_tool_fields(turn)})
@@ -464,12 +493,18 @@ def _cache_key(context: RequestContext, chat: ChatInput) -> CacheKey | None:
     from glmvision.serving.cache import make_key
 
     assert state.cache is not None  # cache_revision() said so
+    keyed: dict[str, Any] = {**asdict(chat.params), "scope": cache_scope(state.settings, context.key_id)}
+    budgets = [image.budget.key() if image.budget is not None else None for image in chat.images]
+    if any(budgets):
+        # A perceptual match ignores an image's size: the detail asked for must match too (and an
+        # upstream engine is told the detail).
+        keyed["image_budgets"] = budgets
     context.cache_key = make_key(
         state.backend.capabilities().model_names[0],
         revision,
         [image.image for image in chat.images],
         conversation(chat.turns),
-        {**asdict(chat.params), "scope": cache_scope(state.settings, context.key_id)},
+        keyed,
         state.cache.perceptual,
     )
     return context.cache_key

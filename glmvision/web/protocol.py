@@ -10,7 +10,15 @@ import json
 from typing import Annotated, Any, TypeVar
 
 from flask import Request
-from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from glmvision.core.errors import APIError, bad_request
@@ -82,6 +90,16 @@ class SamplingFields(RequestModel):
     enable_thinking: bool = False
     json_schema: dict[str, Any] | None = None  # the answer is JSON valid against it
     adapter: str | None = Field(default=None, min_length=1)  # a GLMVISION_LORA adapter's name
+
+
+def pixels_in_order(max_pixels: int | None, info: ValidationInfo) -> int | None:
+    """A field validator for `max_pixels`: not below the `min_pixels` declared before it."""
+    min_pixels = info.data.get("min_pixels")
+    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+        raise rule_error(
+            "invalid_value", f"'max_pixels' ({max_pixels:,}) is less than 'min_pixels' ({min_pixels:,})."
+        )
+    return max_pixels
 
 
 def _error_code(error_type: str) -> str:

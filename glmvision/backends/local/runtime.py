@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from glmvision.backends.local.compiler import GrammarLimits
 from glmvision.backends.local.grammar import GrammarBook
 from glmvision.core.errors import bad_request, unavailable
+from glmvision.core.images import PixelBudget
 from glmvision.postprocess.pipeline import KEPT_TOKENS
 from glmvision.postprocess.tools import control_token_key
 
@@ -208,29 +209,40 @@ class LoadedModel:
         merge = int(getattr(self.processor.image_processor, "merge_size", 1) or 1)
         return int(grids.prod(dim=-1).sum()) // (merge * merge)
 
-    def fit_image(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) this model's image processor resizes an image of that size to."""
+    def fit_image(self, width: int, height: int, budget: PixelBudget | None = None, /) -> tuple[int, int]:
+        """The (width, height) this model's image processor resizes an image of that size to; with a
+        budget, the size within its bounds (pixels as width x height) that the processor keeps as it is."""
         processor = self.processor.image_processor
         smart_resize = getattr(sys.modules[type(processor).__module__], "smart_resize", None)
         if smart_resize is None:
             return width, height
+        try:
+            # The processor's limits count a still image once per temporal patch (GLM-V: twice).
+            frames = int(processor.temporal_patch_size)
+            least, most = int(processor.size["shortest_edge"]), int(processor.size["longest_edge"])
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return width, height
+        limits = (least, most)
+        if budget is not None:
+            low, high = budget.bounds(-(-least // frames), most // frames)
+            limits = (low * frames, high * frames)
 
-        def resize(w: int, h: int) -> tuple[int, int]:
+        def resize(w: int, h: int, pixels: tuple[int, int]) -> tuple[int, int]:
             new_height, new_width = smart_resize(
-                num_frames=processor.temporal_patch_size,
+                num_frames=frames,
                 height=h,
                 width=w,
-                temporal_factor=processor.temporal_patch_size,
+                temporal_factor=frames,
                 factor=processor.patch_size * processor.merge_size,
-                min_pixels=processor.size["shortest_edge"],
-                max_pixels=processor.size["longest_edge"],
+                min_pixels=pixels[0],
+                max_pixels=pixels[1],
             )
             return int(new_width), int(new_height)
 
         try:
-            fitted = resize(width, height)
+            fitted = resize(width, height, limits)
             # Very thin images hit the minimum side and would shrink again: leave those to the processor.
-            return fitted if resize(*fitted) == fitted else (width, height)
+            return fitted if resize(*fitted, (least, most)) == fitted else (width, height)
         except (ValueError, KeyError, TypeError, AttributeError):
             return width, height  # the processor will speak for itself
 

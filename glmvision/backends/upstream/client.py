@@ -102,13 +102,19 @@ def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"role": message["role"], "content": content, **_tool_fields(message)})
             continue
         parts = [
-            {"type": "image_url", "image_url": {"url": data_url(part["image"], part.get("original"))}}
-            if part["type"] == "image"
-            else {"type": "text", "text": part["text"]}
+            _image_part(part) if part["type"] == "image" else {"type": "text", "text": part["text"]}
             for part in content
         ]
         out.append({"role": message["role"], "content": parts})
     return out
+
+
+def _image_part(part: dict[str, Any]) -> dict[str, Any]:
+    """An image as an image_url part, with the client's `detail` when it gave one."""
+    image_url = {"url": data_url(part["image"], part.get("original"))}
+    if part.get("detail") is not None:
+        image_url["detail"] = part["detail"]
+    return {"type": "image_url", "image_url": image_url}
 
 
 def _tool_fields(message: dict[str, Any]) -> dict[str, Any]:

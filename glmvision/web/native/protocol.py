@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import InitErrorDetails
 
 from glmvision.core.config import Settings
 from glmvision.core.constraints import check_prompt_length, generation_params, json_constraint
 from glmvision.core.generation import GenerationParams
+from glmvision.core.images import Detail, PixelBudget
 from glmvision.web.protocol import SamplingFields, rule_error
 
 
@@ -47,7 +48,8 @@ class NativeRequest(SamplingFields):
 
 
 class VisionRequest(NativeRequest):
-    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt."""
+    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt; `detail`,
+    `min_pixels` and `max_pixels` (width x height) set the size the model sees the image at."""
 
     model_config = ConfigDict(
         json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
@@ -55,7 +57,19 @@ class VisionRequest(NativeRequest):
 
     image: str | None = Field(default=None, min_length=1)
     image_url: str | None = Field(default=None, min_length=1)
+    detail: Detail | None = None
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
     prompt: str
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _pixels_in_order(cls, max_pixels: int | None, info: ValidationInfo) -> int | None:
+        min_pixels = info.data.get("min_pixels")
+        if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+            message = f"Field 'max_pixels' ({max_pixels:,}) is less than 'min_pixels' ({min_pixels:,})."
+            raise rule_error("invalid_value", message)
+        return max_pixels
 
     @classmethod
     def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
@@ -78,6 +92,13 @@ class VisionRequest(NativeRequest):
             return self.image, "image"
         assert self.image_url is not None  # the body rules ask for one
         return self.image_url, "image_url"
+
+    @property
+    def pixel_budget(self) -> PixelBudget | None:
+        """The size asked for the image (None: the server's default); errors name the body's fields."""
+        if self.detail is None and self.min_pixels is None and self.max_pixels is None:
+            return None
+        return PixelBudget(self.detail, self.min_pixels, self.max_pixels, "")
 
 
 class SeedChatRequest(NativeRequest):

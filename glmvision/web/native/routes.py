@@ -108,7 +108,9 @@ def chat_vision() -> Response:
     admit(context)
     # Exactly one of image and image_url: the model checks.
     body = parse_body(request, VisionRequest, context.settings.max_json_depth)
-    chat, generation, result = _answer_one_image(context, ImageRef(*body.image_source), body)
+    chat, generation, result = _answer_one_image(
+        context, ImageRef(*body.image_source, body.pixel_budget), body
+    )
     decoded = chat.images[0]
     sent = generation.image_sizes[0] if generation.image_sizes else decoded.resized_to
     answer = VisionResponse(

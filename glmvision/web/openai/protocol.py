@@ -19,6 +19,7 @@ from glmvision.core.constraints import (
 )
 from glmvision.core.errors import bad_request
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice, allowed_tools
+from glmvision.core.images import Detail, PixelBudget
 from glmvision.web.protocol import NonEmptyString, RequestModel, rule_error
 
 MAX_STOP_STRINGS = 8
@@ -26,13 +27,63 @@ MAX_STOP_STRINGS = 8
 StopStrings = NonEmptyString | Annotated[list[NonEmptyString], Field(max_length=MAX_STOP_STRINGS)] | None
 
 
+DETAILS = ("auto", "low", "high")
+PixelCount = Annotated[int, Field(ge=1)]
+
+
+def _is_pixel_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class ImageURL(BaseModel):
-    """OpenAI's image_url object."""
+    """OpenAI's image_url object; min_pixels/max_pixels (width x height) are this server's extension.
+
+    detail, min_pixels and max_pixels are checked on the raw body (ChatCompletionRequest.body_rules):
+    inside `content`'s union, pydantic's own errors would name the union's branches, not the field.
+    """
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Detail | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @field_validator("detail", mode="plain", json_schema_input_type=Detail | None)
+    @classmethod
+    def _detail(cls, value: Any) -> Any:
+        return value if value in DETAILS else None
+
+    @field_validator("min_pixels", "max_pixels", mode="plain", json_schema_input_type=PixelCount | None)
+    @classmethod
+    def _pixels(cls, value: Any) -> Any:
+        return value if _is_pixel_count(value) else None
+
+    def budget(self, param: str) -> PixelBudget | None:
+        """The size asked for this image (None: the server's default); `param`: this object's path."""
+        if self.detail is None and self.min_pixels is None and self.max_pixels is None:
+            return None
+        return PixelBudget(self.detail, self.min_pixels, self.max_pixels, param)
+
+
+def image_budget_problems(image_url: dict[str, Any], where: str) -> list[tuple[str, str, str]]:
+    """(code, field, message) for each of an image_url's detail, min_pixels and max_pixels that is wrong."""
+    problems: list[tuple[str, str, str]] = []
+    detail = image_url.get("detail")
+    if detail is not None and detail not in DETAILS:
+        code = "invalid_value" if isinstance(detail, str) else "invalid_type"
+        problems.append((code, "detail", f"Field '{where}.detail' must be 'auto', 'low' or 'high'."))
+    for name in ("min_pixels", "max_pixels"):
+        value = image_url.get(name)
+        if value is None or _is_pixel_count(value):
+            continue
+        code = "invalid_value" if isinstance(value, int) and not isinstance(value, bool) else "invalid_type"
+        problems.append((code, name, f"Field '{where}.{name}' must be a whole number of pixels, at least 1."))
+    least, most = image_url.get("min_pixels"), image_url.get("max_pixels")
+    if not problems and least is not None and most is not None and least > most:
+        message = f"Field '{where}.max_pixels' ({most:,}) is less than 'min_pixels' ({least:,})."
+        problems.append(("invalid_value", "max_pixels", message))
+    return problems
 
 
 class TextPart(BaseModel):
@@ -263,26 +314,9 @@ class ChatCompletionRequest(RequestModel):
 
     @classmethod
     def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
-        """An empty last user message, on the raw body: reported beside the other fields' errors."""
-        messages = data.get("messages")
-        last = messages[-1] if isinstance(messages, list) and messages else None
-        if not isinstance(last, dict) or last.get("role") != "user":
-            return []
-        content = last.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if content is not None and not isinstance(parts, list):
-            return []  # not a string or a list: its field error says so
-        if any(
-            not isinstance(part, dict)
-            or part.get("type") != "text"
-            or not isinstance(part.get("text"), str)
-            or part["text"].strip()
-            for part in parts or []
-        ):
-            return []  # an image, some text, or a malformed part (its own error)
-        where = f"messages.{len(messages) - 1}.content"
-        error = rule_error("invalid_value", "The last user message is empty.", where)
-        return [{"type": error, "loc": ("messages", len(messages) - 1, "content"), "input": content}]
+        """On the raw body, reported beside the other fields' errors: the images' detail and pixel
+        bounds, and an empty last user message."""
+        return _image_budget_errors(data.get("messages")) + _empty_last_message(data)
 
     def _check_tools(self) -> None:
         """Tool names are unique, and a forced call (required, or a named function) has a tool to call."""
@@ -359,6 +393,55 @@ class ChatCompletionRequest(RequestModel):
             characters += sum(len(part.text) for part in _parts(message.content) if part.type == "text")
             characters += sum(len(call.function.arguments) for call in message.tool_calls or ())
         check_prompt_length(characters, settings, "messages")
+
+
+def _empty_last_message(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """A last user message with no image and no text but blanks."""
+    messages = data.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return []
+    content = last.get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if content is not None and not isinstance(parts, list):
+        return []  # not a string or a list: its field error says so
+    if any(
+        not isinstance(part, dict)
+        or part.get("type") != "text"
+        or not isinstance(part.get("text"), str)
+        or part["text"].strip()
+        for part in parts or []
+    ):
+        return []  # an image, some text, or a malformed part (its own error)
+    where = f"messages.{len(messages) - 1}.content"
+    error = rule_error("invalid_value", "The last user message is empty.", where)
+    return [{"type": error, "loc": ("messages", len(messages) - 1, "content"), "input": content}]
+
+
+def _image_budget_errors(messages: Any) -> list[InitErrorDetails]:
+    """Each image part's wrong detail, min_pixels or max_pixels, named by its path."""
+    errors: list[InitErrorDetails] = []
+    for index, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for number, part in enumerate(content if isinstance(content, list) else []):
+            image_url = part.get("image_url") if isinstance(part, dict) else None
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "image_url"
+                or not isinstance(image_url, dict)
+            ):
+                continue
+            where = f"messages.{index}.content.{number}.image_url"
+            for code, name, text in image_budget_problems(image_url, where):
+                loc = ("messages", index, "content", number, "image_url", name)
+                errors.append(
+                    {
+                        "type": rule_error(code, text, f"{where}.{name}"),
+                        "loc": loc,
+                        "input": image_url.get(name),
+                    }
+                )
+    return errors
 
 
 def _parts(content: str | list[TextPart | ImagePart] | None) -> list[TextPart | ImagePart]:

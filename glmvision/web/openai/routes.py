@@ -84,7 +84,8 @@ def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
                 if part.type == "text":
                     parts.append(part.text)
                 else:
-                    parts.append(ImageRef(part.image_url.url, f"{where}.{number}.image_url.url"))
+                    image, at = part.image_url, f"{where}.{number}.image_url"
+                    parts.append(ImageRef(image.url, f"{at}.url", image.budget(at)))
         call_id = message.tool_call_id if role == "tool" else None
         turns.append(Turn(role, parts, _tool_calls(message, index, settings.max_json_depth), call_id))
     return turns
