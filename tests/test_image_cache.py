@@ -270,3 +270,30 @@ def test_refused_image_is_still_the_clients_error(demo_model_dir: Path) -> None:
     with pytest.raises(APIError) as caught:
         loaded.prepare([_user(Image.new("RGB", (4000, 10)), "too thin")], enable_thinking=False)
     assert caught.value.error_code == "image_rejected"
+
+
+def test_image_hashes_cross_the_engine_wire(demo_model_dir: Path) -> None:
+    from glmvision.backends.engine.shm import open_tensors, share_tensors
+
+    inputs = _loaded(demo_model_dir, 64).prepare([_user(_noise(90, 90, 1), "x")], enable_thinking=False)
+    shared, refs = share_tensors(dict(inputs))
+    with shared:
+        received = open_tensors(refs)
+    assert set(received) == set(inputs)
+    for key in inputs:
+        assert torch.equal(received[key], inputs[key]), key
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_engine_answers_prepared_inputs_with_hashes(make_app: Any, scheduler: str) -> None:
+    from helpers import vision_body
+
+    from glmvision.web.state import app_state
+
+    app = make_app(scheduler=scheduler, encoder_cache_mb="8")
+    with app.test_client() as client:
+        for _ in range(2):  # the second time from the worker's image cache
+            response = client.post("/v1/chat/vision", json=vision_body())
+            assert response.status_code == 200, response.get_json()
+    stats = app_state(app).service.backend.holder.get(timeout=60).image_cache_stats()
+    assert stats["hits"] >= 1 and stats["entries"] >= 1
