@@ -186,16 +186,18 @@ class CachingImageProcessor:
             if pieces is None:  # not the layout this cache knows: leave this call to the processor
                 return self._inner(images, **kwargs)
             for key, (pixels, grid) in zip(missing, pieces, strict=True):
-                # Copies: a slice would keep the whole batch's tensor alive, and the caller owns `output`.
-                entry = (pixels.clone(), grid.clone())
-                self._cache.put(key, *entry)
-                found[key] = entry
+                if len(pieces) > 1:  # a slice would keep the whole batch's tensor alive, uncounted
+                    pixels, grid = pixels.clone(), grid.clone()
+                self._cache.put(key, pixels, grid)
+                found[key] = (pixels, grid)
             if len(missing) == len(keys):  # every image new and distinct: the processor's answer is it
                 return output
-        pixels = torch.cat([found[key][0] for key in keys])
-        grids = torch.cat([found[key][1] for key in keys])
         from transformers import BatchFeature
 
+        # One image's tensors are handed out as cached, not copied (a copy of a photo's ~70 MiB costs
+        # about as much as hashing it): prepared inputs are read-only, as the model treats them.
+        pixels = torch.cat([found[key][0] for key in keys]) if len(keys) > 1 else found[keys[0]][0]
+        grids = torch.cat([found[key][1] for key in keys]) if len(keys) > 1 else found[keys[0]][1]
         return BatchFeature({"pixel_values": pixels, "image_grid_thw": grids}, tensor_type="pt")
 
 
