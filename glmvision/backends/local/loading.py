@@ -203,6 +203,7 @@ def load_processor(settings: Settings, device: str = "engine") -> LoadedModel:
         demo=is_demo(source),
         load_seconds=time.perf_counter() - started,
         processor_copies=preparing_slots(settings.max_batch_size),
+        encoder_cache_mb=settings.encoder_cache_mb,
         revision=model_revision(source, shell),
         grammar_limits=GrammarLimits(
             settings.grammar_timeout, settings.grammar_workers, int(settings.grammar_cache_mb * 2**20)
@@ -285,6 +286,7 @@ def load_model(settings: Settings) -> LoadedModel:
         demo=demo,
         load_seconds=time.perf_counter() - started,
         processor_copies=preparing_slots(settings.max_batch_size),  # one per request being prepared
+        encoder_cache_mb=settings.encoder_cache_mb,
         revision=revision,
         adapters=adapters,
         grammar_limits=GrammarLimits(

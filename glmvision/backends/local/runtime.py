@@ -15,6 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from glmvision.backends.local.compiler import GrammarLimits
 from glmvision.backends.local.grammar import GrammarBook
+from glmvision.backends.local.imagecache import (
+    CachingImageProcessor,
+    ImageCache,
+    cache_budget_bytes,
+    digest_rows,
+)
 from glmvision.core.errors import bad_request, unavailable
 from glmvision.core.images import PixelBudget
 from glmvision.postprocess.pipeline import KEPT_TOKENS
@@ -41,8 +47,9 @@ class ProcessorPool:
     # call resets it: threads sharing one tokenizer can encode with each other's settings (seen
     # here: wrong input_ids, silently) or fail with "Already borrowed" (transformers#47085).
 
-    def __init__(self, processor: Any, size: int, wait: float) -> None:
+    def __init__(self, processor: Any, size: int, wait: float, images: ImageCache | None = None) -> None:
         self._template = processor
+        self._images = images if images is not None else ImageCache(0)
         self._size = size
         self._wait = wait
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
@@ -68,11 +75,18 @@ class ProcessorPool:
             self._made += make
         if make:
             # The template itself is never lent out: only copies encode, so it stays read-only.
-            return copy.deepcopy(self._template)
+            return self._copy()
         try:
             return self._idle.get(timeout=self._wait)
         except queue.Empty:
             raise unavailable("preprocessing_busy", "Input processors all busy; retry shortly.", 1) from None
+
+    def _copy(self) -> Any:
+        """A copy of the template whose image processor goes through the shared image cache."""
+        processor = copy.deepcopy(self._template)
+        if getattr(processor, "image_processor", None) is not None:
+            processor.image_processor = CachingImageProcessor(processor.image_processor, self._images)
+        return processor
 
 
 @dataclass
@@ -93,6 +107,8 @@ class LoadedModel:
     adapters: Adapters | None = None  # GLMVISION_LORA's, when set
     processors: ProcessorPool = field(init=False, repr=False)
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)  # GLMVISION_GRAMMAR_*
+    encoder_cache_mb: float = -1.0  # GLMVISION_ENCODER_CACHE_MB: bounds this worker's image cache
+    image_cache: ImageCache = field(init=False, repr=False)
     _grammars: GrammarBook | None = field(default=None, init=False, repr=False)
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -122,7 +138,10 @@ class LoadedModel:
             self._decode_run = partial(backend.decode, skip_special_tokens=False)
         else:
             self._decode_run = partial(tokenizer.decode, skip_special_tokens=False)
-        self.processors = ProcessorPool(self.processor, self.processor_copies, self.processor_wait)
+        self.image_cache = ImageCache(cache_budget_bytes(self.encoder_cache_mb, self.device))
+        self.processors = ProcessorPool(
+            self.processor, self.processor_copies, self.processor_wait, self.image_cache
+        )
 
     def grammars(self) -> GrammarBook:
         """The grammar compiler for this tokenizer, made at the first constrained request."""
@@ -164,7 +183,11 @@ class LoadedModel:
         self._check_keys(messages, tools)
         try:
             with self.processors.checkout() as processor:
-                return processor.apply_chat_template(
+                images = processor.image_processor
+                digests: list[bytes] | None = getattr(images, "digests", None)
+                if digests is not None:
+                    digests.clear()
+                inputs = processor.apply_chat_template(
                     messages,
                     tools=list(tools) or None,
                     add_generation_prompt=True,
@@ -174,6 +197,11 @@ class LoadedModel:
                     sanitize_control_tokens=True,
                     enable_thinking=enable_thinking,
                 )
+                # Each image's key, in prompt order, for the engine's caches: never a model input.
+                grids = inputs.get("image_grid_thw")
+                if digests and grids is not None and len(digests) == grids.shape[0]:
+                    inputs["image_hashes"] = digest_rows(digests)
+                return inputs
         except ValueError:
             # The processor validates images (e.g. aspect ratio); that is the client's input.
             log.info("processor refused an image", exc_info=log.isEnabledFor(logging.DEBUG))
@@ -194,6 +222,10 @@ class LoadedModel:
     def context_tokens(self) -> int:
         """The longest sequence (prompt and answer together) the language model takes."""
         return int(self.model.config.get_text_config().max_position_embeddings)
+
+    def image_cache_stats(self) -> dict[str, int]:
+        """The worker's image cache: entries, bytes, budget_bytes, hits, misses, evictions."""
+        return self.image_cache.stats()
 
     def image_sizes(self, inputs: Any) -> list[tuple[int, int]]:
         """The (width, height) of each image as the processor handed it to the model."""
