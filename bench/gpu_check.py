@@ -524,6 +524,7 @@ class Check:
         work = self.work
         results: dict[bool, list[float]] = {False: [], True: []}
         engine_side: dict[bool, list[float]] = {False: [], True: []}
+        reused: dict[bool, int] = {False: 0, True: 0}
         cached: list[int] = []
         shared: int | None = 0
         seed = 1000
@@ -552,6 +553,7 @@ class Check:
                 wait([turn2], deadline)
                 results[caches].append(turn2.times[0] - began)
                 engine_side[caches].append(turn2.times[0] - turn2.submitted)
+                reused[caches] = int(getattr(turn2, "cached_tokens", 0))  # the prefix cache's KV reuse
                 history = inputs["input_ids"][0].tolist() + turn1.ids
                 shared = first_difference(history, inputs2["input_ids"][0].tolist())
                 if shared is None:
@@ -575,6 +577,8 @@ class Check:
         self.put("followup_engine_ttft_ms_caches_off", f"{statistics.median(engine_side[False]) * 1000:.1f}")
         self.put("followup_engine_ttft_ms_caches_on", f"{statistics.median(engine_side[True]) * 1000:.1f}")
         self.put("followup_speedup", f"{off / on:.2f}")
+        self.put("followup_cached_tokens_caches_off", reused[False])
+        self.put("followup_cached_tokens_caches_on", reused[True])
         self.put("followup_cache_identity", "match" if differs is None else f"diverges@{differs}")
 
     def memory(self) -> None:

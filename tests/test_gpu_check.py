@@ -42,6 +42,8 @@ NUMBERS = (
     "followup_engine_ttft_ms_caches_off",
     "followup_engine_ttft_ms_caches_on",
     "followup_speedup",
+    "followup_cached_tokens_caches_off",
+    "followup_cached_tokens_caches_on",
     "kv_bytes_per_token",
     "kv_budget_tokens",
     "kv_budget_gib",
@@ -105,6 +107,9 @@ def test_every_figure_is_a_sane_number(smoke: Smoke) -> None:
     assert values["mixed_short_alone_tok_s"] > 0
     # The follow-up re-sends the first turn: its image and question are a prefix the caches can reuse.
     assert 0 < values["followup_shared_prefix_tokens"] < values["followup_prompt_tokens"]
+    # With the caches on, turn 2 reuses the KV of what it shares with turn 1; with them off, nothing.
+    assert values["followup_cached_tokens_caches_off"] == 0
+    assert 0 < values["followup_cached_tokens_caches_on"] <= values["followup_shared_prefix_tokens"]
     assert values["mixed_long_prompt_tokens"] > 200  # the image's visual tokens are in it
     # The demo model: 2 layers x 1 KV head x head dim 32, keys and values, fp32.
     assert values["kv_bytes_per_token"] == 2 * 2 * 1 * 32 * 4
