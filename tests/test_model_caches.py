@@ -228,3 +228,37 @@ def test_image_hashes_follow_the_pixels_not_the_tokens(model: LoadedModel) -> No
     assert image_hashes(same[0]) == image_hashes(same[1]) != image_hashes(other)
     two = chat(model, ["a"], [], [picture(50), picture(51)])
     assert image_hashes(two) == [*image_hashes(same[0]), *image_hashes(other)]
+
+
+def test_the_three_caches_show_in_metrics_and_readyz(make_app: Any) -> None:
+    """Through the app (in-worker engine): the worker's image cache, the encoder cache and the prefix
+    cache each count a hit for a second question about one picture, in /metrics and /readyz."""
+    import re
+
+    from helpers import image_b64, vision_body
+
+    app = make_app(cache="0")  # no response cache: the second question must reach the model
+    with app.test_client() as client:
+        same = image_b64(150, 110)
+        # The first answer waits for the model to load; only then are images sized for it.
+        for image, prompt in ((image_b64(60, 50), "Hello"), (same, "What is it?"), (same, "Its colour?")):
+            response = client.post("/v1/chat/vision", json=vision_body(image=image, prompt=prompt))
+            assert response.status_code == 200, response.get_json()
+        counters = client.get("/readyz").get_json()["engine"]
+        text = client.get("/metrics").get_data(as_text=True)
+
+    def series(name: str) -> float:
+        found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    assert counters["image_cache_hits"] == 1 and counters["image_cache_misses"] >= 2
+    # (The model's warm-up answer at load is a miss too.)
+    assert counters["prefix_hits"] == 1 and counters["prefix_misses"] >= 2
+    assert counters["prefix_reused_tokens"] > 0 and counters["encoder_misses"] >= 2
+    for cache in ("image", "prefix"):
+        assert series(f'glmvision_model_cache_lookups_total{{cache="{cache}",result="hit"}}') == 1, cache
+        assert series(f'glmvision_model_cache_lookups_total{{cache="{cache}",result="miss"}}') >= 1, cache
+    assert series("glmvision_prefix_cache_reused_tokens_total") == counters["prefix_reused_tokens"]
+    assert series('glmvision_model_cache_bytes{cache="prefix"}') > 0
+    assert series('glmvision_model_cache_bytes{cache="encoder"}') > 0
+    assert series("glmvision_image_cache_bytes") > 0

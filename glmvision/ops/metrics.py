@@ -100,7 +100,8 @@ class Metrics:
         self.circuit_trips = Counter("glmvision_circuit_trips", "Client circuits opened.", **reg)
         self.model_cache_lookups = Counter(
             "glmvision_model_cache_lookups",
-            "Prefix-cache (a cached prompt start) and encoder-cache (an image's embeddings) lookups.",
+            "Lookups in the prefix cache (a cached prompt start), the encoder cache (an image's "
+            "embeddings) and each worker's image cache (the processor's output).",
             ["cache", "result"],
             **reg,
         )
@@ -156,6 +157,9 @@ class Metrics:
             ["cache"],
             multiprocess_mode="livemax",
             **reg,
+        )
+        self.image_cache_bytes = Gauge(
+            "glmvision_image_cache_bytes", "Bytes the workers' image caches hold.", **total
         )
         self.queue_depth = Gauge("glmvision_queue_depth", "Requests waiting for the model.", **total)
         self.running = Gauge("glmvision_running_requests", "Requests being generated for.", **total)
@@ -250,7 +254,10 @@ class Metrics:
                     self._count_cache_event(name, count - seen)
                     self._cache_events_seen[name] = count
             for cache, size in snap.cache_bytes:
-                self.model_cache_bytes.labels(cache).set(size)
+                if cache == "image":  # each worker's own
+                    self.image_cache_bytes.set(size)
+                else:
+                    self.model_cache_bytes.labels(cache).set(size)
             for gpu in snap.gpus:
                 self.gpu_allocated.labels(gpu.device).set(gpu.allocated)
                 self.gpu_reserved.labels(gpu.device).set(gpu.reserved)

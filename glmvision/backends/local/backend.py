@@ -75,6 +75,17 @@ def engine_paths(settings: Settings) -> list[str]:
     return engine_sockets() if settings.engine == "process" else []
 
 
+def image_cache_events(loaded: LoadedModel) -> tuple[tuple[str, int], ...]:
+    """This worker's image cache (the processor's output) counters, named as the engine's caches'."""
+    stats = loaded.image_cache_stats()
+    return tuple((f"image_{name}", stats[name]) for name in ("hits", "misses", "evictions"))
+
+
+def image_cache_counters(loaded: LoadedModel) -> dict[str, int]:
+    """This worker's image cache, for /readyz."""
+    return {f"image_cache_{name}": value for name, value in loaded.image_cache_stats().items()}
+
+
 def merged_counters(reports: list[dict[str, float | int | str]]) -> dict[str, float | int | str]:
     """The engines' counters as one engine's: numbers summed (the largest batch: the largest), text
     from the first; this worker's own `completed` replaces theirs."""
@@ -183,7 +194,12 @@ class LocalBackend:
             gauges = Snapshot(loaded=False, active=self.admission.active)
             return Health(False, status, occupancy=occupancy, gauges=gauges)
         model = ModelDescription(loaded.model_id, loaded.demo, loaded.device, loaded.dtype)
-        counters = {"queued": engine.queued(), **engine.stats.as_dict(), **self.admission.as_dict()}
+        counters = {
+            "queued": engine.queued(),
+            **engine.stats.as_dict(),
+            **self.admission.as_dict(),
+            **image_cache_counters(loaded),
+        }
         failed = engine.failed
         if failed is not None:
             counters["error"] = failed
@@ -214,6 +230,7 @@ class LocalBackend:
             "completed": sum(engine.completed for engine in pool.engines),
             "engine_lost": sum(engine.lost for engine in pool.engines),
             **self.admission.as_dict(),
+            **image_cache_counters(loaded),
         }
         engines: list[dict[str, object]] = []
         states: list[str] = []
@@ -249,8 +266,8 @@ class LocalBackend:
             running=generating,
             active=self.admission.active,
             cache_empties=pool.cache_empties(),
-            cache_events=tuple(pool.cache_events().items()),
-            cache_bytes=tuple(pool.cache_bytes().items()),
+            cache_events=(*pool.cache_events().items(), *image_cache_events(loaded)),
+            cache_bytes=(*pool.cache_bytes().items(), ("image", loaded.image_cache_stats()["bytes"])),
             caches_shared=True,
             gpus=tuple(gpus),
         )
@@ -277,8 +294,8 @@ class LocalBackend:
             running=engine.running(),
             active=self.admission.active,
             cache_empties=engine.stats.cache_empties,
-            cache_events=tuple(engine.stats.cache_events().items()),
-            cache_bytes=tuple(engine.stats.cache_bytes().items()),
+            cache_events=(*engine.stats.cache_events().items(), *image_cache_events(loaded)),
+            cache_bytes=(*engine.stats.cache_bytes().items(), ("image", loaded.image_cache_stats()["bytes"])),
             gpus=gpus,
         )
 

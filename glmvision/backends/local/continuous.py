@@ -478,8 +478,8 @@ class ContinuousEngine(QueueEngine):
         keys = self._keys(job) if cache is not None else None
         if cache is None or keys is None:
             return 0, []
-        reused, kv = cache.match(job.params.adapter, keys, len(keys) - 1)
-        if reused < MIN_REUSE_TOKENS:
+        reused, kv = cache.match(job.params.adapter, keys, len(keys) - 1, MIN_REUSE_TOKENS)
+        if not reused:
             return 0, []
         job.stream.cached_tokens = reused  # reported in usage.prompt_tokens_details
         return reused, kv

@@ -87,11 +87,14 @@ class PrefixCache:
     def bytes(self) -> int:
         return self.tokens * self.bytes_per_token
 
-    def match(self, adapter: str | None, keys: np.ndarray, limit: int) -> tuple[int, list[tuple[Any, Any]]]:
-        """The longest cached prefix of `keys` (at most `limit` tokens): its length and its KV per layer."""
+    def match(
+        self, adapter: str | None, keys: np.ndarray, limit: int, least: int = 1
+    ) -> tuple[int, list[tuple[Any, Any]]]:
+        """The longest cached prefix of `keys` (at most `limit` tokens; none if under `least`): its
+        length and its KV per layer."""
         path = self._walk(adapter, keys[:limit])
         matched = sum(taken for _, taken in path)
-        if matched == 0:
+        if matched < max(1, least):
             self.stats.misses += 1
             return 0, []
         self.stats.hits += 1
