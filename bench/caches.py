@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--configs", default="on,off,hf", help=f"in order, from {','.join(CONFIGS)}")
-    parser.add_argument("--chats", type=int, default=2, help="conversations, each about its own image")
+    parser.add_argument("--chats", type=int, default=1, help="conversations, each about its own image")
     parser.add_argument("--turns", type=int, default=5, help="turns per conversation")
     parser.add_argument("--questions", type=int, default=24, help="questions about one image")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients asking them")
