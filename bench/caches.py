@@ -95,10 +95,12 @@ class Result:
     questions: int = 0
     questions_ok: int = 0
     questions_s: float = math.nan
+    rounds_req_per_s: list[float] = field(default_factory=list)  # one per round: questions_ok / questions_s
     question_cached: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     ready_s: float = math.nan
     warmup_ms: float = math.nan
+    cpu: list[dict[str, float]] = field(default_factory=list)  # server/bench/other % per round
 
     @property
     def turn1_ms(self) -> float:
@@ -112,7 +114,7 @@ class Result:
 
     @property
     def req_per_s(self) -> float:
-        return self.questions_ok / self.questions_s if self.questions_s > 0 else math.nan
+        return statistics.median(self.rounds_req_per_s) if self.rounds_req_per_s else math.nan
 
 
 def _cached(usage: dict[str, Any] | None) -> int | None:
@@ -234,7 +236,8 @@ def questions(
     url: str, model: str | None, image_b64: str, count: int, clients: int, max_tokens: int, timeout: float,
     result: Result,
 ) -> None:  # fmt: skip
-    """`count` different questions about one image from `clients` threads; fills the result's figures."""
+    """`count` different questions about one image from `clients` threads; this round's figures."""
+    result.questions = result.questions_ok = 0
     pending = [f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})" for i in range(count)]
     lock = threading.Lock()
 
@@ -262,6 +265,34 @@ def questions(
     for thread in threads:
         thread.join()
     result.questions_s = time.monotonic() - start
+    result.rounds_req_per_s.append(result.questions_ok / result.questions_s)
+
+
+class TreeMeter(load.CpuMeter):
+    """CpuMeter counting the server's process tree: the engine process runs in a session of its own."""
+
+    def snapshot(self) -> tuple[float, float, float, float] | None:
+        """(wall, machine busy, server tree, bench) seconds now; None without psutil."""
+        try:
+            import psutil
+        except ImportError:
+            return None
+        machine = psutil.cpu_times()
+        busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+        server = 0.0
+        try:
+            root = psutil.Process(self.server_pgid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for process in tree:
+            try:
+                times = process.cpu_times()
+                server += times.user + times.system + times.children_user + times.children_system
+            except psutil.Error:
+                continue
+        own = psutil.Process().cpu_times()
+        return time.monotonic(), busy, server, own.user + own.system
 
 
 def server_for(name: str, port: int, model: Path, runtime: Path, env: list[str]) -> load.Server:
@@ -276,21 +307,21 @@ def server_for(name: str, port: int, model: Path, runtime: Path, env: list[str])
 
 
 def measure(
-    name: str, model: Path, warm_image: str, chat_images: list[str], question_image: str,
+    result: Result, warm_image: str, chat_images: list[str], question_image: str, model: Path,
     args: argparse.Namespace, tmp: Path,
-) -> Result:  # fmt: skip
-    """Start one configuration, warm it up, run the chats and the questions, stop it."""
-    result = Result(name)
+) -> None:  # fmt: skip
+    """Start one configuration, warm it up, run the chats and the questions, stop it; adds to `result`."""
+    name, chats_before = result.name, len(result.chats)
     port = load.free_port()
     runtime = tmp / f"run-{port}"
     runtime.mkdir(mode=0o700)
     spec = server_for(name, port, model, runtime, args.env)
     peer = name.startswith("hf")
     model_name = str(model) if peer else None
-    log = tmp / f"{name}.log"
+    log = tmp / f"{name}-{port}.log"
     started = time.monotonic()
     try:
-        with load.running(spec, port, log, READY_TIMEOUT_S) as (base, _pgid):
+        with load.running(spec, port, log, READY_TIMEOUT_S) as (base, pgid):
             result.ready_s = time.monotonic() - started
             url = base + "/v1/chat/completions"
             # The first request also loads the model (transformers serve loads it lazily): not measured.
@@ -300,7 +331,9 @@ def measure(
                 result.warmup_ms = (time.monotonic() - begin) * 1000.0
             if not ok:
                 result.errors.append(f"warm-up: {error}")
-                return result
+                return
+            meter = TreeMeter(pgid)
+            before = meter.snapshot()
             for image in chat_images:
                 result.chats.append(chat(url, model_name, image, args.turns, args.max_tokens, args.timeout))
                 result.errors.extend(f"chat: {t.error}" for t in result.chats[-1] if t.error)
@@ -308,6 +341,7 @@ def measure(
                 url, model_name, question_image, args.questions, args.clients, args.max_tokens, args.timeout,
                 result,
             )  # fmt: skip
+            result.cpu.append(meter.shares(before, meter.snapshot()))
     except load.ServerFailed as error:
         result.errors.append(str(error))
     finally:
@@ -315,15 +349,16 @@ def measure(
             args.logs.mkdir(parents=True, exist_ok=True)
             if log.exists():
                 shutil.copy(log, args.logs / log.name)
-    ttfts = ", ".join(f"{t.ttft_ms:.0f}" for c in result.chats for t in c)
+    ttfts = ", ".join(f"{t.ttft_ms:.0f}" for c in result.chats[chats_before:] for t in c)
+    cpu = result.cpu[-1] if result.cpu else {}
     print(
         f"  {name}: ready in {result.ready_s:.0f} s, warm-up {result.warmup_ms:.0f} ms; "
         f"chat TTFT ms [{ttfts}]; "
         f"{result.questions_ok}/{args.questions} questions in {result.questions_s:.1f} s; "
-        f"{len(result.errors)} errors",
+        f"{len(result.errors)} errors so far; CPU server/other {cpu.get('server', math.nan):.0f}/"
+        f"{cpu.get('other', math.nan):.0f}%",
         flush=True,
     )
-    return result
 
 
 def _fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
@@ -340,12 +375,13 @@ def report(results: list[Result], args: argparse.Namespace, notes: list[str]) ->
     print()
     print(
         f"{args.chats} chat(s) of {args.turns} turns and {args.questions} questions from "
-        f"{args.clients} clients, "
+        f"{args.clients} clients per round, {args.rounds} round(s), medians; "
         f"{full_image.WIDTH}x{full_image.HEIGHT} JPEGs, max_tokens {args.max_tokens}, greedy, streamed chat"
     )
     header = (
         f"{'config':10} {'turn-1 TTFT ms':>15} {'turns 2+ TTFT ms (median)':>26} {'follow-up/turn-1':>17} "
-        f"{f'{args.questions}q req/s':>10} {'vs caches off':>14} {'prompt tok':>11}"
+        f"{f'{args.questions}q req/s':>10} {'vs caches off':>14} {'prompt tok':>11} "
+        f"{'server/other CPU %':>19}"
     )
     print(header)
     for r in results:
@@ -353,9 +389,12 @@ def report(results: list[Result], args: argparse.Namespace, notes: list[str]) ->
         tokens = [t.prompt_tokens for c in r.chats for t in c if t.prompt_tokens]
         span = f"{min(tokens)}-{max(tokens)}" if tokens else "-"
         label = {"on": "caches on", "off": "caches off"}.get(r.name, r.name)
+        shares = [(c["server"], c["other"]) for c in r.cpu if c]
+        cpu = "/".join(f"{statistics.mean(v):.0f}" for v in zip(*shares, strict=True)) if shares else "-"
         print(
             f"{label:10} {_fmt(r.turn1_ms):>15} {_fmt(r.follow_up_ms):>26} {_fmt(ratio, 2):>17} "
-            f"{_fmt(r.req_per_s, 2):>10} {_fmt(r.req_per_s / base if base else math.nan, 2):>14} {span:>11}"
+            f"{_fmt(r.req_per_s, 2):>10} {_fmt(r.req_per_s / base if base else math.nan, 2):>14} "
+            f"{span:>11} {cpu:>19}"
         )
     print()
     for r in results:
@@ -394,6 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=5, help="turns per conversation")
     parser.add_argument("--questions", type=int, default=24, help="questions about one image")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients asking them")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, each in a rotated order; medians")
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     parser.add_argument("--quick", action="store_true", help="1 chat of 3 turns, 8 questions, glmvision only")
@@ -411,8 +451,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.config_list:
         if name not in CONFIGS:
             parser.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    if args.chats < 1 or args.turns < 2 or args.questions < 1 or args.clients < 1 or args.max_tokens < 1:
-        parser.error("--chats, --questions, --clients and --max-tokens take at least 1, --turns at least 2")
+    if (
+        args.rounds < 1
+        or args.chats < 1
+        or args.turns < 2
+        or args.questions < 1
+        or args.clients < 1
+        or args.max_tokens < 1
+    ):
+        parser.error(
+            "--rounds, --chats, --questions, --clients and --max-tokens take at least 1, --turns at least 2"
+        )
     for item in args.env:
         if "=" not in item:
             parser.error(f"--env takes KEY=VALUE, got {item!r}")
@@ -443,7 +492,14 @@ def main(argv: list[str] | None = None) -> int:
         warm, chats, asked = images[0], images[1:-1], images[-1]
         size = len(base64.b64decode(asked)) / 1024
         print(f"demo model (full image budget) and {len(images)} images (~{size:.0f} KiB) ready", flush=True)
-        results = [measure(name, model, warm, chats, asked, args, tmp) for name in args.config_list]
+        results = [Result(name) for name in args.config_list]
+        for round_no in range(args.rounds):
+            # Each round starts with the next configuration: the machine's drift spreads over them all.
+            shift = round_no % len(results)
+            if args.rounds > 1:
+                print(f"round {round_no + 1} of {args.rounds}", flush=True)
+            for result in results[shift:] + results[:shift]:
+                measure(result, warm, chats, asked, model, args, tmp)
     notes.append(
         f"load average {os.getloadavg()[0]:.2f} at end; whole run {time.monotonic() - started:.0f} s"
     )
