@@ -489,7 +489,7 @@ def test_an_engine_error_keeps_its_param_across_the_wire() -> None:
 def test_queued_tokens_go_as_one_message_per_request_in_order() -> None:
     outbox: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
     for peer, message in [
-        (b"w1", Tokens("a", (1,))),
+        (b"w1", Tokens("a", (1,), cached_tokens=40)),  # the first message says what the prefix cache gave
         (b"w2", Tokens("b", (10,))),
         (b"w1", HealthReport(1, 1, "cpu", "", True, 0, 2, "ready")),
         (b"w1", Tokens("a", (2, 3))),
@@ -500,7 +500,7 @@ def test_queued_tokens_go_as_one_message_per_request_in_order() -> None:
         outbox.put((peer, message))
     sent = coalesce(outbox)
     assert sent == [
-        (b"w1", Tokens("a", (1, 2, 3, 4))),
+        (b"w1", Tokens("a", (1, 2, 3, 4), cached_tokens=40)),
         (b"w2", Tokens("b", (10, 11), end=True, error_code="row_failed")),
         (b"w1", HealthReport(1, 1, "cpu", "", True, 0, 2, "ready")),
         (b"w2", Tokens("c", (5,), end=True)),

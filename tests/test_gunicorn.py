@@ -114,7 +114,7 @@ def check_vision_ok(response: requests.Response, width: int = 64, height: int = 
     assert isinstance(body["created"], int)
     assert body["finish_reason"] in {"stop", "length"}
     usage = body["usage"]
-    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
     assert all(isinstance(value, int) for value in usage.values())
     assert usage["prompt_tokens"] > 0
     assert 1 <= usage["completion_tokens"] <= 4  # vision_body asks for max_new_tokens=4

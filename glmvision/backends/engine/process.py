@@ -119,7 +119,11 @@ def coalesce(outbox: queue.SimpleQueue[tuple[bytes, Message]]) -> list[tuple[byt
                 before = cast(Tokens, out[index][1])
                 out[index] = (
                     peer,
-                    msgspec.structs.replace(message, token_ids=before.token_ids + message.token_ids),
+                    msgspec.structs.replace(
+                        message,
+                        token_ids=before.token_ids + message.token_ids,
+                        cached_tokens=before.cached_tokens or message.cached_tokens,
+                    ),
                 )
                 if message.end:
                     del last[message.request_id]
