@@ -358,7 +358,7 @@ def junk_image_message() -> dict[str, Any]:
 
 
 ERRORS = [
-    pytest.param({"n": 2}, openai.BadRequestError, 400, "invalid_value", "n", id="n-2"),
+    pytest.param({"n": 9}, openai.BadRequestError, 400, "invalid_value", "n", id="n-over-max"),
     pytest.param(
         {"messages": [junk_image_message()]},
         openai.BadRequestError,

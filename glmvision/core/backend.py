@@ -120,6 +120,28 @@ class Ticket:
         if held:
             self.take_slot()
 
+    def split(self, parts: int) -> list[Ticket]:
+        """Tickets for `parts` rows of this request (its n choices): it is released once all are."""
+        lock = threading.Lock()
+
+        def one_done(part: Ticket) -> None:
+            with lock:
+                if part._released:
+                    return
+                part._released = True
+                last = all(ticket._released for ticket in parts_made)
+            if last:
+                self.release()
+
+        slots = PreparationSlots(1, lambda: 0, 1)
+        parts_made = [
+            Ticket(
+                self.arrived, self.deadline, one_done, slots, _submitted=True, client_gone=self.client_gone
+            )
+            for _ in range(parts)
+        ]
+        return parts_made
+
     def _give_slot_back(self) -> None:
         # Called under the admission's lock.
         if self._holds_slot:
@@ -286,6 +308,7 @@ class Submission:
     params: GenerationParams
     param: str = "image"  # the request field an image the model refuses came from
     streamed: bool = True  # False when only the whole answer will be read (a backend may fetch it whole)
+    n: int = 1  # choices from the one prompt (OpenAI's `n`)
 
 
 @dataclass(frozen=True)
@@ -297,6 +320,7 @@ class Submitted:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) the model sees
     visual_tokens: int = 0  # prompt tokens that stand for image patches
     prepared_at: float = 0.0  # time.perf_counter() when the inputs were ready (preprocessing ends there)
+    more: tuple[AnswerStream, ...] = ()  # the streams of choices 1..n-1, when n > 1
 
 
 class Backend(Protocol):

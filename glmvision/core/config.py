@@ -264,6 +264,11 @@ class Settings(_Base):
         "length, or 504).",
     )
     max_images: int = Field(8, gt=0, description="Most images one request may carry (all turns together).")
+    max_n: int = Field(
+        8,
+        ge=1,
+        description="Most choices (`n`) one chat completion may ask for; each is a row of the batch.",
+    )
     model_aliases: CommaList = Field(
         [], description="Other model names clients may ask for (comma-separated)."
     )

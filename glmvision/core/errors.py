@@ -294,6 +294,14 @@ _SPECS = (
         "Name one of the functions in `tools`.",
     ),
     _spec(
+        "unsupported_parameter",
+        400,
+        "This server cannot serve a field of the request as configured.",
+        "a field this server's configuration cannot serve: `logprobs` under `GLMVISION_SCHEDULER=static`, "
+        "`n` above 1 or `logprobs` with `GLMVISION_BACKEND=openai`; `param` names it",
+        "Drop the field, or ask the operator for the configuration that serves it.",
+    ),
+    _spec(
         "upstream_rejected",
         400,
         "The upstream engine refused the request.",

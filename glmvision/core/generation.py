@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 # Used when a request gives no temperature (OpenAI's default is 1; GLM-V's model card suggests less).
@@ -11,6 +11,13 @@ DEFAULT_TEMPERATURE = 0.7
 # A temperature below this means greedy: float32 logits divided by much less overflow to inf or
 # divide by zero (1e-300 is 0 in float32), and a sample that cold is the argmax anyway.
 GREEDY_BELOW = 1e-5
+# OpenAI's ceiling on top_logprobs.
+MAX_TOP_LOGPROBS = 20
+# What a token the sampler could not draw reports as its log-probability (JSON has no -inf); OpenAI's.
+IMPOSSIBLE_LOGPROB = -9999.0
+# One generated token's log-probability as the engine hands it over: (logprob, ((id, logprob), ...)),
+# the alternatives most likely first.
+RawLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,37 @@ class GenerationParams:
             object.__setattr__(self, "min_new_tokens", 0)
 
     adapter: str | None = None  # a GLMVISION_LORA adapter's name; None: the base model
+    # Report each token's log-probability and this many alternatives (0..MAX_TOP_LOGPROBS); None: none.
+    logprobs: int | None = None
 
     @property
     def allowed_tools(self) -> list[dict[str, Any]]:
         """The tools this answer may call (see `allowed_tools`)."""
         return allowed_tools(self.tools, self.tool_choice)
+
+
+def choice_params(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """Each of n choices' params: with a seed, choice i draws from its own stream, seeded seed + i."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token as OpenAI's logprobs report it: its text, its UTF-8 bytes, its log-probability
+    and (for a chosen token) the most likely alternatives at its step."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+    def to_json(self, top: bool = True) -> dict[str, Any]:
+        entry: dict[str, Any] = {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes)}
+        if top:
+            entry["top_logprobs"] = [alternative.to_json(False) for alternative in self.top]
+        return entry
 
 
 @dataclass(frozen=True)
@@ -125,14 +158,17 @@ class Generation:
     # as from an upstream engine that does not say).
     cached_tokens: int | None = None
     image_tokens: int | None = None
+    # Each generated token's log-probability (its stop token excluded), when the request asked.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text since the previous delta."""
+    """New text since the previous delta (and, when asked, the log-probabilities of its tokens)."""
 
     reasoning: str = ""
     content: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class AnswerStream(Protocol):

@@ -169,6 +169,27 @@ class GroundingBox(ResponseModel):
     label: str | None = None
 
 
+class TopLogprob(ResponseModel):
+    """One likely token at a step: its text, log-probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float = Field(le=0.0)
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    """One generated token with its log-probability and the most likely tokens at its step."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(ResponseModel):
+    """OpenAI's `choices[i].logprobs`: the answer's tokens (no refusals here)."""
+
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
 class NativeAnswer(ResponseModel):
     """The fields both native answers share, `reasoning` only when enable_thinking was set."""
 
@@ -180,6 +201,8 @@ class NativeAnswer(ResponseModel):
     reasoning: str | None = Field(default=None, exclude_if=_omitted_when_none)
     degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
     boxes: list[GroundingBox] = Field(default_factory=list, description="Grounding boxes in the answer.")
+    # With `logprobs: true`: each generated token, as chat completions' choices[0].logprobs.content.
+    logprobs: list[TokenLogprobEntry] | None = Field(default=None, exclude_if=_omitted_when_none)
 
 
 class VisionResponse(NativeAnswer):
@@ -230,11 +253,11 @@ class AssistantMessage(ResponseModel):
 
 
 class Choice(ResponseModel):
-    """The one choice of a chat completion."""
+    """One choice of a chat completion (n of them, indexed from 0)."""
 
-    index: int = 0
+    index: int = Field(default=0, ge=0)
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -245,7 +268,7 @@ class ChatCompletion(ResponseModel):
     created: int
     model: str
     object: Literal["chat.completion"] = "chat.completion"
-    choices: list[Choice] = Field(min_length=1, max_length=1)
+    choices: list[Choice] = Field(min_length=1)
     usage: Usage
     # Served under a deep queue with a smaller image side and token cap (GLMVISION_DEGRADE).
     degraded: Literal[True] | None = Field(default=None, exclude_if=_omitted_when_none)
@@ -279,11 +302,11 @@ class Delta(ResponseModel):
 
 
 class ChunkChoice(ResponseModel):
-    """The one choice of a streamed chunk."""
+    """The one choice of a streamed chunk (chunks of n choices interleave, each naming its index)."""
 
-    index: int = 0
+    index: int = Field(default=0, ge=0)
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Protocol
 
 from glmvision.core.errors import APIError, out_of_time, row_failed
-from glmvision.core.generation import Delta, Generation, GenerationParams
+from glmvision.core.generation import Delta, Generation, GenerationParams, RawLogprob, TokenLogprob
 from glmvision.postprocess.pipeline import Piece, text_pipeline
 
 log = logging.getLogger("glmvision")
@@ -117,6 +117,12 @@ class GenerationStream:
         self._cancelled = threading.Event()
         self._ended = threading.Event()
         self._ids: list[int] = []
+        # Asked for: the engine's log-probabilities, one per id (put before its id), and those turned
+        # into tokens' text so far; the ones the next delta carries; each token id's text and bytes.
+        self._arrived_logprobs: list[RawLogprob] = []
+        self._logprobs: list[TokenLogprob] = []
+        self._pending_logprobs: list[TokenLogprob] = []
+        self._token_texts: dict[int, tuple[str, tuple[int, ...]]] = {}
         self._detokenizer = self.detokenizer(decoder)
         self._post = text_pipeline(params.enable_thinking, params.stop).stream()
         self.prompt_tokens = prompt_tokens
@@ -137,10 +143,12 @@ class GenerationStream:
         if self.started_at is None:
             self.started_at = time.monotonic()
 
-    def put(self, token_ids: list[int]) -> None:
-        """Hand over newly generated token ids."""
+    def put(self, token_ids: list[int], logprobs: list[RawLogprob] | None = None) -> None:
+        """Hand over newly generated token ids (and their log-probabilities, one each, when asked)."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if logprobs:
+            self._arrived_logprobs.extend(logprobs)  # before the ids: the reader finds them there
         self._queue.put(token_ids)
 
     def fail(self, error: Exception) -> None:
@@ -258,7 +266,7 @@ class GenerationStream:
             if self._post.stopped:
                 self.finish_reason = "stop"
                 self._cancelled.set()
-            if delta.reasoning or delta.content:
+            if delta.reasoning or delta.content or delta.logprobs:
                 yield delta
         self.finish_reason = self.finish_reason or "length"
         rest = self._post.finish(Piece(content=self._detokenizer.flush()))
@@ -273,6 +281,7 @@ class GenerationStream:
             self.finish_reason,
             cached_tokens=self.cached_tokens,
             image_tokens=self.image_tokens,
+            logprobs=tuple(self._logprobs) if self._params.logprobs is not None else None,
         )
 
     def _feed(self, token_ids: list[int]) -> Delta:
@@ -285,18 +294,47 @@ class GenerationStream:
             if token_id in stop_ids:
                 self.finish_reason = "stop"  # the stop token itself is not text
                 break
+            if self._params.logprobs is not None:
+                self._note_logprob(token_id)
             if self._params.stop:
                 # Check after every token, so the count is the same however tokens were grouped.
                 more_reasoning, more_content = self._take_text(self._detokenizer.push([token_id]))
                 reasoning, content = reasoning + more_reasoning, content + more_content
                 if self._post.stopped:
-                    return Delta(reasoning, content)
+                    return Delta(reasoning, content, self._take_logprobs())
             else:
                 fresh.append(token_id)
         if fresh:
             more_reasoning, more_content = self._take_text(self._detokenizer.push(fresh))
             reasoning, content = reasoning + more_reasoning, content + more_content
-        return Delta(reasoning, content)
+        return Delta(reasoning, content, self._take_logprobs())
+
+    def _note_logprob(self, token_id: int) -> None:
+        """The log-probability of the token just taken (the engine put it before its id)."""
+        index = len(self._ids) - 1
+        if index >= len(self._arrived_logprobs):
+            return  # none came (an engine that cannot give them refuses the request beforehand)
+        logprob, alternatives = self._arrived_logprobs[index]
+        top = tuple(TokenLogprob(*self._token_text(other), value) for other, value in alternatives)
+        entry = TokenLogprob(*self._token_text(token_id), logprob, top)
+        self._logprobs.append(entry)
+        self._pending_logprobs.append(entry)
+
+    def _token_text(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        """One token's text on its own and its UTF-8 bytes, as OpenAI's logprobs give them."""
+        known = self._token_texts.get(token_id)
+        if known is None:
+            token_bytes = getattr(self._decoder, "token_bytes", None)
+            raw = token_bytes(token_id) if token_bytes is not None else None
+            text = self._decoder.decode([token_id])
+            known = (text, tuple(raw if raw is not None else text.encode()))
+            self._token_texts[token_id] = known
+        return known
+
+    def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        taken = tuple(self._pending_logprobs)
+        self._pending_logprobs.clear()
+        return taken
 
     def _take_text(self, piece: str) -> tuple[str, str]:
         if not piece:

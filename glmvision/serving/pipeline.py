@@ -186,7 +186,14 @@ class Answer:
     redactor: Redactor | None = None  # set only when it masks anything (Service.redacting)
     # Called once with the whole (unredacted) answer: the cache and the audit log.
     on_done: Callable[[Generation], None] | None = None
+    # Choices 1..n-1 of a request for n (their records are copies: the request's is choice 0's).
+    others: list[Answer] = field(default_factory=list)
     _result: Generation | None = None
+
+    @property
+    def choices(self) -> list[Answer]:
+        """Every choice, in index order."""
+        return [self, *self.others]
 
     def deltas(self, settings: Settings) -> Iterator[Delta]:
         """Yield deltas as they are generated (redacted if configured); log the outcome once done."""
@@ -194,8 +201,8 @@ class Answer:
         try:
             for delta in self.stream:
                 shown = post.feed(Piece(delta.reasoning, delta.content))
-                if shown.reasoning or shown.content:
-                    yield Delta(shown.reasoning, shown.content)
+                if shown.reasoning or shown.content or delta.logprobs:
+                    yield Delta(shown.reasoning, shown.content, delta.logprobs)
             tail = post.finish()
             if tail.reasoning or tail.content:
                 yield Delta(tail.reasoning, tail.content)
@@ -257,8 +264,9 @@ class Answer:
 
 
 def cacheable(params: GenerationParams) -> bool:
-    """Only a deterministic request may be answered from the cache: greedy, or a fixed seed."""
-    return params.temperature == 0 or params.seed is not None
+    """Only a deterministic request may be answered from the cache: greedy, or a fixed seed (and not
+    one asking for logprobs, which a cached answer does not keep)."""
+    return (params.temperature == 0 or params.seed is not None) and params.logprobs is None
 
 
 def cache_revision(state: Service, params: GenerationParams) -> str | None:
@@ -275,9 +283,11 @@ def answer(
     params: GenerationParams,
     image_param: str = "image",
     streamed: bool = False,
+    n: int = 1,
 ) -> tuple[ChatInput, Answer]:
     """With the request's place taken (admit), decode the images, prepare the inputs and queue the
-    generation; `streamed`: the caller reads deltas, not only the whole answer."""
+    generation; `streamed`: the caller reads deltas, not only the whole answer; `n`: choices (the
+    response cache holds single answers, so n > 1 never meets it)."""
     state, record, ticket = context.service, context.record, context.held()
     settings, backend = state.settings, state.backend
     if context.degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
@@ -285,7 +295,7 @@ def answer(
     started = time.perf_counter()
     try:
         max_side = min(settings.max_image_side, settings.degrade_image_side) if context.degraded else None
-        alias = _source_key(context, turns, params, max_side)
+        alias = _source_key(context, turns, params, max_side) if n == 1 else None
         remembered = _remembered(context, turns, params, alias)
         if remembered is not None:
             return remembered
@@ -293,11 +303,12 @@ def answer(
         fit = _image_fit(context, turns, ticket.deadline)
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
-        answered = _known_answer(context, chat)
+        answered = _known_answer(context, chat, cached=n == 1)
         if answered is not None:
+            answered.others = _copies(context, chat, answered, n)
             return chat, answered
         try:
-            submission = Submission(to_messages(chat.turns), params, image_param, streamed)
+            submission = Submission(to_messages(chat.turns), params, image_param, streamed, n)
             prepared = backend.submit(submission, ticket)
             record.preprocess_s = prepared.prepared_at - started
             record.visual_tokens = prepared.visual_tokens
@@ -305,13 +316,27 @@ def answer(
         except APIError as exc:
             if not state.falls_back(exc.error_code):
                 raise
-            return chat, _fallback(context, chat)
+            fallback = _fallback(context, chat)
+            fallback.others = _copies(context, chat, fallback, n)
+            return chat, fallback
     except BaseException:
         ticket.release()
         raise
     # The key made at lookup, if any: one made now that the model has loaded would cover images
     # decoded before it knew their size, and no later request would ever find it.
     done = _after_answer(context, chat, context.cache_key, alias)
+    others = [
+        Answer(
+            prepared.model_id,
+            more,
+            time.perf_counter(),
+            prepared.image_sizes,
+            ticket.arrived,
+            record=replace(record),
+            redactor=state.redacting,
+        )
+        for more in prepared.more
+    ]
     return chat, Answer(
         prepared.model_id,
         stream,
@@ -321,6 +346,7 @@ def answer(
         record=record,
         redactor=state.redacting,
         on_done=done,
+        others=others,
     )
 
 
@@ -344,12 +370,12 @@ def _image_fit(context: RequestContext, turns: list[Turn], deadline: float) -> F
     return backend.capabilities().image_fit
 
 
-def _known_answer(context: RequestContext, chat: ChatInput) -> Answer | None:
-    """The fallback when the model was unavailable at admission, or a cache hit; else None."""
+def _known_answer(context: RequestContext, chat: ChatInput, cached: bool = True) -> Answer | None:
+    """The fallback when the model was unavailable at admission, or a cache hit (when `cached`); else None."""
     if context.fallback:
         return _fallback(context, chat)
     cache = context.service.cache
-    key = _cache_key(context, chat)
+    key = _cache_key(context, chat) if cached else None
     if key is None or cache is None:
         return None
     hit = cache.get(key)
@@ -372,10 +398,17 @@ def _from_cache(context: RequestContext, chat: ChatInput, hit: CachedAnswer) -> 
     return _fixed(context, chat, generation)
 
 
-def _fixed(context: RequestContext, chat: ChatInput, generation: Generation) -> Answer:
-    """An answer known without the model (a cache hit, the fallback): the place goes back at once."""
+def _copies(context: RequestContext, chat: ChatInput, known: Answer, n: int) -> list[Answer]:
+    """Choices 1..n-1 of an answer known without the model (the fallback): the same answer again."""
+    return [_fixed(context, chat, known.stream.whole(), first=False) for _ in range(n - 1)]
+
+
+def _fixed(context: RequestContext, chat: ChatInput, generation: Generation, first: bool = True) -> Answer:
+    """An answer known without the model (a cache hit, the fallback): the place goes back at once
+    (with the first choice; the others record nothing)."""
     state, ticket = context.service, context.held()
-    ticket.release()
+    if first:
+        ticket.release()
     return Answer(
         model_name(state.backend.capabilities().model_names[0], chat.params.adapter),
         FixedStream(generation),
@@ -384,7 +417,7 @@ def _fixed(context: RequestContext, chat: ChatInput, generation: Generation) -> 
         ticket.arrived,
         record=context.record,
         redactor=state.redacting,
-        on_done=_after_answer(context, chat, None),
+        on_done=_after_answer(context, chat, None) if first else None,
     )
 
 

@@ -77,6 +77,7 @@ GENERATION = (
     "client_closed",
     "upstream_rejected",
     "upstream_unavailable",
+    "unsupported_parameter",
 )
 
 # A 32x32 PNG: the examples run on any model, cheaply.

@@ -227,7 +227,7 @@ class RemoteEngine:
         if message.cached_tokens:
             request.stream.cached_tokens = message.cached_tokens
         if message.token_ids:
-            request.stream.put(list(message.token_ids))
+            request.stream.put(list(message.token_ids), list(message.logprobs) or None)
         if message.end:
             if message.error_code is not None:
                 error = remote_error(message.error_code, message.error_message, message.error_param)

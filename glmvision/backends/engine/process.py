@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from glmvision.backends.local.engine import QueueEngine
     from glmvision.backends.local.runtime import LoadedModel
     from glmvision.core.config import Settings
+    from glmvision.core.generation import RawLogprob
 
 log = logging.getLogger("glmvision")
 
@@ -74,12 +75,12 @@ class RemoteSink:
     def start(self) -> None:
         """The queue wait ends (the worker's own stream marks its times)."""
 
-    def put(self, token_ids: list[int]) -> None:
+    def put(self, token_ids: list[int], logprobs: list[RawLogprob] | None = None) -> None:
         first, self._sent = not self._sent, True
         cached = self.cached_tokens if first else 0
-        self._post(
-            self.peer, Tokens(self.request_id, tuple(int(i) for i in token_ids), cached_tokens=cached), first
-        )
+        ids = tuple(int(i) for i in token_ids)
+        message = Tokens(self.request_id, ids, cached_tokens=cached, logprobs=tuple(logprobs or ()))
+        self._post(self.peer, message, first)
 
     def end(self) -> None:
         self.ended = True
@@ -117,14 +118,13 @@ def coalesce(outbox: queue.SimpleQueue[tuple[bytes, Message]]) -> list[tuple[byt
             index = last.get(message.request_id)
             if index is not None:
                 before = cast(Tokens, out[index][1])
-                out[index] = (
-                    peer,
-                    msgspec.structs.replace(
-                        message,
-                        token_ids=before.token_ids + message.token_ids,
-                        cached_tokens=before.cached_tokens or message.cached_tokens,
-                    ),
+                joined = msgspec.structs.replace(
+                    message,
+                    token_ids=before.token_ids + message.token_ids,
+                    logprobs=before.logprobs + message.logprobs,
+                    cached_tokens=before.cached_tokens or message.cached_tokens,
                 )
+                out[index] = (peer, joined)
                 if message.end:
                     del last[message.request_id]
                 continue

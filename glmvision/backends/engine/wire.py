@@ -14,7 +14,7 @@ import msgspec
 from glmvision.core.generation import Constraint, GenerationParams, ToolChoice
 
 # Raised with each change of a message's fields: a worker and an engine of different code refuse each other.
-PROTOCOL = 4
+PROTOCOL = 5
 
 DType = Literal["int64", "int32", "int16", "uint8", "bool", "float32", "float16", "bfloat16"]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -60,6 +60,7 @@ class WireParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tool_choice: WireToolChoice | None
     constraint: WireConstraint | None
     adapter: str | None
+    logprobs: int | None = None
 
     @classmethod
     def of(cls, params: GenerationParams) -> WireParams:
@@ -81,6 +82,7 @@ class WireParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 else WireConstraint(constraint.schema, constraint.tools, constraint.param)
             ),
             adapter=params.adapter,
+            logprobs=params.logprobs,
         )
 
     def to_params(self) -> GenerationParams:
@@ -99,6 +101,7 @@ class WireParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             tool_choice=None if choice is None else ToolChoice(choice.mode, choice.name),
             constraint=constraint,
             adapter=self.adapter,
+            logprobs=self.logprobs,
         )
 
 
@@ -123,6 +126,8 @@ class Tokens(msgspec.Struct, frozen=True, tag="tokens", forbid_unknown_fields=Tr
     error_code: str | None = None
     error_message: str | None = None
     error_param: str | None = None
+    # One per token id, when the request asked: (logprob, ((id, logprob), ...)) as the sampler gave them.
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort", forbid_unknown_fields=True):

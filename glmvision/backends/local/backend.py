@@ -32,9 +32,10 @@ from glmvision.core.backend import (
     preparing_slots,
 )
 from glmvision.core.config import Settings
-from glmvision.core.errors import APIError
-from glmvision.core.generation import GenerationParams
+from glmvision.core.errors import APIError, bad_request
+from glmvision.core.generation import GenerationParams, choice_params
 from glmvision.core.lora import model_name
+from glmvision.postprocess.stream import GenerationStream
 
 log = logging.getLogger("glmvision")
 
@@ -343,22 +344,36 @@ class LocalBackend:
                 # ends it. Meanwhile other requests may prepare: this one only waits.
                 with ticket.slot_lent():
                     constraint = grammars.compile(params.constraint, ticket.deadline, ticket.client_gone)
+        if params.logprobs is not None and self.settings.scheduler == "static":
+            message = "logprobs need GLMVISION_SCHEDULER=continuous (static's generate() gives none)."
+            raise bad_request("unsupported_parameter", message, "logprobs")
         inputs = loaded.prepare(submission.messages, params.enable_thinking, param, params.tools)
         self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         prepared_at = time.perf_counter()
+        choices = choice_params(params, submission.n)
+        # One ticket per choice: the request's place goes back when its last choice ends.
+        tickets = ticket.split(len(choices)) if len(choices) > 1 else [ticket]
         if self.remote is not None:
             grammar = constraint.serialized if constraint is not None else None
-            stream = self.remote.submit(inputs, params, ticket, grammar)
-            stream.image_tokens = visual
-            self.admission.submitted(ticket)
-            return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
-        if self.engine is None:
+            # Each choice its own message: those after the first find its prompt in the prefix cache.
+            streams: list[GenerationStream] = []
+            try:
+                for choice, part in zip(choices, tickets, strict=True):
+                    streams.append(self.remote.submit(inputs, choice, part, grammar))
+            except BaseException:
+                for sent in streams:
+                    sent.close()
+                raise
+        elif self.engine is None:
             raise APIError(503, "model_loading", "The model is still loading; retry shortly.", retry_after=10)
+        else:
+            streams = self.engine.submit_choices(inputs, choices, tickets, constraint)
         self.admission.submitted(ticket)
-        stream = self.engine.submit(inputs, params, ticket, constraint)
-        stream.image_tokens = visual
-        return Submitted(stream, model_name(loaded.model_id, params.adapter), sizes, visual, prepared_at)
+        for stream in streams:
+            stream.image_tokens = visual
+        name = model_name(loaded.model_id, params.adapter)
+        return Submitted(streams[0], name, sizes, visual, prepared_at, tuple(streams[1:]))
 
     def _check_prompt_tokens(
         self, tokens: int, loaded: LoadedModel, params: GenerationParams, param: str

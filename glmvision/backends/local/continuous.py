@@ -65,6 +65,21 @@ class Row:
     reused_kv: Any = None  # that KV per layer, until its prefill
 
 
+def shared_prompts(rows: list[Row]) -> tuple[list[int], list[int]]:
+    """Rows whose prompt is another's (one object: a request's choices) share its prefill: the rows
+    to prefill, and for each row the place among those of the one it copies."""
+    firsts: list[int] = []
+    copy_of: list[int] = []
+    seen: dict[tuple[int, str | None], int] = {}
+    for index, row in enumerate(rows):
+        key = (id(row.job.inputs), row.job.params.adapter)
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(index)
+        copy_of.append(seen[key])
+    return firsts, copy_of
+
+
 def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]]:
     """3D positions [3, rows, columns] of left-padded prompts, and each row's next position."""
     import torch
@@ -394,18 +409,21 @@ class ContinuousEngine(QueueEngine):
         return joined
 
     def _prefill_together(self, rows: list[Row]) -> PaddedCache:
-        """One forward pass over whole prompts, left-padded to one length."""
+        """One forward pass over whole prompts, left-padded to one length; rows with one prompt (a
+        request's `n` choices) are prefilled once and the others get a copy of its KV."""
         from transformers import DynamicCache
 
         model = self._model
-        features = [row.job.inputs for row in rows]
+        firsts, copy_of = shared_prompts(rows)
+        leaders = [rows[i] for i in firsts]
+        features = [row.job.inputs for row in leaders]
         inputs = on_device(model, collate(features, model.pad_id))
         positions, following = prompt_positions(model, inputs)
         cache = DynamicCache(config=model.model.config)
-        hashes = [image_hash for row in rows for image_hash in self._hashes(row.job)]
+        hashes = [image_hash for row in leaders for image_hash in self._hashes(row.job)]
         embeds = prompt_embeddings(model, inputs, hashes, self.encoder_cache)
         out = model.forward(
-            [row.job.params.adapter for row in rows],
+            [row.job.params.adapter for row in leaders],
             inputs_embeds=embeds,
             attention_mask=inputs["attention_mask"],
             position_ids=positions,
@@ -413,11 +431,16 @@ class ContinuousEngine(QueueEngine):
             use_cache=True,
             logits_to_keep=1,
         )
-        for row, position in zip(rows, following, strict=True):
-            row.position = position
-        self._choose(rows, out.logits[:, -1])
         padded = PaddedCache(cache, inputs["attention_mask"])
-        self._keep_prefixes(rows, padded)
+        self._keep_prefixes(leaders, padded)
+        logits = out.logits[:, -1]
+        if len(leaders) < len(rows):
+            self.stats.shared_prefills += len(rows) - len(leaders)
+            padded.keep(copy_of)  # the copies' KV: rows of their leader's
+            logits = logits[copy_of]
+        for row, leader in zip(rows, copy_of, strict=True):
+            row.position = following[leader]
+        self._choose(rows, logits)
         return padded
 
     def _prefill_after_prefix(self, row: Row) -> PaddedCache:
@@ -581,7 +604,7 @@ class ContinuousEngine(QueueEngine):
                 fail_row(row.job, token)
                 continue
             row.next_token = token
-            row.job.take(token, self._stop_ids)
+            row.job.take(token, self._stop_ids, row.sampling.last_logprobs)
 
     def _leave_if_done(self, check_clients: bool = False) -> None:
         """Drop finished rows (and, when asked, rows whose client left or whose deadline passed)."""

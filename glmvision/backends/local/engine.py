@@ -23,7 +23,7 @@ from glmvision.backends.local.vram import cuda_module, maybe_empty_cache
 from glmvision.core.backend import Ticket, retry_after_seconds
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, bad_request, out_of_time, row_failed, unavailable
-from glmvision.core.generation import GenerationParams
+from glmvision.core.generation import GenerationParams, RawLogprob
 from glmvision.postprocess.stream import GenerationStream
 
 log = logging.getLogger("glmvision")
@@ -56,12 +56,17 @@ class Job:
         """Tokens this row may hold in the KV cache at most: its prompt plus all it may generate."""
         return self.prompt_tokens + self.params.max_new_tokens
 
-    def take(self, token_id: int, stop_ids: set[int] | frozenset[int]) -> None:
-        """Hand one generated token to the request; answer it if that was its last. Should that
-        fail, this row alone fails."""
+    def take(
+        self, token_id: int, stop_ids: set[int] | frozenset[int], logprobs: RawLogprob | None = None
+    ) -> None:
+        """Hand one generated token (and its log-probabilities, when asked) to the request; answer it
+        if that was its last. Should that fail, this row alone fails."""
         try:
             self.generated += 1
-            self.stream.put([token_id])
+            if logprobs is None:
+                self.stream.put([token_id])
+            else:
+                self.stream.put([token_id], [logprobs])
             if token_id in stop_ids or self.generated >= self.params.max_new_tokens:
                 finish(self)
         except Exception:
@@ -96,6 +101,7 @@ class EngineStats:
     encoder_misses: int = 0
     encoder_evictions: int = 0
     encoder_bytes: int = 0
+    shared_prefills: int = 0  # rows whose prompt's KV was copied from a row beside them (a request's n)
     drain_rate: float = 0.0  # requests per second, smoothed
     _last_done: float = field(default=0.0, repr=False)
 
@@ -252,17 +258,33 @@ class QueueEngine:
     ) -> GenerationStream:
         """Queue prepared inputs; the returned stream yields the answer as it is generated (`stream`:
         one made by the caller, e.g. an engine process's sink with the same producer side)."""
-        job = self._job(inputs, params, ticket, stream)
-        job.constraint = constraint
+        return self.submit_choices(inputs, [params], [ticket], constraint, [stream])[0]
+
+    def submit_choices(
+        self,
+        inputs: Any,
+        choices: list[GenerationParams],
+        tickets: list[Ticket],
+        constraint: CompiledConstraint | None = None,
+        streams: list[GenerationStream | None] | None = None,
+    ) -> list[GenerationStream]:
+        """Queue one prompt's choices together, a ticket each (their rows share one prefill: see
+        continuous.shared_prompts); a stream per choice."""
+        jobs = [
+            self._job(inputs, params, ticket, stream)
+            for params, ticket, stream in zip(choices, tickets, streams or [None] * len(choices), strict=True)
+        ]
+        for job in jobs:
+            job.constraint = constraint
         with self._cond:
             if self.failed is not None:
                 raise engine_failed()
             if not self._queue and not self._held():
                 self.heartbeat = time.monotonic()  # an idle engine has not stalled: work starts now
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._ensure_thread()
             self._cond.notify()
-        return job.stream
+        return [job.stream for job in jobs]
 
     def _job(
         self, inputs: Any, params: GenerationParams, ticket: Ticket, stream: GenerationStream | None = None

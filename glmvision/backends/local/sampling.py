@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glmvision.backends.local.grammar import CompiledConstraint, DeadEnd, RowGrammar
-from glmvision.core.generation import GREEDY_BELOW, GenerationParams
+from glmvision.core.generation import GREEDY_BELOW, IMPOSSIBLE_LOGPROB, GenerationParams, RawLogprob
 
 log = logging.getLogger("glmvision")
 
@@ -23,6 +23,8 @@ class RowSampling:
     min_new_tokens: int
     generator: Any = None  # torch.Generator: a seeded row draws from nobody else's stream
     grammar: RowGrammar | None = None  # what its answer must match (glmvision.backends.local.grammar)
+    logprobs: int | None = None  # report the chosen token's log-probability and this many alternatives
+    last_logprobs: RawLogprob | None = None  # those of the token choose_tokens chose last
 
     @classmethod
     def for_params(
@@ -38,7 +40,7 @@ class RowSampling:
         grammar = None
         if constraint is not None:
             grammar = constraint.start(params.max_new_tokens, params.enable_thinking)
-        return cls(params.temperature, top_p, params.min_new_tokens, generator, grammar)
+        return cls(params.temperature, top_p, params.min_new_tokens, generator, grammar, params.logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -51,7 +53,8 @@ def choose_tokens(
     """Next token per row from last-position logits [rows, vocab]: argmax, or a draw after
     temperature and top-p, with stop tokens barred until a row has its min_new_tokens, and a
     constrained row's tokens limited to what its grammar allows. A row whose own part fails (its
-    grammar, its draw) gets the exception in place of a token; the other rows are not touched."""
+    grammar, its draw) gets the exception in place of a token; the other rows are not touched.
+    A row that asked for log-probabilities gets them in `last_logprobs` (see `row_logprobs`)."""
     import torch
 
     logits = ordered_logits(logits.float())  # a copy: the model's output is not ours to change
@@ -80,6 +83,7 @@ def choose_tokens(
         logits[index[:, None], stop_ids[None, :]] = -float("inf")
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.greedy and i not in failed]
+    probs = None
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         probs = warped_probabilities(
@@ -116,7 +120,34 @@ def choose_tokens(
             except Exception as exc:  # noqa: BLE001 - logged, and that row alone is answered
                 note_row_failure("a row's grammar failed to follow its token", exc)
                 failed[i] = exc
+    for i, row in enumerate(rows):
+        if row.logprobs is None or i in failed:
+            row.last_logprobs = None
+            continue
+        # A greedy row reports the model's distribution (masked as above), a sampled one that it drew from.
+        if row.greedy or probs is None:
+            log_probs = logits[i].log_softmax(-1)
+        else:
+            log_probs = probs[sampled.index(i)].log()
+        row.last_logprobs = row_logprobs(log_probs, chosen_id(tokens[i]), row.logprobs)
     return [failed.get(i, token) for i, token in enumerate(tokens)]
+
+
+def row_logprobs(log_probs: Any, token: int, top: int) -> RawLogprob:
+    """`token`'s log-probability in one row's distribution [vocab] and the `top` most likely tokens',
+    read back in one transfer; a token it cannot draw reports IMPOSSIBLE_LOGPROB, as OpenAI's do."""
+    import torch
+
+    best = log_probs.topk(top) if top else None
+    values = (
+        log_probs[token : token + 1]
+        if best is None
+        else torch.cat([log_probs[token : token + 1], best.values])
+    )
+    # min(): a rounding error must not make a certainty more than certain.
+    numbers = [min(value, 0.0) if math.isfinite(value) else IMPOSSIBLE_LOGPROB for value in values.tolist()]
+    ids = [] if best is None else best.indices.tolist()
+    return numbers[0], tuple(zip(ids, numbers[1:], strict=True))
 
 
 def note_row_failure(what: str, exc: BaseException) -> None:

@@ -31,7 +31,7 @@ from glmvision.core.backend import (
     preparing_slots,
 )
 from glmvision.core.config import Settings
-from glmvision.core.errors import APIError, unavailable
+from glmvision.core.errors import APIError, bad_request, unavailable
 from glmvision.core.generation import Constraint, GenerationParams
 from glmvision.core.lora import model_name
 
@@ -232,6 +232,14 @@ class UpstreamBackend:
 
     def submit(self, submission: Submission, ticket: Ticket) -> Submitted:
         params, streamed = submission.params, submission.streamed
+        # Refused rather than passed on: the upstream's own choices and logprobs are not read back.
+        if submission.n > 1:
+            raise bad_request(
+                "unsupported_parameter", "n above 1 is not served with an upstream engine.", "n"
+            )
+        if params.logprobs is not None:
+            message = "logprobs are not served with an upstream engine."
+            raise bad_request("unsupported_parameter", message, "logprobs")
         prepared = self._prepare(submission.messages, params, ticket)
         prepared_at, queued_at = time.perf_counter(), time.monotonic()
         self.admission.submitted(ticket)  # prepared: its preparation slot goes to the next request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
@@ -9,7 +10,8 @@ from pydantic_core import InitErrorDetails
 
 from glmvision.core.config import Settings
 from glmvision.core.constraints import check_prompt_length, generation_params, json_constraint
-from glmvision.core.generation import GenerationParams
+from glmvision.core.errors import bad_request
+from glmvision.core.generation import MAX_TOP_LOGPROBS, GenerationParams
 from glmvision.core.images import Detail, PixelBudget
 from glmvision.web.protocol import SamplingFields, rule_error
 
@@ -20,6 +22,9 @@ class NativeRequest(SamplingFields):
     if TYPE_CHECKING:
         # Each endpoint's model declares it after its image fields, so that its errors keep their order.
         prompt: str
+
+    logprobs: bool = False  # the answer's tokens with their log-probabilities, as OpenAI's
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt", check_fields=False)
     @classmethod
@@ -44,6 +49,10 @@ class NativeRequest(SamplingFields):
             adapter=adapter,
         )
         check_prompt_length(len(self.prompt), settings, "prompt")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("invalid_value", "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        if self.logprobs:
+            params = replace(params, logprobs=self.top_logprobs or 0)
         return params
 
 

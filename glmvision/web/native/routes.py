@@ -98,6 +98,7 @@ def _native_fields(
         "usage": usage(result),
         "reasoning": (result.reasoning or "") if thinking else None,
         "degraded": True if context.degraded else None,
+        "logprobs": None if result.logprobs is None else [token.to_json() for token in result.logprobs],
     }
 
 

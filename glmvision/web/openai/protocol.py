@@ -18,7 +18,13 @@ from glmvision.core.constraints import (
     tool_constraint,
 )
 from glmvision.core.errors import bad_request
-from glmvision.core.generation import Constraint, GenerationParams, ToolChoice, allowed_tools
+from glmvision.core.generation import (
+    MAX_TOP_LOGPROBS,
+    Constraint,
+    GenerationParams,
+    ToolChoice,
+    allowed_tools,
+)
 from glmvision.core.images import Detail, PixelBudget
 from glmvision.web.protocol import NonEmptyString, RequestModel, rule_error
 
@@ -228,7 +234,10 @@ class ChatCompletionRequest(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    n: int = Field(default=1, ge=1, json_schema_extra={"maximum": 1})
+    n: int = Field(default=1, ge=1)  # at most GLMVISION_MAX_N (checked with the server's limits)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    ignore_eos: bool = False  # vLLM's extension: stop tokens do not end the answer (stop strings do)
     stream: bool = False
     stream_options: StreamOptions | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
@@ -237,13 +246,6 @@ class ChatCompletionRequest(RequestModel):
     response_format: ResponseFormat | None = None
     # Last, so that its error comes after n's and enable_thinking's, as it always has.
     stop: str | list[str] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise rule_error("invalid_value", "Only n=1 is supported.")
-        return value
 
     @field_validator("stop", mode="plain", json_schema_input_type=StopStrings)
     @classmethod
@@ -305,6 +307,8 @@ class ChatCompletionRequest(RequestModel):
         self._check_tools()
         for index, message in enumerate(self.messages):
             self._check_message(index, message)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise rule_error("invalid_value", "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
         last = self.messages[-1]
         if last.role not in ("user", "tool"):
             raise rule_error(
@@ -365,6 +369,12 @@ class ChatCompletionRequest(RequestModel):
             constraint=self._format_constraint(settings),
             adapter=adapter,
         )
+        if self.n > settings.max_n:
+            raise bad_request("invalid_value", f"Field 'n' may be at most {settings.max_n}.", "n")
+        if self.logprobs:
+            params = replace(params, logprobs=self.top_logprobs or 0)
+        if self.ignore_eos:  # as vLLM: only the stop tokens are ignored (a constraint still ends it)
+            params = replace(params, min_new_tokens=params.max_new_tokens)
         tools, choice = self.tool_specs, self.resolved_tool_choice
         if tools:
             params = replace(params, tools=tools, tool_choice=choice)
