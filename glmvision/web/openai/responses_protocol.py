@@ -244,9 +244,8 @@ class InputTranslator:
                 )
             if not isinstance(url, str) or not url:
                 message = f"Field '{where}.image_url' must be a data URL or an http(s) URL."
-                raise bad_request(
-                    "missing_field" if url is None else "invalid_type", message, f"{where}.image_url"
-                )
+                code = "missing_field" if url is None else "invalid_type"
+                raise bad_request(code, message, f"{where}.image_url")
             image: dict[str, Any] = {"url": url}
             if part.get("detail") is not None:
                 image["detail"] = part["detail"]
@@ -257,11 +256,8 @@ class InputTranslator:
         call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
         for key, value in (("call_id", call_id), ("name", name), ("arguments", arguments)):
             if not isinstance(value, str):
-                raise bad_request(
-                    "missing_field" if value is None else "invalid_type",
-                    f"Field '{where}.{key}' must be a string.",
-                    f"{where}.{key}",
-                )
+                code = "missing_field" if value is None else "invalid_type"
+                raise bad_request(code, f"Field '{where}.{key}' must be a string.", f"{where}.{key}")
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         last = self.messages[-1] if self.messages else None
         if last is None or last["role"] != "assistant":
