@@ -7,11 +7,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from glmvision.core.errors import APIError, bad_request
 from glmvision.core.responses import ResponseModel
-from glmvision.web.protocol import RequestModel
+from glmvision.web.protocol import RequestModel, rule_error
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 # Fields of OpenAI's request this server does not implement: a 400 naming them, never silence.
@@ -61,11 +61,15 @@ class TextConfig(BaseModel):
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
+# What `input` accepts, for the documented schema; the validator reports one error for the field.
+InputField = str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+
+
 class ResponseRequest(RequestModel):
     """Body of POST /v1/responses (OpenAI's Responses API); items are checked as they are translated."""
 
     model: str | None = None
-    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -87,6 +91,18 @@ class ResponseRequest(RequestModel):
     top_logprobs: int | None = None
     prompt: dict[str, Any] | None = None
     conversation: str | dict[str, Any] | None = None
+
+    @field_validator("input", mode="plain", json_schema_input_type=InputField)
+    @classmethod
+    def _input(cls, value: Any) -> str | list[Any]:
+        """A string, or a non-empty list of items (each checked as it is translated)."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise rule_error("invalid_type", "'input' must be a string or a list of input items.")
+        if not value:
+            raise rule_error("invalid_value", "'input' must hold at least one item.")
+        return value
 
     @property
     def thinking(self) -> bool:
