@@ -349,6 +349,8 @@ def _events(prepared: Prepared) -> Iterator[str]:
         if not calls and not any(isinstance(item, OutputMessage) for item in writer.output):
             if writer.open is None or writer.open[0] != "message":
                 yield from writer.text("message", "")
+        if writer.thinking and writer.open is None and not writer.output:  # calls only: reasoning first
+            yield from writer.text("reasoning", "")
         yield from writer.close(status)
         for call in calls:
             yield from writer.call(call)
