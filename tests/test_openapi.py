@@ -11,6 +11,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import ROOT
 
+from glmvision.web.openapi import openapi_path
+
 # Rows of docs/errors.md's table: | 400 | `invalid_json` | ...
 ERROR_ROW = re.compile(r"^\| (\d{3}) \| `([a-z0-9_]+)` \|", re.MULTILINE)
 
@@ -56,7 +58,7 @@ def test_document_is_openapi_3_1_with_both_key_schemes(document: dict[str, Any])
 
 def test_every_route_of_the_app_is_documented(app: Flask, document: dict[str, Any]) -> None:
     served = {
-        (rule.rule, method.lower())
+        (openapi_path(rule.rule), method.lower())
         for rule in app.url_map.iter_rules()
         if rule.endpoint != "static" and not rule.endpoint.startswith("page.")  # the browser page is no API
         for method in rule.methods - {"HEAD", "OPTIONS"}
@@ -71,6 +73,10 @@ def test_every_route_of_the_app_is_documented(app: Flask, document: dict[str, An
         "/v1/chat",
         "/v1/chat/completions",
         "/openapi.json",
+        "/health",
+        "/v1/models/{model_id}",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
     }
 
 
@@ -135,3 +141,32 @@ def test_document_needs_no_key_and_is_never_rate_limited(make_app: Callable[...,
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"X-API-Key": "only-key"}).status_code == 200
     assert client.get("/v1/models", headers={"X-API-Key": "only-key"}).status_code == 429
+
+
+def test_the_responses_api_and_model_lookup_are_documented(document: dict[str, Any]) -> None:
+    paths = document["paths"]
+    create = paths["/v1/responses"]["post"]
+    assert create["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ResponseRequest"
+    }
+    content = create["responses"]["200"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/ResponseObject"}
+    assert "response.completed" in content["text/event-stream"]["schema"]["description"]
+    assert "unsupported_parameter" in create["responses"]["400"]["description"]
+    for method in ("get", "delete"):
+        operation = paths["/v1/responses/{response_id}"][method]
+        assert operation["parameters"] == [
+            {
+                "name": "response_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ]
+        assert "response_not_found" in operation["responses"]["404"]["description"]
+    retrieve = paths["/v1/models/{model_id}"]["get"]
+    assert retrieve["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelCard"
+    }
+    assert "model_not_found" in retrieve["responses"]["404"]["description"]
+    assert paths["/health"]["get"]["security"] == []

@@ -9,7 +9,7 @@ from flask import Blueprint, Flask
 from flask.testing import FlaskClient
 
 from glmvision.server.workers import PROBE_PATHS, is_probe
-from glmvision.web.openapi import openapi_document
+from glmvision.web.openapi import openapi_document, openapi_path
 from glmvision.web.route_table import BY_ENDPOINT, ROUTES, route
 
 
@@ -25,7 +25,7 @@ def test_the_table_and_the_app_serve_the_same_routes(app: Flask) -> None:
 def test_the_document_lists_every_route_but_the_page() -> None:
     paths = openapi_document()["paths"]
     documented = {(path, method.upper()) for path, operations in paths.items() for method in operations}
-    expected = {(facts.path, facts.method) for facts in ROUTES if not facts.page}
+    expected = {(openapi_path(facts.path), facts.method) for facts in ROUTES if not facts.page}
     assert documented == expected
 
 
@@ -62,7 +62,7 @@ def test_openai_routes_answer_errors_in_openai_envelope(client: FlaskClient) -> 
 
 
 def test_the_probe_lane_takes_the_probe_paths_only() -> None:
-    assert {path.decode() for path in PROBE_PATHS} == {"/healthz", "/readyz"}
+    assert {path.decode() for path in PROBE_PATHS} == {"/healthz", "/health", "/readyz"}
     for facts in ROUTES:
         head = f"GET {facts.path} HTTP/1.1\r\n".encode()
         assert is_probe(head) == facts.probe, facts.path
@@ -77,9 +77,23 @@ def test_a_view_registers_only_on_its_own_blueprint() -> None:
 def test_the_security_facts_are_the_documented_ones() -> None:
     """A route that stops needing a key, or slips past the allowlist, is a change to review here."""
     public = {facts.path for facts in ROUTES if facts.public}
-    assert public == {"/healthz", "/readyz", "/openapi.json", "/metrics", "/", "/static/<path:filename>"}
-    assert [facts.path for facts in ROUTES if not facts.allowlisted] == ["/healthz"]
-    assert {facts.path for facts in ROUTES if facts.openai} == {"/v1/chat/completions", "/v1/models"}
+    assert public == {
+        "/healthz",
+        "/health",
+        "/readyz",
+        "/openapi.json",
+        "/metrics",
+        "/",
+        "/static/<path:filename>",
+    }
+    assert [facts.path for facts in ROUTES if not facts.allowlisted] == ["/healthz", "/health"]
+    assert {facts.path for facts in ROUTES if facts.openai} == {
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/<path:model_id>",
+        "/v1/responses",
+        "/v1/responses/<response_id>",
+    }
 
 
 def test_route_registers_the_tables_path_method_and_name() -> None:

@@ -354,6 +354,15 @@ class Settings(_Base):
         description="Perceptual match: serve the answer of an image whose pHash is within this many "
         "bits; -1 = exact pixels only.",
     )
+    responses_store_size: int = Field(
+        1000,
+        ge=0,
+        description="Responses `/v1/responses` keeps for `previous_response_id` and `GET` (oldest out; "
+        "per worker unless GLMVISION_CACHE_URI is redis://); 0 = none are stored.",
+    )
+    responses_ttl: float = Field(
+        3600.0, gt=0, allow_inf_nan=False, description="Seconds a stored `/v1/responses` response is kept."
+    )
     trusted_proxies: str = Field(
         "",
         description="Proxies in front: a hop count, or their CIDRs (comma-separated); empty trusts no "

@@ -123,6 +123,14 @@ _SPECS = (
         "Send a value in the documented range for the field named in `param`.",
     ),
     _spec(
+        "unsupported_parameter",
+        400,
+        "The field is not supported by this server.",
+        "a field this server does not implement was set (built-in tools, `background`, ... on "
+        "`/v1/responses`; see the OpenAI API page)",
+        "Leave out the field named in `param`.",
+    ),
+    _spec(
         "prompt_too_long",
         400,
         "The prompt is too long.",
@@ -337,7 +345,7 @@ _SPECS = (
         "ip_not_allowed",
         403,
         "This address may not use the service.",
-        "the client address is outside `GLMVISION_ALLOWED_IPS` (every route but `/healthz`)",
+        "the client address is outside `GLMVISION_ALLOWED_IPS` (every route but `/healthz` and `/health`)",
         "Call from an allowed address (ask the operator).",
         rejection="allowlist",
     ),
@@ -354,8 +362,17 @@ _SPECS = (
         404,
         "The model does not exist.",
         "`model` is neither the served id, an alias, nor `<id>:<name>` of a loaded "
-        "[LoRA adapter](#lora-adapters) (chat completions)",
+        "[LoRA adapter](#lora-adapters) (chat completions, responses, `GET /v1/models/{id}`)",
         "Use an id from `GET /v1/models`.",
+    ),
+    _spec(
+        "response_not_found",
+        404,
+        "The response does not exist.",
+        "no stored response has this id for this API key (never stored, `store: false`, expired, deleted, "
+        "or another key's): `GET`/`DELETE /v1/responses/{id}`, `previous_response_id`",
+        "Send the whole conversation as `input` instead; stored responses expire "
+        "(`GLMVISION_RESPONSES_TTL`).",
     ),
     _spec(
         "adapter_not_found",

@@ -17,7 +17,7 @@ from glmvision.ops.record import RequestRecord, current_record, request_id_from
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Polled every few seconds by load balancers and Prometheus: logged at DEBUG, so real requests stand out.
-QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_ROUTES = frozenset({"/healthz", "/health", "/readyz", "/metrics"})
 Finisher = Callable[[RequestRecord, float], None]
 
 

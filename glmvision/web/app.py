@@ -24,6 +24,8 @@ from glmvision.serving.cache import ResponseCache
 from glmvision.serving.service import Service, record_outcome
 from glmvision.web import errors
 from glmvision.web.native.routes import bp as api_bp
+from glmvision.web.openai import responses
+from glmvision.web.openai.responses_store import ResponseStore
 from glmvision.web.openai.routes import bp as openai_bp
 from glmvision.web.openapi import bp as openapi_bp
 from glmvision.web.page import routes as page
@@ -94,6 +96,7 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
     limiter = limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
+    responses.init_app(app, ResponseStore.from_settings(settings))
     app.register_blueprint(openapi_bp)
     page.init_app(app)
     requests_log.add_finisher(lambda record, _: _finish(state, record))

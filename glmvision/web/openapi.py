@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from glmvision.core.responses import (
     ChatCompletionChunk,
     ErrorResponse,
     Health,
+    ModelCard,
     ModelList,
     NativeErrorResponse,
     Readiness,
@@ -26,11 +28,20 @@ from glmvision.core.responses import (
 from glmvision.web import route_table
 from glmvision.web.native.protocol import SeedChatRequest, VisionRequest
 from glmvision.web.openai.protocol import ChatCompletionRequest
+from glmvision.web.openai.responses_protocol import DeletedResponse, ResponseObject, ResponseRequest
 from glmvision.web.route_table import BY_ENDPOINT, RouteFacts
 
 bp = Blueprint("openapi", __name__)
 
 REF = "#/components/schemas/{model}"
+# A Flask rule's variable (`<name>` or `<converter:name>`), written `{name}` in the document.
+PATH_VARIABLE = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule as an OpenAPI path: `/v1/models/<path:model_id>` -> `/v1/models/{model_id}`."""
+    return PATH_VARIABLE.sub(r"{\1}", rule)
+
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
 GUARDED = ("ip_not_allowed",)
@@ -99,6 +110,30 @@ EXAMPLE_CHAT = {
     "max_tokens": 4,
     "temperature": 0,
 }
+EXAMPLE_RESPONSE = {
+    "input": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "What colour is this?"},
+                {"type": "input_image", "image_url": EXAMPLE_DATA_URL, "detail": "low"},
+            ],
+        }
+    ],
+    "max_output_tokens": 4,
+    "temperature": 0,
+    "store": False,
+}
+CHAT_EVENTS = "With stream=true: `data: <{chunk}>` events (or one error event), then `data: [DONE]`."
+RESPONSE_EVENTS = (
+    "With stream=true: typed events (`event: <type>`, then `data:` the event with its type and "
+    "sequence_number): "
+    "response.created, response.in_progress, then per output item response.output_item.added, "
+    "response.content_part.added, response.reasoning_text.delta / response.output_text.delta ..., "
+    "their .done, response.content_part.done, response.output_item.done (a function call: "
+    "response.function_call_arguments.delta and .done), and last response.completed or "
+    "response.incomplete with the whole <{answer}> (or one `error` event)."
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +147,7 @@ class Route:
     request: type[BaseModel] | None = None
     examples: dict[str, Any] = field(default_factory=dict)
     streams: bool = False
+    events: str = CHAT_EVENTS  # how the stream is told, {chunk} and {answer} naming their schemas
     answer_status: tuple[int, ...] = (200,)
     plain_text: str = ""  # an answer in text/plain, described by this
     security: tuple[dict[str, list[str]], ...] | None = None  # instead of the document's
@@ -128,12 +164,18 @@ class Route:
 
     @property
     def path(self) -> str:
-        """The path, from the route table."""
-        return self.facts.path
+        """The path, from the route table, its variables as OpenAPI writes them."""
+        return openapi_path(self.facts.path)
+
+    @property
+    def variables(self) -> list[str]:
+        """The path's variables, in order."""
+        return PATH_VARIABLE.findall(self.facts.path)
 
 
 ROUTES = (
     Route("api.healthz", "Liveness: 200 while the process runs.", Health),
+    Route("api.health", "Liveness under vLLM's path: the same answer as /healthz.", Health),
     Route(
         "api.readyz",
         "Readiness: 200 once this worker's model is loaded, 503 with Retry-After before.",
@@ -155,6 +197,12 @@ ROUTES = (
         "The served model, then one entry per LoRA adapter (`<id>:<name>`), in OpenAI's list shape.",
         ModelList,
         KEYED,
+    ),
+    Route(
+        "api.retrieve_model",
+        "One entry of the model list, by its id, an alias or `<id>:<adapter>`; 404 names the served ids.",
+        ModelCard,
+        (*KEYED, "model_not_found"),
     ),
     Route(
         "api.chat_vision",
@@ -180,6 +228,40 @@ ROUTES = (
         ChatCompletionRequest,
         EXAMPLE_CHAT,
         streams=True,
+    ),
+    Route(
+        "responses.create_response",
+        "OpenAI's Responses API: input items (text, images, function calls and their outputs) in, output "
+        "items out, whole or as typed Server-Sent Events with stream=true; stored for "
+        "previous_response_id unless store=false.",
+        ResponseObject,
+        (
+            *KEYED,
+            *BODY,
+            *IMAGE,
+            "too_many_images",
+            "unsupported_parameter",
+            "model_not_found",
+            "response_not_found",
+            "unknown_tool",
+            *GENERATION,
+        ),
+        ResponseRequest,
+        EXAMPLE_RESPONSE,
+        streams=True,
+        events=RESPONSE_EVENTS,
+    ),
+    Route(
+        "responses.get_response",
+        "A stored response, to the API key that created it.",
+        ResponseObject,
+        (*KEYED, "response_not_found"),
+    ),
+    Route(
+        "responses.delete_response",
+        "Forget a stored response.",
+        DeletedResponse,
+        (*KEYED, "response_not_found"),
     ),
 )
 
@@ -258,7 +340,8 @@ def _answers(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict
     content: dict[str, Any] = {"application/json": {"schema": schema}}
     if route.streams:
         chunk = refs[(ChatCompletionChunk, "serialization")]["$ref"].rsplit("/", 1)[1]
-        events = f"With stream=true: `data: <{chunk}>` events (or one error event), then `data: [DONE]`."
+        answer_name = schema["$ref"].rsplit("/", 1)[1]
+        events = route.events.format(chunk=chunk, answer=answer_name)
         content["text/event-stream"] = {"schema": {"type": "string", "description": events}}
     answers: dict[str, Any] = {}
     for status in route.answer_status:
@@ -271,10 +354,15 @@ def _answers(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict
 
 def _operation(route: Route, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
     operation: dict[str, Any] = {
-        "operationId": route.path.strip("/").replace("/", "_").replace(".", "_") + "_" + route.method,
+        "operationId": re.sub(r"[^A-Za-z0-9_]", "_", route.path.strip("/")) + "_" + route.method,
         "summary": route.summary,
         "responses": {**_answers(route, refs), **_error_responses(route, refs)},
     }
+    if route.variables:
+        operation["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+            for name in route.variables
+        ]
     if route.security is not None:
         operation["security"] = list(route.security)
     elif route.facts.public:

@@ -20,7 +20,7 @@ class RouteFacts:
     """One route: where it is, who may call it, and how it answers errors."""
 
     endpoint: str  # Flask's name for it: blueprint.function
-    method: Literal["GET", "POST"]
+    method: Literal["GET", "POST", "DELETE"]
     path: str
     public: bool = False  # no API key and no rate limit (the probes, the document, the page, /metrics)
     allowlisted: bool = True  # refused outside GLMVISION_ALLOWED_IPS (every route but liveness)
@@ -31,11 +31,18 @@ class RouteFacts:
 
 ROUTES = (
     RouteFacts("api.healthz", "GET", "/healthz", public=True, allowlisted=False, probe=True),
+    # vLLM's name for liveness, probed by its clients, guidellm and many load balancers.
+    RouteFacts("api.health", "GET", "/health", public=True, allowlisted=False, probe=True),
     RouteFacts("api.readyz", "GET", "/readyz", public=True, probe=True),
     RouteFacts("api.list_models", "GET", "/v1/models", openai=True),
+    # A model id may hold a slash (an organisation's prefix): the path converter keeps it whole.
+    RouteFacts("api.retrieve_model", "GET", "/v1/models/<path:model_id>", openai=True),
     RouteFacts("api.chat_vision", "POST", "/v1/chat/vision"),
     RouteFacts("api.chat_seed", "POST", "/v1/chat"),
     RouteFacts("openai.chat_completions", "POST", "/v1/chat/completions", openai=True),
+    RouteFacts("responses.create_response", "POST", "/v1/responses", openai=True),
+    RouteFacts("responses.get_response", "GET", "/v1/responses/<response_id>", openai=True),
+    RouteFacts("responses.delete_response", "DELETE", "/v1/responses/<response_id>", openai=True),
     RouteFacts("openapi.openapi_json", "GET", "/openapi.json", public=True),
     RouteFacts("ops.metrics", "GET", "/metrics", public=True),  # its own key: GLMVISION_METRICS_KEY
     RouteFacts("page.index", "GET", "/", public=True, page=True),

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 
+from glmvision.core.errors import APIError
 from glmvision.core.generation import Generation
 from glmvision.core.lora import check_adapter, model_name
 from glmvision.core.responses import (
@@ -45,6 +46,12 @@ def healthz() -> Response:
     return jsonify(Health().to_json())
 
 
+@route(bp, "api.health")
+def health() -> Response:
+    """Liveness under vLLM's path: the same answer as /healthz."""
+    return healthz()
+
+
 @route(bp, "api.readyz")
 def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     """Readiness: 200 once this worker's model is loaded and its engine healthy, 503 otherwise."""
@@ -57,9 +64,8 @@ def readyz() -> Response | tuple[Response, int, dict[str, str]]:
     return jsonify(body), 503, {"Retry-After": "5"}
 
 
-@route(bp, "api.list_models")
-def list_models() -> Response:
-    """The served model, in OpenAI's list shape, with device details once loaded."""
+def _model_cards() -> list[ModelCard]:
+    """The served model, then one card per LoRA adapter."""
     state = service()
     capabilities = state.backend.capabilities()
     base = {**capabilities.model.as_dict(), "ready": state.backend.health().gauges.loaded}
@@ -73,7 +79,29 @@ def list_models() -> Response:
         )
         for adapter in capabilities.adapters or ()
     ]
-    return jsonify(ModelList(data=cards).to_json())
+    return cards
+
+
+@route(bp, "api.list_models")
+def list_models() -> Response:
+    """The served model, in OpenAI's list shape, with device details once loaded."""
+    return jsonify(ModelList(data=_model_cards()).to_json())
+
+
+@route(bp, "api.retrieve_model")
+def retrieve_model(model_id: str) -> Response:
+    """One entry of the model list by its id, an alias's or `<alias>:<adapter>` (named as asked)."""
+    capabilities = service().backend.capabilities()
+    cards = _model_cards()
+    # An alias names the served model: `<alias>` and `<alias>:<adapter>` are its cards under that name.
+    for name in capabilities.model_names:
+        for card in cards:
+            suffix = card.id[len(cards[0].id) :]
+            if model_id == name + suffix:
+                return jsonify(card.model_copy(update={"id": model_id}).to_json())
+    served = ", ".join(card.id for card in cards)
+    message = f"The model {model_id!r} does not exist; this server serves: {served}."
+    raise APIError(404, "model_not_found", message, "model")
 
 
 def _answer_one_image(
