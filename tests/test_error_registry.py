@@ -302,3 +302,11 @@ def test_the_committed_docs_are_generated_from_the_registry() -> None:
     assert {name for name, codes in tables.items() if codes} == {"errors.md"}
     assert sorted(tables["errors.md"]) == sorted(ERRORS)
     assert gen_docs.main(["--check"]) == 0
+
+
+def test_every_code_is_registered_once() -> None:
+    """Two entries for one code would leave only the last in ERRORS, its docs silently lost."""
+    from glmvision.core import errors
+
+    codes = [spec.code for spec in errors._SPECS]
+    assert len(codes) == len(set(codes)) == len(errors.ERRORS)

@@ -126,9 +126,10 @@ _SPECS = (
         "unsupported_parameter",
         400,
         "The field is not supported by this server.",
-        "a field this server does not implement was set (built-in tools, `background`, ... on "
-        "`/v1/responses`; see the OpenAI API page)",
-        "Leave out the field named in `param`.",
+        "a field this server does not implement, or cannot serve as configured, was set: built-in "
+        "tools, `background`, ... on `/v1/responses`; `logprobs` under `GLMVISION_SCHEDULER=static`; "
+        "`n` above 1 or `logprobs` with `GLMVISION_BACKEND=openai` (see the OpenAI API page)",
+        "Leave out the field named in `param`, or ask the operator for a configuration that serves it.",
     ),
     _spec(
         "prompt_too_long",
@@ -300,14 +301,6 @@ _SPECS = (
         "tool_choice names a function that is not in 'tools'.",
         "`tool_choice` names a function that is not among `tools` (chat completions)",
         "Name one of the functions in `tools`.",
-    ),
-    _spec(
-        "unsupported_parameter",
-        400,
-        "This server cannot serve a field of the request as configured.",
-        "a field this server's configuration cannot serve: `logprobs` under `GLMVISION_SCHEDULER=static`, "
-        "`n` above 1 or `logprobs` with `GLMVISION_BACKEND=openai`; `param` names it",
-        "Drop the field, or ask the operator for the configuration that serves it.",
     ),
     _spec(
         "upstream_rejected",
