@@ -115,7 +115,8 @@ def check_vision_ok(response: requests.Response, width: int = 64, height: int = 
     assert body["finish_reason"] in {"stop", "length"}
     usage = body["usage"]
     assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
-    assert all(isinstance(value, int) for value in usage.values())
+    assert all(isinstance(value, int) for key, value in usage.items() if key != "prompt_tokens_details")
+    assert set(usage["prompt_tokens_details"]) == {"cached_tokens", "image_tokens"}
     assert usage["prompt_tokens"] > 0
     assert 1 <= usage["completion_tokens"] <= 4  # vision_body asks for max_new_tokens=4
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

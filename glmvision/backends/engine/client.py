@@ -39,7 +39,7 @@ from glmvision.postprocess.stream import DEADLINE_GRACE, Decoder, GenerationStre
 log = logging.getLogger("glmvision")
 
 HEALTH_EVERY_S = 0.5
-LOST_AFTER_S = 3.0  # no health report for this long: the engine is gone (its requests end with 503)
+LOST_AFTER_S = 10.0  # no health report for this long: the engine is gone (its requests end with 503)
 # The engine's messages and request threads' (through the waker) end the wait at once; the bound is
 # for the I/O thread's own rounds: health queries, aborts of requests whose client left, deadlines.
 POLL_S = 0.05
