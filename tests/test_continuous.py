@@ -347,8 +347,8 @@ def test_out_of_memory_in_a_prefill_retries_in_halves(
     monkeypatch.setattr(model.model, "forward", forward)
     running = engine(model, prefix_cache=False)  # identical prompts would otherwise reuse each other
     params = GenerationParams(3, temperature=0, min_new_tokens=3)
-    # Four prompts, each its own inputs: rows of one request's prompt would share a single prefill.
-    jobs = [job(running, (inputs(model, [(64, 48)], "what"), params)) for _ in range(4)]
+    # Four different prompts: rows of one prompt would share a single prefill.
+    jobs = [job(running, (inputs(model, [(64, 48)], f"what {i}"), params)) for i in range(4)]
     run_schedule(running, {0: jobs})
     assert [len(tokens(one.stream)) for one in jobs] == [3, 3, 3, 3]
     assert running.stats.oom_splits == 3 and running.stats.batches == 4

@@ -262,3 +262,19 @@ def test_the_three_caches_show_in_metrics_and_readyz(make_app: Any) -> None:
     assert series('glmvision_model_cache_bytes{cache="prefix"}') > 0
     assert series('glmvision_model_cache_bytes{cache="encoder"}') > 0
     assert series("glmvision_image_cache_bytes") > 0
+
+
+def test_identical_prompts_prepared_apart_share_one_prefill(model: LoadedModel) -> None:
+    """A request's n choices sent from a worker to an engine process arrive as separate inputs (so do two
+    clients asking the same): prompts with the same keys are prefilled once, their tokens exact."""
+    images = [picture(60)]
+    same = [chat(model, [QUESTIONS[0]], [], images) for _ in range(3)]
+    other = chat(model, [QUESTIONS[1]], [], images)
+    assert same[0] is not same[1]
+    running = engine(model, prefix_cache=False)
+    jobs = [submit(running, inputs) for inputs in [*same, other]]
+    run_schedule(running, {0: jobs})
+    assert running.stats.shared_prefills == 2
+    want = alone(model, (same[0], GREEDY))
+    assert [tokens(one.stream) for one in jobs[:3]] == [want] * 3
+    assert tokens(jobs[3].stream) == alone(model, (other, GREEDY))

@@ -17,7 +17,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import LiveServer, image_b64, live_server, server_env
 
-from glmvision.web.openai.responses_store import ResponseStore
+from glmvision.core.config import SHARED_DIR_ENV
+from glmvision.serving.responses_store import ResponseStore
 
 DEMO = "glm-4.6v-flash-demo"
 # Grammar-forced answers end by themselves: the response is "completed", not cut at max_output_tokens.
@@ -259,6 +260,36 @@ def test_the_store_is_bounded_and_expires() -> None:
     assert not ResponseStore(0, 10.0).enabled
 
 
+def test_workers_of_one_server_share_the_stored_responses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under glmvision's gunicorn config every worker opens one SQLite file: what one stores, another
+    finds; it stays bounded, expires, and keeps each key's responses to that key."""
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    now = [1000.0]
+    one, other = (ResponseStore(2, 10.0) for _ in range(2))
+    for store in (one, other):
+        assert store._file is not None
+        store._file.clock = lambda: now[0]
+    for name in ("a", "b", "c"):
+        one.put("key:x", name, {"response": name})
+    assert other.get("key:x", "a") is None  # the oldest went out
+    assert other.get("key:x", "c") == {"response": "c"} and other.get("key:y", "c") is None
+    assert other.delete("key:x", "b") and one.get("key:x", "b") is None
+    now[0] = 1011.0
+    assert one.get("key:x", "c") is None and not other.delete("key:x", "c")
+
+
+def test_a_broken_store_file_loses_the_response_not_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "responses.sqlite").write_bytes(b"not a database" * 100)
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    store = ResponseStore(5, 10.0)
+    store.put("key:x", "a", {"response": "a"})
+    assert store.get("key:x", "a") is None and not store.delete("key:x", "a")
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -363,9 +394,28 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, runtime_dir: Path
 ) -> Iterator[tuple[LiveServer, str]]:
     key = secrets.token_hex(16)
-    env = server_env(demo_model_dir, runtime_dir, API_KEYS=key)
+    env = server_env(demo_model_dir, runtime_dir, API_KEYS=key, WORKERS="3")
     with live_server(tmp_path_factory.mktemp("responses"), env, ready_path="/readyz") as server:
         yield server, key
+
+
+def test_any_worker_finds_a_stored_response(served: tuple[LiveServer, str]) -> None:
+    """Three workers, a new connection per request (gunicorn hands each to any worker): every stored
+    response is found and every follow-up by previous_response_id carries its turns."""
+    server, key = served
+    headers = {"Authorization": f"Bearer {key}", "Connection": "close"}
+    ids = []
+    for index in range(6):
+        body = {"model": DEMO, "input": f"Question {index}", "max_output_tokens": 2}
+        created = requests.post(server.url + "/v1/responses", json=body, headers=headers, timeout=60)
+        assert created.status_code == 200, created.text
+        ids.append(created.json()["id"])
+    for response_id in ids:
+        found = requests.get(f"{server.url}/v1/responses/{response_id}", headers=headers, timeout=60)
+        assert found.status_code == 200 and found.json()["id"] == response_id, found.text
+        body = {"model": DEMO, "previous_response_id": response_id, "input": "And?", "max_output_tokens": 2}
+        follow = requests.post(server.url + "/v1/responses", json=body, headers=headers, timeout=60)
+        assert follow.status_code == 200, follow.text
 
 
 def test_the_official_client_through_gunicorn(served: tuple[LiveServer, str]) -> None:

@@ -23,6 +23,10 @@ PREFIX = "GLMVISION_"
 log = logging.getLogger("glmvision")
 
 
+# Set by glmvision's gunicorn config in the master: a directory of this server's that its workers share.
+SHARED_DIR_ENV = "GLMV_SHARED_DIR"
+
+
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
@@ -358,7 +362,8 @@ class Settings(_Base):
         1000,
         ge=0,
         description="Responses `/v1/responses` keeps for `previous_response_id` and `GET` (oldest out; "
-        "per worker unless GLMVISION_CACHE_URI is redis://); 0 = none are stored.",
+        "shared by a server's workers, or by servers with GLMVISION_CACHE_URI=redis://); 0 = none are "
+        "stored.",
     )
     responses_ttl: float = Field(
         3600.0, gt=0, allow_inf_nan=False, description="Seconds a stored `/v1/responses` response is kept."

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 
 from glmvision.backends.local.gpus import engine_devices, pick_gpu, visible_gpu_count, worker_device
 from glmvision.backends.local.loading import check_source
-from glmvision.core.config import ConfigError, load_server_settings, load_settings, warn_unknown_variables
+from glmvision.core.config import (
+    SHARED_DIR_ENV,
+    ConfigError,
+    load_server_settings,
+    load_settings,
+    warn_unknown_variables,
+)
 
 if TYPE_CHECKING:
     from gunicorn.arbiter import Arbiter
@@ -46,6 +52,9 @@ if _settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = True
 else:
     _own_metrics_dir = False
+# A directory of this server's that every worker shares (stored /v1/responses answers), removed at exit.
+_shared_dir = tempfile.mkdtemp(prefix="glmvision-shared-")
+os.environ[SHARED_DIR_ENV] = _shared_dir
 # The model lives in engine processes the master starts, not in the workers.
 _engine_processes = _settings.engine == "process" and _settings.backend == "local"
 # Counted once, in the master, from CUDA_VISIBLE_DEVICES or the driver's /proc: CUDA is never touched here.
@@ -157,6 +166,7 @@ def on_exit(server: Arbiter) -> None:
         supervisor.stop()
     if supervisors:
         shutil.rmtree(server.glmvision_runtime, ignore_errors=True)  # type: ignore[attr-defined]
+    shutil.rmtree(_shared_dir, ignore_errors=True)
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory and _own_metrics_dir:
         shutil.rmtree(directory, ignore_errors=True)

@@ -21,11 +21,11 @@ from glmvision.ops.reqlog import RequestLog
 from glmvision.ops.watchdog import Watchdog
 from glmvision.serving import context
 from glmvision.serving.cache import ResponseCache
+from glmvision.serving.responses_store import ResponseStore
 from glmvision.serving.service import Service, record_outcome
 from glmvision.web import errors
 from glmvision.web.native.routes import bp as api_bp
 from glmvision.web.openai import responses
-from glmvision.web.openai.responses_store import ResponseStore
 from glmvision.web.openai.routes import bp as openai_bp
 from glmvision.web.openapi import bp as openapi_bp
 from glmvision.web.page import routes as page
@@ -96,7 +96,7 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
     limiter = limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
-    responses.init_app(app, ResponseStore.from_settings(settings))
+    responses.init_app(app)
     app.register_blueprint(openapi_bp)
     page.init_app(app)
     requests_log.add_finisher(lambda record, _: _finish(state, record))
@@ -105,7 +105,8 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
         metrics.init_app(app, backend, settings)
         requests_log.add_finisher(metrics.observe)
     watchdog = Watchdog(settings.stall_seconds, backend)
-    AppState(state, key_check, allowlist, requests_log, watchdog, limiter, metrics).install(app)
+    stored = ResponseStore.from_settings(settings)
+    AppState(state, key_check, allowlist, requests_log, watchdog, limiter, metrics, stored).install(app)
     return app
 
 

@@ -15,6 +15,7 @@ from flask_limiter import Limiter
 from glmvision.ops.metrics import Metrics
 from glmvision.ops.reqlog import RequestLog
 from glmvision.ops.watchdog import Watchdog
+from glmvision.serving.responses_store import ResponseStore
 from glmvision.serving.service import Service
 from glmvision.web.security.allowlist import IpAllowlist
 from glmvision.web.security.auth import ApiKeyAuth
@@ -33,6 +34,7 @@ class AppState:
     watchdog: Watchdog
     limiter: Limiter | None = None  # None without GLMVISION_RATE_LIMIT
     metrics: Metrics | None = None  # None without GLMVISION_METRICS
+    responses: ResponseStore | None = None  # stored /v1/responses answers
 
     def install(self, app: Flask) -> None:
         """Keep this state as `app`'s."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +66,17 @@ class Row:
     reused_kv: Any = None  # that KV per layer, until its prefill
 
 
-def shared_prompts(rows: list[Row]) -> tuple[list[int], list[int]]:
-    """Rows whose prompt is another's (one object: a request's choices) share its prefill: the rows
-    to prefill, and for each row the place among those of the one it copies."""
+def shared_prompts(
+    rows: list[Row], identity: Callable[[Row], object] | None = None
+) -> tuple[list[int], list[int]]:
+    """Rows whose prompt is another's share its prefill: the rows to prefill, and for each row the place
+    among those of the one it copies. Prompts are the same when `identity` says so (by default: one
+    inputs object, as a request's `n` choices in this process)."""
     firsts: list[int] = []
     copy_of: list[int] = []
-    seen: dict[tuple[int, str | None], int] = {}
+    seen: dict[tuple[object, str | None], int] = {}
     for index, row in enumerate(rows):
-        key = (id(row.job.inputs), row.job.params.adapter)
+        key = (identity(row) if identity is not None else id(row.job.inputs), row.job.params.adapter)
         if key not in seen:
             seen[key] = len(firsts)
             firsts.append(index)
@@ -414,7 +418,7 @@ class ContinuousEngine(QueueEngine):
         from transformers import DynamicCache
 
         model = self._model
-        firsts, copy_of = shared_prompts(rows)
+        firsts, copy_of = shared_prompts(rows, self._prompt_identity)
         leaders = [rows[i] for i in firsts]
         features = [row.job.inputs for row in leaders]
         inputs = on_device(model, collate(features, model.pad_id))
@@ -479,6 +483,13 @@ class ContinuousEngine(QueueEngine):
         if job.image_hashes is None:
             job.image_hashes = image_hashes(job.inputs)
         return job.image_hashes
+
+    def _prompt_identity(self, row: Row) -> object:
+        """What makes two prompts the same: their keys (token ids, images by hash), so that identical
+        prompts sent apart (a request's `n` choices from an engine process, two clients asking the
+        same) are prefilled once; the inputs object when the prompt has no keys."""
+        keys = self._keys(row.job)
+        return keys.tobytes() if keys is not None else id(row.job.inputs)
 
     def _keys(self, job: Job) -> Any:
         """The prompt's keys for the prefix cache (None: it cannot take part)."""

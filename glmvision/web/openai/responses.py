@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, jsonify, request
 from flask.wrappers import Response
 from pydantic import ValidationError
 
@@ -24,6 +24,7 @@ from glmvision.postprocess.pipeline import Piece, reply_pipeline
 from glmvision.serving import pipeline
 from glmvision.serving.context import RequestContext, admit, new_context
 from glmvision.serving.pipeline import Answer, ChatInput
+from glmvision.serving.responses_store import ResponseStore, scope_of
 from glmvision.web.openai.protocol import ChatCompletionRequest
 from glmvision.web.openai.responses_protocol import (
     ChatBody,
@@ -40,25 +41,23 @@ from glmvision.web.openai.responses_protocol import (
     ResponseUsage,
     chat_body,
 )
-from glmvision.web.openai.responses_store import ResponseStore, scope_of
 from glmvision.web.openai.routes import parse_chat
 from glmvision.web.protocol import parse_body, validation_error
 from glmvision.web.route_table import route
-from glmvision.web.state import service
+from glmvision.web.state import app_state, service
 
 log = logging.getLogger("glmvision")
 bp = Blueprint("responses", __name__)
-EXTENSION = "glmvision.responses"
 
 
-def init_app(app: Flask, store: ResponseStore) -> None:
-    """Serve the Responses API, keeping its stored responses in `store`."""
-    app.extensions[EXTENSION] = store
+def init_app(app: Flask) -> None:
+    """Serve the Responses API (its stored responses live in the app's state)."""
     app.register_blueprint(bp)
 
 
 def _store() -> ResponseStore:
-    store: ResponseStore = current_app.extensions[EXTENSION]
+    store = app_state().responses
+    assert store is not None  # create_app always makes one
     return store
 
 
