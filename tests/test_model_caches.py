@@ -218,6 +218,9 @@ def test_encoder_cache_is_bounded_in_bytes_and_sized_per_device() -> None:
     assert cache.get(3) is not None
     cache.put(99, torch.zeros(1000))  # larger than the whole cache: not kept
     assert cache.get(99) is None
+    assert cache.get(1) is not None  # now the most recently used: 2 goes next, not 1
+    cache.put(4, torch.zeros(10))
+    assert cache.get(2) is None and cache.get(1) is not None
     assert encoder_cache_bytes(-1, "cuda:0") == 1024 << 20 and encoder_cache_bytes(-1, "cpu") == 256 << 20
     assert encoder_cache_bytes(0, "cuda:0") == 0 and encoder_cache_bytes(8, "cpu") == 8 << 20
 
