@@ -268,33 +268,6 @@ def questions(
     result.rounds_req_per_s.append(result.questions_ok / result.questions_s)
 
 
-class TreeMeter(load.CpuMeter):
-    """CpuMeter counting the server's process tree: the engine process runs in a session of its own."""
-
-    def snapshot(self) -> tuple[float, float, float, float] | None:
-        """(wall, machine busy, server tree, bench) seconds now; None without psutil."""
-        try:
-            import psutil
-        except ImportError:
-            return None
-        machine = psutil.cpu_times()
-        busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
-        server = 0.0
-        try:
-            root = psutil.Process(self.server_pgid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for process in tree:
-            try:
-                times = process.cpu_times()
-                server += times.user + times.system + times.children_user + times.children_system
-            except psutil.Error:
-                continue
-        own = psutil.Process().cpu_times()
-        return time.monotonic(), busy, server, own.user + own.system
-
-
 def server_for(name: str, port: int, model: Path, runtime: Path, env: list[str]) -> load.Server:
     """How one configuration starts: glmvision with the caches on or off, or transformers serve."""
     if name in ("hf", "hf-cb"):
@@ -332,7 +305,7 @@ def measure(
             if not ok:
                 result.errors.append(f"warm-up: {error}")
                 return
-            meter = TreeMeter(pgid)
+            meter = load.CpuMeter(pgid)
             before = meter.snapshot()
             for image in chat_images:
                 result.chats.append(chat(url, model_name, image, args.turns, args.max_tokens, args.timeout))

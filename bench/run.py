@@ -286,14 +286,17 @@ def stop(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
 
 
 class CpuMeter:
-    """CPU seconds of the machine, the server's process group and this bench, between two snapshots."""
+    """CPU seconds of the machine, the server's process tree and this bench, between two snapshots.
+
+    The tree, not the process group: glmvision's engine process runs in a session of its own (so that a
+    signal to the server's group does not reach it first), and a group count would miss its CPU."""
 
     def __init__(self, server_pgid: int) -> None:
         self.server_pgid = server_pgid
         self.cpus = os.cpu_count() or 1
 
     def snapshot(self) -> tuple[float, float, float, float] | None:
-        """(wall, machine busy, server group, bench) seconds now; None without psutil."""
+        """(wall, machine busy, server tree, bench) seconds now; None without psutil."""
         try:
             import psutil
         except ImportError:
@@ -301,12 +304,16 @@ class CpuMeter:
         machine = psutil.cpu_times()
         busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
         server = 0.0
-        for process in psutil.process_iter():
+        try:
+            root = psutil.Process(self.server_pgid)  # the server leads its group: its pid is the pgid
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        for process in tree:
             try:
-                if os.getpgid(process.pid) == self.server_pgid:
-                    times = process.cpu_times()
-                    server += times.user + times.system
-            except (psutil.Error, OSError):
+                times = process.cpu_times()
+                server += times.user + times.system + times.children_user + times.children_system
+            except psutil.Error:
                 continue
         own = psutil.Process().cpu_times()
         return time.monotonic(), busy, server, own.user + own.system
