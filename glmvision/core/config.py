@@ -285,6 +285,30 @@ class Settings(_Base):
     image_url_allow_private: bool = Field(
         False, description="Allow image URLs that resolve to loopback/private/link-local/CGNAT addresses."
     )
+    max_video_seconds: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="Longest video accepted, in seconds (GLM-4.6V's limit)."
+    )
+    max_video_frames: int = Field(
+        18_000,
+        ge=2,
+        description="Most frames decoded from one video (before sampling at 2 fps): a file whose frames "
+        "outnumber it is refused, whatever its metadata claims.",
+    )
+    max_video_mb: float = Field(
+        50.0, gt=0, allow_inf_nan=False, description="Largest video accepted (base64 or download), in MiB."
+    )
+    max_video_frame_pixels: int = Field(
+        3840 * 2160, ge=1, description="Largest video frame (width x height) decoded."
+    )
+    max_video_pixels: int = Field(
+        600 * 448 * 448,
+        ge=1,
+        description="Total pixels of the frames sampled from one video, after resizing (each frame is "
+        "shrunk so that all of them fit).",
+    )
+    video_decode_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="Seconds one video's decoding may take."
+    )
     image_url_max_mb: float = Field(
         10.0, gt=0, allow_inf_nan=False, description="Largest image download in MiB."
     )

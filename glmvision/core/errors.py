@@ -220,6 +220,24 @@ _SPECS = (
         rejection="bad_image",
     ),
     _spec(
+        "bad_video",
+        400,
+        "The video could not be decoded.",
+        "the video is corrupt, truncated, has no frames, or is not a container/codec FFmpeg decodes",
+        "Send a different video (MP4 or WebM), or fix its encoding.",
+        rejection="bad_image",
+    ),
+    _spec(
+        "video_too_large",
+        400,
+        "The video is over the server's limits.",
+        "the video is over `GLMVISION_MAX_VIDEO_SECONDS`, `GLMVISION_MAX_VIDEO_FRAMES`, "
+        "`GLMVISION_MAX_VIDEO_MB`, `GLMVISION_MAX_VIDEO_FRAME_PIXELS`, `GLMVISION_MAX_VIDEO_PIXELS` or "
+        "`GLMVISION_VIDEO_DECODE_TIMEOUT`, by its metadata or as decoded",
+        "Send a shorter or smaller video.",
+        rejection="too_large",
+    ),
+    _spec(
         "too_many_images",
         400,
         "The request has too many images.",

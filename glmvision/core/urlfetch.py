@@ -462,13 +462,18 @@ def _unreachable(message: str, param: str) -> APIError:
 
 
 def _exchange(
-    sock: socket.socket, target: _Target, policy: FetchPolicy, deadline: float, param: str
+    sock: socket.socket,
+    target: _Target,
+    policy: FetchPolicy,
+    deadline: float,
+    param: str,
+    media: str = "image",
 ) -> bytes | _Redirect:
     request = (
         f"GET {target.request_path} HTTP/1.1\r\n"
         f"Host: {target.host_header}\r\n"
         f"User-Agent: {USER_AGENT}\r\n"
-        "Accept: image/*\r\n"
+        f"Accept: {media}/*\r\n"
         "Accept-Encoding: identity\r\n"
         "Connection: close\r\n"
         "\r\n"
@@ -492,9 +497,10 @@ def _exchange(
             raise bad_request("image_url_upstream_status", f"The image URL answered HTTP {status}.", param)
         content_type = response.getheader("Content-Type") or ""
         mime = content_type.split(";", 1)[0].strip().lower()
-        if not mime.startswith("image/") or mime == "image/":
+        if not mime.startswith(f"{media}/") or mime == f"{media}/":
             shown = f"{mime[:100]!r}" if mime else "no Content-Type"
-            raise bad_request("image_url_not_image", f"The image URL returned {shown}, not an image.", param)
+            what = f"The {media} URL returned {shown}, not {'an image' if media == 'image' else 'a video'}."
+            raise bad_request("image_url_not_image", what, param)
         encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip"):
             raise _unreachable("The image URL answered with an unsupported Content-Encoding.", param)
@@ -542,8 +548,9 @@ def _network_error(exc: BaseException, policy: FetchPolicy, param: str) -> APIEr
     return _unreachable("The image URL's host could not be reached.", param)
 
 
-def fetch_image(url: str, policy: FetchPolicy, param: str = "image_url") -> bytes:
-    """Download the image at an http(s) URL under the policy; raise APIError with a stable code if not."""
+def fetch_image(url: str, policy: FetchPolicy, param: str = "image_url", media: str = "image") -> bytes:
+    """Download the image (or `media`: "video") at an http(s) URL under the policy; raise APIError with
+    a stable code if not."""
     if not policy.domains:
         raise bad_request(
             "image_url_disabled", "This server does not fetch image URLs; send the image as base64.", param
@@ -561,7 +568,7 @@ def fetch_image(url: str, policy: FetchPolicy, param: str = "image_url") -> byte
             addresses = _checked_addresses(policy, target, deadline, hop, param)
             sock = _connect(target, addresses, deadline)
             try:
-                result = _exchange(sock, target, policy, deadline, param)
+                result = _exchange(sock, target, policy, deadline, param, media)
             finally:
                 sock.close()
         except (OSError, http.client.HTTPException) as exc:

@@ -25,6 +25,7 @@ from glmvision.core.images import DecodedImage, Fit, PixelBudget, decode_image, 
 from glmvision.core.lora import model_name
 from glmvision.core.responses import GroundingBox, PromptTokensDetails, Usage
 from glmvision.core.urlfetch import FetchPolicy, fetch_image, is_url
+from glmvision.core.video import DecodedVideo, VideoLimits, decode_video, video_bytes
 from glmvision.ops.record import ImageStat, RequestRecord
 from glmvision.postprocess.pipeline import Boxes, Piece, redaction_pipeline
 from glmvision.postprocess.stream import FixedStream
@@ -49,6 +50,14 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class VideoRef:
+    """A video as the client sent it: base64, a data URL or an http(s) URL, and where."""
+
+    source: str
+    param: str
+
+
+@dataclass(frozen=True)
 class Turn:
     """One chat message: a role and its parts (text, or images once loaded)."""
 
@@ -69,6 +78,10 @@ class ChatInput:
     @property
     def images(self) -> list[DecodedImage]:
         return [part for turn in self.turns for part in turn.parts if isinstance(part, DecodedImage)]
+
+    @property
+    def videos(self) -> list[DecodedVideo]:
+        return [part for turn in self.turns for part in turn.parts if isinstance(part, DecodedVideo)]
 
 
 def boxes_of(chat: ChatInput, text: str) -> list[GroundingBox]:
@@ -99,6 +112,26 @@ def load_image(
     return decode_image(ref.source, param=ref.param, fit=fit, budget=ref.budget, **limits)
 
 
+def load_video(ref: VideoRef, settings: Settings, policy: FetchPolicy) -> DecodedVideo:
+    """Decode one video from base64/data URL, or fetch it from an allowed http(s) URL (its own size cap)."""
+    limits = VideoLimits.from_settings(settings)
+    if is_url(ref.source):
+        raw = fetch_image(ref.source, replace(policy, max_bytes=limits.max_bytes), ref.param, media="video")
+    else:
+        raw = video_bytes(ref.source, limits, ref.param)
+    return decode_video(raw, limits, ref.param)
+
+
+def _load_part(
+    part: Any, settings: Settings, policy: FetchPolicy, fit: Fit | None, max_side: int | None
+) -> Any:
+    if isinstance(part, ImageRef):
+        return load_image(part, settings, policy, fit, max_side)
+    if isinstance(part, VideoRef):
+        return load_video(part, settings, policy)
+    return part
+
+
 def load_turns(
     turns: list[Turn],
     settings: Settings,
@@ -118,10 +151,7 @@ def load_turns(
     return [
         replace(
             turn,
-            parts=[
-                load_image(p, settings, policy, fit, max_side) if isinstance(p, ImageRef) else p
-                for p in turn.parts
-            ],
+            parts=[_load_part(p, settings, policy, fit, max_side) for p in turn.parts],
         )
         for turn in turns
     ]
@@ -134,10 +164,7 @@ def to_messages(turns: list[Turn]) -> list[dict[str, Any]]:
         if turn.role != "user":
             messages.append({"role": turn.role, "content": "\n".join(turn.parts), **_tool_fields(turn)})
             continue
-        content = [
-            _image_part(part) if isinstance(part, DecodedImage) else {"type": "text", "text": part}
-            for part in turn.parts
-        ]
+        content = [_user_part(part) for part in turn.parts]
         messages.append({"role": "user", "content": content})
     return messages
 
@@ -150,6 +177,15 @@ def _tool_fields(turn: Turn) -> dict[str, Any]:
     if turn.tool_call_id is not None:
         fields["tool_call_id"] = turn.tool_call_id
     return fields
+
+
+def _user_part(part: Any) -> dict[str, Any]:
+    if isinstance(part, DecodedImage):
+        return _image_part(part)
+    if isinstance(part, DecodedVideo):
+        # Frames and their metadata, never a path or URL: the processor decodes nothing itself.
+        return {"type": "video", "video": part.frames, "video_metadata": part.metadata()}
+    return {"type": "text", "text": part}
 
 
 def _image_part(image: DecodedImage) -> dict[str, Any]:
@@ -166,11 +202,19 @@ def conversation(turns: list[Turn]) -> list[dict[str, Any]]:
     return [
         {
             "role": turn.role,
-            "parts": ["<image>" if isinstance(p, DecodedImage) else p for p in turn.parts],
+            "parts": [_placeholder(p) for p in turn.parts],
             **_tool_fields(turn),
         }
         for turn in turns
     ]
+
+
+def _placeholder(part: Any) -> Any:
+    if isinstance(part, DecodedImage):
+        return "<image>"
+    if isinstance(part, DecodedVideo):
+        return "<video>"
+    return part
 
 
 @dataclass
@@ -441,6 +485,8 @@ def _source_key(
     for turn in turns:
         parts: list[str] = []
         for part in turn.parts:
+            if isinstance(part, VideoRef):
+                return None  # videos are not cached
             if isinstance(part, ImageRef):
                 if is_url(part.source):
                     return None  # what a URL points at may change; its pixels decide
@@ -521,6 +567,8 @@ def _cache_key(context: RequestContext, chat: ChatInput) -> CacheKey | None:
     revision = cache_revision(state, chat.params)
     if revision is None:  # not loaded: images were not decoded to the model's size, so skip
         return None
+    if any(isinstance(part, DecodedVideo) for turn in chat.turns for part in turn.parts):
+        return None  # a video's key would need its frames hashed; videos are not cached
     if context.cache_key is not None:
         return context.cache_key
     from glmvision.serving.cache import make_key

@@ -94,6 +94,7 @@ def prompt_positions(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[int]
             inputs["input_ids"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
             attention_mask=mask,
         )
     else:  # text only, as the processor of a text-only model gives it
@@ -112,7 +113,10 @@ def image_spans(model: Any, inputs: dict[str, Any]) -> list[tuple[int, int, int]
     counts = [int(n) // merge for n in grids.prod(dim=-1).tolist()]
     image_id = model.model.config.image_token_id
     spans, index = [], 0
+    types = inputs.get("mm_token_type_ids")
     for row, ids in enumerate(inputs["input_ids"].tolist()):
+        if types is not None:  # a video's frames use the image token too: those are not images
+            ids = [-1 if kind == 2 else token for token, kind in zip(ids, types[row].tolist(), strict=True)]
         column = 0
         while index < len(counts):
             try:
@@ -139,6 +143,8 @@ def prompt_embeddings(
     inner = model.model.model
     ids = inputs["input_ids"][:, start:]
     embeds = inner.get_input_embeddings()(ids)
+    if "pixel_values_videos" in inputs:
+        embeds = video_embeddings(model, inputs, embeds, start)
     if "pixel_values" not in inputs:
         return embeds
     spans = image_spans(model, inputs)
@@ -153,8 +159,24 @@ def prompt_embeddings(
         _, column, _ = spans[index]
         pieces.append(part[max(0, start - column) :])  # an image the prefix cuts keeps its tail only
     flat = torch.cat(pieces, dim=0).to(embeds.device, embeds.dtype)
-    where = (ids == model.model.config.image_token_id)[..., None].expand_as(embeds)
-    return embeds.masked_scatter(where, flat)
+    where = ids == model.model.config.image_token_id
+    if "mm_token_type_ids" in inputs:
+        where &= inputs["mm_token_type_ids"][:, start:] != 2  # video frames share the image token
+    return embeds.masked_scatter(where[..., None].expand_as(embeds), flat)
+
+
+def video_embeddings(model: Any, inputs: dict[str, Any], embeds: Any, start: int = 0) -> Any:
+    """`embeds` (from column `start` on) with the videos' features in their tokens' places (token
+    type 2); videos are never in the encoder or prefix cache, so each is encoded here."""
+    import torch
+
+    out = model.model.model.get_video_features(
+        inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
+    )
+    videos = inputs["mm_token_type_ids"] == 2
+    flat = torch.cat(list(out.pooler_output), dim=0)[int(videos[:, :start].sum()) :]
+    where = videos[:, start:][..., None].expand_as(embeds)
+    return embeds.masked_scatter(where, flat.to(embeds.device, embeds.dtype))
 
 
 @dataclass(eq=False)

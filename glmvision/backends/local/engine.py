@@ -143,7 +143,7 @@ def collate(features: list[Any], pad_id: int) -> dict[str, Any]:
             pad = torch.full((1, length - row.shape[1]), fill, dtype=row.dtype)
             rows.append(torch.cat([pad, row], dim=1))
         batch[key] = torch.cat(rows, dim=0)
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [f[key] for f in features if key in f]
         if parts:
             batch[key] = torch.cat(parts, dim=0)
@@ -153,8 +153,9 @@ def collate(features: list[Any], pad_id: int) -> dict[str, Any]:
 def on_device(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """Inputs moved to the model's device, pixels in the model's floating dtype."""
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    if model.model.dtype.is_floating_point and "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if model.model.dtype.is_floating_point and key in inputs:
+            inputs[key] = inputs[key].to(model.model.dtype)
     return inputs
 
 

@@ -89,6 +89,29 @@ class ProcessorPool:
         return processor
 
 
+def _video_metadata(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages without their videos' metadata, and the processor arguments that carry it: frames
+    already sampled, each video's frame rate and frame numbers (the prompt's timestamps)."""
+    from transformers.video_utils import VideoMetadata
+
+    metadata: list[Any] = []
+    cleaned: list[dict[str, Any]] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(part.get("type") == "video" for part in content):
+            parts = []
+            for part in content:
+                if part.get("type") == "video":
+                    metadata.append(VideoMetadata(**part["video_metadata"]))
+                    part = {"type": "video", "video": part["video"]}
+                parts.append(part)
+            message = {**message, "content": parts}
+        cleaned.append(message)
+    if not metadata:
+        return messages, {}
+    return cleaned, {"processor_kwargs": {"video_metadata": metadata, "do_sample_frames": False}}
+
+
 @dataclass
 class LoadedModel:
     """A processor + model pair on one device, safe to share between a worker's threads."""
@@ -181,6 +204,7 @@ class LoadedModel:
     ) -> Any:
         """Build model inputs from chat messages holding PIL images (runs outside the generation lock)."""
         self._check_keys(messages, tools)
+        messages, videos = _video_metadata(messages)
         try:
             with self.processors.checkout() as processor:
                 images = processor.image_processor
@@ -196,6 +220,7 @@ class LoadedModel:
                     return_tensors="pt",
                     sanitize_control_tokens=True,
                     enable_thinking=enable_thinking,
+                    **videos,
                 )
                 # Each image's key, in prompt order, for the engine's caches: never a model input.
                 grids = inputs.get("image_grid_thw")
@@ -234,12 +259,14 @@ class LoadedModel:
         return [] if grids is None else [(int(w) * patch, int(h) * patch) for _, h, w in grids.tolist()]
 
     def visual_tokens(self, inputs: Any) -> int:
-        """Prompt tokens that stand for image patches (after the processor's patch merge)."""
-        grids = inputs.get("image_grid_thw")
-        if grids is None:
-            return 0
-        merge = int(getattr(self.processor.image_processor, "merge_size", 1) or 1)
-        return int(grids.prod(dim=-1).sum()) // (merge * merge)
+        """Prompt tokens that stand for image and video patches (after the processor's patch merge)."""
+        total = 0
+        for key, part in (("image_grid_thw", "image_processor"), ("video_grid_thw", "video_processor")):
+            grids = inputs.get(key)
+            if grids is not None:
+                merge = int(getattr(getattr(self.processor, part, None), "merge_size", 1) or 1)
+                total += int(grids.prod(dim=-1).sum()) // (merge * merge)
+        return total
 
     def fit_image(self, width: int, height: int, budget: PixelBudget | None = None, /) -> tuple[int, int]:
         """The (width, height) this model's image processor resizes an image of that size to; with a

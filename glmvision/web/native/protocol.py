@@ -57,15 +57,19 @@ class NativeRequest(SamplingFields):
 
 
 class VisionRequest(NativeRequest):
-    """Body of POST /v1/chat/vision: `image` (base64/data URL) or `image_url`, and a prompt; `detail`,
-    `min_pixels` and `max_pixels` (width x height) set the size the model sees the image at."""
+    """Body of POST /v1/chat/vision: `image` (base64/data URL), `image_url` or `video` (base64/data URL),
+    and a prompt; `detail`, `min_pixels` and `max_pixels` (width x height) set the size the model sees
+    the image at."""
 
     model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
+        json_schema_extra={
+            "oneOf": [{"required": ["image"]}, {"required": ["image_url"]}, {"required": ["video"]}]
+        }
     )
 
     image: str | None = Field(default=None, min_length=1)
     image_url: str | None = Field(default=None, min_length=1)
+    video: str | None = Field(default=None, min_length=1)
     detail: Detail | None = None
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
@@ -82,7 +86,13 @@ class VisionRequest(NativeRequest):
 
     @classmethod
     def body_rules(cls, data: dict[str, Any]) -> list[InitErrorDetails]:
-        """Exactly one of `image` and `image_url` (null counts as absent)."""
+        """Exactly one of `image`, `image_url` and `video` (null counts as absent)."""
+        if data.get("video") is not None:
+            others = [name for name in ("image", "image_url") if data.get(name) is not None]
+            if others:
+                error = rule_error("invalid_value", f"Send either {others[0]!r} or 'video', not both.")
+                return [{"type": error, "loc": ("video",), "input": None}]
+            return []
         has_image, has_url = data.get("image") is not None, data.get("image_url") is not None
         if has_image and has_url:
             error = rule_error("invalid_value", "Send either 'image' or 'image_url', not both.")

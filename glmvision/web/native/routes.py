@@ -26,6 +26,7 @@ from glmvision.serving.pipeline import (
     ChatInput,
     ImageRef,
     Turn,
+    VideoRef,
     answer,
     boxes_of,
     new_request_id,
@@ -105,7 +106,7 @@ def retrieve_model(model_id: str) -> Response:
 
 
 def _answer_one_image(
-    context: RequestContext, image: ImageRef, body: NativeRequest
+    context: RequestContext, image: ImageRef | VideoRef, body: NativeRequest
 ) -> tuple[ChatInput, Answer, Generation]:
     state = context.service
     adapter = check_adapter(body.adapter, state.backend.capabilities().adapters)
@@ -137,6 +138,8 @@ def chat_vision() -> Response:
     admit(context)
     # Exactly one of image and image_url: the model checks.
     body = parse_body(request, VisionRequest, context.settings.max_json_depth)
+    if body.video is not None:
+        return _answer_video(context, body)
     chat, generation, result = _answer_one_image(
         context, ImageRef(*body.image_source, body.pixel_budget), body
     )
@@ -147,6 +150,20 @@ def chat_vision() -> Response:
         **_native_fields(context, "vision", generation.model_id, result, body.enable_thinking),
         boxes=boxes_of(chat, result.text),
         image=ImageSize(width=decoded.width, height=decoded.height, resized_to=list(sent)),
+    )
+    return jsonify(answer.to_json())
+
+
+def _answer_video(context: RequestContext, body: VisionRequest) -> Response:
+    """Answer one question about one video; `image` gives its frames' size, as decoded and as sampled."""
+    assert body.video is not None
+    chat, generation, result = _answer_one_image(context, VideoRef(body.video, "video"), body)
+    video = chat.videos[0]
+    frames = video.frames.shape
+    answer = VisionResponse(
+        result=result.text,
+        **_native_fields(context, "vision", generation.model_id, result, body.enable_thinking),
+        image=ImageSize(width=video.width, height=video.height, resized_to=[frames[2], frames[1]]),
     )
     return jsonify(answer.to_json())
 

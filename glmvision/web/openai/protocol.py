@@ -110,6 +110,23 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class VideoURL(BaseModel):
+    """vLLM's video_url object: a `data:video/...;base64,` URL or an http(s) URL."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    url: str = Field(min_length=1)
+
+
+class VideoPart(BaseModel):
+    """A video part of a message (vLLM's extension of OpenAI's content parts)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
 class CalledFunction(BaseModel):
     """The function of an earlier tool call: its name and arguments (a JSON object's text)."""
 
@@ -135,7 +152,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]] | None = (
+        None
+    )
     tool_calls: list[MessageToolCall] | None = None  # assistant messages only
     tool_call_id: NonEmptyString | None = None  # tool messages: the call this result answers
 
@@ -345,9 +364,11 @@ class ChatCompletionRequest(RequestModel):
         if message.role == "tool" and message.tool_call_id is None:
             where = f"messages.{index}.tool_call_id"
             raise rule_error("missing_field", f"Field {where!r} is required in a tool message.", where)
-        if message.role != "user" and any(part.type == "image_url" for part in _parts(message.content)):
+        if message.role != "user" and any(
+            part.type in ("image_url", "video_url") for part in _parts(message.content)
+        ):
             where = f"messages.{index}.content"
-            raise rule_error("invalid_value", "Only user messages may carry images.", where)
+            raise rule_error("invalid_value", "Only user messages may carry images or videos.", where)
         if message.tool_calls and message.role != "assistant":
             where = f"messages.{index}.tool_calls"
             raise rule_error("invalid_value", "Only assistant messages may carry tool_calls.", where)
@@ -454,7 +475,9 @@ def _image_budget_errors(messages: Any) -> list[InitErrorDetails]:
     return errors
 
 
-def _parts(content: str | list[TextPart | ImagePart] | None) -> list[TextPart | ImagePart]:
+def _parts(
+    content: str | list[TextPart | ImagePart | VideoPart] | None,
+) -> list[TextPart | ImagePart | VideoPart]:
     """A message's content as parts (a string is one text part)."""
     if content is None:
         return []

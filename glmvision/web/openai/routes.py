@@ -42,6 +42,7 @@ from glmvision.serving.pipeline import (
     ChatInput,
     ImageRef,
     Turn,
+    VideoRef,
     new_request_id,
     usage,
 )
@@ -87,6 +88,8 @@ def _turns(messages: list[ChatMessage], settings: Settings) -> list[Turn]:
             for number, part in enumerate(content):
                 if part.type == "text":
                     parts.append(part.text)
+                elif part.type == "video_url":
+                    parts.append(VideoRef(part.video_url.url, f"{where}.{number}.video_url.url"))
                 else:
                     image, at = part.image_url, f"{where}.{number}.image_url"
                     parts.append(ImageRef(image.url, f"{at}.url", image.budget(at)))

@@ -1,0 +1,148 @@
+"""Video input: MP4 and WebM made with PyAV, answered by the demo model; hostile files refused with 400."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+from flask import Flask
+
+from glmvision.core.errors import APIError
+from glmvision.core.video import VideoLimits, decode_video
+
+CODECS = {"mp4": "libx264", "webm": "libvpx"}
+
+
+def make_video(
+    fmt: str = "mp4", frames: int = 6, width: int = 64, height: int = 48, rate: int = 4, step: int | None = None
+) -> bytes:
+    """A small video of solid frames; `step`: each frame's pts in 1/1000 s ticks (crammed timestamps)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream(CODECS[fmt], rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if step is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if not frames:
+            container.start_encoding()  # the header alone: a container with no frame in it
+        for index in range(frames):
+            pixels = np.full((height, width, 3), index * 20 % 255, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if step is not None:
+                frame.pts, frame.time_base = index * step, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "video/mp4") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def chat_body(url: str) -> dict[str, Any]:
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def videos() -> dict[str, bytes]:
+    mp4 = make_video("mp4")
+    return {
+        "mp4": mp4,
+        "webm": make_video("webm"),
+        "truncated": mp4[: len(mp4) // 2],
+        "zero_frames": make_video("mp4", frames=0),  # non-empty, but holds no frame
+        "huge_frame": make_video("mp4", frames=1, width=4096, height=4096),
+        # WebM keeps no frame count: it claims 0.2 s, and holds 200 frames crammed into it.
+        "lying": make_video("webm", frames=200, width=32, height=32, step=1),
+    }
+
+
+@pytest.fixture
+def video_app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app(MAX_VIDEO_FRAMES="50")
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "webm"])
+def test_chat_completion_answers_a_video(video_app: Flask, videos: dict[str, bytes], fmt: str) -> None:
+    reply = video_app.test_client().post(
+        "/v1/chat/completions", json=chat_body(data_url(videos[fmt], f"video/{fmt}"))
+    )
+    assert reply.status_code == 200, reply.get_json()
+    data = reply.get_json()
+    assert data["choices"][0]["message"]["content"] is not None
+    assert data["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+
+
+def test_native_endpoint_answers_a_video(video_app: Flask, videos: dict[str, bytes]) -> None:
+    body = {"video": base64.b64encode(videos["mp4"]).decode(), "prompt": "What happens?", "max_new_tokens": 4}
+    reply = video_app.test_client().post("/v1/chat/vision", json=body)
+    assert reply.status_code == 200, reply.get_json()
+    data = reply.get_json()
+    assert data["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+    assert data["image"]["width"] == 64 and data["image"]["height"] == 48
+
+
+def test_native_endpoint_takes_one_of_image_and_video(video_app: Flask, videos: dict[str, bytes]) -> None:
+    body = {"video": base64.b64encode(videos["mp4"]).decode(), "image": "aGk=", "prompt": "?"}
+    reply = video_app.test_client().post("/v1/chat/vision", json=body)
+    assert reply.status_code == 400
+    assert reply.get_json()["error"]["param"] == "video"
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("truncated", "bad_video"),
+        ("zero_frames", "bad_video"),
+        ("huge_frame", "video_too_large"),
+        ("lying", "video_too_large"),
+    ],
+)
+def test_hostile_videos_are_refused(video_app: Flask, videos: dict[str, bytes], name: str, code: str) -> None:
+    client = video_app.test_client()
+    reply = client.post("/v1/chat/completions", json=chat_body(data_url(videos[name])))
+    assert reply.status_code == 400, reply.get_json()
+    error = reply.get_json()["error"]
+    assert error["code"] == code
+    assert error["param"] == "messages.0.content.0.video_url.url"
+    body = {"video": base64.b64encode(videos[name]).decode(), "prompt": "?"}
+    reply = client.post("/v1/chat/vision", json=body)
+    assert reply.status_code == 400
+    assert (reply.get_json()["error"]["code"], reply.get_json()["error"]["param"]) == (code, "video")
+
+
+def test_lying_metadata_is_caught_while_decoding(videos: dict[str, bytes]) -> None:
+    container = av.open(io.BytesIO(videos["lying"]))
+    claimed = container.duration / 1_000_000
+    frames_claimed = container.streams.video[0].frames
+    container.close()
+    assert claimed < 1 and frames_claimed == 0  # the metadata alone passes the caps
+    limits = VideoLimits(300, 50, 1 << 30, 3840 * 2160, 10**9, 30)
+    with pytest.raises(APIError) as caught:
+        decode_video(videos["lying"], limits, "video")
+    assert caught.value.error_code == "video_too_large"
+    assert "more than 50 frames" in str(caught.value.description)
+
+
+def test_frames_are_sampled_at_two_per_second(videos: dict[str, bytes]) -> None:
+    limits = VideoLimits(300, 1000, 1 << 30, 3840 * 2160, 10**9, 30)
+    video = decode_video(make_video("mp4", frames=12, rate=4), limits)
+    # 12 frames at 4 fps: 3 s, sampled every half second (frames 0, 2, ..., 10).
+    assert list(video.indices) == [0, 2, 4, 6, 8, 10]
+    assert video.frames.shape == (6, 48, 64, 3)
+    assert [round(i / video.fps, 2) for i in video.indices] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+
+
+def test_a_non_video_data_url_is_refused(video_app: Flask) -> None:
+    reply = video_app.test_client().post("/v1/chat/completions", json=chat_body("data:image/png;base64,aGk="))
+    assert reply.status_code == 400
+    assert reply.get_json()["error"]["code"] == "bad_video"
