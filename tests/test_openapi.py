@@ -107,7 +107,7 @@ def test_routes_document_their_bodies_and_stream(document: dict[str, Any]) -> No
     assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
     vision = document["components"]["schemas"]["VisionRequest"]
     assert vision["required"] == ["prompt"]
-    assert vision["oneOf"] == [{"required": ["image"]}, {"required": ["image_url"]}]
+    assert vision["oneOf"] == [{"required": ["image"]}, {"required": ["image_url"]}, {"required": ["video"]}]
     assert paths["/readyz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Readiness"
     }

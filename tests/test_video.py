@@ -20,7 +20,12 @@ CODECS = {"mp4": "libx264", "webm": "libvpx"}
 
 
 def make_video(
-    fmt: str = "mp4", frames: int = 6, width: int = 64, height: int = 48, rate: int = 4, step: int | None = None
+    fmt: str = "mp4",
+    frames: int = 6,
+    width: int = 64,
+    height: int = 48,
+    rate: int = 4,
+    step: int | None = None,
 ) -> bytes:
     """A small video of solid frames; `step`: each frame's pts in 1/1000 s ticks (crammed timestamps)."""
     buf = io.BytesIO()

@@ -70,6 +70,8 @@ IMAGE = (
     "unsupported_aspect_ratio",
     "image_rejected",
     "image_too_large",
+    "bad_video",
+    "video_too_large",
     *(code for code in ERRORS if code.startswith("image_url_")),
 )
 GENERATION = (
