@@ -6,12 +6,15 @@ import base64
 import io
 from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 import pytest
+import requests
 from flask import Flask
+from helpers import live_server, server_env
 
 from glmvision.core.errors import APIError
 from glmvision.core.video import VideoLimits, decode_video
@@ -151,3 +154,19 @@ def test_a_non_video_data_url_is_refused(video_app: Flask) -> None:
     reply = video_app.test_client().post("/v1/chat/completions", json=chat_body("data:image/png;base64,aGk="))
     assert reply.status_code == 400
     assert reply.get_json()["error"]["code"] == "bad_video"
+
+
+def test_video_through_gunicorn_and_the_engine_process(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path, videos: dict[str, bytes]
+) -> None:
+    """The default deployment: the worker decodes and prepares, the engine process gets the video's
+    tensors over shared memory and encodes its frames; a bad file is still a 400 there."""
+    env = server_env(demo_model_dir, runtime_dir, ENGINE="process")
+    with live_server(tmp_path, env, ready_path="/readyz", timeout=180) as server:
+        url = server.url + "/v1/chat/completions"
+        reply = requests.post(url, json=chat_body(data_url(videos["webm"], "video/webm")), timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+        reply = requests.post(url, json=chat_body(data_url(videos["truncated"])), timeout=120)
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "bad_video"
