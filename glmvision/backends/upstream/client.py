@@ -14,7 +14,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from glmvision.core.errors import APIError, unavailable
+from glmvision.core.errors import APIError, bad_request, unavailable
 
 log = logging.getLogger("glmvision")
 
@@ -101,6 +101,9 @@ def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             out.append({"role": message["role"], "content": content, **_tool_fields(message)})
             continue
+        if any(part["type"] == "video" for part in content):
+            # Frames are decoded here; sending them on as a video needs the original bytes.
+            raise bad_request("bad_video", "This server's upstream engine does not take videos.", "messages")
         parts = [
             _image_part(part) if part["type"] == "image" else {"type": "text", "text": part["text"]}
             for part in content
