@@ -22,6 +22,7 @@ from glmvision.core.errors import api_error
 from glmvision.core.generation import AnswerStream, Delta, Generation
 from glmvision.core.images import DecodedImage
 from glmvision.core.urlfetch import is_url
+from glmvision.serving.pipeline import ImageRef, Turn
 
 if TYPE_CHECKING:
     from glmvision.ops.audit import AuditLog
@@ -157,10 +158,8 @@ class Moderator:
             self._note(context, stage, found, payload)
         return found
 
-    def check_prompt(self, context: RequestContext, turns: list[Any], image_param: str) -> None:
+    def check_prompt(self, context: RequestContext, turns: list[Turn], image_param: str) -> None:
         """Check the prompt's text (every turn but the assistant's) and, when asked, its inline images."""
-        from glmvision.serving.pipeline import ImageRef
-
         texts: list[str] = []
         images: list[str] = []
         for turn in turns:
