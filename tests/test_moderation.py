@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask, jsonify, redirect, request
 from flask.testing import FlaskClient
-from helpers import free_port, image_b64, vision_body
+from helpers import free_port, image_b64, live_server, server_env, vision_body, wait_for
 from werkzeug.serving import make_server
 
 from glmvision.ops.audit import new_key, read_audit
@@ -326,3 +327,30 @@ def test_no_moderation_leaves_streams_alone(client: FlaskClient) -> None:
     from glmvision.web.state import app_state
 
     assert app_state(client.application).service.moderator is None
+
+
+# Real gunicorn: workers running the pipeline, the model in the engine process.
+
+
+def test_end_to_end_on_gunicorn(
+    demo_model_dir: Path, runtime_dir: Path, tmp_path: Path, moderation: Moderation
+) -> None:
+    url = moderation.url + "/strict/v1/moderations"
+    env = server_env(demo_model_dir, runtime_dir, MODERATION_URL=url, WORKERS="2")
+    with live_server(tmp_path, env, ready_path="/readyz") as server:
+        blocked = requests.post(
+            server.url + "/v1/chat/completions", json=_chat("forbidden PROMPT"), timeout=60
+        )
+        assert blocked.status_code == 400 and blocked.json()["error"]["code"] == "content_blocked"
+        sent = requests.post(server.url + "/v1/chat/completions", json=_chat(stream=True), timeout=60)
+        lines = sent.text.splitlines()
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert _streamed_content(events) == "" and _finish(events) == "content_filter"
+        vision = requests.post(server.url + "/v1/chat/vision", json=vision_body(prompt=PROMPT), timeout=60)
+        assert vision.json()["finish_reason"] == "content_filter" and vision.json()["result"] == ""
+        assert wait_for(
+            lambda: (
+                'glmvision_moderation_flags_total{stage="output"} 2.0'
+                in requests.get(server.url + "/metrics", timeout=10).text
+            )
+        )
