@@ -439,6 +439,32 @@ class Settings(_Base):
         description="Mask in answers, all but the last 4 characters: cn_id, bank_card, phone, email.",
         examples=[["email", "phone"]],
     )
+    moderation_url: str = Field(
+        "",
+        description="Full URL of an OpenAI-style moderation endpoint (POST {input} -> {results}); the "
+        "prompt is checked before generation and the answer after, streamed in sentence-sized pieces.",
+        examples=["http://127.0.0.1:9000/v1/moderations"],
+    )
+    moderation: str = Field(
+        "",
+        description="Or module:function, a Python callable for in-house rules (see docs/moderation.md); "
+        "not with GLMVISION_MODERATION_URL.",
+        examples=["mycompany.rules:moderate"],
+    )
+    moderation_key: SecretStr = Field(
+        SecretStr(""), description="Bearer key the moderation endpoint requires; empty sends none."
+    )
+    moderation_images: bool = Field(
+        False, description="Also send the request's images to moderation, as data URLs."
+    )
+    moderation_fail: Literal["open", "closed"] = Field(
+        "closed",
+        description="When moderation cannot answer (timeout, refused, bad reply): closed refuses with "
+        "503 moderation_unavailable, open serves unchecked and logs it.",
+    )
+    moderation_timeout: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="Seconds one moderation check may take."
+    )
     lora: str = Field(
         "",
         description="LoRA adapters (PEFT directories, as glmvision finetune writes) loaded on the base "
@@ -516,6 +542,16 @@ class Settings(_Base):
                 "GLMVISION_LORA loads adapters into the local model; with GLMVISION_BACKEND=openai the "
                 "upstream serves its own (vLLM's --lora-modules) and <model>:<name> asks it for <name>"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_moderation(self) -> Settings:
+        if self.moderation_url and self.moderation:
+            raise ValueError("GLMVISION_MODERATION_URL and GLMVISION_MODERATION: set one or neither")
+        if self.moderation_url and not self.moderation_url.startswith(("http://", "https://")):
+            raise ValueError(f"GLMVISION_MODERATION_URL must be an http(s) URL, got {self.moderation_url!r}")
+        if self.moderation and not re.fullmatch(r"[\w.]+:[\w.]+", self.moderation):
+            raise ValueError(f"GLMVISION_MODERATION must be module:function, got {self.moderation!r}")
         return self
 
     @model_validator(mode="after")

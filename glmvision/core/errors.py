@@ -452,6 +452,14 @@ _SPECS = (
         rejection="circuit_open",
     ),
     _spec(
+        "content_blocked",
+        400,
+        "The request was blocked by content moderation.",
+        "the prompt (or, with `GLMVISION_MODERATION_IMAGES=1`, an image) was flagged by the content "
+        "moderation hook; the message names the categories",
+        "Change the request; the same content is blocked the same way.",
+    ),
+    _spec(
         "internal_error",
         500,
         "The server failed to process the request.",
@@ -465,6 +473,14 @@ _SPECS = (
         "`GLMVISION_RATELIMIT_FAIL=closed` and the rate-limit storage (Redis) is down; `Retry-After`",
         _RETRY,
         rejection="rate_limit",
+    ),
+    _spec(
+        "moderation_unavailable",
+        503,
+        "Content moderation cannot be reached right now; retry shortly.",
+        "`GLMVISION_MODERATION_FAIL=closed` and the moderation hook timed out, refused or answered "
+        "badly (mid-stream: an error event ends the stream); `Retry-After`",
+        _RETRY,
     ),
     _spec(
         "overloaded",

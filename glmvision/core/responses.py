@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # "fallback": GLMVISION_FALLBACK_MESSAGE answered because the model was unavailable.
-FinishReason = Literal["stop", "length", "fallback", "tool_calls"]
+FinishReason = Literal["stop", "length", "fallback", "tool_calls", "content_filter"]
 
 
 def _omitted_when_none(value: Any) -> bool:

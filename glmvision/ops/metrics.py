@@ -115,6 +115,18 @@ class Metrics:
         )
         self.redactions = Counter("glmvision_redactions", "Masked matches in answers.", ["kind"], **reg)
         self.empty_cache = Counter("glmvision_gpu_empty_cache", "torch.cuda.empty_cache() calls.", **reg)
+        self.moderation_checks = Counter(
+            "glmvision_moderation_checks", "Content moderation checks made.", ["stage"], **reg
+        )
+        self.moderation_flags = Counter(
+            "glmvision_moderation_flags", "Content moderation checks that flagged the text.", ["stage"], **reg
+        )
+        self.moderation_failures = Counter(
+            "glmvision_moderation_failures",
+            "Content moderation checks that failed (timeout, refused, bad reply).",
+            ["stage"],
+            **reg,
+        )
         self.upstream_failures = Counter(
             "glmvision_upstream_failures",
             "Requests the upstream engine failed or refused, by our error code (GLMVISION_BACKEND=openai).",
@@ -229,6 +241,12 @@ class Metrics:
             self.redactions.labels(kind).inc(count)
         if record.circuit_tripped:
             self.circuit_trips.inc()
+        for stage, outcome in record.moderation:
+            self.moderation_checks.labels(stage).inc()
+            if outcome == "flagged":
+                self.moderation_flags.labels(stage).inc()
+            elif outcome == "failed":
+                self.moderation_failures.labels(stage).inc()
 
     # Gauges.
 

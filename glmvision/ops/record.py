@@ -60,6 +60,8 @@ class RequestRecord:
     redactions: dict[str, int] = field(default_factory=dict)  # masked matches per kind
     breaker_client: str | None = None  # whom the circuit breaker counts, once admitted
     circuit_tripped: bool = False
+    # Content moderation's checks: (stage, outcome), stage input|output, outcome passed|flagged|failed.
+    moderation: list[tuple[str, str]] = field(default_factory=list)
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""

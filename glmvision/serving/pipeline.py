@@ -140,7 +140,7 @@ def load_turns(
     max_side: int | None = None,
 ) -> list[Turn]:
     """Check the image count, then decode every image in the conversation (in order)."""
-    refs = [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
+    refs = _refs(turns)
     limit = settings.max_images
     if len(refs) > limit:
         raise bad_request(
@@ -331,7 +331,30 @@ def answer(
 ) -> tuple[ChatInput, Answer]:
     """With the request's place taken (admit), decode the images, prepare the inputs and queue the
     generation; `streamed`: the caller reads deltas, not only the whole answer; `n`: choices (the
-    response cache holds single answers, so n > 1 never meets it)."""
+    response cache holds single answers, so n > 1 never meets it). With moderation configured, the
+    prompt is checked first and every choice's text before it is read."""
+    moderator = context.service.moderator
+    if moderator is None:
+        return _answer(context, turns, params, image_param, streamed, n)
+    try:
+        moderator.check_prompt(context, turns, image_param)
+    except BaseException:
+        context.held().release()
+        raise
+    chat, answered = _answer(context, turns, params, image_param, streamed, n)
+    for choice in answered.choices:
+        choice.stream = moderator.watch(choice.stream, context)
+    return chat, answered
+
+
+def _answer(
+    context: RequestContext,
+    turns: list[Turn],
+    params: GenerationParams,
+    image_param: str,
+    streamed: bool,
+    n: int,
+) -> tuple[ChatInput, Answer]:
     state, record, ticket = context.service, context.record, context.held()
     settings, backend = state.settings, state.backend
     if context.degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
@@ -347,6 +370,9 @@ def answer(
         fit = _image_fit(context, turns, ticket.deadline)
         chat = ChatInput(load_turns(turns, settings, state.fetch_policy, fit, max_side), params)
         record.images = [ImageStat(i.width, i.height, *i.resized_to) for i in chat.images]
+        if state.moderator is not None:  # images fetched from URLs, checked as fetched (inline ones were)
+            pairs = zip(chat.images, _refs(turns), strict=True)
+            state.moderator.check_images(context, [i for i, ref in pairs if is_url(ref.source)], image_param)
         answered = _known_answer(context, chat, cached=n == 1)
         if answered is not None:
             answered.others = _copies(context, chat, answered, n)
@@ -392,6 +418,10 @@ def answer(
         on_done=done,
         others=others,
     )
+
+
+def _refs(turns: list[Turn]) -> list[ImageRef]:
+    return [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
 
 
 def _image_fit(context: RequestContext, turns: list[Turn], deadline: float) -> Fit | None:

@@ -21,6 +21,7 @@ from glmvision.ops.reqlog import RequestLog
 from glmvision.ops.watchdog import Watchdog
 from glmvision.serving import context
 from glmvision.serving.cache import ResponseCache
+from glmvision.serving.moderation import Moderator
 from glmvision.serving.responses_store import ResponseStore
 from glmvision.serving.service import Service, record_outcome
 from glmvision.web import errors
@@ -73,15 +74,17 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
     app.config["MAX_CONTENT_LENGTH"] = int(settings.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     backend = make_backend(settings)
+    audit = AuditLog.from_settings(settings)
     state = Service(
         settings,
         backend,
         _fetch_policy(settings),
         time.time(),
         cache=ResponseCache.from_settings(settings),
-        audit=AuditLog.from_settings(settings),
+        audit=audit,
         redactor=_redactor(settings),
         breaker=CircuitBreaker.from_settings(settings),
+        moderator=Moderator.from_settings(settings, audit),
     )
     # The client's address as the trusted proxies report it: limits, logs and the allowlist use it.
     app.wsgi_app = trusted_proxy_app(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]

@@ -91,6 +91,8 @@ GENERATION = (
     "upstream_rejected",
     "upstream_unavailable",
     "unsupported_parameter",
+    "content_blocked",
+    "moderation_unavailable",
 )
 
 # A 32x32 PNG: the examples run on any model, cheaply.

@@ -117,7 +117,9 @@ class Prepared:
                 output_tokens=result.completion_tokens,
                 total_tokens=result.prompt_tokens + result.completion_tokens,
             )
-        incomplete = IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
+        filtered = result is not None and result.finish_reason == "content_filter"
+        reason = "content_filter" if filtered else "max_output_tokens"
+        incomplete = IncompleteDetails(reason=reason) if status == "incomplete" else None
         return ResponseObject(
             id=self.id,
             created_at=self.created,
@@ -170,7 +172,7 @@ class _renamed:
 
 
 def _status(result: Generation) -> str:
-    return "incomplete" if result.finish_reason == "length" else "completed"
+    return "incomplete" if result.finish_reason in ("length", "content_filter") else "completed"
 
 
 @route(bp, "responses.create_response")

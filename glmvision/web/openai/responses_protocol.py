@@ -445,7 +445,7 @@ class ResponseUsage(ResponseModel):
 class IncompleteDetails(ResponseModel):
     """Why a response stopped short."""
 
-    reason: Literal["max_output_tokens"]
+    reason: Literal["max_output_tokens", "content_filter"]
 
 
 class ResponseObject(ResponseModel):
