@@ -60,6 +60,9 @@ class RequestRecord:
     redactions: dict[str, int] = field(default_factory=dict)  # masked matches per kind
     breaker_client: str | None = None  # whom the circuit breaker counts, once admitted
     circuit_tripped: bool = False
+    key_name: str | None = None  # a named key's name (the keys file's TOML form): usage and metrics
+    quota_reserved: int = 0  # tokens held against the key's daily quota at admission, settled at the end
+    quota_remaining: dict[str, int] = field(default_factory=dict)  # budget left, for X-Quota-Remaining-*
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""

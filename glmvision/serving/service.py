@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from glmvision.ops.breaker import CircuitBreaker
     from glmvision.postprocess.redact import Redactor
     from glmvision.serving.cache import ResponseCache
+    from glmvision.serving.quotas import Quotas
 
 # The codes the circuit breaker counts as a client's request timing out. Not queue_timeout: that is
 # the server's overload, and every client behind one address would be shut out for it at once.
@@ -39,6 +40,7 @@ class Service:
     audit: AuditLog | None = None
     redactor: Redactor | None = None
     breaker: CircuitBreaker | None = None
+    quotas: Quotas | None = None  # named keys' usage and quotas (a TOML keys file)
 
     @property
     def redacting(self) -> Redactor | None:
