@@ -220,10 +220,10 @@ def test_quotas_and_usage_are_shared_by_the_workers(shared_server: LiveServer) -
         response = requests.post(
             url + "/v1/chat/completions", json=body(**fields), headers=bearer(key), timeout=120
         )
+        totals = spent.setdefault(name, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        totals["requests"] += 1  # every request counts, a refused one too (as an error)
         if response.status_code == 200:
             usage = response.json()["usage"]
-            totals = spent.setdefault(name, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
-            totals["requests"] += 1
             totals["prompt_tokens"] += usage["prompt_tokens"]
             totals["completion_tokens"] += usage["completion_tokens"]
         return response
