@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 # Where new_context() leaves the context for the teardown hook, which only gives its place back.
 _OWNED = "glmvision_context"
-# Where the key check leaves the KeySpec it accepted.
-ACCEPTED_KEY = "glmvision_key"
 
 
 def _never() -> bool:
@@ -84,7 +82,8 @@ def new_context(service: Service) -> RequestContext:
     unless the model got the request."""
     record = current_record() or new_record(request)
     context = RequestContext.of(service, record, client_gone_check(request.environ))
-    context.key = g.get(ACCEPTED_KEY)  # set by the key check (web.security.auth)
+    if service.quotas is not None and record.key_name is not None:  # named by the key check
+        context.key = service.quotas.keys.get(record.key_name)
     setattr(g, _OWNED, context)  # read only by _abandon_unsubmitted, to give the place back
     return context
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, jsonify, request
 from flask.wrappers import Response
 from pydantic import BaseModel
 
 from glmvision.core.errors import api_error
-from glmvision.core.keys import KeySpec
-from glmvision.serving.context import ACCEPTED_KEY
+from glmvision.core.keys import KeySpec, presented_key
 from glmvision.web.route_table import route
-from glmvision.web.state import service
+from glmvision.web.state import app_state, service
 
 bp = Blueprint("usage", __name__)
 
@@ -50,7 +49,8 @@ class UsageReport(BaseModel):
 @route(bp, "usage.get_usage")
 def get_usage() -> Response:
     """Every named key's usage by day; 403 admin_required unless the caller's key is an admin key."""
-    spec: KeySpec | None = g.get(ACCEPTED_KEY)
+    key = presented_key(request.headers)  # already accepted by the key check; found again for its flags
+    spec: KeySpec | None = None if key is None else app_state().auth.find(key)
     if spec is None or not spec.admin:
         raise api_error("admin_required")
     quotas = service().quotas

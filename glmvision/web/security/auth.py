@@ -5,14 +5,13 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Flask, g, request
+from flask import Flask, request
 from flask.wrappers import Response
 
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError
 from glmvision.core.keys import KeySpec, key_digest, load_keys, presented_key
 from glmvision.ops.record import current_record
-from glmvision.serving.context import ACCEPTED_KEY
 from glmvision.serving.quotas import Quotas
 from glmvision.web.route_table import PUBLIC_ENDPOINTS
 
@@ -52,7 +51,6 @@ def _require_key(auth: ApiKeyAuth, quotas: Quotas | None) -> None:
     spec = auth.find(key)
     if spec is None:
         raise _unauthorized("invalid_api_key", "The API key is not valid.")
-    setattr(g, ACCEPTED_KEY, spec)
     record = current_record()
     if spec.name is not None and record is not None:
         # The name, never the key, is what the log, the audit log, the metrics and the usage carry.
