@@ -1,8 +1,8 @@
 """Named keys' usage and quotas: counted per key and day in Redis (shared by the workers) or per process.
 
 Admission holds a request's worst case against the key's daily budget (its max_tokens, its images);
-the request's end settles the tokens with the real usage. The budget counters are incremented first and
-rolled back when over, so two workers never both take the last of a budget.
+the request's end settles the tokens with the real usage. A hold is one atomic step (a Lua script in
+Redis), so two workers never both take the last of a budget.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ _KEEP_DAYS = 40  # a day's counters outlive it this long, for /v1/usage
 class Counters(Protocol):
     """The few counter operations quotas need, in Redis or in this process."""
 
-    def hincrby(self, name: str, field: str, amount: int) -> int: ...
-
     def add_fields(self, name: str, amounts: dict[str, int]) -> None: ...
 
     def incr_window(self, name: str, ttl: int) -> int: ...
+
+    def hold(self, name: str, holds: list[tuple[str, int, int]]) -> list[int]:
+        """Add each (field, amount, limit) at once unless one would go over; the totals before."""
+        ...
 
     def days(self) -> Iterator[tuple[str, dict[str, int]]]: ...
 
@@ -53,17 +55,20 @@ class MemoryCounters:
         self._hashes: dict[str, dict[str, int]] = {}
         self._windows: dict[str, tuple[float, int]] = {}
 
-    def hincrby(self, name: str, field: str, amount: int) -> int:
-        with self._lock:
-            fields = self._hashes.setdefault(name, {})
-            fields[field] = fields.get(field, 0) + amount
-            return fields[field]
-
     def add_fields(self, name: str, amounts: dict[str, int]) -> None:
         with self._lock:
             fields = self._hashes.setdefault(name, {})
             for field, amount in amounts.items():
                 fields[field] = fields.get(field, 0) + amount
+
+    def hold(self, name: str, holds: list[tuple[str, int, int]]) -> list[int]:
+        with self._lock:
+            fields = self._hashes.setdefault(name, {})
+            before = [fields.get(field, 0) for field, _, _ in holds]
+            if all(total + amount <= limit for total, (_, amount, limit) in zip(before, holds, strict=True)):
+                for field, amount, _ in holds:
+                    fields[field] = fields.get(field, 0) + amount
+            return before
 
     def incr_window(self, name: str, ttl: int) -> int:
         now = time.monotonic()
@@ -82,17 +87,28 @@ class MemoryCounters:
         yield from items
 
 
+# One round trip, atomic: the totals before; every amount added only if none would go over its limit.
+_HOLD = """
+local before, fits = {}, true
+for i = 2, #ARGV, 3 do
+  local total = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  table.insert(before, total)
+  if total + tonumber(ARGV[i + 1]) > tonumber(ARGV[i + 2]) then fits = false end
+end
+if fits then
+  for i = 2, #ARGV, 3 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return before
+"""
+
+
 class RedisCounters:
     """Counters in Redis, shared by every worker (and server) using it."""
 
     def __init__(self, uri: str) -> None:
         self._redis = client(uri, "GLMVISION_USAGE_STORAGE_URI")
-
-    def hincrby(self, name: str, field: str, amount: int) -> int:
-        pipe = self._redis.pipeline()
-        pipe.hincrby(name, field, amount)
-        pipe.expire(name, _KEEP_DAYS * 86400)
-        return int(pipe.execute()[0])
+        self._hold = self._redis.register_script(_HOLD)
 
     def add_fields(self, name: str, amounts: dict[str, int]) -> None:
         pipe = self._redis.pipeline(transaction=False)
@@ -100,6 +116,10 @@ class RedisCounters:
             pipe.hincrby(name, field, amount)
         pipe.expire(name, _KEEP_DAYS * 86400)
         pipe.execute()
+
+    def hold(self, name: str, holds: list[tuple[str, int, int]]) -> list[int]:
+        args = [str(_KEEP_DAYS * 86400)] + [str(x) for hold in holds for x in hold]
+        return [int(total) for total in self._hold(keys=[name], args=args)]
 
     def incr_window(self, name: str, ttl: int) -> int:
         pipe = self._redis.pipeline()
@@ -111,7 +131,7 @@ class RedisCounters:
         for name in self._redis.scan_iter(match=f"{PREFIX}:*", count=500):
             text = name.decode() if isinstance(name, bytes) else name
             fields = self._redis.hgetall(text)
-            yield text, {k.decode(): int(v) for k, v in fields.items()}
+            yield text, {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in fields.items()}
 
 
 @dataclass(frozen=True)
@@ -186,37 +206,35 @@ class Quotas:
         if not spec.allows(params.adapter):
             what = f"adapter {params.adapter!r}" if params.adapter else "the base model"
             raise api_error("model_not_allowed", f"This API key may not use {what}.", "model")
+        worst = params.max_new_tokens * max(1, n)
+        budgets = [
+            (field, amount, limit, header, what)
+            for field, amount, limit, header, what in (
+                (_IMAGES, images, spec.images_per_day, "Images", "images_per_day"),
+                (_TOKENS, worst, spec.tokens_per_day, "Tokens", "tokens_per_day"),
+            )
+            if limit is not None
+        ]
+        if not budgets:
+            return
         now = self.clock()
         name = self._name(spec.name, _day(now))
-        if spec.images_per_day is not None and images:
-            self._hold(record, name, _IMAGES, images, spec.images_per_day, "images_per_day", now, "Images")
-        if spec.tokens_per_day is not None:
-            worst = params.max_new_tokens * max(1, n)
-            try:
-                self._hold(record, name, _TOKENS, worst, spec.tokens_per_day, "tokens_per_day", now, "Tokens")
-            except Exception:
-                if spec.images_per_day is not None and images:  # the images held above go back
-                    self._storage.call(lambda: self.counters.hincrby(name, _IMAGES, -images), 0)
-                raise
-            record.quota_reserved = worst
-
-    def _hold(
-        self,
-        record: RequestRecord,
-        name: str,
-        field: str,
-        amount: int,
-        limit: int,
-        what: str,
-        now: float,
-        header: str,
-    ) -> None:
-        total = self._storage.call(lambda: self.counters.hincrby(name, field, amount), 0, f"({what})")
-        if total > limit:
-            self._storage.call(lambda: self.counters.hincrby(name, field, -amount), 0, f"({what})")
-            record.quota_remaining[header] = max(0, limit - (total - amount))
+        holds = [(field, amount, limit) for field, amount, limit, _, _ in budgets]
+        # Storage down: nothing held, nothing refused (counted again once it is back).
+        totals = self._storage.call(lambda: self.counters.hold(name, holds), None, "(admit)")
+        if totals is None:
+            return
+        fits = all(total + hold[1] <= hold[2] for total, hold in zip(totals, holds, strict=True))
+        for (_, amount, limit, header, _), total in zip(budgets, totals, strict=True):
+            record.quota_remaining[header] = max(0, limit - total - (amount if fits else 0))
+        if not fits:
+            what, limit = next(
+                (what, limit)
+                for (_, amount, limit, _, what), total in zip(budgets, totals, strict=True)
+                if total + amount > limit
+            )
             raise self._exceeded(record, what, limit, _to_midnight(now))
-        record.quota_remaining[header] = limit - total
+        record.quota_reserved = worst if spec.tokens_per_day is not None else 0
 
     def _exceeded(self, record: RequestRecord, what: str, limit: int, wait: int) -> Exception:
         headers = {f"X-Quota-Remaining-{kind}": str(left) for kind, left in record.quota_remaining.items()}
@@ -246,8 +264,9 @@ class Quotas:
 
     def usage(self) -> list[UsageRow]:
         """Every key's totals by day, newest day first (read by GET /v1/usage)."""
-        rows = []
-        for name, fields in self._storage.call(lambda: list(self.counters.days()), [], "(read)"):
+        rows: list[UsageRow] = []
+        none: list[tuple[str, dict[str, int]]] = []
+        for name, fields in self._storage.call(lambda: list(self.counters.days()), none, "(read)"):
             day, _, key = name[len(PREFIX) + 1 :].partition(":")
             rows.append(UsageRow(key, day, {field: fields.get(field, 0) for field in USAGE_FIELDS}))
         return sorted(rows, key=lambda row: (row.day, row.key), reverse=True)
