@@ -293,3 +293,17 @@ def test_the_usage_command_prints_the_table(
     assert any(line.split()[1] == "beta" for line in lines)
     assert cli_main(["usage", "--server", shared_server.url, "--key", BETA_KEY]) == 1
     assert "admin_required" in capsys.readouterr().err
+
+
+def test_counting_per_worker_is_warned_at_start(
+    make_app: Callable[..., Flask], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(KEYS_TOML)
+    with caplog.at_level("WARNING", logger="glmvision"):
+        make_app(api_keys_file=str(keys))
+    assert any("PER WORKER PROCESS" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="glmvision"):
+        make_app(api_keys="sk-plain")  # no named keys: nothing is counted, nothing to warn about
+    assert not any("PER WORKER PROCESS" in record.getMessage() for record in caplog.records)
