@@ -307,3 +307,17 @@ def test_counting_per_worker_is_warned_at_start(
     with caplog.at_level("WARNING", logger="glmvision"):
         make_app(api_keys="sk-plain")  # no named keys: nothing is counted, nothing to warn about
     assert not any("PER WORKER PROCESS" in record.getMessage() for record in caplog.records)
+
+
+def test_the_audit_log_carries_the_keys_name_never_the_key(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    from glmvision.ops.audit import new_key, read_audit
+
+    keys, audit, secret = tmp_path / "keys.toml", tmp_path / "audit.log", new_key()
+    keys.write_text(KEYS_TOML)
+    client = make_app(api_keys_file=str(keys), audit_log=str(audit), audit_key=secret).test_client()
+    assert client.post("/v1/chat/completions", json=body(), headers=bearer(BETA_KEY)).status_code == 200
+    records = list(read_audit(audit, secret))
+    assert [entry["key_id"] for entry in records] == ["beta"]
+    assert BETA_KEY not in str(records)
