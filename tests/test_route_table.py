@@ -93,6 +93,7 @@ def test_the_security_facts_are_the_documented_ones() -> None:
         "/v1/models/<path:model_id>",
         "/v1/responses",
         "/v1/responses/<response_id>",
+        "/v1/usage",
     }
 
 

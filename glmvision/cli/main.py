@@ -40,12 +40,13 @@ SERVE_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `glmvision` command."""
     from glmvision.cli import config
-    from glmvision.client import ask, batch
+    from glmvision.client import ask, batch, usage
     from glmvision.training import finetune
 
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "ask": ask.run,
         "batch": batch.run,
+        "usage": usage.run,
         "finetune": finetune.run,
         "audit-keygen": _audit_keygen,
         "audit-read": _audit_read,
@@ -120,7 +121,7 @@ def _add_audit(commands: Any) -> None:
 
 
 def _add_client_and_training(commands: Any) -> None:
-    from glmvision.client import ask, batch
+    from glmvision.client import ask, batch, usage
     from glmvision.training import finetune
 
     ask.add_arguments(
@@ -137,6 +138,13 @@ def _add_client_and_training(commands: Any) -> None:
             help="ask one question of every image in a folder, into a JSON lines file",
             description=batch.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    usage.add_arguments(
+        commands.add_parser(
+            "usage",
+            help="print every named API key's usage by day (needs an admin key)",
+            description=usage.__doc__,
         )
     )
     finetune.add_arguments(

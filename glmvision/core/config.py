@@ -319,7 +319,16 @@ class Settings(_Base):
     api_keys: CommaList = Field(
         [], description="Comma-separated API keys; with none (and no file) auth is off."
     )
-    api_keys_file: str = Field("", description="File with one API key per line (# comments allowed).")
+    api_keys_file: str = Field(
+        "",
+        description="File with one API key per line (# comments allowed), or named keys with quotas "
+        "in a `.toml` file (see keys.md).",
+    )
+    usage_storage_uri: str = Field(
+        "memory://",
+        description="Per-key usage and quota counters: memory:// (per worker) or redis://host:port/db "
+        "(shared by the workers).",
+    )
     rate_limit: str = Field(
         "",
         description="Per key (else per client IP) limit, e.g. 60/minute; empty is no limit.",
@@ -706,11 +715,16 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> list[str
     return unknown
 
 
+def is_toml(path: str) -> bool:
+    """Whether the keys file at `path` is in the TOML form (named keys), by its name."""
+    return path.lower().endswith(".toml")
+
+
 def read_api_keys(settings: Settings) -> list[str]:
     """Return the configured API keys from GLMVISION_API_KEYS and GLMVISION_API_KEYS_FILE."""
     keys = list(settings.api_keys)
     path = settings.api_keys_file
-    if path:
+    if path and not is_toml(path):  # the TOML form's keys are named: glmvision.core.keys reads them
         try:
             with open(path, encoding="utf-8") as handle:
                 lines = handle.read().splitlines()

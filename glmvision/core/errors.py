@@ -361,6 +361,20 @@ _SPECS = (
         rejection="allowlist",
     ),
     _spec(
+        "model_not_allowed",
+        403,
+        "This API key may not use that model.",
+        "the named key's `models` (in the keys file) does not list the model or adapter asked for",
+        "Ask for a model the key may use (ask the operator which).",
+    ),
+    _spec(
+        "admin_required",
+        403,
+        "Only an admin key may read this.",
+        "`GET /v1/usage` with a key whose `admin` is not true in the keys file",
+        "Call with an admin key.",
+    ),
+    _spec(
         "not_found",
         404,
         "No such endpoint.",
@@ -441,6 +455,16 @@ _SPECS = (
         _RETRY,
         framework=True,
         rejection="rate_limit",
+    ),
+    _spec(
+        "quota_exceeded",
+        429,
+        "This API key's quota is used up; retry after the window resets.",
+        "the request would take its key over `requests_per_minute`, `tokens_per_day` (its `max_tokens` "
+        "counted at admission) or `images_per_day`; `Retry-After` is the window's reset and "
+        "`X-Quota-Remaining-*` the budget left",
+        "Wait `Retry-After` seconds, or send a smaller request (fewer images, lower `max_tokens`).",
+        rejection="quota",
     ),
     _spec(
         "circuit_open",

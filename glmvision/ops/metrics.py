@@ -133,6 +133,19 @@ class Metrics:
             ["code"],
             **reg,
         )
+        # Named keys only (a TOML keys file), by name: a plain key is never a label.
+        self.key_requests = Counter(
+            "glmvision_key_requests",
+            "Requests per named API key, by status class.",
+            ["key", "outcome"],
+            **reg,
+        )
+        self.key_tokens = Counter(
+            "glmvision_key_tokens",
+            "Tokens per named API key: prompt, completion and image (prompt tokens standing for images).",
+            ["key", "kind"],
+            **reg,
+        )
         self._declare_gauges(reg)
         self._empties_seen = 0
         self._failures_seen: dict[str, int] = {}
@@ -201,6 +214,16 @@ class Metrics:
 
     # Per request.
 
+    def _observe_key(self, key: str, record: RequestRecord) -> None:
+        self.key_requests.labels(key, "error" if record.status >= 400 else "ok").inc()
+        for kind, value in (
+            ("prompt", record.prompt_tokens),
+            ("completion", record.completion_tokens),
+            ("image", record.visual_tokens),
+        ):
+            if value:
+                self.key_tokens.labels(key, kind).inc(value)
+
     def observe(self, record: RequestRecord, total_s: float) -> None:
         """Count one finished request from its record."""
         code = record.code or "none"
@@ -237,6 +260,8 @@ class Metrics:
             self.degraded.inc()
         if record.fallback:
             self.fallbacks.inc()
+        if record.key_name is not None:
+            self._observe_key(record.key_name, record)
         for kind, count in record.redactions.items():
             self.redactions.labels(kind).inc(count)
         if record.circuit_tripped:

@@ -62,6 +62,9 @@ class RequestRecord:
     circuit_tripped: bool = False
     # Content moderation's checks: (stage, outcome), stage input|output, outcome passed|flagged|failed.
     moderation: list[tuple[str, str]] = field(default_factory=list)
+    key_name: str | None = None  # a named key's name (the keys file's TOML form): usage and metrics
+    quota_reserved: int = 0  # tokens held against the key's daily quota at admission, settled at the end
+    quota_remaining: dict[str, int] = field(default_factory=dict)  # budget left, for X-Quota-Remaining-*
 
     def log_fields(self, total_s: float) -> dict[str, Any]:
         """The request log line's fields (milliseconds, rounded); absent values are left out."""

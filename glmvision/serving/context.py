@@ -16,6 +16,7 @@ from flask import Flask, g, request
 from glmvision.core.backend import Ticket
 from glmvision.core.config import Settings
 from glmvision.core.errors import APIError, api_error
+from glmvision.core.keys import KeySpec
 from glmvision.ops.record import RequestRecord, current_record
 from glmvision.ops.reqlog import new_record
 from glmvision.serving.service import Service, breaker_client, client_gone_check
@@ -47,6 +48,7 @@ class RequestContext:
     fallback: bool = False
     # Made once, when the cache is first asked; the answer is stored under the same key.
     cache_key: CacheKey | None = None
+    key: KeySpec | None = None  # the key auth accepted; named ones carry quotas and allowed models
 
     @classmethod
     def of(
@@ -80,6 +82,8 @@ def new_context(service: Service) -> RequestContext:
     unless the model got the request."""
     record = current_record() or new_record(request)
     context = RequestContext.of(service, record, client_gone_check(request.environ))
+    if service.quotas is not None and record.key_name is not None:  # named by the key check
+        context.key = service.quotas.keys.get(record.key_name)
     setattr(g, _OWNED, context)  # read only by _abandon_unsubmitted, to give the place back
     return context
 

@@ -360,6 +360,9 @@ def _answer(
     if context.degraded and params.max_new_tokens > settings.degrade_max_new_tokens:
         params = replace(params, max_new_tokens=settings.degrade_max_new_tokens)
     started = time.perf_counter()
+    if state.quotas is not None:  # a named key's model list and daily budgets, before any decoding
+        images = sum(isinstance(part, ImageRef) for turn in turns for part in turn.parts)
+        state.quotas.admit(context.key, record, params, images, n)
     try:
         max_side = min(settings.max_image_side, settings.degrade_image_side) if context.degraded else None
         alias = _source_key(context, turns, params, max_side) if n == 1 else None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from glmvision.postprocess.redact import Redactor
     from glmvision.serving.cache import ResponseCache
     from glmvision.serving.moderation import Moderator
+    from glmvision.serving.quotas import Quotas
 
 # The codes the circuit breaker counts as a client's request timing out. Not queue_timeout: that is
 # the server's overload, and every client behind one address would be shut out for it at once.
@@ -41,6 +42,7 @@ class Service:
     redactor: Redactor | None = None
     breaker: CircuitBreaker | None = None
     moderator: Moderator | None = None  # None: nothing is checked, at no cost
+    quotas: Quotas | None = None  # named keys' usage and quotas (a TOML keys file)
 
     @property
     def redacting(self) -> Redactor | None:

@@ -12,6 +12,7 @@ from flask import Flask
 
 from glmvision.backends import check_backend, make_backend
 from glmvision.core.config import ConfigError, Settings, load_settings, warn_unknown_variables
+from glmvision.core.keys import load_keys
 from glmvision.core.urlfetch import FetchPolicy
 from glmvision.ops.audit import AuditLog
 from glmvision.ops.breaker import CircuitBreaker
@@ -22,6 +23,7 @@ from glmvision.ops.watchdog import Watchdog
 from glmvision.serving import context
 from glmvision.serving.cache import ResponseCache
 from glmvision.serving.moderation import Moderator
+from glmvision.serving.quotas import Quotas
 from glmvision.serving.responses_store import ResponseStore
 from glmvision.serving.service import Service, record_outcome
 from glmvision.web import errors
@@ -34,6 +36,7 @@ from glmvision.web.security import auth, limits
 from glmvision.web.security.allowlist import IpAllowlist
 from glmvision.web.security.proxy import trusted_proxy_app
 from glmvision.web.state import AppState, app_state
+from glmvision.web.usage import bp as usage_bp
 
 if TYPE_CHECKING:
     from glmvision.postprocess.redact import Redactor
@@ -75,6 +78,7 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
     app.json.sort_keys = False  # type: ignore[attr-defined]
     backend = make_backend(settings)
     audit = AuditLog.from_settings(settings)
+    quotas = Quotas.from_settings(settings, load_keys(settings))
     state = Service(
         settings,
         backend,
@@ -85,6 +89,7 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
         redactor=_redactor(settings),
         breaker=CircuitBreaker.from_settings(settings),
         moderator=Moderator.from_settings(settings, audit),
+        quotas=quotas,
     )
     # The client's address as the trusted proxies report it: limits, logs and the allowlist use it.
     app.wsgi_app = trusted_proxy_app(app.wsgi_app, settings.trusted_proxies)  # type: ignore[method-assign]
@@ -95,14 +100,17 @@ def create_app(overrides: Mapping[str, Any] | None = None, *, warn_unknown: bool
     errors.init_app(app)
     context.init_app(app)
     # Before the limiter, so unauthenticated calls never count against a key.
-    key_check = auth.init_app(app, settings)
+    key_check = auth.init_app(app, settings, quotas)
     limiter = limits.init_app(app, settings)
     app.register_blueprint(api_bp)
     app.register_blueprint(openai_bp)
     responses.init_app(app)
     app.register_blueprint(openapi_bp)
+    app.register_blueprint(usage_bp)
     page.init_app(app)
     requests_log.add_finisher(lambda record, _: _finish(state, record))
+    if quotas is not None:
+        requests_log.add_finisher(lambda record, _: quotas.settle(record))
     metrics = Metrics() if settings.metrics else None
     if metrics is not None:
         metrics.init_app(app, backend, settings)

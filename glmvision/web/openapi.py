@@ -30,6 +30,7 @@ from glmvision.web.native.protocol import SeedChatRequest, VisionRequest
 from glmvision.web.openai.protocol import ChatCompletionRequest
 from glmvision.web.openai.responses_protocol import DeletedResponse, ResponseObject, ResponseRequest
 from glmvision.web.route_table import BY_ENDPOINT, RouteFacts
+from glmvision.web.usage import UsageReport
 
 bp = Blueprint("openapi", __name__)
 
@@ -45,7 +46,14 @@ def openapi_path(rule: str) -> str:
 
 # Which codes each kind of route can answer with (besides internal_error, which any route can).
 GUARDED = ("ip_not_allowed",)
-KEYED = (*GUARDED, "missing_api_key", "invalid_api_key", "rate_limit_exceeded", "ratelimit_unavailable")
+KEYED = (
+    *GUARDED,
+    "missing_api_key",
+    "invalid_api_key",
+    "rate_limit_exceeded",
+    "ratelimit_unavailable",
+    "quota_exceeded",
+)
 BODY = (
     "invalid_json",
     "json_too_deep",
@@ -75,6 +83,7 @@ IMAGE = (
     *(code for code in ERRORS if code.startswith("image_url_")),
 )
 GENERATION = (
+    "model_not_allowed",
     "circuit_open",
     "overloaded",
     "queue_timeout",
@@ -188,6 +197,12 @@ ROUTES = (
         answer_status=(200, 503),
     ),
     Route("openapi.openapi_json", "This document.", BaseModel, GUARDED),
+    Route(
+        "usage.get_usage",
+        "Every named key's usage by UTC day (requests, tokens, images, errors) and limits; admin keys only.",
+        UsageReport,
+        (*KEYED, "admin_required"),
+    ),
     Route(
         "ops.metrics",
         "Prometheus metrics of every worker; with GLMVISION_METRICS_KEY set, only for that bearer key.",

@@ -43,6 +43,7 @@ ROUTES = (
     RouteFacts("responses.create_response", "POST", "/v1/responses", openai=True),
     RouteFacts("responses.get_response", "GET", "/v1/responses/<response_id>", openai=True),
     RouteFacts("responses.delete_response", "DELETE", "/v1/responses/<response_id>", openai=True),
+    RouteFacts("usage.get_usage", "GET", "/v1/usage", openai=True),  # admin keys only (a TOML keys file)
     RouteFacts("openapi.openapi_json", "GET", "/openapi.json", public=True),
     RouteFacts("ops.metrics", "GET", "/metrics", public=True),  # its own key: GLMVISION_METRICS_KEY
     RouteFacts("page.index", "GET", "/", public=True, page=True),
