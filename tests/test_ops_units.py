@@ -119,6 +119,7 @@ def test_every_rejection_reason_of_the_issue_has_codes() -> None:
         "url_blocked",
         "allowlist",
         "circuit_open",
+        "quota",  # a named key over its quota (the keys file's TOML form)
     }
     assert reasons == wanted
 
