@@ -83,6 +83,7 @@ def test_an_image_answered_whole_by_the_official_client(oai: openai.OpenAI) -> N
         model=DEMO,
         input=asking("What is this?", (64, 48), detail="low"),
         max_output_tokens=5,
+        temperature=0,  # greedy: sampled, the demo model may stop before its 5 tokens
         instructions="Answer briefly.",
     )
     check_shape(response)
@@ -107,7 +108,7 @@ def test_a_string_input_and_sampling_fields_are_echoed(client: FlaskClient) -> N
     answer = client.post("/v1/responses", json=body).get_json()
     assert (answer["temperature"], answer["top_p"], answer["max_output_tokens"]) == (0.5, 0.9, 3)
     assert answer["metadata"] == {"a": "b"} and answer["store"] is True
-    assert answer["usage"]["output_tokens"] == 3
+    assert 1 <= answer["usage"]["output_tokens"] <= 3  # sampled: it may stop before the limit
 
 
 def test_json_schema_text_format_is_enforced(oai: openai.OpenAI) -> None:
@@ -423,7 +424,9 @@ def test_any_worker_finds_a_stored_response(served: tuple[LiveServer, str]) -> N
 def test_the_official_client_through_gunicorn(served: tuple[LiveServer, str]) -> None:
     server, key = served
     with openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60) as oai:
-        whole = oai.responses.create(model=DEMO, input=asking("What?", (64, 48)), max_output_tokens=4)
+        whole = oai.responses.create(
+            model=DEMO, input=asking("What?", (64, 48)), max_output_tokens=4, temperature=0
+        )
         check_shape(whole)
         assert whole.usage.output_tokens == 4
         with oai.responses.stream(
@@ -456,6 +459,7 @@ def test_langchain_responses_api_with_an_image(served: tuple[LiveServer, str]) -
         api_key=key,
         use_responses_api=True,
         max_tokens=4,
+        temperature=0,  # greedy: the 4 tokens below are then every run's
         max_retries=0,
     )  # type: ignore[call-arg]
     message = HumanMessage(
