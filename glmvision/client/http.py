@@ -136,8 +136,16 @@ def error_from(response: requests.Response) -> ClientError:
 
 def post(server: Server, path: str, body: dict[str, Any], stream: bool = False) -> requests.Response:
     """POST JSON; the response if 2xx, else the server's error raised as a ClientError."""
+    return send(server, "POST", path, body, stream)
+
+
+def send(
+    server: Server, method: str, path: str, body: dict[str, Any] | None = None, stream: bool = False
+) -> requests.Response:
+    """One request (JSON body, if any); the response if 2xx, else the server's error as a ClientError."""
     try:
-        response = requests.post(
+        response = requests.request(
+            method,
             server.url + path,
             json=body,
             headers=server.headers(),

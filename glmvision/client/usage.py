@@ -6,9 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-import requests
-
-from glmvision.client.http import ClientError, Server, error_from
+from glmvision.client.http import ClientError, Server, send
 
 COLUMNS = ("day", "key", "requests", "prompt_tokens", "completion_tokens", "image_tokens", "images", "errors")
 
@@ -29,15 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fetch_usage(server: Server) -> dict[str, Any]:
     """GET /v1/usage; the server's error raised as a ClientError."""
-    try:
-        response = requests.get(server.url + "/v1/usage", headers=server.headers(), timeout=server.timeout)
-    except requests.RequestException as exc:
-        raise ClientError(
-            f"cannot reach the server at {server.url} ({type(exc).__name__})", "unreachable"
-        ) from None
-    if response.status_code >= 300:
-        raise error_from(response)
-    report: dict[str, Any] = response.json()
+    report: dict[str, Any] = send(server, "GET", "/v1/usage").json()
     return report
 
 
