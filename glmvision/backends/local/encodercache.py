@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from glmvision.backends.local.imagecache import row_digests
+
 MIB = 1 << 20
 
 
@@ -29,7 +31,7 @@ def image_hashes(inputs: Any) -> list[int]:
     """One hash per image of a single prompt's inputs: the worker's, else one of the processor's output."""
     hashes = inputs.get("image_hashes")
     if hashes is not None:
-        return [int(low) ^ (int(high) << 64) for low, high in hashes.tolist()]
+        return [int.from_bytes(digest, "little") for digest in row_digests(hashes)]
     grids = inputs.get("image_grid_thw")
     if grids is None:
         return []
