@@ -514,7 +514,14 @@ class ContinuousEngine(QueueEngine):
         return keys.tobytes() if keys is not None else id(row.job.inputs)
 
     def _keys(self, job: Job) -> Any:
-        """The prompt's keys for the prefix cache (None: it cannot take part)."""
+        """The prompt's keys for the prefix cache (None: it cannot take part), made once per job: the
+        lookup, the prefill's sharing and the insert each ask."""
+        if job.prompt_keys is None:
+            keys = self._make_keys(job)
+            job.prompt_keys = False if keys is None else keys
+        return None if job.prompt_keys is False else job.prompt_keys
+
+    def _make_keys(self, job: Job) -> Any:
         inputs = job.inputs
         grids = inputs.get("image_grid_thw")
         merge = int(self._model.model.config.vision_config.spatial_merge_size) ** 2

@@ -42,6 +42,7 @@ class Job:
     finished: bool = False
     constraint: CompiledConstraint | None = None  # the grammar its answer must match
     image_hashes: list[int] | None = None  # one per image, made when the engine first needs them
+    prompt_keys: Any = None  # the prefix cache's keys, made when first needed (False: it has none)
 
     @property
     def arrived(self) -> float:
