@@ -14,6 +14,9 @@ refuses that field, so its answers may stop sooner, as the tokens/answer column 
 - short8: 8 clients, 16-token answers, greedy;
 - temps8: 8 clients, 16-token answers at temperatures 0, 0.4, 0.8 and 1.2 (two clients each);
 - long8:  8 clients, 256-token answers: output tokens/s.
+
+`continuous` and `static` run in the engine process (the default); `thread` is the continuous
+scheduler with the model in the HTTP worker (GLMVISION_ENGINE=thread), for the two layouts side by side.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as load  # bench/run.py, beside this file: servers, clients, the image
 
-SERVERS = ("continuous", "static", "seed", "hf", "hf-cb")
+SERVERS = ("continuous", "static", "thread", "seed", "hf", "hf-cb")
 
 
 @dataclass
@@ -147,9 +150,11 @@ def drive(
 
 def server_for(name: str, port: int, model_dir: Path, image_b64: str) -> load.Server:
     args = argparse.Namespace(glmvision_env={}, max_new_tokens=16, seed_threads=8)
-    if name in ("continuous", "static"):
+    if name in ("continuous", "static", "thread"):
         server = load.make_server("glmvision", port, model_dir, image_b64, args)
-        server.env["GLMVISION_SCHEDULER"] = name
+        # thread: the continuous scheduler with the model in the HTTP worker, not the engine process.
+        server.env["GLMVISION_SCHEDULER"] = "continuous" if name == "thread" else name
+        server.env["GLMVISION_ENGINE"] = "thread" if name == "thread" else "process"
         server.name = name
         return server
     return load.make_server(name, port, model_dir, image_b64, args)

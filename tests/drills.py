@@ -125,6 +125,9 @@ def _probe_figures(probe: Probe | None) -> tuple[float, float, float]:
 Row = tuple[int, str, float, str | None, float]  # status, error code, seconds, Retry-After, start
 
 
+CLIENT_NICENESS = 10
+
+
 def _client_process(
     url: str,
     body: dict[str, Any],
@@ -138,6 +141,9 @@ def _client_process(
     """`count` closed-loop client threads in one process; puts their rows on `out`. After a refusal a
     client waits Retry-After (polite) or `retry_pause` seconds; with `answered` (an Event) all stop
     at the first 200 any of them gets."""
+    # Real clients are on other machines; here they share the server's cores, so they yield to it
+    # (and to the probes) rather than time their own scheduling.
+    os.nice(CLIENT_NICENESS)
     rows: list[Row] = []
     lock = threading.Lock()
     stop = threading.Event()
