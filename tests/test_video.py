@@ -7,51 +7,18 @@ import io
 import json
 import threading
 from collections.abc import Callable, Iterator
-from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 import pytest
 import requests
 from flask import Flask
-from helpers import live_server, server_env
+from helpers import live_server, make_video, server_env
 
 from glmvision.core.errors import APIError
 from glmvision.core.video import VideoLimits, decode_video
-
-CODECS = {"mp4": "libx264", "webm": "libvpx"}
-
-
-def make_video(
-    fmt: str = "mp4",
-    frames: int = 6,
-    width: int = 64,
-    height: int = 48,
-    rate: int = 4,
-    step: int | None = None,
-) -> bytes:
-    """A small video of solid frames; `step`: each frame's pts in 1/1000 s ticks (crammed timestamps)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(CODECS[fmt], rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if step is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        if not frames:
-            container.start_encoding()  # the header alone: a container with no frame in it
-        for index in range(frames):
-            pixels = np.full((height, width, 3), index * 20 % 255, np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            if step is not None:
-                frame.pts, frame.time_base = index * step, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def data_url(raw: bytes, mime: str = "video/mp4") -> str:
