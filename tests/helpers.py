@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,41 @@ def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", **save: Any
     buffer = io.BytesIO()
     image.save(buffer, fmt, **save)
     return buffer.getvalue()
+
+
+VIDEO_CODECS = {"mp4": "libx264", "webm": "libvpx"}
+
+
+def make_video(
+    fmt: str = "mp4",
+    frames: int = 6,
+    width: int = 64,
+    height: int = 48,
+    rate: int = 4,
+    step: int | None = None,
+) -> bytes:
+    """A small video of solid frames; `step`: each frame's pts in 1/1000 s ticks (crammed timestamps)."""
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream(VIDEO_CODECS[fmt], rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if step is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if not frames:
+            container.start_encoding()  # the header alone: a container with no frame in it
+        for index in range(frames):
+            pixels = np.full((height, width, 3), index * 20 % 255, np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if step is not None:
+                frame.pts, frame.time_base = index * step, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
 
 
 def b64(raw: bytes) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, LiveServer, image_bytes, live_server, server_env
+from helpers import ROOT, LiveServer, image_bytes, live_server, make_video, server_env
 from PIL import Image
 
 SCREENSHOT = ROOT / "tests" / "data" / "screenshot.png"
@@ -449,3 +449,71 @@ def test_the_servers_boxes_are_drawn_when_it_sends_them(page: Page, server: Live
     page.reload()  # kept with the conversation
     page.wait_for_selector("body[data-ready='true']")
     expect(page.locator(".message.assistant .boxes li")).to_have_text(["chart: [0, 0, 500, 500]"])
+
+
+def test_a_video_is_previewed_sent_and_answered(page: Page, server: LiveServer, tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_video("mp4"))
+    sent: list[dict[str, Any]] = []
+    problems: list[str] = []  # a CSP violation (the preview's data: URL), a script error
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on(
+        "request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None
+    )
+    open_page(page, server)
+    page.set_input_files("#file-input", str(clip))
+    preview = page.locator("#video-preview")
+    expect(preview).to_be_visible()
+    assert preview.evaluate("video => video.muted && video.controls")
+    expect(page.locator("#preview")).to_be_hidden()
+    expect(page.locator("#clear-image")).to_have_text("Remove video")
+    page.fill("#question", "What happens in the clip?")
+    page.press("#question", "Enter")
+    wait_answers(page, 1)  # the demo model's answer, its usage shown
+    expect(page.locator("#error")).to_be_hidden()
+    expect(preview).to_be_hidden()
+    parts = sent[0]["messages"][0]["content"]
+    assert [part["type"] for part in parts] == ["video_url", "text"]
+    assert (
+        parts[0]["video_url"]["url"]
+        == "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    )
+    expect(page.locator(".message.user video.thumb")).to_have_count(1)
+    assert problems == []
+
+
+def test_a_video_over_the_cap_is_refused_in_the_browser_and_the_servers_refusal_shown(
+    page: Page,
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_model_dir: Path,
+    runtime_dir: Path,
+    tmp_path: Path,
+) -> None:
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/v1/chat/completions") else None)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_video("mp4"))  # 6 frames: a few KB, over the server's 2 frames
+    for capped in start_server(
+        tmp_path_factory, demo_model_dir, runtime_dir, "video-cap", MAX_VIDEO_MB="0.05", MAX_VIDEO_FRAMES="2"
+    ):
+        open_page(page, capped)
+        big = {"name": "big.webm", "mimeType": "video/webm", "buffer": b"\0" * 100_000}
+        page.set_input_files("#file-input", files=[big])
+        expect(page.locator("#error")).to_have_text(
+            "The video is 98 KB; this server takes videos up to 52 KB. Send a shorter or smaller one."
+        )
+        expect(page.locator("#video-preview")).to_be_hidden()
+
+        ask_about = page.locator("#question")
+        page.set_input_files("#file-input", str(clip))
+        expect(page.locator("#video-preview")).to_be_visible()
+        expect(page.locator("#error")).to_be_hidden()
+        ask_about.fill("What happens?")
+        ask_about.press("Enter")
+        expect(page.locator("#error")).to_have_text(
+            "The video has 6 frames; at most 2 are decoded. (HTTP 400, video_too_large)"
+        )
+        expect(page.locator("#video-preview")).to_be_visible()  # back in the form, to send again
+        expect(ask_about).to_have_value("What happens?")
+    assert len(sent) == 1  # the oversized file never left the browser

@@ -4,51 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
-from fractions import Fraction
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 import pytest
 import requests
 from flask import Flask
-from helpers import live_server, server_env
+from helpers import live_server, make_video, server_env
 
 from glmvision.core.errors import APIError
 from glmvision.core.video import VideoLimits, decode_video
-
-CODECS = {"mp4": "libx264", "webm": "libvpx"}
-
-
-def make_video(
-    fmt: str = "mp4",
-    frames: int = 6,
-    width: int = 64,
-    height: int = 48,
-    rate: int = 4,
-    step: int | None = None,
-) -> bytes:
-    """A small video of solid frames; `step`: each frame's pts in 1/1000 s ticks (crammed timestamps)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(CODECS[fmt], rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if step is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        if not frames:
-            container.start_encoding()  # the header alone: a container with no frame in it
-        for index in range(frames):
-            pixels = np.full((height, width, 3), index * 20 % 255, np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            if step is not None:
-                frame.pts, frame.time_base = index * step, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def data_url(raw: bytes, mime: str = "video/mp4") -> str:
@@ -58,6 +28,21 @@ def data_url(raw: bytes, mime: str = "video/mp4") -> str:
 def chat_body(url: str) -> dict[str, Any]:
     content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+
+
+def responses_body(url: str, stream: bool = False) -> dict[str, Any]:
+    """The Responses API's form of `chat_body`: the same message, the video as an input_video part."""
+    content = [{"type": "input_video", "video_url": url}, {"type": "input_text", "text": "What happens?"}]
+    return {
+        "input": [{"role": "user", "content": content}],
+        "max_output_tokens": 4,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +155,112 @@ def test_video_through_gunicorn_and_the_engine_process(
         reply = requests.post(url, json=chat_body(data_url(videos["truncated"])), timeout=120)
         assert reply.status_code == 400
         assert reply.json()["error"]["code"] == "bad_video"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_responses_answer_an_input_video(video_app: Flask, videos: dict[str, bytes], stream: bool) -> None:
+    client = video_app.test_client()
+    reply = client.post("/v1/responses", json=responses_body(data_url(videos["mp4"]), stream))
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    if stream:
+        events = sse_events(reply.get_data(as_text=True))
+        assert events[-1]["type"] in ("response.completed", "response.incomplete")
+        response = events[-1]["response"]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert deltas == response["output"][0]["content"][0]["text"]
+    else:
+        response = reply.get_json()
+    assert response["output"][0]["type"] == "message"
+    # The video's tokens count as chat counts them: the same message costs the same prompt.
+    chat = client.post("/v1/chat/completions", json=chat_body(data_url(videos["mp4"]))).get_json()
+    usage = response["usage"]
+    assert (
+        usage["input_tokens_details"]["image_tokens"]
+        == chat["usage"]["prompt_tokens_details"]["image_tokens"]
+    )
+    assert usage["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert usage["input_tokens_details"]["image_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize(("name", "code"), [("truncated", "bad_video"), ("huge_frame", "video_too_large")])
+def test_responses_refuse_a_bad_input_video_by_its_field(
+    video_app: Flask, videos: dict[str, bytes], name: str, code: str, stream: bool
+) -> None:
+    reply = video_app.test_client().post("/v1/responses", json=responses_body(data_url(videos[name]), stream))
+    assert reply.status_code == 400, reply.get_data(as_text=True)
+    error = reply.get_json()["error"]
+    assert (error["code"], error["param"]) == (code, "input.0.content.0.video_url")
+
+
+@pytest.mark.parametrize(
+    ("part", "code", "param"),
+    [
+        ({"type": "input_video"}, "missing_field", "input.0.content.0.video_url"),
+        ({"type": "input_video", "video_url": {"url": "x"}}, "invalid_type", "input.0.content.0.video_url"),
+        (
+            {"type": "input_video", "video_url": "data:image/png;base64,aGk="},
+            "bad_video",
+            "input.0.content.0.video_url",
+        ),
+    ],
+)
+def test_responses_check_the_input_video_part(
+    video_app: Flask, part: dict[str, Any], code: str, param: str
+) -> None:
+    body = {"input": [{"role": "user", "content": [part]}], "max_output_tokens": 2}
+    reply = video_app.test_client().post("/v1/responses", json=body)
+    assert reply.status_code == 400
+    error = reply.get_json()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+def test_only_user_messages_carry_an_input_video(video_app: Flask, videos: dict[str, bytes]) -> None:
+    part = {"type": "input_video", "video_url": data_url(videos["mp4"])}
+    body = {"input": [{"role": "system", "content": [part]}, {"role": "user", "content": "x"}]}
+    reply = video_app.test_client().post("/v1/responses", json=body)
+    assert reply.status_code == 400
+    assert reply.get_json()["error"]["param"] == "input.0.content"
+
+
+class _VideoHandler(BaseHTTPRequestHandler):
+    """Serves the server's `video` at any path, as video/mp4."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body: bytes = self.server.video  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def video_site(videos: dict[str, bytes]) -> Iterator[str]:
+    """A loopback server of the MP4; its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _VideoHandler)
+    server.video = videos["mp4"]  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_responses_fetch_an_input_video_url_under_the_image_url_rules(
+    make_app: Callable[..., Flask], video_site: str
+) -> None:
+    url = video_site + "/clip.mp4"
+    allowed = make_app(MAX_VIDEO_FRAMES="50", IMAGE_URL_DOMAINS="127.0.0.1", IMAGE_URL_ALLOW_PRIVATE="1")
+    reply = allowed.test_client().post("/v1/responses", json=responses_body(url))
+    assert reply.status_code == 200, reply.get_json()
+    assert reply.get_json()["usage"]["input_tokens_details"]["image_tokens"] > 0
+    private = make_app(IMAGE_URL_DOMAINS="127.0.0.1")  # loopback is a private address: refused
+    reply = private.test_client().post("/v1/responses", json=responses_body(url))
+    assert reply.status_code == 400
+    error = reply.get_json()["error"]
+    assert (error["code"], error["param"]) == ("image_url_blocked", "input.0.content.0.video_url")

@@ -242,6 +242,8 @@ class InputTranslator:
             self.renames[f"{chat}.image_url"] = f"{at}.image_url"
             self.renames[f"{chat}.image_url.url"] = f"{at}.image_url"
             self.renames[f"{chat}.image_url.detail"] = f"{at}.detail"
+            self.renames[f"{chat}.video_url"] = f"{at}.video_url"
+            self.renames[f"{chat}.video_url.url"] = f"{at}.video_url"
         self._add({"role": role, "content": parts}, where)
 
     @staticmethod
@@ -266,6 +268,13 @@ class InputTranslator:
             if part.get("detail") is not None:
                 image["detail"] = part["detail"]
             return {"type": "image_url", "image_url": image}
+        if kind == "input_video":  # as chat's video_url part (vLLM's extension), flat like input_image
+            url = part.get("video_url")
+            if not isinstance(url, str) or not url:
+                message = f"Field '{where}.video_url' must be a data:video URL or an http(s) URL."
+                code = "missing_field" if url is None else "invalid_type"
+                raise bad_request(code, message, f"{where}.video_url")
+            return {"type": "video_url", "video_url": {"url": url}}
         raise refused(f"{where}.type", f"content parts of type {kind!r} are not supported")
 
     def _function_call(self, item: dict[str, Any], where: str) -> None:

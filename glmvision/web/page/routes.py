@@ -9,10 +9,11 @@ from glmvision.web.state import app_state
 
 bp = Blueprint("page", __name__)
 
-# No inline script or style anywhere: the page's own files only, images from data:/blob: URLs it
-# makes itself, requests to this origin only, and never inside another site's frame.
+# No inline script or style anywhere: the page's own files only, images and videos from data:/blob:
+# URLs it makes itself, requests to this origin only, and never inside another site's frame.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self' data: blob:; "
     "connect-src 'self'; font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
@@ -35,6 +36,7 @@ def index() -> str:
         "index.html",
         max_image_side=settings.max_image_side,
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+        max_video_bytes=int(settings.max_video_mb * 1024 * 1024),
         needs_key="true" if auth.enabled else "false",
     )
 

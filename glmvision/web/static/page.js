@@ -1,4 +1,4 @@
-// glmvision's browser page: images in, streamed answers out, conversations kept in this browser.
+// glmvision's browser page: images and short videos in, streamed answers out, conversations kept in this browser.
 // Model output is only ever set as text (textContent), never parsed as HTML.
 "use strict";
 
@@ -8,6 +8,13 @@ const config = {
   maxBody: Number(document.body.dataset.maxBodyBytes) || 20 * 1024 * 1024,
   needsKey: document.body.dataset.needsKey === "true",
 };
+// A video goes as base64 inside the JSON body: a third larger than the file, under the body's cap too.
+const BODY_ROOM = 64 * 1024; // the question, the JSON around it
+const maxVideo = Math.min(
+  Number(document.body.dataset.maxVideoBytes) || 50 * 1024 * 1024,
+  Math.floor(((config.maxBody - BODY_ROOM) * 3) / 4),
+);
+const VIDEO_TYPES = ["video/mp4", "video/webm"];
 const KEY_STORAGE = "glmvision.apiKey";
 const BOX = /<\|begin_of_box\|>([\s\S]*?)(?:<\|end_of_box\|>|$)/g;
 const QUAD = /\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]/g;
@@ -17,7 +24,7 @@ const QUAD_TEXT = `\\[\\s*${NUM}\\s*(?:,\\s*${NUM}\\s*){3}\\]`;
 const GROUP = new RegExp(`\\[\\s*${QUAD_TEXT}\\s*(?:,\\s*${QUAD_TEXT}\\s*)*\\]`, "g");
 const COLOURS = ["#e03131", "#1971c2", "#2f9e44", "#f08c00", "#9c36b5", "#0c8599"];
 
-const state = { conversation: null, image: null, controller: null, busy: false };
+const state = { conversation: null, image: null, video: null, controller: null, busy: false };
 
 // ---- Storage: conversations in IndexedDB (images make them too big for localStorage). ----
 
@@ -152,7 +159,7 @@ function renderMessages() {
   let lastImage = null;
   for (const message of state.conversation.messages) {
     if (message.role === "user") {
-      if (message.image) lastImage = message.image;
+      if (message.image || message.video) lastImage = message.image || null; // boxes are not drawn on a video
       container.append(userElement(message));
     } else {
       const view = assistantElement();
@@ -169,7 +176,8 @@ function emptyHint() {
   hint.id = "empty-hint";
   hint.className = "empty-hint";
   const words = document.createElement("p");
-  words.textContent = "Drop an image below (or paste one, or choose a file), then ask a question about it.";
+  words.textContent =
+    "Drop an image or a short video below (or paste an image, or choose a file), then ask a question about it.";
   hint.append(words, button("Try the sample", "try-sample", trySample));
   return hint;
 }
@@ -206,6 +214,16 @@ function userElement(message) {
     image.alt = "Image sent with this question";
     image.src = message.image;
     root.append(image);
+  }
+  if (message.video) {
+    const video = document.createElement("video");
+    video.className = "thumb";
+    video.muted = true;
+    video.controls = true;
+    video.preload = "metadata";
+    video.setAttribute("aria-label", "Video sent with this question");
+    video.src = message.video;
+    root.append(video);
   }
   const text = document.createElement("p");
   text.className = "text";
@@ -333,10 +351,16 @@ function boxesElement(source, boxes) {
 }
 
 // ---- Images in: pick, drop, paste; downscaled here to the server's max_image_side. ----
+// ---- Videos in: pick or drop an MP4 or WebM, sent as it is, under the server's size cap. ----
+
+function takeFile(file) {
+  if (file && file.type.startsWith("video/")) return takeVideo(file);
+  return takeImage(file);
+}
 
 async function takeImage(file) {
   if (!file || !file.type.startsWith("image/")) {
-    showError("That is not an image file.");
+    showError("That is not an image or a video file.");
     return;
   }
   hideError();
@@ -350,10 +374,57 @@ async function takeImage(file) {
 }
 
 function showImage(dataUrl) {
+  clearVideo();
   state.image = dataUrl;
   $("preview").src = dataUrl;
   $("preview").hidden = false;
+  $("clear-image").textContent = "Remove image";
   $("clear-image").hidden = false;
+}
+
+function fileSize(bytes) {
+  if (bytes < 1024 * 1024) return `${Math.ceil(bytes / 1024)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
+}
+
+async function takeVideo(file) {
+  if (!VIDEO_TYPES.includes(file.type)) {
+    showError("Only MP4 and WebM videos can be sent.");
+    return;
+  }
+  if (file.size > maxVideo) {
+    $("file-input").value = "";
+    showError(
+      `The video is ${fileSize(file.size)}; this server takes videos up to ${fileSize(maxVideo)}. ` +
+        "Send a shorter or smaller one.",
+    );
+    return;
+  }
+  hideError();
+  let dataUrl;
+  try {
+    dataUrl = await readAsDataURL(file);
+  } catch (error) {
+    showError("The video could not be read by the browser.");
+    return;
+  }
+  showVideo(dataUrl);
+}
+
+function showVideo(dataUrl) {
+  clearImage();
+  state.video = dataUrl;
+  $("video-preview").src = dataUrl;
+  $("video-preview").hidden = false;
+  $("clear-image").textContent = "Remove video";
+  $("clear-image").hidden = false;
+}
+
+function clearVideo() {
+  state.video = null;
+  $("video-preview").hidden = true;
+  $("video-preview").removeAttribute("src");
+  $("video-preview").load(); // lets the old video go
 }
 
 function readAsDataURL(blob) {
@@ -396,6 +467,11 @@ function clearImage() {
   $("file-input").value = "";
 }
 
+function clearAttachment() {
+  clearImage();
+  clearVideo();
+}
+
 // ---- Asking. ----
 
 function wireMessages(conversation) {
@@ -403,6 +479,7 @@ function wireMessages(conversation) {
     if (message.role === "assistant") return { role: "assistant", content: message.text || "" };
     const content = [];
     if (message.image) content.push({ type: "image_url", image_url: { url: message.image } });
+    if (message.video) content.push({ type: "video_url", video_url: { url: message.video } });
     content.push({ type: "text", text: message.text });
     return { role: "user", content };
   });
@@ -421,19 +498,20 @@ async function ask(event) {
     return;
   }
   const conversation = state.conversation;
-  const hasImage = state.image || conversation.messages.some((m) => m.image);
-  if (!hasImage) {
-    showError("Add an image first: drop one, paste one, or choose a file.");
+  const hasMedia = state.image || state.video || conversation.messages.some((m) => m.image || m.video);
+  if (!hasMedia) {
+    showError("Add an image or a video first: drop one, paste an image, or choose a file.");
     return;
   }
   hideError();
   const userMessage = { role: "user", text: question, image: state.image };
+  if (state.video) userMessage.video = state.video;
   if (conversation.messages.length === 0) conversation.title = question.slice(0, 60);
   conversation.messages.push(userMessage);
   const answer = { role: "assistant", text: "", reasoning: "", usage: null, latency_ms: null };
   $("question").value = "";
-  clearImage();
-  const lastImage = [...conversation.messages].reverse().find((m) => m.image).image;
+  clearAttachment();
+  const lastImage = [...conversation.messages].reverse().find((m) => m.image || m.video).image || null;
   const asked = userElement(userMessage);
   const hint = $("empty-hint");
   if (hint) hint.remove();
@@ -478,7 +556,7 @@ async function ask(event) {
   answer.latency_ms = Math.round(performance.now() - started);
   if (failed) {
     // A failed question leaves the conversation; the banner says why, and the question and its
-    // image are back in the form to send again.
+    // image or video are back in the form to send again.
     conversation.messages.pop();
     asked.remove();
     view.root.remove();
@@ -486,6 +564,7 @@ async function ask(event) {
     if (failed.startsWith("This server needs an API key")) $("key-row").hidden = false;
     $("question").value = question;
     if (userMessage.image) showImage(userMessage.image); // ready to send again as it was
+    if (userMessage.video) showVideo(userMessage.video);
   } else {
     conversation.messages.push(answer);
     fillAnswer(view, answer, lastImage);
@@ -537,7 +616,7 @@ async function errorWords(response) {
     case 401:
       return `This server needs an API key: enter a valid one above. (${message})`;
     case 413:
-      return `The image or request is too large for this server: ${message}`;
+      return `The image, video or request is too large for this server: ${message}`;
     case 429:
       return `Too many requests for now.${when}`;
     case 503:
@@ -593,8 +672,8 @@ function wire() {
   $("ask-form").addEventListener("submit", ask);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("new-chat").addEventListener("click", startNew);
-  $("clear-image").addEventListener("click", clearImage);
-  $("file-input").addEventListener("change", (event) => takeImage(event.target.files[0]));
+  $("clear-image").addEventListener("click", clearAttachment);
+  $("file-input").addEventListener("change", (event) => takeFile(event.target.files[0]));
   $("question").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
@@ -616,7 +695,7 @@ function wire() {
   zone.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("dragging");
-    takeImage(event.dataTransfer.files[0]);
+    takeFile(event.dataTransfer.files[0]);
   });
   document.addEventListener("paste", (event) => {
     const item = [...(event.clipboardData ? event.clipboardData.items : [])].find((i) => i.type.startsWith("image/"));
