@@ -26,6 +26,7 @@ RUN_BY = {
     "python": "test_python_example_runs",
     "metrics": "test_metrics_example_shows_the_requests_counted",
     "openai": "test_openai_client_example_runs_verbatim",
+    "responses": "test_responses_example_runs_verbatim",
     "openai-tools": "test_tool_calling_example_runs_verbatim",
     "structured": "test_structured_outputs_example_runs_verbatim",
     "cli-ask": "test_cli_ask_example_streams_an_answer",
@@ -210,6 +211,15 @@ def test_openai_client_example_runs_verbatim(demo_server, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     # One usage from the plain completion, one from the stream's usage chunk.
     assert result.stdout.count("CompletionUsage(") == 2
+
+
+def test_responses_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
+    result = run_python_example("responses", demo_server.url, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # The first answer's usage, then the streamed follow-up's, which reuses the stored conversation.
+    assert result.stdout.count("ResponseUsage(") == 2
+    follow_up = result.stdout.rsplit("ResponseUsage(", 1)[1]
+    assert re.search(r"cached_tokens=[1-9]", follow_up), result.stdout
 
 
 def test_structured_outputs_example_runs_verbatim(demo_server, tmp_path: Path) -> None:
