@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,6 +185,17 @@ def test_plain_keys_keep_todays_behaviour(make_app: Callable[..., Flask]) -> Non
 
 # --- Real gunicorn, 2 workers, real Redis -------------------------------------------------------------
 
+ETA_BUDGET = 1_000_000
+MORE_KEYS = f"""
+[keys.gamma]
+key = "sk-gamma-0004"
+tokens_per_day = {2 * MAX_TOKENS + 400}
+
+[keys.eta]
+key = "sk-eta-0007"
+tokens_per_day = {ETA_BUDGET}
+"""
+
 
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
@@ -198,9 +210,7 @@ def shared_server(
     workdir = tmp_path_factory.mktemp("keys")
     keys = workdir / "keys.toml"
     # gamma's budget: two answers' worst case plus a little: the third is refused at admission.
-    keys.write_text(
-        KEYS_TOML + f'\n[keys.gamma]\nkey = "sk-gamma-0004"\ntokens_per_day = {2 * MAX_TOKENS + 400}\n'
-    )
+    keys.write_text(KEYS_TOML + MORE_KEYS)
     env = server_env(
         demo_model_dir,
         runtime_dir,
@@ -268,6 +278,44 @@ def test_quotas_and_usage_are_shared_by_the_workers(shared_server: LiveServer) -
         assert secret not in metrics
         assert secret not in shared_server.log()
     assert '"key_id": "beta"' in shared_server.log() or '"key_id":"beta"' in shared_server.log()
+
+
+def post_chat(server: LiveServer, key: str, payload: dict[str, Any], **kwargs: Any) -> requests.Response:
+    return requests.post(
+        server.url + "/v1/chat/completions", json=payload, headers=bearer(key), timeout=120, **kwargs
+    )
+
+
+def usage_of(server: LiveServer, name: str) -> dict[str, int]:
+    """Today's totals of one key, from GET /v1/usage (zeros before its first request)."""
+    report = requests.get(server.url + "/v1/usage", headers=bearer(ADMIN_KEY), timeout=30)
+    assert report.status_code == 200, report.text
+    rows = [row for row in report.json()["data"] if row["key"] == name]
+    return max(rows, key=lambda row: row["day"]) if rows else {"requests": 0}
+
+
+def streamed_usage(response: requests.Response) -> dict[str, int]:
+    """The usage chunk of a streamed answer (asked with stream_options.include_usage)."""
+    chunks = [line[len(b"data: ") :] for line in response.iter_lines() if line.startswith(b"data: {")]
+    usages = [chunk["usage"] for chunk in map(json.loads, chunks) if chunk.get("usage")]
+    assert len(usages) == 1, usages
+    return usages[0]
+
+
+def test_several_choices_count_every_choices_tokens_and_the_prompt_once(shared_server: LiveServer) -> None:
+    key, spent = "sk-eta-0007", {"prompt_tokens": 0, "completion_tokens": 0}
+    for n, images, stream in ((1, 1, False), (3, 0, False), (3, 1, True), (1, 0, True)):
+        payload = body(images=images, n=n)
+        if stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
+        response = post_chat(shared_server, key, payload, stream=stream)
+        assert response.status_code == 200, response.text
+        usage = streamed_usage(response) if stream else response.json()["usage"]
+        for field in spent:
+            spent[field] += usage[field]
+    row = usage_of(shared_server, "eta")
+    assert row["requests"] == 4
+    assert {field: row[field] for field in spent} == spent
 
 
 def test_the_usage_command_prints_the_table(
