@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_b64, live_server, redis_server, server_env
+from helpers import LiveServer, image_b64, live_server, redis_server, server_env, wait_for
 
 from glmvision.cli.main import main as cli_main
 from glmvision.core.config import ConfigError, load_settings
@@ -185,11 +185,25 @@ def test_plain_keys_keep_todays_behaviour(make_app: Callable[..., Flask]) -> Non
 
 # --- Real gunicorn, 2 workers, real Redis -------------------------------------------------------------
 
+# A prompt of some 800 tokens (the demo tokenizer's), and a long answer to it that keeps a request in flight.
+LONG_TEXT, LONG_MAX = "word " * 200, 512
+# delta's budget covers max_tokens but not the long prompt on top of it.
+DELTA_BUDGET = 100
+# epsilon's budget fits one long request's worst case (prompt + LONG_MAX), not two; two LONG_MAX alone fit.
+EPSILON_BUDGET = 2 * LONG_MAX + 400
 ETA_BUDGET = 1_000_000
 MORE_KEYS = f"""
 [keys.gamma]
 key = "sk-gamma-0004"
 tokens_per_day = {2 * MAX_TOKENS + 400}
+
+[keys.delta]
+key = "sk-delta-0005"
+tokens_per_day = {DELTA_BUDGET}
+
+[keys.epsilon]
+key = "sk-epsilon-0006"
+tokens_per_day = {EPSILON_BUDGET}
 
 [keys.eta]
 key = "sk-eta-0007"
@@ -302,6 +316,71 @@ def streamed_usage(response: requests.Response) -> dict[str, int]:
     return usages[0]
 
 
+def test_a_prompt_that_does_not_fit_beside_max_tokens_is_refused_before_generating(
+    shared_server: LiveServer,
+) -> None:
+    long = body(images=0, messages=[{"role": "user", "content": LONG_TEXT}])
+    probe = post_chat(shared_server, BETA_KEY, long)
+    assert probe.status_code == 200, probe.text
+    prompt = probe.json()["usage"]["prompt_tokens"]
+    assert MAX_TOKENS <= DELTA_BUDGET < prompt + MAX_TOKENS  # max_tokens fits what is left, the prompt not
+
+    refused = post_chat(shared_server, "sk-delta-0005", long)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 86400
+    assert refused.headers["X-Quota-Remaining-Tokens"] == str(DELTA_BUDGET)  # its own hold is given back
+    row = usage_of(shared_server, "delta")
+    # Refused before the model generated: no tokens counted, one error.
+    assert (row["requests"], row["errors"], row["prompt_tokens"], row["completion_tokens"]) == (1, 1, 0, 0)
+
+    # The budget is whole again: a short prompt's worst case is held against all of it.
+    short = post_chat(shared_server, "sk-delta-0005", body(images=0))
+    assert short.status_code == 200, short.text
+    held = short.json()["usage"]["prompt_tokens"] + MAX_TOKENS
+    assert int(short.headers["X-Quota-Remaining-Tokens"]) == DELTA_BUDGET - held
+
+
+def test_a_request_in_flight_holds_its_worst_case_and_a_cut_or_failed_one_gives_back_the_rest(
+    shared_server: LiveServer,
+) -> None:
+    key, messages = "sk-epsilon-0006", [{"role": "user", "content": LONG_TEXT}]
+    probe = post_chat(shared_server, BETA_KEY, body(images=0, messages=messages, max_tokens=1))
+    worst = probe.json()["usage"]["prompt_tokens"] + LONG_MAX
+    # Holding max_tokens alone, both would be let in: the prompts in flight would overshoot the budget.
+    assert 2 * LONG_MAX <= EPSILON_BUDGET and worst <= EPSILON_BUDGET < 2 * worst
+
+    # ignore_eos: the answer is all of max_tokens, so settled or held, the first spends its worst case.
+    long = body(images=0, messages=messages, max_tokens=LONG_MAX, ignore_eos=True)
+    first = post_chat(shared_server, key, {**long, "stream": True}, stream=True)
+    assert first.status_code == 200, first.text
+    assert int(first.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - worst
+    next(first.iter_lines())  # under way: its worst case, prompt included, is held
+    second = post_chat(shared_server, key, long)
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "quota_exceeded"
+    assert int(second.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - worst
+    first.close()  # the client hangs up mid-answer
+    assert wait_for(lambda: usage_of(shared_server, "epsilon")["requests"] == 2, 60), "the cut one settled"
+
+    # A request that fails after admission (an image that does not decode) holds nothing afterwards.
+    broken = body(images=0)
+    broken["messages"][0]["content"].insert(
+        0, {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+    )
+    failed = post_chat(shared_server, key, broken)
+    assert failed.status_code == 400, failed.text
+    row = usage_of(shared_server, "epsilon")
+    assert (row["requests"], row["errors"]) == (3, 2)
+
+    # The budget left is exactly what was not spent: the cut answer's hold went back but for its tokens.
+    spent = row["prompt_tokens"] + row["completion_tokens"]
+    short = post_chat(shared_server, key, body(images=0))
+    assert short.status_code == 200, short.text
+    held = short.json()["usage"]["prompt_tokens"] + MAX_TOKENS
+    assert int(short.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - spent - held
+
+
 def test_several_choices_count_every_choices_tokens_and_the_prompt_once(shared_server: LiveServer) -> None:
     key, spent = "sk-eta-0007", {"prompt_tokens": 0, "completion_tokens": 0}
     for n, images, stream in ((1, 1, False), (3, 0, False), (3, 1, True), (1, 0, True)):
@@ -316,6 +395,12 @@ def test_several_choices_count_every_choices_tokens_and_the_prompt_once(shared_s
     row = usage_of(shared_server, "eta")
     assert row["requests"] == 4
     assert {field: row[field] for field in spent} == spent
+
+    # At admission an n=3 request holds its prompt once and max_tokens for each choice.
+    last = post_chat(shared_server, key, body(images=0, n=3))
+    assert last.status_code == 200, last.text
+    held = last.json()["usage"]["prompt_tokens"] + 3 * MAX_TOKENS
+    assert int(last.headers["X-Quota-Remaining-Tokens"]) == ETA_BUDGET - sum(spent.values()) - held
 
 
 def test_the_usage_command_prints_the_table(

@@ -396,7 +396,8 @@ def _answer(
             answered.add_choices(_copies(context, chat, answered, n))
             return chat, answered
         try:
-            submission = Submission(to_messages(chat.turns), params, image_param, streamed, n)
+            on_prompt = _prompt_hold(context)
+            submission = Submission(to_messages(chat.turns), params, image_param, streamed, n, on_prompt)
             prepared = backend.submit(submission, ticket)
             record.preprocess_s = prepared.prepared_at - started
             record.visual_tokens = prepared.visual_tokens
@@ -439,6 +440,15 @@ def _answer(
     return chat, answer
 
 
+def _prompt_hold(context: RequestContext) -> Callable[[int], None] | None:
+    """What holds the prompt's tokens against a named key's daily budget once they are known; None
+    when nothing would."""
+    quotas, key = context.service.quotas, context.key
+    if quotas is None or key is None or key.tokens_per_day is None:
+        return None
+    return lambda tokens: quotas.hold_prompt(key, context.record, tokens)
+
+
 def _refs(turns: list[Turn]) -> list[ImageRef]:
     return [part for turn in turns for part in turn.parts if isinstance(part, ImageRef)]
 
@@ -479,6 +489,9 @@ def _known_answer(context: RequestContext, chat: ChatInput, cached: bool = True)
 
 
 def _from_cache(context: RequestContext, chat: ChatInput, hit: CachedAnswer) -> Answer:
+    hold = _prompt_hold(context)
+    if hold is not None:  # the same budget as a generated answer's: its prompt counts
+        hold(hit.prompt_tokens)
     generation = Generation(
         hit.text,
         hit.reasoning,
