@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask
-from helpers import LiveServer, image_b64, live_server, redis_server, server_env
+from helpers import LiveServer, image_b64, live_server, redis_server, server_env, wait_for
 
 from glmvision.cli.main import main as cli_main
 from glmvision.core.config import ConfigError, load_settings
@@ -184,6 +185,31 @@ def test_plain_keys_keep_todays_behaviour(make_app: Callable[..., Flask]) -> Non
 
 # --- Real gunicorn, 2 workers, real Redis -------------------------------------------------------------
 
+# A prompt of some 800 tokens (the demo tokenizer's), and a long answer to it that keeps a request in flight.
+LONG_TEXT, LONG_MAX = "word " * 200, 512
+# delta's budget covers max_tokens but not the long prompt on top of it.
+DELTA_BUDGET = 100
+# epsilon's budget fits one long request's worst case (prompt + LONG_MAX), not two; two LONG_MAX alone fit.
+EPSILON_BUDGET = 2 * LONG_MAX + 400
+ETA_BUDGET = 1_000_000
+MORE_KEYS = f"""
+[keys.gamma]
+key = "sk-gamma-0004"
+tokens_per_day = {2 * MAX_TOKENS + 400}
+
+[keys.delta]
+key = "sk-delta-0005"
+tokens_per_day = {DELTA_BUDGET}
+
+[keys.epsilon]
+key = "sk-epsilon-0006"
+tokens_per_day = {EPSILON_BUDGET}
+
+[keys.eta]
+key = "sk-eta-0007"
+tokens_per_day = {ETA_BUDGET}
+"""
+
 
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
@@ -198,9 +224,7 @@ def shared_server(
     workdir = tmp_path_factory.mktemp("keys")
     keys = workdir / "keys.toml"
     # gamma's budget: two answers' worst case plus a little: the third is refused at admission.
-    keys.write_text(
-        KEYS_TOML + f'\n[keys.gamma]\nkey = "sk-gamma-0004"\ntokens_per_day = {2 * MAX_TOKENS + 400}\n'
-    )
+    keys.write_text(KEYS_TOML + MORE_KEYS)
     env = server_env(
         demo_model_dir,
         runtime_dir,
@@ -268,6 +292,115 @@ def test_quotas_and_usage_are_shared_by_the_workers(shared_server: LiveServer) -
         assert secret not in metrics
         assert secret not in shared_server.log()
     assert '"key_id": "beta"' in shared_server.log() or '"key_id":"beta"' in shared_server.log()
+
+
+def post_chat(server: LiveServer, key: str, payload: dict[str, Any], **kwargs: Any) -> requests.Response:
+    return requests.post(
+        server.url + "/v1/chat/completions", json=payload, headers=bearer(key), timeout=120, **kwargs
+    )
+
+
+def usage_of(server: LiveServer, name: str) -> dict[str, int]:
+    """Today's totals of one key, from GET /v1/usage (zeros before its first request)."""
+    report = requests.get(server.url + "/v1/usage", headers=bearer(ADMIN_KEY), timeout=30)
+    assert report.status_code == 200, report.text
+    rows = [row for row in report.json()["data"] if row["key"] == name]
+    return max(rows, key=lambda row: row["day"]) if rows else {"requests": 0}
+
+
+def streamed_usage(response: requests.Response) -> dict[str, int]:
+    """The usage chunk of a streamed answer (asked with stream_options.include_usage)."""
+    chunks = [line[len(b"data: ") :] for line in response.iter_lines() if line.startswith(b"data: {")]
+    usages = [chunk["usage"] for chunk in map(json.loads, chunks) if chunk.get("usage")]
+    assert len(usages) == 1, usages
+    return usages[0]
+
+
+def test_a_prompt_that_does_not_fit_beside_max_tokens_is_refused_before_generating(
+    shared_server: LiveServer,
+) -> None:
+    long = body(images=0, messages=[{"role": "user", "content": LONG_TEXT}])
+    probe = post_chat(shared_server, BETA_KEY, long)
+    assert probe.status_code == 200, probe.text
+    prompt = probe.json()["usage"]["prompt_tokens"]
+    assert MAX_TOKENS <= DELTA_BUDGET < prompt + MAX_TOKENS  # max_tokens fits what is left, the prompt not
+
+    refused = post_chat(shared_server, "sk-delta-0005", long)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 86400
+    assert refused.headers["X-Quota-Remaining-Tokens"] == str(DELTA_BUDGET)  # its own hold is given back
+    row = usage_of(shared_server, "delta")
+    # Refused before the model generated: no tokens counted, one error.
+    assert (row["requests"], row["errors"], row["prompt_tokens"], row["completion_tokens"]) == (1, 1, 0, 0)
+
+    # The budget is whole again: a short prompt's worst case is held against all of it.
+    short = post_chat(shared_server, "sk-delta-0005", body(images=0))
+    assert short.status_code == 200, short.text
+    held = short.json()["usage"]["prompt_tokens"] + MAX_TOKENS
+    assert int(short.headers["X-Quota-Remaining-Tokens"]) == DELTA_BUDGET - held
+
+
+def test_a_request_in_flight_holds_its_worst_case_and_a_cut_or_failed_one_gives_back_the_rest(
+    shared_server: LiveServer,
+) -> None:
+    key, messages = "sk-epsilon-0006", [{"role": "user", "content": LONG_TEXT}]
+    probe = post_chat(shared_server, BETA_KEY, body(images=0, messages=messages, max_tokens=1))
+    worst = probe.json()["usage"]["prompt_tokens"] + LONG_MAX
+    # Holding max_tokens alone, both would be let in: the prompts in flight would overshoot the budget.
+    assert 2 * LONG_MAX <= EPSILON_BUDGET and worst <= EPSILON_BUDGET < 2 * worst
+
+    # ignore_eos: the answer is all of max_tokens, so settled or held, the first spends its worst case.
+    long = body(images=0, messages=messages, max_tokens=LONG_MAX, ignore_eos=True)
+    first = post_chat(shared_server, key, {**long, "stream": True}, stream=True)
+    assert first.status_code == 200, first.text
+    assert int(first.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - worst
+    next(first.iter_lines())  # under way: its worst case, prompt included, is held
+    second = post_chat(shared_server, key, long)
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "quota_exceeded"
+    assert int(second.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - worst
+    first.close()  # the client hangs up mid-answer
+    assert wait_for(lambda: usage_of(shared_server, "epsilon")["requests"] == 2, 60), "the cut one settled"
+
+    # A request that fails after admission (an image that does not decode) holds nothing afterwards.
+    broken = body(images=0)
+    broken["messages"][0]["content"].insert(
+        0, {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+    )
+    failed = post_chat(shared_server, key, broken)
+    assert failed.status_code == 400, failed.text
+    row = usage_of(shared_server, "epsilon")
+    assert (row["requests"], row["errors"]) == (3, 2)
+
+    # The budget left is exactly what was not spent: the cut answer's hold went back but for its tokens.
+    spent = row["prompt_tokens"] + row["completion_tokens"]
+    short = post_chat(shared_server, key, body(images=0))
+    assert short.status_code == 200, short.text
+    held = short.json()["usage"]["prompt_tokens"] + MAX_TOKENS
+    assert int(short.headers["X-Quota-Remaining-Tokens"]) == EPSILON_BUDGET - spent - held
+
+
+def test_several_choices_count_every_choices_tokens_and_the_prompt_once(shared_server: LiveServer) -> None:
+    key, spent = "sk-eta-0007", {"prompt_tokens": 0, "completion_tokens": 0}
+    for n, images, stream in ((1, 1, False), (3, 0, False), (3, 1, True), (1, 0, True)):
+        payload = body(images=images, n=n)
+        if stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
+        response = post_chat(shared_server, key, payload, stream=stream)
+        assert response.status_code == 200, response.text
+        usage = streamed_usage(response) if stream else response.json()["usage"]
+        for field in spent:
+            spent[field] += usage[field]
+    row = usage_of(shared_server, "eta")
+    assert row["requests"] == 4
+    assert {field: row[field] for field in spent} == spent
+
+    # At admission an n=3 request holds its prompt once and max_tokens for each choice.
+    last = post_chat(shared_server, key, body(images=0, n=3))
+    assert last.status_code == 200, last.text
+    held = last.json()["usage"]["prompt_tokens"] + 3 * MAX_TOKENS
+    assert int(last.headers["X-Quota-Remaining-Tokens"]) == ETA_BUDGET - sum(spent.values()) - held
 
 
 def test_the_usage_command_prints_the_table(

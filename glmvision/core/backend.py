@@ -309,6 +309,9 @@ class Submission:
     param: str = "image"  # the request field an image the model refuses came from
     streamed: bool = True  # False when only the whole answer will be read (a backend may fetch it whole)
     n: int = 1  # choices from the one prompt (OpenAI's `n`)
+    # Told the prompt's token count once the inputs are prepared, before anything is queued (the named
+    # key's quota holds it); raising refuses the request. A backend that does not tokenise never calls it.
+    on_prompt: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)

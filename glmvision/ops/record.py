@@ -64,6 +64,7 @@ class RequestRecord:
     moderation: list[tuple[str, str]] = field(default_factory=list)
     key_name: str | None = None  # a named key's name (the keys file's TOML form): usage and metrics
     quota_reserved: int = 0  # tokens held against the key's daily quota at admission, settled at the end
+    quota_hold: str | None = None  # the day's budget those tokens are held in (None: nothing held)
     quota_remaining: dict[str, int] = field(default_factory=dict)  # budget left, for X-Quota-Remaining-*
 
     def log_fields(self, total_s: float) -> dict[str, Any]:

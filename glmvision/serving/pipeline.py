@@ -233,11 +233,18 @@ class Answer:
     # Choices 1..n-1 of a request for n (their records are copies: the request's is choice 0's).
     others: list[Answer] = field(default_factory=list)
     _result: Generation | None = None
+    _head: Answer | None = None  # choice 0, for choices 1..n-1: its record counts every choice's tokens
 
     @property
     def choices(self) -> list[Answer]:
         """Every choice, in index order."""
         return [self, *self.others]
+
+    def add_choices(self, others: list[Answer]) -> None:
+        """Make `others` choices 1..n-1 of this request."""
+        self.others = others
+        for other in others:
+            other._head = self
 
     def deltas(self, settings: Settings) -> Iterator[Delta]:
         """Yield deltas as they are generated (redacted if configured); log the outcome once done."""
@@ -278,11 +285,13 @@ class Answer:
         return self._result
 
     def _note(self) -> None:
-        """Put tokens and timings in the request's record (also for a stream cut short)."""
+        """Put tokens and timings in the request's record (also for a stream cut short); the request's
+        completion tokens are every choice's, as its usage says (and a named key is charged)."""
         record, stream = self.record, self.stream
         record.prompt_tokens = stream.prompt_tokens
-        finished = stream.result
-        record.completion_tokens = len(stream.token_ids) if finished is None else finished.completion_tokens
+        record.completion_tokens = _generated(stream)
+        head = self._head or self
+        head.record.completion_tokens = sum(_generated(choice.stream) for choice in head.choices)
         if stream.started_at is not None:
             record.queue_s = max(0.0, stream.started_at - (stream.queued_at or stream.started_at))
             if stream.ended_at is not None:
@@ -305,6 +314,12 @@ class Answer:
                 self.on_done(raw)
             except Exception:  # the answer is already the client's; bookkeeping failing must not change it
                 log.exception("recording a finished answer failed")
+
+
+def _generated(stream: AnswerStream) -> int:
+    """The tokens a choice generated, so far if it has not ended."""
+    finished = stream.result
+    return len(stream.token_ids) if finished is None else finished.completion_tokens
 
 
 def cacheable(params: GenerationParams) -> bool:
@@ -378,10 +393,11 @@ def _answer(
             state.moderator.check_images(context, [i for i, ref in pairs if is_url(ref.source)], image_param)
         answered = _known_answer(context, chat, cached=n == 1)
         if answered is not None:
-            answered.others = _copies(context, chat, answered, n)
+            answered.add_choices(_copies(context, chat, answered, n))
             return chat, answered
         try:
-            submission = Submission(to_messages(chat.turns), params, image_param, streamed, n)
+            on_prompt = _prompt_hold(context)
+            submission = Submission(to_messages(chat.turns), params, image_param, streamed, n, on_prompt)
             prepared = backend.submit(submission, ticket)
             record.preprocess_s = prepared.prepared_at - started
             record.visual_tokens = prepared.visual_tokens
@@ -390,7 +406,7 @@ def _answer(
             if not state.falls_back(exc.error_code):
                 raise
             fallback = _fallback(context, chat)
-            fallback.others = _copies(context, chat, fallback, n)
+            fallback.add_choices(_copies(context, chat, fallback, n))
             return chat, fallback
     except BaseException:
         ticket.release()
@@ -410,7 +426,7 @@ def _answer(
         )
         for more in prepared.more
     ]
-    return chat, Answer(
+    answer = Answer(
         prepared.model_id,
         stream,
         time.perf_counter(),
@@ -419,8 +435,18 @@ def _answer(
         record=record,
         redactor=state.redacting,
         on_done=done,
-        others=others,
     )
+    answer.add_choices(others)
+    return chat, answer
+
+
+def _prompt_hold(context: RequestContext) -> Callable[[int], None] | None:
+    """What holds the prompt's tokens against a named key's daily budget once they are known; None
+    when nothing would."""
+    quotas, key = context.service.quotas, context.key
+    if quotas is None or key is None or key.tokens_per_day is None:
+        return None
+    return lambda tokens: quotas.hold_prompt(key, context.record, tokens)
 
 
 def _refs(turns: list[Turn]) -> list[ImageRef]:
@@ -463,6 +489,9 @@ def _known_answer(context: RequestContext, chat: ChatInput, cached: bool = True)
 
 
 def _from_cache(context: RequestContext, chat: ChatInput, hit: CachedAnswer) -> Answer:
+    hold = _prompt_hold(context)
+    if hold is not None:  # the same budget as a generated answer's: its prompt counts
+        hold(hit.prompt_tokens)
     generation = Generation(
         hit.text,
         hit.reasoning,

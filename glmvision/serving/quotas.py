@@ -1,8 +1,9 @@
 """Named keys' usage and quotas: counted per key and day in Redis (shared by the workers) or per process.
 
-Admission holds a request's worst case against the key's daily budget (its max_tokens, its images);
-the request's end settles the tokens with the real usage. A hold is one atomic step (a Lua script in
-Redis), so two workers never both take the last of a budget.
+Admission holds a request's worst case against the key's daily budget: its images and max_tokens per
+choice before anything is decoded, then its prompt's tokens once the inputs are prepared, before the
+model generates. The request's end settles the tokens with the real usage (whatever its outcome). A
+hold is one atomic step (a Lua script in Redis), so two workers never both take the last of a budget.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class Quotas:
     def admit(
         self, spec: KeySpec | None, record: RequestRecord, params: GenerationParams, images: int, n: int
     ) -> None:
-        """Check the model and hold the request's worst case (max_tokens per choice, its images)."""
+        """Check the model and hold what is known of the request's worst case before decoding: its
+        images, max_tokens per choice (its prompt is held once tokenised: `hold_prompt`)."""
         if spec is None or spec.name is None:
             return
         if not spec.allows(params.adapter):
@@ -234,7 +236,26 @@ class Quotas:
                 if total + amount > limit
             )
             raise self._exceeded(record, what, limit, _to_midnight(now))
-        record.quota_reserved = worst if spec.tokens_per_day is not None else 0
+        if spec.tokens_per_day is not None:
+            record.quota_reserved, record.quota_hold = worst, name
+
+    def hold_prompt(self, spec: KeySpec | None, record: RequestRecord, tokens: int) -> None:
+        """Add the prompt's tokens to the request's hold once they are known, before the model generates
+        (429 quota_exceeded when the worst case, prompt included, does not fit what is left today)."""
+        name, limit = record.quota_hold, spec.tokens_per_day if spec is not None else None
+        if name is None or limit is None or tokens <= 0:  # no token budget, or nothing held at admission
+            return
+        hold = [(_TOKENS, tokens, limit)]
+        totals = self._storage.call(lambda: self.counters.hold(name, hold), None, "(admit)")
+        if totals is None:
+            return
+        total = totals[0]
+        if total + tokens > limit:
+            # What is left once this request's own hold (its max_tokens) goes back at settlement.
+            record.quota_remaining["Tokens"] = max(0, limit - total + record.quota_reserved)
+            raise self._exceeded(record, "tokens_per_day", limit, _to_midnight(self.clock()))
+        record.quota_reserved += tokens
+        record.quota_remaining["Tokens"] = max(0, limit - total - tokens)
 
     def _exceeded(self, record: RequestRecord, what: str, limit: int, wait: int) -> Exception:
         headers = {f"X-Quota-Remaining-{kind}": str(left) for kind, left in record.quota_remaining.items()}
@@ -242,12 +263,14 @@ class Quotas:
         return api_error("quota_exceeded", message, retry_after=wait, headers=headers)
 
     def settle(self, record: RequestRecord) -> None:
-        """Once the response is out: count the request's usage, and settle its held tokens."""
+        """Once the response is out: count the request's usage, and settle its held tokens (on the day
+        they were held, so a request across midnight gives its hold back to the budget that lent it)."""
         name = record.key_name
         if name is None:
             return
         now = self.clock()
         hash_name = self._name(name, _day(now))
+        held_in = record.quota_hold or hash_name
         prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
         amounts = {
             "requests": 1,
@@ -258,8 +281,13 @@ class Quotas:
             "errors": int(record.status >= 400),
         }
         spec = self.keys.get(name)
+        settled: dict[str, int] = {}
         if spec is not None and spec.tokens_per_day is not None:
-            amounts[_TOKENS] = prompt + completion - record.quota_reserved
+            settled[_TOKENS] = prompt + completion - record.quota_reserved
+        if held_in == hash_name:
+            amounts.update(settled)
+        elif settled:
+            self._storage.call(lambda: self.counters.add_fields(held_in, settled), None, "(settle)")
         self._storage.call(lambda: self.counters.add_fields(hash_name, amounts), None, "(settle)")
 
     def usage(self) -> list[UsageRow]:

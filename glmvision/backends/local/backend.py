@@ -348,7 +348,10 @@ class LocalBackend:
             message = "logprobs need GLMVISION_SCHEDULER=continuous (static's generate() gives none)."
             raise bad_request("unsupported_parameter", message, "logprobs")
         inputs = loaded.prepare(submission.messages, params.enable_thinking, param, params.tools)
-        self._check_prompt_tokens(int(inputs["input_ids"].shape[1]), loaded, params, param)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        self._check_prompt_tokens(prompt_tokens, loaded, params, param)
+        if submission.on_prompt is not None:
+            submission.on_prompt(prompt_tokens)
         sizes, visual = loaded.image_sizes(inputs), loaded.visual_tokens(inputs)
         prepared_at = time.perf_counter()
         choices = choice_params(params, submission.n)
