@@ -16,7 +16,7 @@ import pytest
 import requests
 from helpers import LiveServer, image_b64, live_server, server_env, vision_body
 
-WORKERS = 3
+WORKERS = 4  # as deployments from the seed articles run them (gunicorn -w 4): still one engine
 HTTP_TIMEOUT = 60.0
 MODEL_LOADED = re.compile(r"model loaded: .* pid=(?P<pid>\d+)")
 SCHEMA = {
