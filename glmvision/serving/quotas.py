@@ -31,6 +31,7 @@ PREFIX = "glmvision:usage"
 # The usage hash's fields, as /v1/usage reports them; the budget fields are the quotas' own.
 USAGE_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "image_tokens", "images", "errors")
 _TOKENS, _IMAGES = "budget_tokens", "budget_images"
+_Budget = tuple[str, int, int, str, str]  # counter field, amount to hold, limit, header suffix, quota name
 _KEEP_DAYS = 40  # a day's counters outlive it this long, for /v1/usage
 
 
@@ -221,22 +222,7 @@ class Quotas:
             return
         now = self.clock()
         name = self._name(spec.name, _day(now))
-        holds = [(field, amount, limit) for field, amount, limit, _, _ in budgets]
-        # Storage down: nothing held, nothing refused (counted again once it is back).
-        totals = self._storage.call(lambda: self.counters.hold(name, holds), None, "(admit)")
-        if totals is None:
-            return
-        fits = all(total + hold[1] <= hold[2] for total, hold in zip(totals, holds, strict=True))
-        for (_, amount, limit, header, _), total in zip(budgets, totals, strict=True):
-            record.quota_remaining[header] = max(0, limit - total - (amount if fits else 0))
-        if not fits:
-            what, limit = next(
-                (what, limit)
-                for (_, amount, limit, _, what), total in zip(budgets, totals, strict=True)
-                if total + amount > limit
-            )
-            raise self._exceeded(record, what, limit, _to_midnight(now))
-        if spec.tokens_per_day is not None:
+        if self._hold(record, name, budgets, now) and spec.tokens_per_day is not None:
             record.quota_reserved, record.quota_hold = worst, name
 
     def hold_prompt(self, spec: KeySpec | None, record: RequestRecord, tokens: int) -> None:
@@ -245,17 +231,34 @@ class Quotas:
         name, limit = record.quota_hold, spec.tokens_per_day if spec is not None else None
         if name is None or limit is None or tokens <= 0:  # no token budget, or nothing held at admission
             return
-        hold = [(_TOKENS, tokens, limit)]
-        totals = self._storage.call(lambda: self.counters.hold(name, hold), None, "(admit)")
+        budget = (_TOKENS, tokens, limit, "Tokens", "tokens_per_day")
+        # A refusal's remaining count includes this request's own hold (its max_tokens): it goes back
+        # at settlement.
+        if self._hold(record, name, [budget], self.clock(), given_back=record.quota_reserved):
+            record.quota_reserved += tokens
+
+    def _hold(
+        self, record: RequestRecord, name: str, budgets: list[_Budget], now: float, given_back: int = 0
+    ) -> bool:
+        """Hold every budget's amount in `name` in one atomic step and note what is left, or refuse with
+        429 quota_exceeded naming the first that does not fit; False when storage is down (nothing held,
+        nothing refused: counted again once it is back)."""
+        holds = [(field, amount, limit) for field, amount, limit, _, _ in budgets]
+        totals = self._storage.call(lambda: self.counters.hold(name, holds), None, "(admit)")
         if totals is None:
-            return
-        total = totals[0]
-        if total + tokens > limit:
-            # What is left once this request's own hold (its max_tokens) goes back at settlement.
-            record.quota_remaining["Tokens"] = max(0, limit - total + record.quota_reserved)
-            raise self._exceeded(record, "tokens_per_day", limit, _to_midnight(self.clock()))
-        record.quota_reserved += tokens
-        record.quota_remaining["Tokens"] = max(0, limit - total - tokens)
+            return False
+        fits = all(total + hold[1] <= hold[2] for total, hold in zip(totals, holds, strict=True))
+        for (_, amount, limit, header, _), total in zip(budgets, totals, strict=True):
+            left = limit - total - amount if fits else limit - total + given_back
+            record.quota_remaining[header] = max(0, left)
+        if not fits:
+            what, limit = next(
+                (what, limit)
+                for (_, amount, limit, _, what), total in zip(budgets, totals, strict=True)
+                if total + amount > limit
+            )
+            raise self._exceeded(record, what, limit, _to_midnight(now))
+        return True
 
     def _exceeded(self, record: RequestRecord, what: str, limit: int, wait: int) -> Exception:
         headers = {f"X-Quota-Remaining-{kind}": str(left) for kind, left in record.quota_remaining.items()}
